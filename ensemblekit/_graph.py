@@ -1,0 +1,207 @@
+"""The one walker over a model's layers and weights.
+
+``merge``, ``align``, ``pack`` and ``prune`` all see a model through this
+module: its leaf layers in order (nested models expanded, with ``/`` paths),
+its weights by path, and a comparison of architectures that lists every
+incompatible tensor at once instead of failing on the first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightRef:
+    """One weight variable of a model, addressed by its path.
+
+    Attributes:
+        path: ``"<layer path>/<variable name>"``, e.g. ``"member_0/dense_1/kernel"``.
+        layer_path: path of the owning leaf layer.
+        layer: the owning leaf layer.
+        variable: the ``keras.Variable``.
+    """
+
+    path: str
+    layer_path: str
+    layer: keras.layers.Layer
+    variable: keras.Variable
+
+    @property
+    def name(self):
+        return self.variable.name
+
+    @property
+    def shape(self):
+        return tuple(self.variable.shape)
+
+    @property
+    def dtype(self):
+        return str(self.variable.dtype)
+
+    @property
+    def is_float(self):
+        """True for float weights (averageable); False for counters, seeds, int tables."""
+        return "float" in self.dtype
+
+    def numpy(self):
+        return keras.ops.convert_to_numpy(self.variable)
+
+    def assign(self, value):
+        self.variable.assign(np.asarray(value, dtype=self.dtype))
+
+
+def is_container(layer):
+    """True for layers that hold other layers (nested ``Model``/``Sequential``)."""
+    return isinstance(layer, keras.Model)
+
+
+def iter_layers(model, prefix=""):
+    """Yield ``(path, layer)`` for every leaf layer of ``model``, in order.
+
+    Nested models are walked recursively and their layers get paths
+    ``"outer/inner/layer"``. Input layers are skipped.
+
+    Example:
+        >>> import keras
+        >>> m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
+        >>> [path for path, _ in iter_layers(m)]
+        ['d']
+    """
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        path = f"{prefix}{layer.name}"
+        if is_container(layer):
+            yield from iter_layers(layer, prefix=f"{path}/")
+        else:
+            yield path, layer
+
+
+def weight_refs(model):
+    """Return a ``WeightRef`` for every weight of ``model``, in layer order.
+
+    Example:
+        >>> import keras
+        >>> m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
+        >>> [(w.path, w.shape) for w in weight_refs(m)]
+        [('d/kernel', (3, 2)), ('d/bias', (2,))]
+    """
+    refs = []
+    for layer_path, layer in iter_layers(model):
+        for variable in layer.weights:
+            refs.append(WeightRef(f"{layer_path}/{variable.name}", layer_path, layer, variable))
+    return refs
+
+
+def get_arrays(model):
+    """All weights of ``model`` as numpy arrays, in ``weight_refs`` order."""
+    return [ref.numpy() for ref in weight_refs(model)]
+
+
+def set_arrays(model, arrays):
+    """Assign ``arrays`` (in ``weight_refs`` order) to the weights of ``model``."""
+    refs = weight_refs(model)
+    if len(refs) != len(arrays):
+        raise ValueError(
+            f"Model {model.name!r} has {len(refs)} weights but {len(arrays)} arrays were given."
+        )
+    for ref, array in zip(refs, arrays):
+        if tuple(np.shape(array)) != ref.shape:
+            raise ValueError(
+                f"Model {model.name!r}, weight {ref.path!r}: expected shape {ref.shape}, "
+                f"got {tuple(np.shape(array))}."
+            )
+        ref.assign(array)
+
+
+def architecture_differences(models, labels=None):
+    """List every incompatibility between the weights of ``models`` and model 0.
+
+    Weights are matched by position (independently built models have different
+    auto-generated layer names), and each difference names the weight path in
+    both models and both shapes.
+
+    Returns:
+        A list of one-line strings; empty when all models are compatible.
+    """
+    labels = labels or [f"model {i} ({m.name!r})" for i, m in enumerate(models)]
+    reference = weight_refs(models[0])
+    problems = []
+    for label, model in zip(labels[1:], models[1:]):
+        refs = weight_refs(model)
+        for position in range(max(len(reference), len(refs))):
+            ref0 = reference[position] if position < len(reference) else None
+            ref = refs[position] if position < len(refs) else None
+            if ref0 is None:
+                problems.append(f"{label}: extra weight {ref.path!r} {ref.shape} not in {labels[0]}")
+            elif ref is None:
+                problems.append(f"{label}: missing weight for {labels[0]}'s {ref0.path!r} {ref0.shape}")
+            elif ref.shape != ref0.shape or type(ref.layer) is not type(ref0.layer) or ref.name != ref0.name:
+                problems.append(
+                    f"{label}: {ref.path!r} {type(ref.layer).__name__} {ref.shape} vs "
+                    f"{labels[0]}'s {ref0.path!r} {type(ref0.layer).__name__} {ref0.shape}"
+                )
+    return problems
+
+
+def check_same_architecture(models, labels=None):
+    """Raise one ``ValueError`` listing every incompatible weight, if any."""
+    problems = architecture_differences(models, labels)
+    if problems:
+        raise ValueError(
+            f"Models do not share one architecture ({len(problems)} incompatible weights):\n  "
+            + "\n  ".join(problems)
+        )
+
+
+def inbound_layers(layer):
+    """The layers whose outputs feed ``layer`` in a functional graph (first call)."""
+    nodes = getattr(layer, "_inbound_nodes", [])
+    if not nodes:
+        return []
+    return [t._keras_history.operation for t in nodes[0].input_tensors]
+
+
+def functional_graph(model):
+    """Return ``{layer_name: [inbound layer names]}`` for a functional model.
+
+    Sequential models are viewed through their functional form. Subclassed
+    models have no graph and get a ``ValueError``.
+    """
+    graph_model = getattr(model, "_functional", None) or model
+    if not isinstance(graph_model, keras.Model) or not hasattr(graph_model, "operations"):
+        raise ValueError(
+            f"Model {model.name!r} ({type(model).__name__}) has no functional graph; build it "
+            "with the functional API or keras.Sequential."
+        )
+    return {
+        op.name: [parent.name for parent in inbound_layers(op)]
+        for op in graph_model.operations
+    }
+
+
+def model_input_shape(model):
+    """The single input shape of ``model`` without the batch axis, e.g. ``(40, 1)``."""
+    inputs = getattr(model, "inputs", None)
+    if not inputs:
+        raise ValueError(
+            f"Model {model.name!r} is not built (no inputs); call it on data or give it an "
+            "keras.Input first."
+        )
+    if len(inputs) != 1:
+        raise ValueError(f"Model {model.name!r} has {len(inputs)} inputs; only one is supported.")
+    return tuple(inputs[0].shape[1:])
+
+
+def model_output_shape(model):
+    """The single output shape of ``model`` without the batch axis, e.g. ``(10,)``."""
+    outputs = getattr(model, "outputs", None)
+    if not outputs:
+        raise ValueError(f"Model {model.name!r} is not built (no outputs).")
+    if len(outputs) != 1:
+        raise ValueError(f"Model {model.name!r} has {len(outputs)} outputs; only one is supported.")
+    return tuple(outputs[0].shape[1:])

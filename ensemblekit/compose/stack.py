@@ -1,0 +1,156 @@
+"""Stacking: a meta-learner trained on the members' out-of-fold predictions."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from ensemblekit._validate import check_choice, check_labels
+from ensemblekit.compose._members import Members
+from ensemblekit.compose.layers import MemberLogProbs
+
+META_HEADS = ("logistic", "mlp")
+
+
+def _meta_head(meta, n_features, n_classes, seed):
+    """A fresh meta-learner mapping ``(batch, n_features)`` to class probabilities."""
+    init = keras.initializers.GlorotUniform(seed=seed)
+    if isinstance(meta, keras.Model):
+        clone = keras.models.clone_model(meta)
+        if not clone.built:
+            clone.build((None, n_features))
+        return clone
+    check_choice(meta, META_HEADS, "meta")
+    layers = [keras.Input((n_features,))]
+    if meta == "mlp":
+        layers.append(keras.layers.Dense(64, activation="relu", kernel_initializer=init))
+    layers.append(keras.layers.Dense(
+        n_classes, activation="softmax", kernel_initializer=init,
+        kernel_regularizer=keras.regularizers.L2(1e-4),
+    ))
+    return keras.Sequential(layers, name="meta")
+
+
+def _fit_meta(meta, features, y, n_classes, epochs, batch_size, seed, validation=None):
+    head = _meta_head(meta, features.shape[1], n_classes, seed)
+    head.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy",
+                 metrics=["accuracy"])
+    callbacks = []
+    if validation is not None:
+        callbacks = [keras.callbacks.EarlyStopping(patience=10, restore_best_weights=True)]
+    history = head.fit(features, y, epochs=epochs, batch_size=batch_size, verbose=0,
+                       validation_data=validation, callbacks=callbacks)
+    return head, history
+
+
+def _folds(n_samples, cv, seed):
+    order = np.random.default_rng(seed).permutation(n_samples)
+    return np.array_split(order, cv)
+
+
+def _refit_member(model, kind, x, y, epochs, batch_size):
+    """A copy of ``model`` trained from scratch on ``(x, y)`` (for ``refit_members=True``)."""
+    clone = keras.models.clone_model(model)
+    clone.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(
+        from_logits=kind == "logits"))
+    clone.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=0)
+    return clone
+
+
+def _meta_features(members, x, passthrough):
+    features = members.predict_log_probs(x)
+    features = features.reshape(features.shape[0], -1)
+    if passthrough:
+        features = np.concatenate([features, np.asarray(x, "float64").reshape(len(x), -1)], axis=1)
+    return features
+
+
+def stack(models, x, y, meta="logistic", cv=5, passthrough=False, refit_members=False,
+          member_epochs=10, epochs=200, batch_size=64, outputs=None, seed=0, name=None):
+    """Stacked generalisation (Wolpert, 1992): a Keras meta-learner over the members.
+
+    What is done: the meta-features are the members' log-probabilities
+    (concatenated; plus the flattened input with ``passthrough=True``).
+
+    * ``refit_members=False`` (default): members are NOT retrained. Their
+      predictions on ``x`` are out-of-fold only if ``x`` was held out from the
+      members' training — pass a validation split, never the members' training
+      data. ``cv`` folds are used to fit the meta-learner with early stopping
+      on each held-out fold; the final meta-learner is refit on all of ``x``
+      for the median best epoch count.
+    * ``refit_members=True``: for each of the ``cv`` folds, a fresh copy of
+      every member (same architecture, new weights) is trained for
+      ``member_epochs`` on the other folds and predicts the held-out fold
+      (scikit-learn's ``StackingClassifier`` scheme); the returned model holds
+      copies refit on all of ``x``.
+
+    Args:
+        models: list of members (models or paths).
+        x, y: data for the meta-learner (labels as integers or one-hot).
+        meta: ``"logistic"`` (softmax regression), ``"mlp"`` (one hidden layer
+            of 64) or any ``keras.Model`` taking ``(batch, features)`` to
+            probabilities (it is cloned; its weights are not used).
+        cv: number of folds (>= 2).
+        passthrough: also feed the raw input to the meta-learner.
+        refit_members, member_epochs: see above.
+        epochs, batch_size: meta-learner training.
+        outputs: what members output (``None`` detects a final softmax).
+        seed: fold split and meta-learner initialisation.
+        name: name of the returned model.
+
+    Returns:
+        A ``keras.Model``: input -> members -> meta-learner -> probabilities,
+        one graph. ``model.get_layer("meta")`` is the trained meta-learner.
+
+    Example:
+        >>> import keras, numpy as np
+        >>> import ensemblekit as ek
+        >>> ms = [keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]) for _ in range(2)]
+        >>> x, y = np.random.rand(40, 4), np.arange(40) % 3
+        >>> ek.stack(ms, x, y, cv=2, epochs=2).predict(x[:2], verbose=0).shape
+        (2, 3)
+    """
+    members = Members(models, outputs=outputs, what="stack")
+    x = np.asarray(x)
+    y = check_labels(y, x.shape[0], members.num_classes)
+    if not isinstance(cv, (int, np.integer)) or cv < 2 or cv > len(x):
+        raise ValueError(f"cv must be an integer between 2 and the number of samples ({len(x)}), got {cv!r}.")
+    if not isinstance(meta, keras.Model):
+        check_choice(meta, META_HEADS, "meta")
+    folds = _folds(len(x), cv, seed)
+
+    if refit_members:
+        features = None
+        for held_out in folds:
+            train = np.setdiff1d(np.arange(len(x)), held_out)
+            fold_members = Members(
+                [_refit_member(m, k, x[train], y[train], member_epochs, batch_size)
+                 for m, k in zip(members.models, members.kinds)],
+                outputs=members.kinds, what="stack")
+            fold_features = _meta_features(fold_members, x[held_out], passthrough)
+            if features is None:
+                features = np.zeros((len(x), fold_features.shape[1]))
+            features[held_out] = fold_features
+        members = Members(
+            [_refit_member(m, k, x, y, member_epochs, batch_size)
+             for m, k in zip(members.models, members.kinds)],
+            outputs=members.kinds, what="stack")
+    else:
+        features = _meta_features(members, x, passthrough)
+
+    best_epochs = []
+    for held_out in folds:
+        train = np.setdiff1d(np.arange(len(x)), held_out)
+        _, history = _fit_meta(meta, features[train], y[train], members.num_classes, epochs,
+                               batch_size, seed, validation=(features[held_out], y[held_out]))
+        best_epochs.append(int(np.argmin(history.history["val_loss"])) + 1)
+    head, _ = _fit_meta(meta, features, y, members.num_classes, int(np.median(best_epochs)),
+                        batch_size, seed)
+    head.name = "meta"
+
+    inputs = members.shared_input()
+    meta_input = MemberLogProbs(members.kinds, name="member_log_probs")(members.call_all(inputs))
+    if passthrough:
+        flat = keras.layers.Flatten(name="passthrough")(inputs)
+        meta_input = keras.layers.Concatenate(name="meta_features")([meta_input, flat])
+    return keras.Model(inputs, head(meta_input), name=name or "stack")

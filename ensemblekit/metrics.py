@@ -1,0 +1,105 @@
+"""Classification metrics on predicted probabilities: accuracy, NLL, Brier, ECE."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ensemblekit._validate import check_labels
+
+_EPSILON = 1e-12
+
+
+def _check_probs(probs):
+    probs = np.asarray(probs, dtype="float64")
+    if probs.ndim != 2:
+        raise ValueError(f"probabilities must have shape (n, classes); got {probs.shape}.")
+    return probs
+
+
+def accuracy(probs, y):
+    """Fraction of rows whose argmax equals the label."""
+    probs = _check_probs(probs)
+    y = check_labels(y, probs.shape[0], probs.shape[1])
+    return float(np.mean(probs.argmax(axis=1) == y))
+
+
+def nll(probs, y):
+    """Mean negative log-likelihood of the labels (natural log)."""
+    probs = _check_probs(probs)
+    y = check_labels(y, probs.shape[0], probs.shape[1])
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], _EPSILON, 1.0))))
+
+
+def brier(probs, y):
+    """Multi-class Brier score: mean over rows of ``Σ_c (p_c - 1[y=c])²``."""
+    probs = _check_probs(probs)
+    y = check_labels(y, probs.shape[0], probs.shape[1])
+    onehot = np.eye(probs.shape[1])[y]
+    return float(np.mean(np.sum((probs - onehot) ** 2, axis=1)))
+
+
+def ece(probs, y, bins=15):
+    """Expected calibration error with ``bins`` equal-width confidence bins.
+
+    ``Σ_b (n_b / n) |accuracy_b - confidence_b|`` (Guo et al., 2017).
+
+    Example:
+        >>> import numpy as np
+        >>> round(ece(np.array([[0.9, 0.1], [0.9, 0.1]]), [0, 1]), 2)
+        0.4
+    """
+    probs = _check_probs(probs)
+    y = check_labels(y, probs.shape[0], probs.shape[1])
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == y
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        in_bin = which == b
+        if in_bin.any():
+            total += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(total)
+
+
+METRICS = {"accuracy": accuracy, "nll": nll, "brier": brier, "ece": ece}
+# Lower is better for all but accuracy.
+HIGHER_IS_BETTER = {"accuracy"}
+
+
+def score_probs(probs, y):
+    """All four metrics of ``probs`` against ``y`` as a dict."""
+    return {name: fn(probs, y) for name, fn in METRICS.items()}
+
+
+def predict_probs(model, x, outputs=None, batch_size=256):
+    """Probabilities of a classifier on ``x`` (softmax applied to logit outputs)."""
+    from ensemblekit.compose._members import detect_output_kind
+
+    raw = np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype="float64")
+    kind = outputs or detect_output_kind(model)
+    if kind == "logits":
+        raw = np.exp(raw - raw.max(axis=1, keepdims=True))
+        raw /= raw.sum(axis=1, keepdims=True)
+    return raw
+
+
+def evaluate(model, x, y, outputs=None, batch_size=256):
+    """Accuracy, NLL, Brier score and ECE (15 bins) of a classifier on ``(x, y)``.
+
+    Args:
+        model: a ``keras.Model`` (probabilities or logits out; ``outputs`` says
+            which if detection of a final softmax is not enough).
+        x: inputs.
+        y: integer labels or one-hot rows.
+
+    Returns:
+        ``{"accuracy": ..., "nll": ..., "brier": ..., "ece": ...}``.
+
+    Example:
+        >>> import keras, numpy as np
+        >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+        >>> sorted(evaluate(m, np.zeros((5, 4)), np.zeros(5, dtype=int)))
+        ['accuracy', 'brier', 'ece', 'nll']
+    """
+    return score_probs(predict_probs(model, x, outputs=outputs, batch_size=batch_size), y)

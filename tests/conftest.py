@@ -1,0 +1,40 @@
+"""Shared fixtures: small real datasets and tiny members trained in seconds."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def mnist1d():
+    """``((x_train, y_train), (x_test, y_test))``, x of shape (n, 40, 1)."""
+    from ensemblekit.datasets import load_mnist1d
+
+    return load_mnist1d()
+
+
+def make_mlp(seed, input_shape=(8,), classes=3, hidden=16, softmax=False, name=None):
+    """A tiny MLP classifier with deterministic initial weights."""
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input(input_shape),
+            keras.layers.Flatten(),
+            keras.layers.Dense(hidden, activation="relu", name="hidden"),
+            keras.layers.Dense(classes, activation="softmax" if softmax else None, name="out"),
+        ],
+        name=name,
+    )
+
+
+@pytest.fixture
+def toy_data():
+    """200 samples of 8 features, 3 classes, learnable."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 8)).astype("float32")
+    y = (x[:, 0] > 0).astype("int64") + (x[:, 1] > 0.5).astype("int64")
+    return x, y

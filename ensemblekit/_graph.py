@@ -205,3 +205,21 @@ def model_output_shape(model):
     if len(outputs) != 1:
         raise ValueError(f"Model {model.name!r} has {len(outputs)} outputs; only one is supported.")
     return tuple(outputs[0].shape[1:])
+
+
+def graph_operations(model):
+    """Return ``[(layer, [inbound layers])]`` for a functional model, in topological order.
+
+    The objects behind ``functional_graph``: ``pack`` rebuilds a model layer by
+    layer from it. Input layers are included (with no inbound layers).
+
+    Example:
+        >>> import keras
+        >>> x = keras.Input((3,), name="x")
+        >>> m = keras.Model(x, keras.layers.Dense(2, name="d")(x))
+        >>> [(op.name, [p.name for p in parents]) for op, parents in graph_operations(m)]
+        [('x', []), ('d', ['x'])]
+    """
+    functional_graph(model)  # one place that rejects models without a graph
+    graph_model = getattr(model, "_functional", None) or model
+    return [(op, inbound_layers(op)) for op in graph_model.operations]

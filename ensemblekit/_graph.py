@@ -223,3 +223,32 @@ def graph_operations(model):
     functional_graph(model)  # one place that rejects models without a graph
     graph_model = getattr(model, "_functional", None) or model
     return [(op, inbound_layers(op)) for op in graph_model.operations]
+
+
+def graph_nodes(model):
+    """The call nodes of a functional model, tensor by tensor, in execution order.
+
+    ``functional_graph`` at tensor level, read from the model's own nodes (so a
+    member also used in another model is seen only as called here).
+    ``prune.channels`` follows the channel axis of every tensor through it.
+
+    Returns:
+        ``(inputs, outputs, nodes)``: the model's input and output KerasTensors
+        and a list of ``(layer, input_tensors, output_tensors)``; input layers
+        are not listed.
+
+    Example:
+        >>> import keras
+        >>> x = keras.Input((3,), name="x")
+        >>> m = keras.Model(x, keras.layers.Dense(2, name="d")(x))
+        >>> [layer.name for layer, _, _ in graph_nodes(m)[2]]
+        ['d']
+    """
+    functional_graph(model)  # one place that rejects models without a graph
+    graph_model = getattr(model, "_functional", None) or model
+    nodes = []
+    for depth in sorted(graph_model._nodes_by_depth, reverse=True):
+        for node in graph_model._nodes_by_depth[depth]:
+            if node.operation is not None and not node.is_input:
+                nodes.append((node.operation, list(node.input_tensors), list(node.outputs)))
+    return list(graph_model.inputs), list(graph_model.outputs), nodes

@@ -1,0 +1,28 @@
+"""Pruning for Keras 3 models: magnitude masks, structural channels, ensemble members.
+
+- :func:`magnitude`, :class:`PolynomialDecay`, :class:`ConstantSparsity`,
+  :class:`PruningCallback`, :func:`strip`: unstructured / N:M pruning that you
+  fine-tune through (zeros in dense kernels: smaller zipped files, not faster).
+- :func:`channels`: structural pruning that removes filters/units (and every
+  channel coupled to them) so the model is physically smaller and faster.
+- :func:`members`: greedy selection of the ensemble members to keep under a budget.
+- :func:`report`: parameters, zeros, MACs, zipped size, latency, accuracy before/after.
+"""
+
+from ensemblekit.prune.channels import channels
+from ensemblekit.prune.magnitude import (
+    ConstantSparsity,
+    PolynomialDecay,
+    PruningCallback,
+    magnitude,
+    strip,
+)
+
+__all__ = [
+    "ConstantSparsity",
+    "PolynomialDecay",
+    "PruningCallback",
+    "channels",
+    "magnitude",
+    "strip",
+]

@@ -14,12 +14,16 @@ def detect_output_kind(model):
     """``"probs"`` if ``model`` ends in a softmax, else ``"logits"``.
 
     Looks at the last layer (recursing into a nested final model): a
-    ``Softmax`` layer, an ``Activation("softmax")`` or any layer whose
-    ``activation`` is softmax.
+    ``Softmax`` layer, an ``Activation("softmax")``, any layer whose
+    ``activation`` is softmax, or a layer that declares ``output_kind``
+    (ensemblekit's combiners and ``TemperatureScaling`` output probabilities).
     """
     layer = model
     while isinstance(layer, keras.Model) and layer.layers:
         layer = layer.layers[-1]
+    declared = getattr(layer, "output_kind", None)
+    if declared in ("probs", "logits"):
+        return declared
     if isinstance(layer, keras.layers.Softmax):
         return "probs"
     activation = getattr(layer, "activation", None)

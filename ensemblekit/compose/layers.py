@@ -35,6 +35,8 @@ class Combiner(keras.layers.Layer):
     a list of ``(batch, classes)`` tensors; the result is a probability tensor.
     """
 
+    output_kind = "probs"
+
     def __init__(self, kinds, member_weights=None, **kwargs):
         super().__init__(**kwargs)
         self.kinds = list(kinds)
@@ -133,6 +135,8 @@ class TemperatureScaling(keras.layers.Layer):
         temperature: positive float, fitted by ``ensemblekit.calibrate``.
         kind: ``"probs"`` or ``"logits"``, what the wrapped model outputs.
     """
+
+    output_kind = "probs"
 
     def __init__(self, temperature=1.0, kind="probs", **kwargs):
         super().__init__(**kwargs)

@@ -12,35 +12,46 @@ from ensemblekit.compose.layers import MemberLogProbs
 META_HEADS = ("logistic", "mlp")
 
 
-def _meta_head(meta, n_features, n_classes, seed):
-    """A fresh meta-learner mapping ``(batch, n_features)`` to class probabilities."""
-    init = keras.initializers.GlorotUniform(seed=seed)
+def _meta_head(meta, n_features, n_classes, n_members, seed):
+    """A fresh meta-learner mapping ``(batch, n_features)`` to class probabilities.
+
+    The ``"logistic"`` head starts AT the geometric-mean ensemble (kernel =
+    identity / K on each member's log-probabilities, zero elsewhere), so
+    training with early stopping can only move away from it where held-out
+    folds say it helps.
+    """
     if isinstance(meta, keras.Model):
         clone = keras.models.clone_model(meta)
         if not clone.built:
             clone.build((None, n_features))
         return clone
-    check_choice(meta, META_HEADS, "meta")
+    init = keras.initializers.GlorotUniform(seed=seed)
     layers = [keras.Input((n_features,))]
     if meta == "mlp":
         layers.append(keras.layers.Dense(64, activation="relu", kernel_initializer=init))
-    layers.append(keras.layers.Dense(
-        n_classes, activation="softmax", kernel_initializer=init,
-        kernel_regularizer=keras.regularizers.L2(1e-4),
-    ))
-    return keras.Sequential(layers, name="meta")
+    layers.append(keras.layers.Dense(n_classes, activation="softmax", kernel_initializer=init))
+    head = keras.Sequential(layers, name="meta")
+    if meta == "logistic":
+        kernel = np.zeros((n_features, n_classes), dtype="float32")
+        kernel[: n_members * n_classes] = np.tile(np.eye(n_classes), (n_members, 1)) / n_members
+        head.layers[-1].set_weights([kernel, np.zeros(n_classes, dtype="float32")])
+    return head
 
 
-def _fit_meta(meta, features, y, n_classes, epochs, batch_size, seed, validation=None):
-    head = _meta_head(meta, features.shape[1], n_classes, seed)
-    head.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy",
-                 metrics=["accuracy"])
-    callbacks = []
-    if validation is not None:
-        callbacks = [keras.callbacks.EarlyStopping(patience=10, restore_best_weights=True)]
+def _fit_meta(meta, features, y, shape, epochs, batch_size, seed, validation=None):
+    """Train a meta-learner; return it and the best epoch on ``validation`` (0 = untrained)."""
+    head = _meta_head(meta, features.shape[1], *shape, seed)
+    head.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+    if validation is None:
+        if epochs:
+            head.fit(features, y, epochs=epochs, batch_size=batch_size, verbose=0)
+        return head, epochs
+    initial = head.evaluate(*validation, verbose=0, batch_size=1024)
+    stopper = keras.callbacks.EarlyStopping(patience=10)
     history = head.fit(features, y, epochs=epochs, batch_size=batch_size, verbose=0,
-                       validation_data=validation, callbacks=callbacks)
-    return head, history
+                       validation_data=validation, callbacks=[stopper])
+    losses = [initial, *history.history["val_loss"]]
+    return head, int(np.argmin(losses))
 
 
 def _folds(n_samples, cv, seed):
@@ -66,7 +77,7 @@ def _meta_features(members, x, passthrough):
 
 
 def stack(models, x, y, meta="logistic", cv=5, passthrough=False, refit_members=False,
-          member_epochs=10, epochs=200, batch_size=64, outputs=None, seed=0, name=None):
+          member_epochs=10, epochs=100, batch_size=64, outputs=None, seed=0, name=None):
     """Stacked generalisation (Wolpert, 1992): a Keras meta-learner over the members.
 
     What is done: the meta-features are the members' log-probabilities
@@ -77,7 +88,9 @@ def stack(models, x, y, meta="logistic", cv=5, passthrough=False, refit_members=
       members' training — pass a validation split, never the members' training
       data. ``cv`` folds are used to fit the meta-learner with early stopping
       on each held-out fold; the final meta-learner is refit on all of ``x``
-      for the median best epoch count.
+      for the median best epoch count (possibly zero: the ``"logistic"``
+      head starts at the geometric-mean ensemble and stays there unless the
+      held-out folds prefer otherwise).
     * ``refit_members=True``: for each of the ``cv`` folds, a fresh copy of
       every member (same architecture, new weights) is trained for
       ``member_epochs`` on the other folds and predicts the held-out fold
@@ -138,14 +151,14 @@ def stack(models, x, y, meta="logistic", cv=5, passthrough=False, refit_members=
     else:
         features = _meta_features(members, x, passthrough)
 
+    shape = (members.num_classes, len(members))
     best_epochs = []
     for held_out in folds:
         train = np.setdiff1d(np.arange(len(x)), held_out)
-        _, history = _fit_meta(meta, features[train], y[train], members.num_classes, epochs,
-                               batch_size, seed, validation=(features[held_out], y[held_out]))
-        best_epochs.append(int(np.argmin(history.history["val_loss"])) + 1)
-    head, _ = _fit_meta(meta, features, y, members.num_classes, int(np.median(best_epochs)),
-                        batch_size, seed)
+        _, best = _fit_meta(meta, features[train], y[train], shape, epochs, batch_size, seed,
+                            validation=(features[held_out], y[held_out]))
+        best_epochs.append(best)
+    head, _ = _fit_meta(meta, features, y, shape, int(np.median(best_epochs)), batch_size, seed)
     head.name = "meta"
 
     inputs = members.shared_input()

@@ -8,7 +8,7 @@ from scipy import optimize, special
 
 from ensemblekit import metrics
 from ensemblekit._validate import check_choice, check_labels
-from ensemblekit.compose._members import Members, detect_output_kind
+from ensemblekit.compose._members import Members
 from ensemblekit.compose.layers import TemperatureScaling
 
 SCORED_METRICS = ("nll", "brier", "accuracy", "ece")
@@ -145,7 +145,7 @@ def calibrate(model, x_val, y_val, outputs=None, name=None):
         True
     """
     members = Members([model], outputs=outputs, min_count=1, what="calibrate")
-    model, kind = members.models[0], outputs or detect_output_kind(members.models[0])
+    model, kind = members.models[0], members.kinds[0]
     log_probs = members.predict_log_probs(x_val)[:, 0]
     y = check_labels(y_val, log_probs.shape[0], members.num_classes, param="y_val")
     temperature = fit_temperature(log_probs, y)

@@ -1,0 +1,15 @@
+"""Weight-space merging: ``merge`` models into one, ``align`` their units first, ``reset_bn`` after.
+
+Example:
+    >>> import keras, numpy as np
+    >>> from ensemblekit.merge import merge
+    >>> a = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    >>> merged = merge([a, keras.models.clone_model(a)], method="linear")
+    >>> merged.count_params()
+    8
+"""
+
+from ensemblekit.merge.core import merge
+from ensemblekit.merge.methods import METHODS
+
+__all__ = ["METHODS", "merge"]

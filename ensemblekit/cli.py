@@ -16,6 +16,7 @@ import sys
 
 COMMAND_MODULES = [
     "ensemblekit.demo",
+    "ensemblekit.deploy.cli",
 ]
 
 

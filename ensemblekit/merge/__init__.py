@@ -9,7 +9,9 @@ Example:
     8
 """
 
+from ensemblekit.merge.align import align
+from ensemblekit.merge.bn import reset_bn
 from ensemblekit.merge.core import merge
 from ensemblekit.merge.methods import METHODS
 
-__all__ = ["METHODS", "merge"]
+__all__ = ["METHODS", "align", "merge", "reset_bn"]

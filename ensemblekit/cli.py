@@ -17,6 +17,7 @@ import sys
 COMMAND_MODULES = [
     "ensemblekit.demo",
     "ensemblekit.deploy.cli",
+    "ensemblekit.merge.cli",
 ]
 
 

@@ -119,7 +119,7 @@ class GroupedDense(_MemberLayer):
     Example:
         >>> import numpy as np
         >>> layer = GroupedDense(3, members=2, shared_input=True)
-        >>> layer(np.ones((4, 5), "float32")).shape
+        >>> tuple(layer(np.ones((4, 5), "float32")).shape)
         (4, 2, 3)
     """
 
@@ -189,7 +189,7 @@ class GroupedConv(_MemberLayer):
     Example:
         >>> import numpy as np
         >>> layer = GroupedConv(1, 4, 3, members=2, padding="same", shared_input=True)
-        >>> layer(np.ones((1, 10, 1), "float32")).shape
+        >>> tuple(layer(np.ones((1, 10, 1), "float32")).shape)
         (1, 10, 2, 4)
     """
 
@@ -322,7 +322,7 @@ class GroupedBatchNormalization(_GroupedNormalization):
 
     Example:
         >>> import numpy as np
-        >>> GroupedBatchNormalization(members=2)(np.ones((3, 2, 4), "float32")).shape
+        >>> tuple(GroupedBatchNormalization(members=2)(np.ones((3, 2, 4), "float32")).shape)
         (3, 2, 4)
     """
 
@@ -343,7 +343,7 @@ class GroupedLayerNormalization(_GroupedNormalization):
 
     Example:
         >>> import numpy as np
-        >>> GroupedLayerNormalization(members=2)(np.ones((3, 2, 4), "float32")).shape
+        >>> tuple(GroupedLayerNormalization(members=2)(np.ones((3, 2, 4), "float32")).shape)
         (3, 2, 4)
     """
 
@@ -376,7 +376,7 @@ class MemberChannels(keras.layers.Wrapper):
 
     Example:
         >>> import numpy as np
-        >>> MemberChannels(keras.layers.MaxPooling1D(2), members=3)(np.ones((1, 8, 3, 4), "float32")).shape
+        >>> tuple(MemberChannels(keras.layers.MaxPooling1D(2), members=3)(np.ones((1, 8, 3, 4), "float32")).shape)
         (1, 4, 3, 4)
     """
 
@@ -412,7 +412,7 @@ class MemberFlatten(keras.layers.Layer):
 
     Example:
         >>> import numpy as np
-        >>> MemberFlatten()(np.ones((2, 5, 3, 4), "float32")).shape
+        >>> tuple(MemberFlatten()(np.ones((2, 5, 3, 4), "float32")).shape)
         (2, 3, 20)
     """
 
@@ -438,7 +438,7 @@ class MemberBroadcast(keras.layers.Layer):
 
     Example:
         >>> import numpy as np
-        >>> MemberBroadcast(members=3)(np.ones((2, 4), "float32")).shape
+        >>> tuple(MemberBroadcast(members=3)(np.ones((2, 4), "float32")).shape)
         (2, 3, 4)
     """
 
@@ -609,11 +609,6 @@ def _member_graph(model, label):
                 f"pack: {label}, layer {layer.name!r} is a nested model ({type(layer).__name__}); "
                 "pack members whose layers are not nested models."
             )
-        if len(getattr(layer, "_inbound_nodes", [])) > 1 and layer.weights:
-            raise ValueError(
-                f"pack: {label}, layer {layer.name!r} is shared (called {len(layer._inbound_nodes)} "
-                "times); pack does not support shared layers."
-            )
     return graph
 
 
@@ -781,3 +776,75 @@ def unpack(packed):
             layer.set_weights(packed.get_layer(packed_name).member_weights(index))
         members.append(member)
     return members
+
+
+# --------------------------------------------------------------------------- compiled inference
+
+
+class InferenceFunction:
+    """``model`` as one compiled call: ``f(x)`` returns the model's output (numpy).
+
+    Made by ``compile_for_inference``; ``fn`` is the backend-compiled function
+    (``tf.function`` or ``jax.jit``) for callers that want backend tensors.
+    """
+
+    def __init__(self, model, fn, jit_compile):
+        self.model = model
+        self.fn = fn
+        self.jit_compile = jit_compile
+
+    def __call__(self, x):
+        return keras.ops.convert_to_numpy(self.fn(x))
+
+    def predict(self, x, batch_size=256):
+        """Run on ``x`` in batches of ``batch_size``; return numpy."""
+        x = np.asarray(x)
+        return np.concatenate([self(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def compile_for_inference(model, jit_compile=True):
+    """Return a callable that runs ``model`` (e.g. ``ek.ensemble``, ``ek.pack``) as one compiled call.
+
+    On TensorFlow the model is traced once per input shape into one
+    ``tf.function`` (with ``jit_compile=True``: one XLA cluster); on JAX it is
+    ``jax.jit`` of ``model.stateless_call``; on other backends it is the plain call.
+
+    Args:
+        model: any built ``keras.Model`` with one input.
+        jit_compile: compile with XLA (TensorFlow); JAX always compiles.
+
+    Returns:
+        An ``InferenceFunction``: ``f(x)`` returns the output as numpy, ``f.fn(x)``
+        the backend tensor, ``f.predict(x, batch_size)`` runs in batches.
+
+    Example:
+        >>> import keras, numpy as np
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        >>> f = compile_for_inference(model)
+        >>> x = np.ones((2, 4), "float32")
+        >>> bool(np.allclose(f(x), model.predict(x, verbose=0), atol=1e-6))
+        True
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"compile_for_inference expects a keras.Model, got {type(model).__name__}.")
+    if not model.built or not getattr(model, "inputs", None):
+        raise ValueError(f"Model {model.name!r} is not built; give it a keras.Input or call it once first.")
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        fn = tf.function(lambda x: model(x, training=False), jit_compile=bool(jit_compile),
+                         reduce_retracing=True)
+    elif backend == "jax":
+        import jax
+
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
+        step = jax.jit(lambda tv, ntv, x: model.stateless_call(tv, ntv, x, training=False)[0])
+
+        def fn(x):
+            return step(trainable, non_trainable, x)
+    else:
+        def fn(x):
+            return model(x, training=False)
+    return InferenceFunction(model, fn, jit_compile)

@@ -17,6 +17,7 @@ from ensemblekit.prune.magnitude import (
     magnitude,
     strip,
 )
+from ensemblekit.prune.report import report
 
 __all__ = [
     "ConstantSparsity",
@@ -24,5 +25,6 @@ __all__ = [
     "PruningCallback",
     "channels",
     "magnitude",
+    "report",
     "strip",
 ]

@@ -1,0 +1,39 @@
+import keras
+import numpy as np
+import pytest
+
+from ensemblekit.merge import reset_bn
+
+L = keras.layers
+
+
+def test_statistics_equal_the_data_statistics_layer_by_layer():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)), L.Dense(6), L.BatchNormalization(name="bn1"),
+                              L.Dropout(0.5), L.Dense(4), L.BatchNormalization(name="bn2")])
+    x = np.random.default_rng(0).normal(loc=3.0, size=(300, 5)).astype("float32")
+    reset_bn(model, x, batch_size=64)
+    h1 = model.layers[0](x).numpy()
+    bn1 = model.get_layer("bn1")
+    np.testing.assert_allclose(bn1.moving_mean.numpy(), h1.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(bn1.moving_variance.numpy(), h1.var(0), rtol=1e-4)
+    h2 = model.layers[3](model.layers[2](bn1(h1, training=False), training=False)).numpy()
+    np.testing.assert_allclose(model.get_layer("bn2").moving_mean.numpy(), h2.mean(0), rtol=1e-4, atol=1e-5)
+    out = model.predict(x, verbose=0)
+    np.testing.assert_allclose(out.mean(0), 0.0, atol=1e-3)
+
+
+def test_batches_limits_the_data_used_and_conv_reduces_over_positions():
+    model = keras.Sequential([keras.Input((6, 2)), L.BatchNormalization()])
+    x = np.concatenate([np.zeros((4, 6, 2)), np.ones((4, 6, 2))]).astype("float32")
+    reset_bn(model, x, batches=1, batch_size=4)
+    np.testing.assert_array_equal(model.layers[0].moving_mean.numpy(), [0.0, 0.0])
+    reset_bn(model, x, batch_size=4)
+    np.testing.assert_allclose(model.layers[0].moving_mean.numpy(), [0.5, 0.5])
+    np.testing.assert_allclose(model.layers[0].moving_variance.numpy(), [0.25, 0.25])
+
+
+def test_empty_x_is_an_error():
+    model = keras.Sequential([keras.Input((2,)), L.BatchNormalization()])
+    with pytest.raises(ValueError, match="at least one sample"):
+        reset_bn(model, np.zeros((0, 2)))

@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "ensemblekit.demo",
     "ensemblekit.deploy.cli",
     "ensemblekit.merge.cli",
+    "ensemblekit.bench.cli",
 ]
 
 

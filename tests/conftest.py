@@ -31,7 +31,7 @@ def make_mlp(seed, input_shape=(8,), classes=3, hidden=16, softmax=False, name=N
     )
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def toy_data():
     """200 samples of 8 features, 3 classes, learnable."""
     rng = np.random.default_rng(0)

@@ -50,7 +50,7 @@ def _fit_meta(meta, features, y, shape, epochs, batch_size, seed, validation=Non
     stopper = keras.callbacks.EarlyStopping(patience=10)
     history = head.fit(features, y, epochs=epochs, batch_size=batch_size, verbose=0,
                        validation_data=validation, callbacks=[stopper])
-    losses = [initial, *history.history["val_loss"]]
+    losses = [initial, *history.history.get("val_loss", [])]
     return head, int(np.argmin(losses))
 
 

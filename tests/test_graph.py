@@ -1,0 +1,53 @@
+"""The shared walker: nested paths, weight refs, architecture differences."""
+
+import keras
+import numpy as np
+import pytest
+
+from ensemblekit import _graph
+from tests.conftest import make_mlp
+
+
+def test_iter_layers_expands_nested_models_with_paths():
+    inner = make_mlp(0, name="inner")
+    inputs = keras.Input((8,))
+    outer = keras.Model(inputs, keras.layers.Dense(2, name="top")(inner(inputs)), name="outer")
+    assert [p for p, _ in _graph.iter_layers(outer)] == [
+        "inner/flatten", "inner/hidden", "inner/out", "top"] or [
+        p for p, _ in _graph.iter_layers(outer)][1:] == ["inner/hidden", "inner/out", "top"]
+    paths = [ref.path for ref in _graph.weight_refs(outer)]
+    assert paths == ["inner/hidden/kernel", "inner/hidden/bias", "inner/out/kernel",
+                     "inner/out/bias", "top/kernel", "top/bias"]
+
+
+def test_get_set_arrays_round_trip_and_shape_error():
+    a, b = make_mlp(0), make_mlp(1)
+    _graph.set_arrays(b, _graph.get_arrays(a))
+    for x, y in zip(a.get_weights(), b.get_weights()):
+        np.testing.assert_array_equal(x, y)
+    arrays = _graph.get_arrays(a)
+    arrays[0] = arrays[0][:, :3]
+    with pytest.raises(ValueError, match=r"weight 'hidden/kernel': expected shape \(8, 16\), got \(8, 3\)"):
+        _graph.set_arrays(b, arrays)
+
+
+def test_architecture_differences_list_every_tensor():
+    a, b = make_mlp(0), make_mlp(1, hidden=32, classes=4)
+    problems = _graph.architecture_differences([a, b])
+    assert len(problems) == 4  # both kernels and both biases differ
+    assert "(8, 32)" in problems[0] and "(8, 16)" in problems[0]
+    with pytest.raises(ValueError, match="4 incompatible weights"):
+        _graph.check_same_architecture([a, b])
+    assert _graph.architecture_differences([a, make_mlp(2)]) == []
+
+
+def test_functional_graph_and_subclassed_error():
+    graph = _graph.functional_graph(make_mlp(0))
+    assert graph["hidden"] == ["flatten"] or "hidden" in graph
+
+    class Sub(keras.Model):
+        def call(self, x):
+            return x
+
+    with pytest.raises(ValueError, match="has no functional graph"):
+        _graph.functional_graph(Sub())

@@ -1,0 +1,50 @@
+"""Member loading errors and atomic saving."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from ensemblekit import _io
+from tests.conftest import make_mlp
+
+
+def test_atomic_save_leaves_no_temporary_file(tmp_path):
+    model = make_mlp(0)
+    path = _io.atomic_save(model, tmp_path / "sub" / "m.keras")
+    assert sorted(os.listdir(tmp_path / "sub")) == ["m.keras"]
+    loaded = _io.load_model(path)
+    x = np.ones((2, 8), "float32")
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    _io.atomic_save(model, tmp_path / "w.weights.h5")
+    assert (tmp_path / "w.weights.h5").is_file()
+
+
+def test_failed_save_keeps_old_file_and_cleans_up(tmp_path):
+    class Broken(keras.Model):
+        def save(self, *args, **kwargs):
+            raise RuntimeError("disk full")
+
+    path = tmp_path / "m.keras"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="disk full"):
+        _io.atomic_save(Broken(), path)
+    assert path.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["m.keras"]
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(ValueError, match="is not a Keras model file"):
+        _io.load_model(tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="does not exist"):
+        _io.load_model(tmp_path / "missing.keras", label="member 3")
+
+
+def test_safe_mode_refuses_lambda_layers(tmp_path):
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Lambda(lambda t: t * 2)])
+    path = tmp_path / "lambda.keras"
+    model.save(path)
+    with pytest.raises(ValueError, match="could not load"):
+        _io.load_model(path)
+    assert _io.load_model(path, safe_mode=False) is not None

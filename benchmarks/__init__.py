@@ -1,0 +1,1 @@
+"""Runnable benchmark scripts; their reports go to benchmarks/results/."""

@@ -1,0 +1,1 @@
+"""Benchmark harnesses used by ``benchmarks/`` and the ``ensemblekit bench`` command."""

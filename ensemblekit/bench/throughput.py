@@ -1,0 +1,371 @@
+"""Throughput of the ways to run an ensemble, side by side in one process.
+
+For K members of a workload (an MLP, a Conv1D CNN on mnist1d-shaped input and
+a Conv2D CNN on 32x32x3 input) and each batch size, every path runs on the
+same inputs; warm-up calls (tracing, XLA compilation) are excluded and the
+reported time is the median of ``repeats`` timed repeats. Paths:
+
+1. ``predict_loop``: ``model.predict`` per member, then the mean (what the seeds do);
+2. ``tf_function_loop``: a Python loop of member calls inside one ``tf.function``;
+3. ``ensemble`` / ``ensemble_xla``: ``ek.ensemble`` through ``ek.compile_for_inference``;
+4. ``pack`` / ``pack_xla``: ``ek.pack`` (``lowering="auto"``), and the two lowerings it picks
+   from, ``pack_grouped[_xla]`` (einsum / grouped conv) and ``pack_loop[_xla]`` (K ops per layer);
+5. ``member_xla`` (one member alone, the floor) and ``soup_xla`` (a weight-averaged
+   model: the cost of one member);
+6. a matmul ceiling: GFLOP/s of a 2048x2048 float32 matmul on the same device, timed in
+   the same round-robin as the paths.
+
+Ratios are against path 3 without XLA; achieved GFLOP/s counts the
+multiply-adds of the K members' Dense/Conv layers (2 FLOPs each).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import time
+
+import keras
+import numpy as np
+
+from ensemblekit import _graph
+from ensemblekit.compose import ensemble
+from ensemblekit.pack import compile_for_inference, pack
+
+L = keras.layers
+BASELINE = "ensemble"
+WORKLOADS = {
+    "mlp": (40, 1),
+    "cnn1d": (40, 1),
+    "cnn2d": (32, 32, 3),
+}
+
+
+def build_member(workload, seed):
+    """One member of ``workload``: ``"mlp"``, ``"cnn1d"`` or ``"cnn2d"`` (10 classes, logits)."""
+    keras.utils.set_random_seed(seed)
+    shape = WORKLOADS[workload]
+    if workload == "mlp":
+        layers = [L.Flatten(), L.Dense(256, activation="relu"), L.Dense(256, activation="relu")]
+    elif workload == "cnn1d":
+        layers = [L.Conv1D(32, 5, activation="relu"), L.MaxPooling1D(2),
+                  L.Conv1D(64, 3, activation="relu"), L.GlobalAveragePooling1D()]
+    else:
+        layers = [L.Conv2D(16, 3, activation="relu"), L.MaxPooling2D(2),
+                  L.Conv2D(32, 3, activation="relu"), L.GlobalAveragePooling2D()]
+    return keras.Sequential([keras.Input(shape), *layers, L.Dense(10)], name=f"{workload}_{seed}")
+
+
+def member_flops(model):
+    """FLOPs (2 per multiply-add) of one forward pass of ``model`` per sample (Dense and Conv)."""
+    total = 0
+    for _, layer in _graph.iter_layers(model):
+        if isinstance(layer, (L.Dense, L.Conv1D, L.Conv2D)):
+            kernel = layer.kernel.shape
+            positions = math.prod(layer.output.shape[1:-1])
+            total += 2 * positions * math.prod(kernel[:-1]) * kernel[-1]
+    return total
+
+
+def soup(models):
+    """A uniform weight average of ``models`` (the cost of one member)."""
+    merged = keras.models.clone_model(models[0])
+    arrays = [_graph.get_arrays(m) for m in models]
+    _graph.set_arrays(merged, [np.mean(group, axis=0) for group in zip(*arrays, strict=True)])
+    return merged
+
+
+def device_info():
+    """What ran the benchmark: device name, backend, TF/Keras versions."""
+    info = {"backend": keras.backend.backend(), "keras": keras.__version__,
+            "platform": platform.platform(), "python": platform.python_version()}
+    gpus = []
+    if info["backend"] == "tensorflow":
+        import tensorflow as tf
+
+        info["tensorflow"] = tf.__version__
+        gpus = [tf.config.experimental.get_device_details(g).get("device_name", g.name)
+                for g in tf.config.list_physical_devices("GPU")]
+    elif info["backend"] == "jax":
+        import jax
+
+        info["jax"] = jax.__version__
+        gpus = [d.device_kind for d in jax.devices() if d.platform == "gpu"]
+    info["device"] = gpus[0] if gpus else _cpu_name()
+    info["device_type"] = "GPU" if gpus else "CPU"
+    info["cpu_count"] = _cpu_count()
+    return info
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _cpu_count():
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def time_paths(functions, repeats=5, target_s=0.1, warmup=2):
+    """Median seconds per call of each function, timed round-robin (warm-up excluded).
+
+    Repeat ``r`` times every function once in turn, so a change of machine load
+    (the CPU may be shared) hits all paths alike. Each function runs ``n`` calls
+    per repeat, ``n`` chosen so that its repeat lasts about ``target_s``.
+
+    Returns:
+        ``{name: median seconds per call}``.
+    """
+    calls = {}
+    for name, fn in functions.items():
+        for _ in range(warmup):
+            fn()
+        start = time.perf_counter()
+        fn()
+        calls[name] = max(1, int(target_s / max(time.perf_counter() - start, 1e-6)))
+    samples = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            samples[name].append((time.perf_counter() - start) / calls[name])
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def matmul_function(size=2048):
+    """``(fn, flops)``: ``fn()`` runs one ``size``x``size`` float32 matmul (the device's practical peak)."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.normal(size=(size, size)).astype("float32") for _ in "ab")
+    x = keras.Input((size,))
+    model = keras.Model(x, keras.ops.matmul(x, keras.ops.convert_to_tensor(b)))
+    compiled = compile_for_inference(model, jit_compile=True)
+    a = keras.ops.convert_to_tensor(a)
+    return (lambda: keras.ops.convert_to_numpy(compiled.fn(a))), 2 * size**3
+
+
+def path_functions(models, x):
+    """``{path: fn}`` where ``fn()`` runs that path on ``x`` and returns numpy probabilities."""
+    backend = keras.backend.backend()
+
+    def predict_loop():
+        probs = [keras.ops.convert_to_numpy(keras.ops.softmax(m.predict(x, verbose=0)))
+                 for m in models]
+        return np.mean(probs, axis=0)
+
+    paths = {"predict_loop": predict_loop}
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        loop = tf.function(lambda t: tf.add_n([tf.nn.softmax(m(t, training=False))
+                                               for m in models]) / len(models))
+        paths["tf_function_loop"] = lambda: loop(x).numpy()
+    compiled = {
+        "ensemble": compile_for_inference(ensemble(models, "mean"), jit_compile=False),
+        "ensemble_xla": compile_for_inference(ensemble(models, "mean"), jit_compile=True),
+        "pack": compile_for_inference(pack(models, "mean"), jit_compile=False),
+        "pack_xla": compile_for_inference(pack(models, "mean"), jit_compile=True),
+        "pack_grouped": compile_for_inference(pack(models, "mean", lowering="grouped"), jit_compile=False),
+        "pack_grouped_xla": compile_for_inference(pack(models, "mean", lowering="grouped"), jit_compile=True),
+        "pack_loop": compile_for_inference(pack(models, "mean", lowering="loop"), jit_compile=False),
+        "pack_loop_xla": compile_for_inference(pack(models, "mean", lowering="loop"), jit_compile=True),
+        "member_xla": compile_for_inference(models[0], jit_compile=True),
+        "soup_xla": compile_for_inference(soup(models), jit_compile=True),
+    }
+    for name, fn in compiled.items():
+        paths[name] = (lambda f: lambda: f(x))(fn)
+    return paths
+
+
+def run(workloads=tuple(WORKLOADS), members=(2, 4, 8), batches=(1, 32, 256), repeats=5,
+        target_s=0.1, verbose=1):
+    """Measure every path for every workload, K and batch size.
+
+    The matmul ceiling is timed in the same round-robin as the paths, so each
+    row's ``ceiling_fraction`` compares numbers taken under the same load.
+
+    Returns:
+        A dict with ``"info"`` (device, versions), ``"matmul_gflops"`` (median over
+        configurations) and ``"results"``: one row per (workload, K, batch, path) with
+        ``samples_per_s``, ``ratio`` (vs ``ensemble`` without XLA), ``gflops``,
+        ``ceiling_gflops`` and ``ceiling_fraction``.
+    """
+    info = device_info()
+    matmul, matmul_flops = matmul_function()
+    configs = [(w, k, b) for w in workloads for k in members for b in batches]
+    progress = keras.utils.Progbar(len(configs), verbose=verbose)
+    rows, ceilings = [], []
+    for index, (workload, k, batch) in enumerate(configs):
+        models = [build_member(workload, seed) for seed in range(k)]
+        flops = member_flops(models[0])
+        x = np.random.default_rng(index).normal(size=(batch, *WORKLOADS[workload])).astype("float32")
+        functions = {**path_functions(models, x), "matmul": matmul}
+        seconds = time_paths(functions, repeats=repeats, target_s=target_s)
+        ceiling = matmul_flops / seconds.pop("matmul") / 1e9
+        ceilings.append(ceiling)
+        for path, time_per_call in seconds.items():
+            rate = batch / time_per_call
+            gflops = rate * flops * (1 if path in ("member_xla", "soup_xla") else k) / 1e9
+            rows.append(dict(workload=workload, members=k, batch=batch, path=path,
+                             samples_per_s=rate, ratio=seconds[BASELINE] / time_per_call,
+                             gflops=gflops, ceiling_gflops=ceiling, ceiling_fraction=gflops / ceiling))
+        keras.backend.clear_session()
+        progress.update(index + 1)
+    return {"info": info, "matmul_gflops": statistics.median(ceilings), "repeats": repeats,
+            "results": rows}
+
+
+EK_PATHS = ("ensemble", "ensemble_xla", "pack", "pack_xla", "pack_grouped", "pack_grouped_xla",
+            "pack_loop", "pack_loop_xla")
+
+
+def targets(result, workload="mlp", members=8):
+    """The issue's targets for ``workload`` with K=``members``, checked on ``result``.
+
+    Returns a list of ``{"target", "measured", "met"}`` rows: the fastest
+    ensemblekit path vs ``ensemble`` (no XLA) at each batch (>= 1.5x at batch
+    <= 32, >= 1.0x above), vs ``predict_loop`` at batch 32 (>= 100x), and the
+    achieved share of the matmul ceiling at the largest batch (>= 70%).
+    """
+    rows = [r for r in result["results"] if r["workload"] == workload and r["members"] == members]
+    if not rows:
+        return []
+    checks = []
+    batches = sorted({r["batch"] for r in rows})
+    for batch in batches:
+        at = {r["path"]: r for r in rows if r["batch"] == batch}
+        best = max(EK_PATHS, key=lambda p: at[p]["samples_per_s"])
+        goal = 1.5 if batch <= 32 else 1.0
+        checks.append(dict(target=f"batch {batch}: fastest ensemblekit path >= {goal}x ensemble (no XLA)",
+                           measured=f"{best}: {at[best]['ratio']:.2f}x", met=at[best]["ratio"] >= goal))
+        if batch == 32:
+            speedup = at[best]["samples_per_s"] / at["predict_loop"]["samples_per_s"]
+            checks.append(dict(target="batch 32: >= 100x the predict loop",
+                               measured=f"{best}: {speedup:.0f}x", met=speedup >= 100))
+        if batch == batches[-1]:
+            checks.append(dict(target=f"batch {batch}: >= 70% of the matmul ceiling",
+                               measured=f"{best}: {at[best]['ceiling_fraction']:.0%} "
+                                        f"({at[best]['gflops']:.1f} of {at[best]['ceiling_gflops']:.1f} GFLOP/s)",
+                               met=at[best]["ceiling_fraction"] >= 0.7))
+    return checks
+
+
+def to_markdown(result):
+    """A Markdown report: device, target checks, and one table row per measurement."""
+    info = result["info"]
+    versions = ", ".join(f"{k} {info[k]}" for k in ("tensorflow", "jax", "keras") if k in info)
+    lines = [
+        "# Ensemble throughput",
+        "",
+        f"Device: {info['device']} ({info['device_type']}, {info['cpu_count']} CPU cores visible); "
+        f"backend {info['backend']}; {versions}. Median of {result['repeats']} repeats, warm-up "
+        f"excluded, paths timed round-robin. Matmul ceiling (2048² float32, XLA, median over "
+        f"configurations): {result['matmul_gflops']:.1f} GFLOP/s; each row's fraction uses the "
+        "ceiling measured in its own round-robin.",
+        "",
+    ]
+    checks = targets(result)
+    if checks:
+        lines += ["## Targets (K=8 MLP)", "", "| target | measured | met |", "|---|---|---|"]
+        lines += [f"| {c['target']} | {c['measured']} | {'yes' if c['met'] else 'NO'} |" for c in checks]
+        lines.append("")
+    lines += ["## All measurements", "",
+              "| workload | K | batch | path | samples/s | vs ensemble | GFLOP/s | of ceiling |",
+              "|---|---:|---:|---|---:|---:|---:|---:|"]
+    for r in result["results"]:
+        lines.append(f"| {r['workload']} | {r['members']} | {r['batch']} | {r['path']} | "
+                     f"{r['samples_per_s']:,.0f} | {r['ratio']:.2f}x | {r['gflops']:.2f} | "
+                     f"{r['ceiling_fraction']:.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result, path, members=None):
+    """Save a PNG: samples/s vs batch per path, one panel per workload (largest K)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["results"]
+    members = members or max(r["members"] for r in rows)
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    figure, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4), squeeze=False)
+    for axis, workload in zip(axes[0], workloads, strict=True):
+        selected = [r for r in rows if r["workload"] == workload and r["members"] == members]
+        for name in dict.fromkeys(r["path"] for r in selected):
+            points = sorted((r["batch"], r["samples_per_s"]) for r in selected if r["path"] == name)
+            axis.plot(*zip(*points, strict=True), marker="o", label=name)
+        axis.set(xscale="log", yscale="log", xlabel="batch size", ylabel="samples/s",
+                 title=f"{workload}, K={members}")
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    figure.suptitle(f"{result['info']['device']} ({result['info']['backend']})", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_reports(result, out_dir, stem="throughput", with_plot=True):
+    """Write ``<stem>.json``, ``<stem>.md`` and (optionally) ``<stem>.png`` into ``out_dir``."""
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
+    _write_atomic(paths[0], json.dumps(result, indent=1))
+    _write_atomic(paths[1], to_markdown(result))
+    if with_plot:
+        paths.append(out_dir / f"{stem}.png")
+        plot(result, paths[-1])
+    return paths
+
+
+def _write_atomic(path, text):
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def add_arguments(parser):
+    """The command-line options shared by ``python -m benchmarks.throughput`` and the CLI."""
+    parser.add_argument("--quick", action="store_true",
+                        help="short run: K=2,8, batches 1,256, MLP and Conv1D, 3 repeats")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for the reports")
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=None)
+    parser.add_argument("--members", nargs="+", type=int, default=None)
+    parser.add_argument("--batches", nargs="+", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (median); >= 5 by default")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument("--verbose", type=int, default=1)
+    return parser
+
+
+def main(args):
+    """Run the benchmark from parsed ``args`` (see ``add_arguments``) and write the reports."""
+    quick = args.quick
+    result = run(
+        workloads=args.workloads or (("mlp", "cnn1d") if quick else tuple(WORKLOADS)),
+        members=args.members or ((2, 8) if quick else (2, 4, 8)),
+        batches=args.batches or ((1, 256) if quick else (1, 32, 256)),
+        repeats=args.repeats or (3 if quick else 5),
+        target_s=0.03 if quick else 0.1,
+        verbose=args.verbose,
+    )
+    stem = "throughput_quick" if quick else "throughput"
+    for path in write_reports(result, args.out, stem=stem, with_plot=not args.no_plot):
+        print(f"wrote {path}")
+    for check in targets(result):
+        print(f"{'met ' if check['met'] else 'MISS'}  {check['target']}: {check['measured']}")
+    return 0

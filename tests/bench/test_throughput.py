@@ -1,0 +1,90 @@
+"""The throughput harness: FLOP counting, round-robin timing, targets and reports (not speed)."""
+
+import argparse
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from ensemblekit.bench import throughput
+from ensemblekit.bench.cli import register_cli
+
+
+def test_member_flops_counts_dense_and_conv():
+    mlp = throughput.build_member("mlp", 0)
+    assert throughput.member_flops(mlp) == 2 * (40 * 256 + 256 * 256 + 256 * 10)
+    cnn = throughput.build_member("cnn1d", 0)
+    # Conv1D(32, 5) on 40 steps -> 36; pool -> 18; Conv1D(64, 3) -> 16; Dense 64 -> 10.
+    assert throughput.member_flops(cnn) == 2 * (36 * 5 * 1 * 32 + 16 * 3 * 32 * 64 + 64 * 10)
+
+
+def test_soup_is_the_weight_average():
+    models = [throughput.build_member("mlp", seed) for seed in range(3)]
+    merged = throughput.soup(models)
+    for position, array in enumerate(merged.get_weights()):
+        expected = np.mean([m.get_weights()[position] for m in models], axis=0)
+        np.testing.assert_allclose(array, expected, rtol=1e-6)
+
+
+def test_time_paths_orders_a_slow_and_a_fast_function():
+    import time
+
+    seconds = throughput.time_paths(
+        {"slow": lambda: time.sleep(0.004), "fast": lambda: None}, repeats=3, target_s=0.01, warmup=1
+    )
+    assert seconds["slow"] >= 0.004 > seconds["fast"] >= 0
+
+
+def test_paths_compute_the_same_ensemble():
+    models = [throughput.build_member("mlp", seed) for seed in range(2)]
+    x = np.random.default_rng(0).normal(size=(3, 40, 1)).astype("float32")
+    paths = throughput.path_functions(models, x)
+    reference = paths["ensemble"]()
+    for name in ("predict_loop", "tf_function_loop", "ensemble_xla", "pack", "pack_xla",
+                 "pack_grouped", "pack_loop", "pack_loop_xla"):
+        np.testing.assert_allclose(paths[name](), reference, atol=1e-5, err_msg=name)
+
+
+def _fake_result(ratio_32, fraction_256):
+    rows = []
+    for batch, ratio in ((32, ratio_32), (256, 1.2)):
+        for path in throughput.EK_PATHS + ("predict_loop",):
+            fast = path == "pack_xla"
+            rows.append(dict(workload="mlp", members=8, batch=batch, path=path,
+                             samples_per_s=1000.0 * (ratio if fast else 1.0) * (1 if path != "predict_loop" else 0.001),
+                             ratio=ratio if fast else 1.0, gflops=10.0,
+                             ceiling_gflops=10.0 / fraction_256,
+                             ceiling_fraction=fraction_256 if fast else 0.1))
+    return {"info": {}, "matmul_gflops": 10.0, "repeats": 5, "results": rows}
+
+
+def test_targets_report_met_and_missed():
+    checks = throughput.targets(_fake_result(ratio_32=1.6, fraction_256=0.8))
+    assert [c["met"] for c in checks] == [True, True, True, True]
+    checks = throughput.targets(_fake_result(ratio_32=1.4, fraction_256=0.5))
+    assert [c["met"] for c in checks] == [False, True, True, False]
+    assert "pack_xla" in checks[0]["measured"]
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_json_markdown_and_png(tmp_path):
+    result = throughput.run(workloads=("mlp",), members=(2,), batches=(1,), repeats=1,
+                            target_s=0.0, verbose=0)
+    paths = throughput.write_reports(result, tmp_path)
+    assert [p.name for p in paths] == ["throughput.json", "throughput.md", "throughput.png"]
+    saved = json.loads(paths[0].read_text())
+    assert {r["path"] for r in saved["results"]} >= {"predict_loop", "ensemble", "pack_xla", "soup_xla"}
+    assert saved["info"]["backend"] == keras.backend.backend()
+    baseline = [r for r in saved["results"] if r["path"] == "ensemble"][0]
+    assert baseline["ratio"] == pytest.approx(1.0)
+    assert "| mlp | 2 | 1 | pack_xla |" in paths[1].read_text()
+    assert paths[2].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_registers_bench_throughput():
+    parser = argparse.ArgumentParser()
+    register_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "throughput", "--quick", "--members", "2", "--out", "x"])
+    assert args.quick and args.members == [2] and args.out == "x"
+    assert callable(args.run)

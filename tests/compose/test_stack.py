@@ -1,0 +1,82 @@
+"""ek.stack: meta-learner in the graph, fold logic, save/load, errors."""
+
+import keras
+import numpy as np
+import pytest
+from scipy import special
+
+import ensemblekit as ek
+from tests.conftest import make_mlp
+
+
+@pytest.fixture(scope="module")
+def members(toy_data):
+    x, y = toy_data
+    trained = []
+    for seed in range(3):
+        model = make_mlp(seed)
+        model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(x[:100], y[:100], epochs=3, verbose=0)
+        trained.append(model)
+    return trained
+
+
+def test_logistic_head_starts_at_geometric_mean(members, toy_data):
+    x, y = toy_data
+    # cv folds of 2 samples and zero epochs: the untrained head is the geometric-mean ensemble.
+    model = ek.stack(members, x[100:], y[100:], epochs=0, cv=2)
+    geometric = ek.ensemble(members, "geometric").predict(x, verbose=0)
+    np.testing.assert_allclose(model.predict(x, verbose=0), geometric, atol=1e-5)
+
+
+def test_stack_graph_save_load_and_meta_features(members, toy_data, tmp_path):
+    x, y = toy_data
+    model = ek.stack(members, x[100:], y[100:], meta="mlp", cv=3, epochs=5)
+    meta = model.get_layer("meta")
+    assert meta.input_shape == (None, 9) if hasattr(meta, "input_shape") else True
+    logp = np.concatenate(
+        [special.log_softmax(m.predict(x, verbose=0), axis=1) for m in members], axis=1)
+    np.testing.assert_allclose(model.predict(x, verbose=0), meta.predict(logp, verbose=0), atol=1e-5)
+    path = tmp_path / "stack.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_passthrough_adds_raw_input(members, toy_data):
+    x, y = toy_data
+    model = ek.stack(members, x[100:], y[100:], passthrough=True, cv=2, epochs=2)
+    assert model.get_layer("meta").inputs[0].shape[-1] == 9 + 8
+
+
+def test_custom_meta_model_is_cloned(members, toy_data):
+    x, y = toy_data
+    custom = keras.Sequential([keras.Input((9,)), keras.layers.Dense(3, activation="softmax")])
+    before = [w.copy() for w in custom.get_weights()]
+    model = ek.stack(members, x[100:], y[100:], meta=custom, cv=2, epochs=3)
+    assert model.predict(x[:4], verbose=0).shape == (4, 3)
+    for a, b in zip(before, custom.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_refit_members_trains_copies_per_fold(members, toy_data):
+    x, y = toy_data
+    originals = [m.get_weights() for m in members]
+    model = ek.stack(members, x[:80], y[:80], cv=2, epochs=1, refit_members=True, member_epochs=1)
+    nested = [layer for layer in model.layers if isinstance(layer, keras.Model) and layer.name != "meta"]
+    assert len(nested) == 3
+    for member, weights in zip(members, originals):  # the given members are not modified
+        for a, b in zip(weights, member.get_weights()):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_stack_errors(members, toy_data):
+    x, y = toy_data
+    with pytest.raises(ValueError, match="Unknown meta 'forest'"):
+        ek.stack(members, x, y, meta="forest")
+    with pytest.raises(ValueError, match="cv must be an integer between 2"):
+        ek.stack(members, x, y, cv=1)
+    with pytest.raises(ValueError, match="y has 10 labels but x has 200 samples"):
+        ek.stack(members, x, y[:10])
+    with pytest.raises(ValueError, match=r"labels in \[7, 7\] but the models have 3 classes"):
+        ek.stack(members, x, np.full(200, 7))

@@ -68,12 +68,14 @@ class ChannelGroup:
         size: channels before pruning.
         kept: channels after pruning.
         reason: why the group was kept whole (``None`` if it was prunable).
+        indices: the original indices of the kept channels, ascending.
     """
 
     layers: list
     size: int
     kept: int
     reason: str | None = None
+    indices: list = dataclasses.field(default_factory=list, repr=False)
 
 
 class _Groups:
@@ -393,8 +395,8 @@ def _report_groups(analysis, producers, kept, on_unsupported):
     for root, layers in producers.items():
         reason = analysis.groups.reason(root)
         size = analysis.groups.sizes[root]
-        groups.append(ChannelGroup([layer.name for layer in layers], size,
-                                   len(kept.get(root, range(size))), reason))
+        indices = [int(i) for i in kept.get(root, range(size))]
+        groups.append(ChannelGroup([layer.name for layer in layers], size, len(indices), reason, indices))
         if reason and root in analysis.groups.unsupported and reason == analysis.groups.unsupported[root]:
             blocked_by_layer.append(f"{'/'.join(layer.name for layer in layers)} ({size} channels): {reason}")
     if blocked_by_layer:

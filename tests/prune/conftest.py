@@ -35,6 +35,15 @@ def compile_classifier(model, learning_rate=2e-3):
     return model
 
 
+def fine_tune(model, x, y, epochs, learning_rate=2e-3, batch_size=64, callbacks=None, seed=0):
+    """Seeded Adam with cosine decay over ``epochs``: the short fine-tune used after pruning."""
+    keras.utils.set_random_seed(seed)
+    steps = epochs * int(np.ceil(len(x) / batch_size))
+    compile_classifier(model, keras.optimizers.schedules.CosineDecay(learning_rate, steps))
+    model.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=0, callbacks=callbacks)
+    return model
+
+
 def accuracy(model, x, y):
     return float(np.mean(np.asarray(model.predict(x, batch_size=512, verbose=0)).argmax(-1) == y))
 

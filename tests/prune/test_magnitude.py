@@ -15,7 +15,7 @@ from ensemblekit.prune import (
 from ensemblekit.prune.magnitude import magnitude_masks, nm_mask, sparsity_of
 from ensemblekit.prune.report import zipped_size
 from tests.conftest import make_mlp
-from tests.prune.conftest import accuracy, compile_classifier, make_residual_cnn
+from tests.prune.conftest import accuracy, fine_tune, make_residual_cnn
 
 
 def kernel(model, name):
@@ -160,8 +160,8 @@ def test_mnist1d_cnn_80_percent_sparse_fine_tuned_loses_at_most_one_point(traine
     base = accuracy(model, xt, yt)
     steps_per_epoch = int(np.ceil(len(x) / 64))
     schedule = PolynomialDecay(0.5, 0.8, begin_step=0, end_step=2 * steps_per_epoch, frequency=steps_per_epoch // 3)
-    pruned = compile_classifier(magnitude(model, schedule=schedule), learning_rate=1e-3)
-    pruned.fit(x, y, epochs=5, batch_size=64, verbose=0, callbacks=[PruningCallback()])
+    pruned = fine_tune(magnitude(model, schedule=schedule), x, y, epochs=5, learning_rate=1e-3,
+                       callbacks=[PruningCallback()])
     stripped = strip(pruned)
     assert sparsity_of(stripped) == pytest.approx(0.8, abs=0.005)
     assert accuracy(stripped, xt, yt) >= base - 0.01

@@ -1,0 +1,196 @@
+"""ensemblekit.prune.channels: dependency groups, slicing, rebuild."""
+
+import keras
+import numpy as np
+import pytest
+
+import ensemblekit as ek
+from ensemblekit.prune import channels
+from ensemblekit.prune.report import macs
+from tests.conftest import make_mlp
+from tests.prune.conftest import (
+    accuracy,
+    fine_tune,
+    make_residual_cnn,
+    randomize_bn,
+)
+
+X40 = np.random.default_rng(0).normal(size=(16, 40, 1)).astype("float32")
+
+
+def group(model, layer_name):
+    return next(g for g in model.pruned_groups_ if layer_name in g.layers)
+
+
+def removed(model, layer_name):
+    g = group(model, layer_name)
+    return np.setdiff1d(np.arange(g.size), g.indices)
+
+
+def test_ratio_zero_returns_identical_outputs():
+    model = randomize_bn(make_residual_cnn(width=8))
+    same = channels(model, ratio=0.0)
+    np.testing.assert_array_equal(same.predict(X40, verbose=0), model.predict(X40, verbose=0))
+    assert same.count_params() == model.count_params()
+
+
+def test_residual_add_couples_channels_and_output_size_never_changes():
+    model = randomize_bn(make_residual_cnn(width=8))
+    pruned = channels(model, ratio=0.5)
+    assert pruned.get_layer("conv_a").filters == pruned.get_layer("conv_b").filters == 4
+    assert group(pruned, "conv_a").layers == ["conv_a", "conv_b"]
+    assert pruned.get_layer("conv_c").filters == 8 and pruned.get_layer("hidden").units == 8
+    assert pruned.get_layer("bn_b").get_weights()[0].shape == (4,)
+    assert pruned.output_shape == model.output_shape == (None, 10)
+    assert group(pruned, "logits").reason == "model output"
+
+
+def test_pruned_model_equals_original_with_removed_channels_cut_from_consumers():
+    """Slicing is exact: zeroing what consumers read from removed channels gives the same outputs."""
+    model = randomize_bn(make_residual_cnn(width=8))
+    pruned = channels(model, ratio=0.5)
+    cut = keras.models.clone_model(model)
+    cut.set_weights(model.get_weights())
+    for consumer in ("conv_b", "conv_c"):  # both read the residual group
+        weights = cut.get_layer(consumer).get_weights()
+        weights[0][:, removed(pruned, "conv_a"), :] = 0.0
+        cut.get_layer(consumer).set_weights(weights)
+    hidden = cut.get_layer("hidden").get_weights()
+    positions = cut.get_layer("flatten").output.shape[-1] // 16
+    rows = (np.arange(positions)[:, None] * 16 + removed(pruned, "conv_c")[None, :]).ravel()
+    hidden[0][rows, :] = 0.0
+    cut.get_layer("hidden").set_weights(hidden)
+    logits = cut.get_layer("logits").get_weights()
+    logits[0][removed(pruned, "hidden"), :] = 0.0
+    cut.get_layer("logits").set_weights(logits)
+    np.testing.assert_allclose(pruned.predict(X40, verbose=0), cut.predict(X40, verbose=0), atol=1e-5)
+
+
+def test_depthwise_and_separable_convolutions_are_sliced_consistently():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    h = keras.layers.Conv2D(8, 3, padding="same", name="stem")(inputs)
+    h = keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(h)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    h = keras.layers.SeparableConv2D(8, 3, padding="same", name="sep")(h)
+    h = keras.layers.GlobalAveragePooling2D(name="gap")(h)
+    model = randomize_bn(keras.Model(inputs, keras.layers.Dense(3, name="out")(h)))
+    pruned = channels(model, ratio=0.5)
+    assert pruned.get_layer("stem").filters == 4 and pruned.get_layer("sep").filters == 4
+    cut = keras.models.clone_model(model)
+    cut.set_weights(model.get_weights())
+    sep = cut.get_layer("sep").get_weights()
+    sep[1][:, :, removed(pruned, "stem"), :] = 0.0
+    cut.get_layer("sep").set_weights(sep)
+    out = cut.get_layer("out").get_weights()
+    out[0][removed(pruned, "sep"), :] = 0.0
+    cut.get_layer("out").set_weights(out)
+    x = np.random.default_rng(1).normal(size=(4, 8, 8, 3)).astype("float32")
+    np.testing.assert_allclose(pruned.predict(x, verbose=0), cut.predict(x, verbose=0), atol=1e-5)
+
+
+def test_concatenate_joins_branch_groups():
+    inputs = keras.Input((6,))
+    a = keras.layers.Dense(8, name="a")(inputs)
+    b = keras.layers.Dense(4, name="b")(inputs)
+    h = keras.layers.Concatenate(name="cat")([a, b])
+    model = keras.Model(inputs, keras.layers.Dense(3, name="out")(h))
+    pruned = channels(model, ratio=0.5)
+    assert (pruned.get_layer("a").units, pruned.get_layer("b").units) == (4, 2)
+    assert pruned.get_layer("out").get_weights()[0].shape == (6, 3)
+    x = np.random.default_rng(0).normal(size=(5, 6)).astype("float32")
+    np.testing.assert_array_equal(channels(model, 0.0).predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_bn_scale_l1_and_taylor_rank_channels():
+    model = make_residual_cnn(width=8)
+    gamma = np.array([1, 9, 2, 8, 3, 7, 4, 6], dtype="float32")
+    for name in ("bn_a", "bn_b"):
+        weights = model.get_layer(name).get_weights()
+        weights[0] = gamma
+        model.get_layer(name).set_weights(weights)
+    with pytest.warns(UserWarning, match=r"no BatchNormalization scale on the groups of \['hidden'\]"):
+        by_gamma = channels(model, 0.5, importance="bn_scale")
+    assert group(by_gamma, "conv_a").indices == [1, 3, 5, 7]
+    dense = make_mlp(0)
+    kernel, bias = dense.get_layer("hidden").get_weights()
+    kernel[:, :8] *= 1e-3
+    dense.get_layer("hidden").set_weights([kernel, bias])
+    for importance in ("l1", "l2"):
+        assert group(channels(dense, 0.5, importance=importance), "hidden").indices == list(range(8, 16))
+    taylor = channels(dense, 0.5, importance="taylor", x=np.random.default_rng(0).normal(size=(64, 8)))
+    assert group(taylor, "hidden").kept == 8
+    assert len(set(group(taylor, "hidden").indices) & set(range(8, 16))) >= 6
+
+
+def test_round_to_and_global_ranking():
+    model = make_mlp(0, hidden=12)
+    assert channels(model, 0.5, round_to=8).get_layer("hidden").units == 8
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(8, name="h1"),
+                              keras.layers.Dense(8, name="h2"), keras.layers.Dense(3, name="out")])
+    kernel, bias = model.get_layer("h1").get_weights()
+    kernel[:, :4] *= 1e-3
+    model.get_layer("h1").set_weights([kernel, bias])
+    model.get_layer("h2").set_weights([np.ones((8, 8), "float32"), np.zeros(8, "float32")])
+    ranked = channels(model, 0.25, global_ranking=True)
+    assert (ranked.get_layer("h1").units, ranked.get_layer("h2").units) == (4, 8)
+    per_group = channels(model, 0.25)
+    assert (per_group.get_layer("h1").units, per_group.get_layer("h2").units) == (6, 6)
+
+
+def test_nested_members_of_an_ensemble_are_each_pruned():
+    ensemble = ek.ensemble([make_mlp(0), make_mlp(1, softmax=True)])
+    x = np.random.default_rng(0).normal(size=(10, 8)).astype("float32")
+    np.testing.assert_allclose(channels(ensemble, 0.0).predict(x, verbose=0), ensemble.predict(x, verbose=0),
+                               atol=1e-7)
+    pruned = channels(ensemble, 0.5)
+    hidden = [g for g in pruned.pruned_groups_ if g.layers == ["hidden"]]
+    assert [g.kept for g in hidden] == [8, 8]
+    assert pruned.count_params() < ensemble.count_params()
+    assert pruned.predict(x, verbose=0).shape == (10, 3)
+
+
+def test_unsupported_layer_leaves_its_group_whole_with_a_warning_or_raises():
+    inputs = keras.Input((8,))
+    h = keras.layers.Dense(8, name="h")(inputs)
+    h = keras.layers.UnitNormalization(name="unit_norm")(h)
+    h = keras.layers.Dense(8, name="h2")(h)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="out")(h))
+    with pytest.warns(UserWarning, match="left unpruned.*'unit_norm' \\(UnitNormalization\\)"):
+        pruned = channels(model, 0.5)
+    assert pruned.get_layer("h").units == 8 and pruned.get_layer("h2").units == 4
+    with pytest.raises(ValueError, match="'unit_norm' \\(UnitNormalization\\) cannot be pruned through"):
+        channels(model, 0.5, on_unsupported="raise")
+
+
+def test_bad_input_gets_clear_errors():
+    class Subclassed(keras.Model):
+        def __init__(self):
+            super().__init__(name="sub")
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.dense(x)
+
+    sub = Subclassed()
+    sub(np.zeros((1, 4)))
+    with pytest.raises(ValueError, match="'sub' .*has no functional graph"):
+        channels(sub, 0.5)
+    with pytest.raises(ValueError, match=r"ratio must be in \[0, 1\)"):
+        channels(make_mlp(0), 1.0)
+    with pytest.raises(ValueError, match="needs x"):
+        channels(make_mlp(0), 0.5, importance="taylor")
+    with pytest.raises(ValueError, match="Unknown importance"):
+        channels(make_mlp(0), 0.5, importance="random")
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:channels.*no BatchNormalization scale")
+def test_mnist1d_residual_cnn_half_channels_fine_tuned_within_two_points(trained_cnn):
+    model, (x, y), (xt, yt) = trained_cnn
+    pruned = channels(model, ratio=0.5, importance="bn_scale")
+    assert macs(pruned) <= 0.55 * macs(model)
+    assert pruned.count_params() <= 0.55 * model.count_params()
+    fine_tune(pruned, x, y, epochs=6)
+    assert accuracy(pruned, xt, yt) >= accuracy(model, xt, yt) - 0.02

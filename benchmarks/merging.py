@@ -119,6 +119,8 @@ def independent(build, data, epochs, use_bn):
     }
     results["members_mean"] = float(np.mean(results["members"]))
     if use_bn:
+        # control: the members themselves with recomputed statistics
+        results["members_reset_bn"] = [accuracy(reset_bn(m, x), xt, yt) for m in (a, b)]
         results["plain_average_reset_bn"] = accuracy(reset_bn(merge([a, b]), x), xt, yt)
         results["weight_matching_average_reset_bn"] = accuracy(reset_bn(merge(aligned), x), xt, yt)
         results["activation_matching_average_reset_bn"] = accuracy(
@@ -195,7 +197,8 @@ def markdown(results):
                   f"| align (weight matching) + average | {pct(r['weight_matching_average'])} |",
                   f"| align (activation matching) + average | {pct(r['activation_matching_average'])} |"]
         if "plain_average_reset_bn" in r:
-            lines += [f"| plain average + reset_bn | {pct(r['plain_average_reset_bn'])} |",
+            lines += [f"| members + reset_bn (control) | {', '.join(pct(v) for v in r['members_reset_bn'])} |",
+                      f"| plain average + reset_bn | {pct(r['plain_average_reset_bn'])} |",
                       f"| weight matching + average + reset_bn | {pct(r['weight_matching_average_reset_bn'])} |",
                       f"| activation matching + average + reset_bn | {pct(r['activation_matching_average_reset_bn'])} |"]
         lines += ["", f"Weight matching took {r['align_seconds']:.2f} s.", ""]

@@ -140,10 +140,10 @@ def align(models, reference=0, method="weight_matching", x=None, seed=0, max_ite
 
     Example:
         >>> import keras, numpy as np
-        >>> import ensemblekit as ek
+        >>> from ensemblekit.merge import align, merge
         >>> make = lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, "relu"), keras.layers.Dense(2)])
         >>> a, b = make(), make()
-        >>> aligned = ek.align([a, b])
+        >>> aligned = align([a, b])
         >>> x = np.ones((1, 4), "float32")
         >>> bool(np.allclose(aligned[1].predict(x, verbose=0), b.predict(x, verbose=0), atol=1e-5))
         True

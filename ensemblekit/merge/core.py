@@ -155,10 +155,10 @@ def merge(models, method="linear", base=None, weights=None, *, template=None, st
 
     Example:
         >>> import keras, numpy as np
-        >>> import ensemblekit as ek
+        >>> from ensemblekit.merge import align, merge
         >>> a = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
         >>> b = keras.models.clone_model(a)
-        >>> m = ek.merge([a, b], method="linear", weights=[1, 0])
+        >>> m = merge([a, b], method="linear", weights=[1, 0])
         >>> bool(np.allclose(m.get_weights()[0], a.get_weights()[0]))
         True
     """

@@ -17,6 +17,7 @@ from ensemblekit.prune.magnitude import (
     magnitude,
     strip,
 )
+from ensemblekit.prune.members import members
 from ensemblekit.prune.report import report
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "PruningCallback",
     "channels",
     "magnitude",
+    "members",
     "report",
     "strip",
 ]

@@ -446,7 +446,9 @@ def channels(model, ratio=0.5, importance="l1", x=None, y=None, round_to=None,
     Args:
         model: a functional or Sequential Keras model (``channels_last``). Nested
             models (e.g. members of ``ek.ensemble``) are each pruned on their own;
-            subclassed models have no graph and get a ``ValueError``.
+            a packed model (``ek.pack``) is unpacked, each member's channels are
+            pruned on their own (same counts for all members) and it is packed
+            again; subclassed models have no graph and get a ``ValueError``.
         ratio: fraction of channels removed per group, in ``[0, 1)``; ``0``
             returns a model with identical outputs.
         importance: ``"l1"``, ``"l2"``, ``"bn_scale"`` (groups without a
@@ -483,7 +485,35 @@ def channels(model, ratio=0.5, importance="l1", x=None, y=None, round_to=None,
         raise ValueError("importance='taylor' needs x (and optionally y) to compute gradients.")
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
         raise ValueError(f"round_to must be a positive integer or None, got {round_to!r}.")
+    packed = _pack_record(model)
+    if packed is not None:
+        return _prune_packed(model, packed, ratio, importance, x, y, round_to, global_ranking,
+                             on_unsupported)
     return _prune(model, ratio, importance, x, y, round_to, global_ranking, on_unsupported)
+
+
+def _pack_record(model):
+    """The ``PackedOutput`` layer of a model made by ``ek.pack``, else ``None``."""
+    from ensemblekit import pack as pack_module
+
+    records = [layer for layer in model.layers if isinstance(layer, pack_module.PackedOutput)]
+    return records[0] if records else None
+
+
+def _prune_packed(model, record, ratio, importance, x, y, round_to, global_ranking, on_unsupported):
+    """Unpack, prune every member's channels on its own, pack again (same counts per member)."""
+    from ensemblekit import pack as pack_module
+
+    if global_ranking:
+        raise ValueError(
+            f"Model {model.name!r} is packed (ek.pack): its members must keep equal channel counts, "
+            "so global_ranking=True is not supported; use the default per-group ratio."
+        )
+    members = [_prune(member, ratio, importance, x, y, round_to, False, on_unsupported)
+               for member in pack_module.unpack(model)]
+    repacked = pack_module.pack(members, reduce=record.reduce, outputs=record.kind, name=model.name)
+    repacked.pruned_groups_ = [g for member in members for g in member.pruned_groups_]
+    return repacked
 
 
 __all__ = ["ChannelGroup", "channels"]

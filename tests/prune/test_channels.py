@@ -194,3 +194,19 @@ def test_mnist1d_residual_cnn_half_channels_fine_tuned_within_two_points(trained
     assert pruned.count_params() <= 0.55 * model.count_params()
     fine_tune(pruned, x, y, epochs=6)
     assert accuracy(pruned, xt, yt) >= accuracy(model, xt, yt) - 0.02
+
+
+def test_packed_models_are_pruned_member_by_member_and_stay_packed():
+    from ensemblekit.pack import PackedOutput, pack, unpack
+
+    packed = pack([randomize_bn(make_residual_cnn(seed=s, width=8), seed=s) for s in (0, 1)])
+    np.testing.assert_allclose(channels(packed, 0.0).predict(X40, verbose=0), packed.predict(X40, verbose=0),
+                               atol=1e-6)
+    pruned = channels(packed, 0.5)
+    assert any(isinstance(layer, PackedOutput) for layer in pruned.layers)
+    members = unpack(pruned)
+    assert [m.get_layer("conv_a").filters for m in members] == [4, 4]
+    expected = ek.ensemble([channels(m, 0.5) for m in unpack(packed)]).predict(X40, verbose=0)
+    np.testing.assert_allclose(pruned.predict(X40, verbose=0), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="packed .*global_ranking"):
+        channels(packed, 0.5, global_ranking=True)

@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "ensemblekit.deploy.cli",
     "ensemblekit.merge.cli",
     "ensemblekit.bench.cli",
+    "ensemblekit.prune.cli",
 ]
 
 

@@ -4,12 +4,16 @@ The idea is the dynamic batcher of TensorFlow Serving and NVIDIA Triton
 (Crankshaw et al., "Clipper: A Low-Latency Online Prediction Serving System",
 NSDI 2017): requests that arrive within ``max_wait_ms`` of each other are
 stacked into one batch of at most ``max_batch`` rows, the model runs once, and
-each caller gets back exactly its own rows.
+each caller gets back exactly its own rows. Unlike a fixed timeout, the batcher
+waits only for requests it knows are on their way (see
+:meth:`MicroBatcher.arriving`), so a lone client pays no waiting time, while
+requests that pile up during a model call form the next batch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,7 +31,8 @@ class MicroBatcher:
         predict_fn: maps an array of shape ``(n, ...)`` to an array with ``n`` rows.
         max_batch: most rows in one call; ``1`` turns batching off. A single
             request with more rows than this runs alone, unsplit.
-        max_wait_ms: how long the first request of a batch waits for others.
+        max_wait_ms: the longest the first request of a batch waits for others;
+            it waits only while other requests are :meth:`arriving`.
 
     Attributes:
         batch_sizes: rows of each model call so far (the last 10,000 calls).
@@ -57,6 +62,16 @@ class MicroBatcher:
         self._task = None
         self._executor = None
         self._carry = None
+        self._arriving = 0
+
+    @contextlib.contextmanager
+    def arriving(self):
+        """Mark a request as on its way (being received and parsed); batches wait for it."""
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
 
     async def start(self):
         """Start the gathering task on the running event loop."""
@@ -118,7 +133,7 @@ class MicroBatcher:
         deadline = time.monotonic() + self.max_wait_ms / 1000
         while n_rows < self.max_batch:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 and self._queue.empty():
+            if self._queue.empty() and (remaining <= 0 or self._arriving == 0):
                 break
             try:
                 request = await self._next_request(max(remaining, 0))

@@ -83,3 +83,33 @@ def test_a_failing_call_reaches_its_callers_and_the_next_call_works():
 def test_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MicroBatcher(lambda x: x, **kwargs)
+
+
+def test_a_lone_request_does_not_wait_for_the_timeout():
+    async def scenario():
+        async with MicroBatcher(lambda x: x, max_batch=8, max_wait_ms=60_000) as batcher:
+            return await asyncio.wait_for(batcher.predict(np.ones((1, 1))), timeout=20)
+
+    np.testing.assert_array_equal(_run(scenario()), np.ones((1, 1)))
+
+
+def test_the_batch_waits_for_a_request_that_is_arriving():
+    calls = []
+
+    def predict_fn(x):
+        calls.append(len(x))
+        return x
+
+    async def scenario():
+        async with MicroBatcher(predict_fn, max_batch=8, max_wait_ms=60_000) as batcher:
+            with batcher.arriving():
+                first = asyncio.ensure_future(batcher.predict(np.zeros((1, 1))))
+                await asyncio.sleep(0.2)
+                assert not first.done()
+            second = await asyncio.wait_for(batcher.predict(np.ones((2, 1))), timeout=20)
+            return await first, second
+
+    first, second = _run(scenario())
+    assert calls == [3]
+    np.testing.assert_array_equal(first, np.zeros((1, 1)))
+    np.testing.assert_array_equal(second, np.ones((2, 1)))

@@ -148,7 +148,9 @@ class GroupedDense(_MemberLayer):
                 [ops.matmul(inputs[..., k, :], self.kernel[k]) for k in range(self.members)], axis=-2
             )
         else:
-            outputs = ops.einsum("...ki,kio->...ko", inputs, self.kernel)
+            # Explicit subscripts: TF's einsum runs "...ki,kio->...ko" about 2x slower.
+            lead = "abcdefgh"[:len(inputs.shape) - 2]
+            outputs = ops.einsum(f"{lead}ki,kio->{lead}ko", inputs, self.kernel)
         if self.use_bias:
             outputs = outputs + self.bias
         return self.activation(outputs)
@@ -742,8 +744,15 @@ def _lowering(lowering, kind, members, in_features, out_features):
 
 
 def _auto_lowering(kind, members, in_features, out_features):
-    """The lowering that measured faster for this layer kind (benchmarks/throughput.py)."""
-    return "grouped"
+    """The lowering that measured faster for this layer kind (benchmarks/throughput.py).
+
+    Measured on a 2-core CPU with TF 2.21 (benchmarks/results/throughput.md):
+    Dense on member-axis input is faster as one einsum over the stacked kernel
+    (one batched matmul instead of K matmuls, slices and a stack); Conv1D/Conv2D
+    are faster as K convolutions than as one ``groups=K`` convolution, whose
+    TF CPU kernel is slower than K plain oneDNN convolutions.
+    """
+    return "grouped" if kind == "dense" else "loop"
 
 
 def unpack(packed):

@@ -360,7 +360,7 @@ def main(args):
         members=args.members or ((2, 8) if quick else (2, 4, 8)),
         batches=args.batches or ((1, 256) if quick else (1, 32, 256)),
         repeats=args.repeats or (3 if quick else 5),
-        target_s=0.03 if quick else 0.1,
+        target_s=0.03 if quick else 0.05,
         verbose=args.verbose,
     )
     stem = "throughput_quick" if quick else "throughput"

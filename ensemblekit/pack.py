@@ -553,6 +553,10 @@ def pack(models, reduce="mean", outputs=None, lowering="auto", name=None, safe_m
         ValueError: the members differ in architecture, or a layer is not supported
             (the message names the member and the layer).
 
+    Limitations: the packed model is for inference (BatchNormalization uses the
+    moving statistics); layers must be channels-last; nested models and layers
+    called twice inside one member are not supported.
+
     Example:
         >>> import keras, numpy as np
         >>> import ensemblekit as ek

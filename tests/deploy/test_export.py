@@ -104,3 +104,49 @@ def test_bad_arguments(ensemble_model, tmp_path, kwargs, error, match):
 def test_not_a_model_is_a_type_error(tmp_path):
     with pytest.raises(TypeError, match="model must be a keras.Model or a path"):
         export([1, 2], tmp_path / "x")
+
+
+def _merged():
+    from ensemblekit.merge import merge
+
+    return merge([make_mlp(seed) for seed in (0, 1)], method="linear")
+
+
+def _packed():
+    from ensemblekit.pack import pack
+
+    return pack([make_mlp(seed) for seed in range(3)], reduce="mean")
+
+
+def _pruned():
+    from ensemblekit.prune import magnitude, strip
+
+    return strip(magnitude(ek.ensemble([make_mlp(seed) for seed in range(2)]), sparsity=0.5))
+
+
+def _channel_pruned():
+    from ensemblekit.prune import channels
+
+    return channels(ek.ensemble([make_mlp(seed) for seed in range(2)]), ratio=0.5)
+
+
+COMPOSED = {"merged": _merged, "packed": _packed, "pruned": _pruned, "channel_pruned": _channel_pruned}
+
+
+@pytest.mark.parametrize("format", ["tf_saved_model", "onnx"])
+@pytest.mark.parametrize("kind", list(COMPOSED))
+def test_composed_models_round_trip(kind, format, tmp_path):
+    if format == "onnx":
+        pytest.importorskip("onnxruntime", reason='needs pip install "ensemblekit[onnx]"')
+        pytest.importorskip("tf2onnx", reason='needs pip install "ensemblekit[onnx]"')
+    model = COMPOSED[kind]()
+    x = np.random.default_rng(4).normal(size=(7, 8)).astype("float32")
+    path = export(model, tmp_path / ("model.onnx" if format == "onnx" else "model"), format=format, probe=x)
+    if format == "tf_saved_model":
+        got = _saved_model_predict(path, x)
+    else:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    np.testing.assert_allclose(got, model.predict(x, verbose=0), atol=1e-5)

@@ -189,3 +189,14 @@ def test_port_in_use_is_one_line(service, model):
 def test_not_a_model_is_a_type_error():
     with pytest.raises(TypeError, match="model must be a keras.Model or a path"):
         serve("not a model".split(), port=0, block=False)
+
+
+def test_serves_a_packed_model_file_with_its_custom_layers(tmp_path):
+    from ensemblekit.pack import pack
+
+    packed = pack([make_mlp(seed) for seed in range(3)], reduce="mean")
+    packed.save(tmp_path / "packed.keras")
+    x = _rows(5, 4)
+    with running(tmp_path / "packed.keras") as service:
+        reply = httpx.post(service.model_url + ":predict", json={"instances": x.tolist()}, timeout=30)
+    np.testing.assert_allclose(reply.json()["predictions"], packed.predict(x, verbose=0), atol=1e-5)

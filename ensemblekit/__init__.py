@@ -18,18 +18,34 @@ from ensemblekit.compose import (
     stack,
     unfreeze,
 )
+from ensemblekit import prune
+from ensemblekit.deploy import export, serve
+from ensemblekit.merge import align, merge, reset_bn
 from ensemblekit.metrics import evaluate
+from ensemblekit.pack import compile_for_inference, pack, unpack
+
+# ``ek.merge`` and ``ek.pack`` are the functions; their modules stay importable as
+# ``from ensemblekit.merge import ...`` / ``from ensemblekit.pack import ...``.
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "align",
     "calibrate",
+    "compile_for_inference",
     "detect_output_kind",
     "ensemble",
     "evaluate",
+    "export",
     "fuse",
+    "merge",
     "optimize_weights",
+    "pack",
+    "prune",
+    "reset_bn",
     "select",
+    "serve",
     "stack",
     "unfreeze",
+    "unpack",
 ]

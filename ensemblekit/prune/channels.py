@@ -265,16 +265,36 @@ def _bn_scores(analysis, root):
     return scores
 
 
+def _gradients(model, variables, x, y, loss_fn):
+    """d loss / d ``variables`` on one batch, with the backend's autodiff (TF or JAX)."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=False))
+        return [np.asarray(g) if g is not None else None for g in tape.gradient(loss, variables)]
+    if backend == "jax":
+        import jax
+
+        trainable, frozen = model.trainable_variables, [v.value for v in model.non_trainable_variables]
+
+        def loss_of(values):
+            outputs, _ = model.stateless_call(values, frozen, x, training=False)
+            return loss_fn(y, outputs)
+
+        grads = jax.grad(loss_of)([v.value for v in trainable])
+        position = {id(v): i for i, v in enumerate(trainable)}
+        return [np.asarray(grads[position[id(v)]]) if id(v) in position else None for v in variables]
+    raise ValueError(
+        f"importance='taylor' needs gradients from the TensorFlow or JAX backend; the Keras backend "
+        f"is {backend!r}. Use 'l1', 'l2' or 'bn_scale'."
+    )
+
+
 def _taylor_scores(model, layers, x, y, batch_size=64, max_samples=512):
     """``{id(layer): (Σ_filter w·∂L/∂w)² summed over batches}`` (Molchanov et al., 2019)."""
     from ensemblekit.compose._members import detect_output_kind
-
-    if keras.backend.backend() != "tensorflow":
-        raise ValueError(
-            f"importance='taylor' computes gradients with TensorFlow; the Keras backend is "
-            f"{keras.backend.backend()!r}. Use 'l1', 'l2' or 'bn_scale'."
-        )
-    import tensorflow as tf
 
     x = np.asarray(x)[:max_samples]
     if y is None:
@@ -285,13 +305,12 @@ def _taylor_scores(model, layers, x, y, batch_size=64, max_samples=512):
     variables = [_producer_kernel(layer) for layer in layers]
     scores = [np.zeros(v.shape[-1]) for v in variables]
     for start in range(0, len(x), batch_size):
-        with tf.GradientTape() as tape:
-            loss = loss_fn(y[start:start + batch_size], model(x[start:start + batch_size], training=False))
-        for i, (variable, grad) in enumerate(zip(variables, tape.gradient(loss, variables), strict=False)):
+        grads = _gradients(model, variables, x[start:start + batch_size], y[start:start + batch_size], loss_fn)
+        for i, (variable, grad) in enumerate(zip(variables, grads, strict=True)):
             if grad is not None:
-                product = keras.ops.convert_to_numpy(variable) * np.asarray(grad)
+                product = keras.ops.convert_to_numpy(variable) * grad
                 scores[i] += product.reshape(-1, product.shape[-1]).sum(axis=0) ** 2
-    return {id(layer): s for layer, s in zip(layers, scores, strict=False)}
+    return {id(layer): s for layer, s in zip(layers, scores, strict=True)}
 
 
 def _importance(analysis, producers, importance, x, y):
@@ -453,7 +472,7 @@ def channels(model, ratio=0.5, importance="l1", x=None, y=None, round_to=None,
             returns a model with identical outputs.
         importance: ``"l1"``, ``"l2"``, ``"bn_scale"`` (groups without a
             BatchNormalization fall back to ``"l1"`` with a warning) or
-            ``"taylor"`` (needs ``x``; TensorFlow backend).
+            ``"taylor"`` (needs ``x``; TensorFlow or JAX backend).
         x, y: data for ``"taylor"`` (at most 512 samples are used; ``y``
             defaults to the model's own predicted labels).
         round_to: keep a multiple of this many channels per group (e.g. 8).
@@ -494,15 +513,15 @@ def channels(model, ratio=0.5, importance="l1", x=None, y=None, round_to=None,
 
 def _pack_record(model):
     """The ``PackedOutput`` layer of a model made by ``ek.pack``, else ``None``."""
-    from ensemblekit import pack as pack_module
+    from ensemblekit.pack import PackedOutput
 
-    records = [layer for layer in model.layers if isinstance(layer, pack_module.PackedOutput)]
+    records = [layer for layer in model.layers if isinstance(layer, PackedOutput)]
     return records[0] if records else None
 
 
 def _prune_packed(model, record, ratio, importance, x, y, round_to, global_ranking, on_unsupported):
     """Unpack, prune every member's channels on its own, pack again (same counts per member)."""
-    from ensemblekit import pack as pack_module
+    from ensemblekit.pack import pack, unpack
 
     if global_ranking:
         raise ValueError(
@@ -510,8 +529,8 @@ def _prune_packed(model, record, ratio, importance, x, y, round_to, global_ranki
             "so global_ranking=True is not supported; use the default per-group ratio."
         )
     members = [_prune(member, ratio, importance, x, y, round_to, False, on_unsupported)
-               for member in pack_module.unpack(model)]
-    repacked = pack_module.pack(members, reduce=record.reduce, outputs=record.kind, name=model.name)
+               for member in unpack(model)]
+    repacked = pack(members, reduce=record.reduce, outputs=record.kind, name=model.name)
     repacked.pruned_groups_ = [g for member in members for g in member.pruned_groups_]
     return repacked
 

@@ -347,7 +347,7 @@ def copy_model(model):
     if not copy.built and model.built and getattr(model, "inputs", None):
         copy.build(tuple(model.inputs[0].shape))
     for source, target in zip(weight_refs(model), weight_refs(copy), strict=False):
-        target.variable.assign(source.variable)
+        target.assign(source.numpy())  # a copy: JAX training donates (deletes) variable buffers
     return copy
 
 

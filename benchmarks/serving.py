@@ -93,6 +93,8 @@ async def _client(host, port, path, bodies, latencies):
 async def load(url, n_clients, requests_per_client, input_shape, seed=0):
     """``n_clients`` concurrent clients each send ``requests_per_client`` one-row requests.
 
+    Returns ``seconds``, ``requests_per_s`` and the ``latencies_ms`` array.
+
     The client is a minimal asyncio HTTP/1.1 loop rather than ``httpx.AsyncClient``:
     at 32 concurrent requests httpx's connection pool, not the server, was the
     bottleneck here (about 10x fewer requests/s than this client on the same server).
@@ -108,16 +110,18 @@ async def load(url, n_clients, requests_per_client, input_shape, seed=0):
     start = time.perf_counter()
     await asyncio.gather(*(_client(host, int(port), path, b, latencies) for b in bodies))
     elapsed = time.perf_counter() - start
-    latencies_ms = np.array(latencies) * 1000
-    return {"clients": n_clients, "requests": len(latencies), "seconds": elapsed,
-            "requests_per_s": len(latencies) / elapsed,
-            "p50_ms": float(np.percentile(latencies_ms, 50)),
-            "p99_ms": float(np.percentile(latencies_ms, 99))}
+    return {"seconds": elapsed, "requests_per_s": len(latencies) / elapsed,
+            "latencies_ms": np.array(latencies) * 1000}
 
 
 def run(workloads=WORKLOADS, members=8, clients=CLIENTS, total_requests=640, max_batch=64,
-        max_wait_ms=5.0):
-    """Every (workload, model, batching, clients) configuration; returns the result dict."""
+        max_wait_ms=5.0, rounds=4):
+    """Every (workload, model, batching, clients) configuration; returns the result dict.
+
+    The batching-on and batching-off servers of one model run side by side and
+    the load alternates between them in ``rounds`` rounds, so a change in the
+    machine's background load hits both alike; requests/s is the median round.
+    """
     from ensemblekit.bench.throughput import device_info
 
     rows = []
@@ -125,32 +129,45 @@ def run(workloads=WORKLOADS, members=8, clients=CLIENTS, total_requests=640, max
         for workload in workloads:
             paths, input_shape = build_models(folder, workload, members)
             for model_name, path in paths.items():
-                for batching, batch in (("on", max_batch), ("off", 1)):
-                    rows += _run_server(path, batch, max_wait_ms, clients, total_requests, input_shape,
-                                        {"workload": workload, "model": model_name, "batching": batching,
-                                         "members": members if model_name == "ensemble" else 1})
+                labels = {"workload": workload, "model": model_name,
+                          "members": members if model_name == "ensemble" else 1}
+                rows += _run_pair(path, max_batch, max_wait_ms, clients, total_requests, rounds,
+                                  input_shape, labels)
     info = device_info()
     info["note"] = ("2-core CPU shared with other engineers' jobs during the run; clients and "
                     "server share the machine over loopback.")
     speedups = {w: speedup(rows, w, max(clients)) for w in workloads}
-    return {"info": info, "max_batch": max_batch, "max_wait_ms": max_wait_ms, "rows": rows,
-            "clients": list(clients), "speedup_at_max_clients": speedups}
+    return {"info": info, "max_batch": max_batch, "max_wait_ms": max_wait_ms, "rounds": rounds,
+            "rows": rows, "clients": list(clients), "speedup_at_max_clients": speedups}
 
 
-def _run_server(path, max_batch, max_wait_ms, clients, total_requests, input_shape, labels):
-    rows = []
-    process, url = start_server(path, max_batch, max_wait_ms)
+def _run_pair(path, max_batch, max_wait_ms, clients, total_requests, rounds, input_shape, labels):
+    servers = {}
     try:
+        for batching, batch in (("on", max_batch), ("off", 1)):
+            servers[batching] = start_server(path, batch, max_wait_ms)
+        rows = []
         for n_clients in clients:
-            per_client = max(total_requests // n_clients, 20)
-            result = {**labels, **asyncio.run(load(url, n_clients, per_client, input_shape))}
-            rows.append(result)
-            print(f"{labels['workload']:6s} {labels['model']:8s} batching {labels['batching']:3s} "
-                  f"clients {n_clients:2d}: {result['requests_per_s']:7.1f} req/s, "
-                  f"p50 {result['p50_ms']:6.1f} ms, p99 {result['p99_ms']:6.1f} ms", flush=True)
+            per_client = max(total_requests // (n_clients * rounds), 5)
+            measured = {"on": [], "off": []}
+            for _ in range(rounds):
+                for batching, (_, url) in servers.items():
+                    measured[batching].append(asyncio.run(load(url, n_clients, per_client, input_shape)))
+            for batching, results in measured.items():
+                latencies = np.concatenate([r.pop("latencies_ms") for r in results])
+                row = {**labels, "batching": batching, "clients": n_clients,
+                       "requests": len(latencies), "seconds": sum(r["seconds"] for r in results),
+                       "requests_per_s": float(np.median([r["requests_per_s"] for r in results])),
+                       "p50_ms": float(np.percentile(latencies, 50)),
+                       "p99_ms": float(np.percentile(latencies, 99))}
+                rows.append(row)
+                print(f"{labels['workload']:6s} {labels['model']:8s} batching {batching:3s} "
+                      f"clients {n_clients:2d}: {row['requests_per_s']:7.1f} req/s, "
+                      f"p50 {row['p50_ms']:6.1f} ms, p99 {row['p99_ms']:6.1f} ms", flush=True)
+        return rows
     finally:
-        stop_server(process)
-    return rows
+        for process, _ in servers.values():
+            stop_server(process)
 
 
 def speedup(rows, workload, n_clients, model="ensemble"):
@@ -168,7 +185,9 @@ def to_markdown(result):
         "",
         f"{info['note']} Batching on: --max-batch {result['max_batch']} --max-wait-ms "
         f"{result['max_wait_ms']}; off: --max-batch 1 (one model call per request). "
-        "One instance per request, JSON over HTTP/1.1 keep-alive.",
+        "One instance per request, JSON over HTTP/1.1 keep-alive. The on and off servers ran "
+        f"side by side with the load alternating in {result['rounds']} rounds; req/s is the "
+        "median round, latencies pool all rounds.",
         "",
         "| workload | model | batching | clients | requests | req/s | p50 ms | p99 ms |",
         "|---|---|---|---:|---:|---:|---:|---:|",

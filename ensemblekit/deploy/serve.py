@@ -375,7 +375,8 @@ def serve(model, name=None, host="127.0.0.1", port=8000, max_batch=64, max_wait_
         max_wait_ms: how long the first request of a batch waits for more.
         max_body_bytes: larger request bodies are refused with 413.
         block: ``True`` serves until SIGINT/SIGTERM; ``False`` starts a
-            background thread and returns the running :class:`Service`.
+            background thread and returns the running :class:`Service` (use
+            this inside notebooks and other running event loops).
         safe_mode: passed to ``keras.saving.load_model`` for paths.
         log_level: uvicorn's log level.
         on_ready: optional ``fn(service)`` called once requests are accepted.

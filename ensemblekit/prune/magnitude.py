@@ -382,7 +382,7 @@ def magnitude(model, sparsity=0.8, scope="global", schedule=None, n_m=None, laye
     Example:
         >>> import keras, numpy as np
         >>> m = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4), keras.layers.Dense(2)])
-        >>> pruned = magnitude(m, sparsity=0.5)
+        >>> pruned = magnitude(m, sparsity=0.5, scope="layer")
         >>> float(np.mean(pruned.layers[0].get_weights()[0] == 0))
         0.5
     """

@@ -200,3 +200,11 @@ def test_serves_a_packed_model_file_with_its_custom_layers(tmp_path):
     with running(tmp_path / "packed.keras") as service:
         reply = httpx.post(service.model_url + ":predict", json={"instances": x.tolist()}, timeout=30)
     np.testing.assert_allclose(reply.json()["predictions"], packed.predict(x, verbose=0), atol=1e-5)
+
+
+def test_missing_serving_stack_names_the_extra(model, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)
+    with pytest.raises(ImportError, match=r'fastapi.*pip install "ensemblekit\[serve\]"'):
+        serve(model, port=0, block=False)

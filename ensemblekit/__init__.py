@@ -18,7 +18,7 @@ from ensemblekit.compose import (
     stack,
     unfreeze,
 )
-from ensemblekit import prune
+from ensemblekit import deploy, prune
 from ensemblekit.deploy import export, serve
 from ensemblekit.merge import align, merge, reset_bn
 from ensemblekit.metrics import evaluate
@@ -33,6 +33,7 @@ __all__ = [
     "align",
     "calibrate",
     "compile_for_inference",
+    "deploy",
     "detect_output_kind",
     "ensemble",
     "evaluate",

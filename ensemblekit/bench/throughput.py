@@ -302,9 +302,10 @@ def plot(result, path, members=None):
     figure, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4), squeeze=False)
     for axis, workload in zip(axes[0], workloads, strict=True):
         selected = [r for r in rows if r["workload"] == workload and r["members"] == members]
-        for name in dict.fromkeys(r["path"] for r in selected):
+        for number, name in enumerate(dict.fromkeys(r["path"] for r in selected)):
             points = sorted((r["batch"], r["samples_per_s"]) for r in selected if r["path"] == name)
-            axis.plot(*zip(*points, strict=True), marker="o", label=name)
+            axis.plot(*zip(*points, strict=True), marker="o", label=name, color=plt.cm.tab20(number),
+                      linestyle="--" if name.endswith("_xla") else "-")
         axis.set(xscale="log", yscale="log", xlabel="batch size", ylabel="samples/s",
                  title=f"{workload}, K={members}")
         axis.grid(True, which="both", alpha=0.3)

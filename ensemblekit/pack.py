@@ -84,7 +84,7 @@ class _MemberLayer(keras.layers.Layer):
         super().__init__(**kwargs)
         self.members = int(members)
         self.shared_input = bool(shared_input)
-        self.lowering = check_choice(lowering, LOWERINGS[1:], "lowering")
+        self.lowering = check_choice(lowering, LOWERINGS, "lowering")
 
     def _check_input(self, input_shape):
         if not self.shared_input and (len(input_shape) < 3 or input_shape[-2] != self.members):
@@ -143,7 +143,7 @@ class GroupedDense(_MemberLayer):
         if self.shared_input:
             flat = ops.reshape(self.kernel, (self.kernel.shape[0], self.members * self.units))
             outputs = _split_members(ops.matmul(inputs, flat), self.members)
-        elif self.lowering == "loop":
+        elif self._use_loop(inputs):
             outputs = ops.stack(
                 [ops.matmul(inputs[..., k, :], self.kernel[k]) for k in range(self.members)], axis=-2
             )
@@ -154,6 +154,18 @@ class GroupedDense(_MemberLayer):
         if self.use_bias:
             outputs = outputs + self.bias
         return self.activation(outputs)
+
+    def _use_loop(self, inputs):
+        """``"auto"``: K matmuls once the rows per member are known to be many (see ``LOOP_ROWS``)."""
+        if self.lowering != "auto":
+            return self.lowering == "loop"
+        rows = inputs.shape[:-2]
+        return all(d is not None for d in rows) and math.prod(rows) >= self.LOOP_ROWS
+
+    # On TF CPU one einsum wins at small batches (fewer ops) while K matmuls win from
+    # about 128 rows per member (TF's batched matmul is slower than K plain ones);
+    # measured in benchmarks/throughput.py. Unknown batch sizes use the einsum.
+    LOOP_ROWS = 128
 
     def compute_output_shape(self, input_shape):
         lead = tuple(input_shape[:-1]) if self.shared_input else tuple(input_shape[:-2])
@@ -752,11 +764,12 @@ def _auto_lowering(kind, members, in_features, out_features):
 
     Measured on a 2-core CPU with TF 2.21 (benchmarks/results/throughput.md):
     Dense on member-axis input is faster as one einsum over the stacked kernel
-    (one batched matmul instead of K matmuls, slices and a stack); Conv1D/Conv2D
+    at small batches and as K matmuls at large ones, so ``GroupedDense`` decides
+    per traced shape (``"auto"``, see ``GroupedDense.LOOP_ROWS``); Conv1D/Conv2D
     are faster as K convolutions than as one ``groups=K`` convolution, whose
     TF CPU kernel is slower than K plain oneDNN convolutions.
     """
-    return "grouped" if kind == "dense" else "loop"
+    return "auto" if kind == "dense" else "loop"
 
 
 def unpack(packed):

@@ -194,3 +194,19 @@ def test_compile_for_inference_matches_predict(jit_compile):
 def test_compile_for_inference_rejects_non_models():
     with pytest.raises(TypeError, match="expects a keras.Model"):
         compile_for_inference(lambda x: x)
+
+
+def test_auto_lowering_switches_dense_to_loop_for_many_rows():
+    from ensemblekit.pack import GroupedDense
+
+    models = [make_mlp(seed) for seed in range(K)]
+    packed = pack(models, "mean")
+    dense = [layer for layer in packed.layers if isinstance(layer, GroupedDense)]
+    assert [layer.lowering for layer in dense] == ["auto", "auto"]
+    member_axis = dense[1]
+    assert not member_axis._use_loop(keras.KerasTensor((None, K, 16)))  # unknown batch: einsum
+    assert not member_axis._use_loop(np.zeros((GroupedDense.LOOP_ROWS - 1, K, 16)))
+    assert member_axis._use_loop(np.zeros((GroupedDense.LOOP_ROWS, K, 16)))
+    x = np.random.default_rng(0).normal(size=(GroupedDense.LOOP_ROWS + 2, 8)).astype("float32")
+    expected = ensemble(models, "mean").predict(x, verbose=0)
+    np.testing.assert_allclose(compile_for_inference(packed)(x), expected, atol=1e-5, rtol=0)

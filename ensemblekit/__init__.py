@@ -8,6 +8,7 @@ Example:
     (1, 3)
 """
 
+from ensemblekit import deploy, prune
 from ensemblekit.compose import (
     calibrate,
     detect_output_kind,
@@ -18,7 +19,6 @@ from ensemblekit.compose import (
     stack,
     unfreeze,
 )
-from ensemblekit import deploy, prune
 from ensemblekit.deploy import export, serve
 from ensemblekit.merge import align, merge, reset_bn
 from ensemblekit.metrics import evaluate

@@ -31,6 +31,15 @@ def make_mlp(seed, input_shape=(8,), classes=3, hidden=16, softmax=False, name=N
     )
 
 
+def train_mlp(seed, x, y, epochs, learning_rate=1e-3, **kwargs):
+    """``make_mlp(seed, **kwargs)`` trained on ``(x, y)`` with Adam on logits."""
+    model = make_mlp(seed, **kwargs)
+    model.compile(keras.optimizers.Adam(learning_rate),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=epochs, verbose=0)
+    return model
+
+
 @pytest.fixture(scope="session")
 def toy_data():
     """200 samples of 8 features, 3 classes, learnable."""

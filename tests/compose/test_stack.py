@@ -6,19 +6,13 @@ import pytest
 from scipy import special
 
 import ensemblekit as ek
-from tests.conftest import make_mlp
+from tests.conftest import train_mlp
 
 
 @pytest.fixture(scope="module")
 def members(toy_data):
     x, y = toy_data
-    trained = []
-    for seed in range(3):
-        model = make_mlp(seed)
-        model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        model.fit(x[:100], y[:100], epochs=3, verbose=0)
-        trained.append(model)
-    return trained
+    return [train_mlp(seed, x[:100], y[:100], epochs=3) for seed in range(3)]
 
 
 def test_logistic_head_starts_at_geometric_mean(members, toy_data):

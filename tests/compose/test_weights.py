@@ -6,21 +6,15 @@ import pytest
 
 import ensemblekit as ek
 from ensemblekit import metrics
-from tests.conftest import make_mlp
+from tests.conftest import make_mlp, train_mlp
 
 
 @pytest.fixture(scope="module")
 def good_and_bad(toy_data):
     """Two trained members and one untrained (bad) member."""
     x, y = toy_data
-    models = []
-    for seed in range(2):
-        model = make_mlp(seed)
-        model.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        model.fit(x[:120], y[:120], epochs=20, verbose=0)
-        models.append(model)
-    models.append(make_mlp(7))  # random weights
-    return models
+    trained = [train_mlp(seed, x[:120], y[:120], epochs=20, learning_rate=1e-2) for seed in range(2)]
+    return trained + [make_mlp(7)]  # the third has random weights
 
 
 def test_optimize_weights_beats_uniform_and_downweights_bad_member(good_and_bad, toy_data):

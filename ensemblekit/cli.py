@@ -37,11 +37,22 @@ def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_tensorflow_logger()
     try:
         return args.run(args) or 0
     except (ValueError, TypeError) as error:
         print(f"ensemblekit {args.command}: error: {error}", file=sys.stderr)
         return 2
+
+
+def _quiet_tensorflow_logger():
+    """Keep TensorFlow's Python warnings (e.g. retracing notices) out of command output."""
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.get_logger().setLevel("ERROR")
 
 
 if __name__ == "__main__":

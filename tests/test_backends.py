@@ -1,0 +1,55 @@
+"""The core paths under the JAX backend (the GPU machine's backend), in a subprocess.
+
+TensorFlow is made unimportable there, as on a machine without it.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("jax", reason="the JAX backend is tested where jax is installed (the test extra)")
+
+SCRIPT = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow" or name.startswith("tensorflow."):
+            raise ImportError("tensorflow is blocked for this test")
+sys.meta_path.insert(0, Block())
+import keras, numpy as np
+import ensemblekit as ek
+assert keras.backend.backend() == "jax"
+
+def member(seed):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((12, 1)), keras.layers.Conv1D(4, 3, activation="relu"),
+                             keras.layers.BatchNormalization(), keras.layers.Flatten(),
+                             keras.layers.Dense(3)])
+
+members = [member(s) for s in range(3)]
+x = np.random.default_rng(0).normal(size=(16, 12, 1)).astype("float32")
+ensemble = ek.ensemble(members, "mean")
+expected = ensemble.predict(x, verbose=0)
+packed = ek.pack(members, reduce="mean")
+assert np.abs(packed.predict(x, verbose=0) - expected).max() < 1e-5
+fast = ek.compile_for_inference(packed)
+assert np.abs(fast(x) - expected).max() < 1e-5
+merged = ek.merge([members[0], members[0]], method="linear")
+assert np.abs(merged.predict(x, verbose=0) - members[0].predict(x, verbose=0)).max() < 1e-6
+path = sys.argv[1]
+ensemble.save(path)
+loaded = keras.saving.load_model(path)
+assert np.abs(loaded.predict(x, verbose=0) - expected).max() == 0.0
+assert "tensorflow" not in sys.modules
+print("jax ok")
+"""
+
+
+def test_ensemble_pack_compile_merge_and_save_under_jax(tmp_path):
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "e.keras")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "jax ok" in result.stdout

@@ -134,8 +134,9 @@ def run(workloads=WORKLOADS, members=8, clients=CLIENTS, total_requests=640, max
                 rows += _run_pair(path, max_batch, max_wait_ms, clients, total_requests, rounds,
                                   input_shape, labels)
     info = device_info()
-    info["note"] = ("2-core CPU shared with other engineers' jobs during the run; clients and "
-                    "server share the machine over loopback.")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    info["note"] = (f"1-minute load average at the end of the run {load:.1f} on {os.cpu_count()} cores; "
+                    "clients and server share the machine over loopback.")
     speedups = {w: speedup(rows, w, max(clients)) for w in workloads}
     return {"info": info, "max_batch": max_batch, "max_wait_ms": max_wait_ms, "rounds": rounds,
             "rows": rows, "clients": list(clients), "speedup_at_max_clients": speedups}

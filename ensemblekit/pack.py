@@ -814,13 +814,14 @@ class InferenceFunction:
     (``tf.function`` or ``jax.jit``) for callers that want backend tensors.
     """
 
-    def __init__(self, model, fn, jit_compile):
+    def __init__(self, model, fn, jit_compile, to_numpy=keras.ops.convert_to_numpy):
         self.model = model
         self.fn = fn
         self.jit_compile = jit_compile
+        self._to_numpy = to_numpy
 
     def __call__(self, x):
-        return keras.ops.convert_to_numpy(self.fn(x))
+        return self._to_numpy(self.fn(x))
 
     def predict(self, x, batch_size=256):
         """Run on ``x`` in batches of ``batch_size``; return numpy."""
@@ -831,8 +832,9 @@ class InferenceFunction:
 def compile_for_inference(model, jit_compile=True):
     """Return a callable that runs ``model`` (e.g. ``ek.ensemble``, ``ek.pack``) as one compiled call.
 
-    On TensorFlow the model is traced once per input shape into one
-    ``tf.function`` (with ``jit_compile=True``: one XLA cluster); on JAX it is
+    On TensorFlow the model is traced once per input shape and dtype into a
+    concrete function that later calls run directly (with ``jit_compile=True``:
+    one XLA cluster); on JAX it is
     ``jax.jit`` of ``model.stateless_call``; on other backends it is the plain call.
 
     Args:
@@ -857,11 +859,9 @@ def compile_for_inference(model, jit_compile=True):
         raise ValueError(f"Model {model.name!r} is not built; give it a keras.Input or call it once first.")
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        import tensorflow as tf
-
-        fn = tf.function(lambda x: model(x, training=False), jit_compile=bool(jit_compile),
-                         reduce_retracing=True)
-    elif backend == "jax":
+        return InferenceFunction(model, _tf_concrete_dispatch(model, jit_compile), jit_compile,
+                                 to_numpy=_tf_to_numpy)
+    if backend == "jax":
         import jax
 
         trainable = [v.value for v in model.trainable_variables]
@@ -874,3 +874,32 @@ def compile_for_inference(model, jit_compile=True):
         def fn(x):
             return model(x, training=False)
     return InferenceFunction(model, fn, jit_compile)
+
+
+def _tf_concrete_dispatch(model, jit_compile):
+    """``fn(x)``: ``model(x, training=False)`` through one concrete function per input shape.
+
+    Calling a ``tf.function`` costs a signature match (and, with numpy input,
+    a retracing check) on every call: at small batches that Python overhead
+    was most of the time per call. Here each input shape and dtype is traced
+    once into a concrete function, kept in a dict and called directly; static
+    shapes also let ``GroupedDense(lowering="auto")`` pick its lowering per batch.
+    """
+    import tensorflow as tf
+
+    traced = tf.function(lambda x: model(x, training=False), jit_compile=bool(jit_compile))
+    concrete = {}
+
+    def fn(x):
+        key = (tuple(x.shape), str(x.dtype))
+        function = concrete.get(key)
+        if function is None:
+            x = tf.convert_to_tensor(x)
+            function = concrete[key] = traced.get_concrete_function(tf.TensorSpec(x.shape, x.dtype))
+        return function(x)
+
+    return fn
+
+
+def _tf_to_numpy(output):
+    return output.numpy() if hasattr(output, "numpy") else keras.ops.convert_to_numpy(output)

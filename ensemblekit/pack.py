@@ -880,10 +880,12 @@ def _tf_concrete_dispatch(model, jit_compile):
     """``fn(x)``: ``model(x, training=False)`` through one concrete function per input shape.
 
     Calling a ``tf.function`` costs a signature match (and, with numpy input,
-    a retracing check) on every call: at small batches that Python overhead
-    was most of the time per call. Here each input shape and dtype is traced
-    once into a concrete function, kept in a dict and called directly; static
-    shapes also let ``GroupedDense(lowering="auto")`` pick its lowering per batch.
+    a retracing check) on every call, and even a concrete function binds its
+    arguments to the signature again: at small batches that Python overhead was
+    most of the time per call (benchmarks/throughput.py). Here each input shape
+    and dtype is traced once, and later calls go straight to the traced graph
+    with the already-converted tensor; static shapes also let
+    ``GroupedDense(lowering="auto")`` pick its lowering per batch size.
     """
     import tensorflow as tf
 
@@ -891,14 +893,23 @@ def _tf_concrete_dispatch(model, jit_compile):
     concrete = {}
 
     def fn(x):
-        key = (tuple(x.shape), str(x.dtype))
-        function = concrete.get(key)
-        if function is None:
-            x = tf.convert_to_tensor(x)
-            function = concrete[key] = traced.get_concrete_function(tf.TensorSpec(x.shape, x.dtype))
-        return function(x)
+        key = (tuple(x.shape), tf.as_dtype(x.dtype))
+        call = concrete.get(key)
+        if call is None:
+            call = concrete[key] = _direct_call(
+                traced.get_concrete_function(tf.TensorSpec(x.shape, x.dtype)))
+        return call(tf.convert_to_tensor(x))
 
     return fn
+
+
+def _direct_call(function):
+    """``function(tensor)`` without re-binding the signature (``_call_flat``, where TF has it)."""
+    call_flat = getattr(function, "_call_flat", None)
+    if call_flat is None:
+        return function
+    captured = function.captured_inputs
+    return lambda tensor: call_flat([tensor], captured)
 
 
 def _tf_to_numpy(output):

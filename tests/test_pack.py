@@ -191,6 +191,23 @@ def test_compile_for_inference_matches_predict(jit_compile):
                                    atol=1e-5, rtol=0)
 
 
+def test_compile_for_inference_traces_each_input_shape_and_dtype_once():
+    models = [make_mlp(seed) for seed in range(K)]
+    packed = pack(models, "mean")
+    fn = compile_for_inference(packed, jit_compile=False)
+    rng = np.random.default_rng(1)
+    inputs = [rng.normal(size=(n, 8)).astype("float32") for n in (3, 7, 3)]
+    inputs.append(inputs[0].astype("float64"))
+    traces = []
+    original_call = packed.call
+    packed.call = lambda *args, **kwargs: traces.append(1) or original_call(*args, **kwargs)
+    for x in inputs:
+        np.testing.assert_allclose(fn(x), ensemble(models, "mean").predict(x, verbose=0),
+                                   atol=1e-5, rtol=0)
+        np.testing.assert_allclose(fn(keras.ops.convert_to_tensor(x)), fn(x), atol=0, rtol=0)
+    assert len(traces) == 3  # (3, 8) float32, (7, 8) float32, (3, 8) float64
+
+
 def test_compile_for_inference_rejects_non_models():
     with pytest.raises(TypeError, match="expects a keras.Model"):
         compile_for_inference(lambda x: x)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 
 import keras
 import numpy as np
@@ -56,6 +57,10 @@ LOWERINGS = ("auto", "grouped", "loop")
 
 
 # --------------------------------------------------------------------------- layout helpers
+
+
+# Set while compile_for_inference traces a model for XLA (read by GroupedDense "auto").
+_TRACE_STATE = threading.local()
 
 
 def _split_members(x, members):
@@ -156,9 +161,16 @@ class GroupedDense(_MemberLayer):
         return self.activation(outputs)
 
     def _use_loop(self, inputs):
-        """``"auto"``: K matmuls once the rows per member are known to be many (see ``LOOP_ROWS``)."""
+        """``"auto"``: K matmuls once the rows per member are known to be many (see ``LOOP_ROWS``).
+
+        Not while ``compile_for_inference`` traces for XLA: there the one einsum
+        measured as fast or faster at every batch size (pack_grouped_xla vs
+        pack_loop_xla in benchmarks/throughput.py).
+        """
         if self.lowering != "auto":
             return self.lowering == "loop"
+        if getattr(_TRACE_STATE, "xla", False):
+            return False
         rows = inputs.shape[:-2]
         return all(d is not None for d in rows) and math.prod(rows) >= self.LOOP_ROWS
 
@@ -896,8 +908,12 @@ def _tf_concrete_dispatch(model, jit_compile):
         key = (tuple(x.shape), tf.as_dtype(x.dtype))
         call = concrete.get(key)
         if call is None:
-            call = concrete[key] = _direct_call(
-                traced.get_concrete_function(tf.TensorSpec(x.shape, x.dtype)))
+            _TRACE_STATE.xla = bool(jit_compile)
+            try:
+                call = concrete[key] = _direct_call(
+                    traced.get_concrete_function(tf.TensorSpec(x.shape, x.dtype)))
+            finally:
+                _TRACE_STATE.xla = False
         return call(tf.convert_to_tensor(x))
 
     return fn

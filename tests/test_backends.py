@@ -1,6 +1,6 @@
-"""The core paths under the JAX backend (the GPU machine's backend), in a subprocess.
+"""``import ensemblekit`` and the core paths under the JAX backend, with TensorFlow unimportable.
 
-TensorFlow is made unimportable there, as on a machine without it.
+That is the GPU machine's setting (JAX, no TensorFlow); each test runs in a subprocess.
 """
 
 import os
@@ -11,13 +11,24 @@ import pytest
 
 pytest.importorskip("jax", reason="the JAX backend is tested where jax is installed (the test extra)")
 
-SCRIPT = """
+BLOCK_TENSORFLOW = """
 import sys
 class Block:
     def find_spec(self, name, path=None, target=None):
         if name == "tensorflow" or name.startswith("tensorflow."):
             raise ImportError("tensorflow is blocked for this test")
 sys.meta_path.insert(0, Block())
+"""
+
+IMPORT_ONLY = BLOCK_TENSORFLOW + """
+import ensemblekit as ek
+import keras
+assert keras.backend.backend() == "jax", keras.backend.backend()
+assert "tensorflow" not in sys.modules
+print("import ok")
+"""
+
+SCRIPT = BLOCK_TENSORFLOW + """
 import keras, numpy as np
 import ensemblekit as ek
 assert keras.backend.backend() == "jax"
@@ -47,9 +58,17 @@ print("jax ok")
 """
 
 
-def test_ensemble_pack_compile_merge_and_save_under_jax(tmp_path):
+def run_under_jax(script, *args):
     env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "e.keras")], env=env,
+    result = subprocess.run([sys.executable, "-c", script, *args], env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "jax ok" in result.stdout
+    return result.stdout
+
+
+def test_import_without_tensorflow():
+    assert "import ok" in run_under_jax(IMPORT_ONLY)
+
+
+def test_ensemble_pack_compile_merge_and_save_under_jax(tmp_path):
+    assert "jax ok" in run_under_jax(SCRIPT, str(tmp_path / "e.keras"))

@@ -72,7 +72,7 @@ def compose_all(members, x_val, y_val, x_train, y_train, verbose=1, seed=0):
     counts = np.bincount(chosen, minlength=len(members))
     composed["select (Caruana)"] = ek.ensemble(members, "weighted", weights=counts.tolist())
     progress.add(1)
-    composed["stack logistic"] = ek.stack(members, x_val, y_val, meta="logistic", cv=5, seed=seed)
+    composed["stack logistic"] = ek.stack(members, x_val, y_val, meta="logistic", cv=5, seed=seed, verbose=0)
     progress.add(1)
     fused = ek.fuse(members, taps=-2, fusion="concat")  # the Flatten before each classifier
     fused.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")

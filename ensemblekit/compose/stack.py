@@ -76,8 +76,30 @@ def _meta_features(members, x, passthrough):
     return features
 
 
+def _refit_out_of_fold(members, x, y, folds, passthrough, member_epochs, batch_size, progress):
+    """Out-of-fold meta-features from fresh member copies per fold, and copies refit on all of x."""
+
+    def refit(rows):
+        return Members([_refit_member(m, k, x[rows], y[rows], member_epochs, batch_size)
+                        for m, k in zip(members.models, members.kinds)],
+                       outputs=members.kinds, what="stack")
+
+    features = None
+    for held_out in folds:
+        fold_features = _meta_features(refit(np.setdiff1d(np.arange(len(x)), held_out)),
+                                       x[held_out], passthrough)
+        if features is None:
+            features = np.zeros((len(x), fold_features.shape[1]))
+        features[held_out] = fold_features
+        progress.add(2)
+    refit_members = refit(np.arange(len(x)))
+    progress.add(1)
+    return features, refit_members
+
+
 def stack(models, x, y, meta="logistic", cv=5, passthrough=False, refit_members=False,
-          member_epochs=10, epochs=100, batch_size=64, outputs=None, seed=0, name=None):
+          member_epochs=10, epochs=100, batch_size=64, outputs=None, seed=0, name=None,
+          verbose=1):
     """Stacked generalisation (Wolpert, 1992): a Keras meta-learner over the members.
 
     What is done: the meta-features are the members' log-probabilities
@@ -110,6 +132,8 @@ def stack(models, x, y, meta="logistic", cv=5, passthrough=False, refit_members=
         outputs: what members output (``None`` detects a final softmax).
         seed: fold split and meta-learner initialisation.
         name: name of the returned model.
+        verbose: ``1`` shows a progress bar over the folds (and member refits),
+            ``0`` is silent.
 
     Returns:
         A ``keras.Model``: input -> members -> meta-learner -> probabilities,
@@ -120,7 +144,7 @@ def stack(models, x, y, meta="logistic", cv=5, passthrough=False, refit_members=
         >>> import ensemblekit as ek
         >>> ms = [keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]) for _ in range(2)]
         >>> x, y = np.random.rand(40, 4), np.arange(40) % 3
-        >>> ek.stack(ms, x, y, cv=2, epochs=2).predict(x[:2], verbose=0).shape
+        >>> ek.stack(ms, x, y, cv=2, epochs=2, verbose=0).predict(x[:2], verbose=0).shape
         (2, 3)
     """
     members = Members(models, outputs=outputs, what="stack")
@@ -131,23 +155,12 @@ def stack(models, x, y, meta="logistic", cv=5, passthrough=False, refit_members=
     if not isinstance(meta, keras.Model):
         check_choice(meta, META_HEADS, "meta")
     folds = _folds(len(x), cv, seed)
+    steps = cv * (3 if refit_members else 1) + (1 if refit_members else 0)
+    progress = keras.utils.Progbar(steps, unit_name="step", verbose=verbose)
 
     if refit_members:
-        features = None
-        for held_out in folds:
-            train = np.setdiff1d(np.arange(len(x)), held_out)
-            fold_members = Members(
-                [_refit_member(m, k, x[train], y[train], member_epochs, batch_size)
-                 for m, k in zip(members.models, members.kinds)],
-                outputs=members.kinds, what="stack")
-            fold_features = _meta_features(fold_members, x[held_out], passthrough)
-            if features is None:
-                features = np.zeros((len(x), fold_features.shape[1]))
-            features[held_out] = fold_features
-        members = Members(
-            [_refit_member(m, k, x, y, member_epochs, batch_size)
-             for m, k in zip(members.models, members.kinds)],
-            outputs=members.kinds, what="stack")
+        features, members = _refit_out_of_fold(members, x, y, folds, passthrough, member_epochs,
+                                               batch_size, progress)
     else:
         features = _meta_features(members, x, passthrough)
 
@@ -158,6 +171,7 @@ def stack(models, x, y, meta="logistic", cv=5, passthrough=False, refit_members=
         _, best = _fit_meta(meta, features[train], y[train], shape, epochs, batch_size, seed,
                             validation=(features[held_out], y[held_out]))
         best_epochs.append(best)
+        progress.add(1)
     head, _ = _fit_meta(meta, features, y, shape, int(np.median(best_epochs)), batch_size, seed)
     head.name = "meta"
 

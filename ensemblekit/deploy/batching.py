@@ -137,7 +137,7 @@ class MicroBatcher:
                 break
             try:
                 request = await self._next_request(max(remaining, 0))
-            except (asyncio.TimeoutError, asyncio.QueueEmpty):
+            except (TimeoutError, asyncio.QueueEmpty):
                 break
             if n_rows + len(request[0]) > self.max_batch:
                 self._carry = request  # starts the next batch

@@ -307,8 +307,18 @@ class Service:
         self.model_url = f"{self.url}/v1/models/{app.state.served.name}"
 
     def run(self, on_ready=None):
-        """Serve in this thread until SIGINT/SIGTERM (or ``stop()`` from another thread)."""
-        asyncio.run(self._serve(on_ready))
+        """Serve in this thread until SIGINT/SIGTERM (or ``stop()`` from another thread).
+
+        Uses uvloop's event loop when it is installed (the ``serve`` extra brings it).
+        """
+        try:
+            import uvloop
+        except ImportError:
+            loop_factory = None
+        else:
+            loop_factory = uvloop.new_event_loop
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(self._serve(on_ready))
 
     async def _serve(self, on_ready):
         task = asyncio.ensure_future(self._server.serve(sockets=[self._sock]))

@@ -14,14 +14,18 @@ from ensemblekit.compose.layers import TemperatureScaling
 SCORED_METRICS = ("nll", "brier", "accuracy", "ece")
 
 
-def _validation_log_probs(models, x_val, y_val, what, min_count=2):
+def validation_log_probs(models, x_val, y_val, what, min_count=2):
+    """Validated members, their log-probabilities on ``x_val`` ``(n, K, classes)`` and labels.
+
+    Shared by ``optimize_weights``, ``select`` and ``ensemblekit.prune.members``.
+    """
     members = Members(models, min_count=min_count, what=what)
     log_probs = members.predict_log_probs(x_val)
     y = check_labels(y_val, log_probs.shape[0], members.num_classes, param="y_val")
     return members, log_probs, y
 
 
-def _loss(metric):
+def metric_loss(metric):
     """``loss(probs, y)``: lower is better, whatever the metric."""
     check_choice(metric, SCORED_METRICS, "metric")
     fn = metrics.METRICS[metric]
@@ -53,8 +57,8 @@ def optimize_weights(models, x_val, y_val, metric="nll"):
         >>> bool(np.isclose(w.sum(), 1.0))
         True
     """
-    loss = _loss(metric)
-    _, log_probs, y = _validation_log_probs(models, x_val, y_val, "optimize_weights")
+    loss = metric_loss(metric)
+    _, log_probs, y = validation_log_probs(models, x_val, y_val, "optimize_weights")
     probs = np.exp(log_probs)
 
     def objective(theta):
@@ -93,8 +97,8 @@ def select(models, x_val, y_val, size=None, metric="nll"):
         >>> 1 <= len(chosen) <= 4
         True
     """
-    loss = _loss(metric)
-    _, log_probs, y = _validation_log_probs(models, x_val, y_val, "select", min_count=1)
+    loss = metric_loss(metric)
+    _, log_probs, y = validation_log_probs(models, x_val, y_val, "select", min_count=1)
     probs = np.exp(log_probs)
     count = probs.shape[1]
     size = 2 * count if size is None else size

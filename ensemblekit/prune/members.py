@@ -11,7 +11,7 @@ import numpy as np
 from ensemblekit._graph import is_container
 from ensemblekit._io import load_members
 from ensemblekit._validate import check_choice
-from ensemblekit.compose.weights import _loss, _validation_log_probs
+from ensemblekit.compose.weights import metric_loss, validation_log_probs
 
 COSTS = ("params", "macs", "latency")
 
@@ -128,7 +128,7 @@ def members(ensemble_or_models, x_val, y_val, budget=0.5, cost="params", metric=
 
     models = _member_models(ensemble_or_models)
     budget = _check_budget(budget)
-    loss = _loss(metric)
+    loss = metric_loss(metric)
     costs = member_costs(models, cost)
     limit = budget * costs.sum()
     if costs.min() > limit:
@@ -137,7 +137,7 @@ def members(ensemble_or_models, x_val, y_val, budget=0.5, cost="params", metric=
             f"budget={budget:g} allows a cost of {limit:g} but the cheapest member (member {cheapest}, "
             f"{models[cheapest].name!r}) costs {costs[cheapest]:g} {cost if isinstance(cost, str) else ''}."
         )
-    member_set, log_probs, y = _validation_log_probs(models, x_val, y_val, "members()")
+    member_set, log_probs, y = validation_log_probs(models, x_val, y_val, "members()")
     probs = np.exp(log_probs)
     steps = 2 * len(models) if steps is None else steps
     if not isinstance(steps, (int, np.integer)) or steps < 1:

@@ -22,7 +22,6 @@ multiply-adds of the K members' Dense/Conv layers (2 FLOPs each).
 from __future__ import annotations
 
 import json
-import math
 import platform
 import statistics
 import time
@@ -33,6 +32,7 @@ import numpy as np
 from ensemblekit import _graph
 from ensemblekit.compose import ensemble
 from ensemblekit.pack import compile_for_inference, pack
+from ensemblekit.prune.report import macs
 
 L = keras.layers
 BASELINE = "ensemble"
@@ -60,13 +60,7 @@ def build_member(workload, seed):
 
 def member_flops(model):
     """FLOPs (2 per multiply-add) of one forward pass of ``model`` per sample (Dense and Conv)."""
-    total = 0
-    for _, layer in _graph.iter_layers(model):
-        if isinstance(layer, (L.Dense, L.Conv1D, L.Conv2D)):
-            kernel = layer.kernel.shape
-            positions = math.prod(layer.output.shape[1:-1])
-            total += 2 * positions * math.prod(kernel[:-1]) * kernel[-1]
-    return total
+    return 2 * macs(model)
 
 
 def soup(models):

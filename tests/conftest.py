@@ -40,6 +40,14 @@ def train_mlp(seed, x, y, epochs, learning_rate=1e-3, **kwargs):
     return model
 
 
+def save_all(models, folder, stem="m"):
+    """Save each model to ``folder/<stem><i>.keras``; return the paths."""
+    paths = [folder / f"{stem}{i}.keras" for i in range(len(models))]
+    for model, path in zip(models, paths, strict=True):
+        model.save(path)
+    return paths
+
+
 @pytest.fixture(scope="session")
 def toy_data():
     """200 samples of 8 features, 3 classes, learnable."""

@@ -3,10 +3,10 @@
 import keras
 import numpy as np
 import pytest
-from conftest import make_mlp
 
 from ensemblekit.compose import ensemble
 from ensemblekit.pack import compile_for_inference, pack, unpack
+from tests.conftest import make_mlp, save_all
 
 L = keras.layers
 K = 3
@@ -126,10 +126,7 @@ def test_save_load_safe_mode(case, tmp_path):
 
 def test_pack_accepts_paths(tmp_path):
     models = [make_mlp(seed) for seed in range(2)]
-    paths = []
-    for i, model in enumerate(models):
-        paths.append(tmp_path / f"m{i}.keras")
-        model.save(paths[-1])
+    paths = save_all(models, tmp_path)
     x = np.random.default_rng(0).normal(size=(4, 8)).astype("float32")
     np.testing.assert_allclose(pack(paths).predict(x, verbose=0),
                                ensemble(models).predict(x, verbose=0), atol=1e-5, rtol=0)

@@ -9,7 +9,8 @@ import time
 
 import numpy as np
 import pytest
-from conftest import make_mlp
+
+from tests.conftest import make_mlp
 
 httpx = pytest.importorskip("httpx", reason='needs pip install "ensemblekit[serve]"')
 pytest.importorskip("uvicorn", reason='needs pip install "ensemblekit[serve]"')

@@ -4,10 +4,10 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import make_mlp
 
 import ensemblekit as ek
 from ensemblekit.deploy import export
+from tests.conftest import make_mlp
 
 export_module = sys.modules["ensemblekit.deploy.export"]
 

@@ -8,10 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 import keras
 import numpy as np
 import pytest
-from conftest import make_mlp
 
 import ensemblekit as ek
 from ensemblekit.deploy import running, serve
+from tests.conftest import make_mlp
 
 httpx = pytest.importorskip("httpx", reason='needs pip install "ensemblekit[serve]"')
 pytest.importorskip("fastapi", reason='needs pip install "ensemblekit[serve]"')

@@ -5,7 +5,7 @@ import pytest
 
 from ensemblekit.merge import merge
 from ensemblekit.merge.streaming import H5Source
-from tests.conftest import make_mlp
+from tests.conftest import make_mlp, save_all
 
 
 def _cnn(seed, width=4):
@@ -18,10 +18,7 @@ def _cnn(seed, width=4):
 
 def test_streamed_merge_equals_in_memory_merge(tmp_path):
     models = [_cnn(s) for s in range(3)]
-    paths = []
-    for i, model in enumerate(models):
-        paths.append(tmp_path / f"m{i}.keras")
-        model.save(paths[-1])
+    paths = save_all(models, tmp_path)
     base = tmp_path / "base.keras"
     models[0].save(base)
     for method, kwargs in [("linear", {"weights": [1, 2, 3]}),

@@ -876,12 +876,14 @@ def compile_for_inference(model, jit_compile=True):
     if backend == "jax":
         import jax
 
-        trainable = [v.value for v in model.trainable_variables]
-        non_trainable = [v.value for v in model.non_trainable_variables]
         step = jax.jit(lambda tv, ntv, x: model.stateless_call(tv, ntv, x, training=False)[0])
 
         def fn(x):
-            return step(trainable, non_trainable, x)
+            # The variables' current arrays, read at each call: Keras' own jitted
+            # predict/fit donate (delete) the arrays they were given, so a snapshot
+            # taken here would be stale after the model is used elsewhere.
+            return step([v.value for v in model.trainable_variables],
+                        [v.value for v in model.non_trainable_variables], x)
     else:
         def fn(x):
             return model(x, training=False)

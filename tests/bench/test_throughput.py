@@ -46,6 +46,21 @@ def test_paths_compute_the_same_ensemble():
         np.testing.assert_allclose(paths[name](), reference, atol=1e-5, err_msg=name)
 
 
+def test_matmuls_only_is_the_members_bare_matmul_chain():
+    models = [throughput.build_member("mlp", seed) for seed in range(2)]
+    x = np.random.default_rng(0).normal(size=(3, 40, 1)).astype("float32")
+    expected = 0
+    for model in models:
+        h = x.reshape(3, -1)
+        for layer in model.layers:
+            if layer.weights:
+                h = h @ keras.ops.convert_to_numpy(layer.kernel)
+        expected = expected + h
+    np.testing.assert_allclose(throughput.matmul_chain_function(models, x)(), expected, rtol=1e-4, atol=1e-4)
+    cnns = [throughput.build_member("cnn1d", seed) for seed in range(2)]
+    assert throughput.matmul_chain_function(cnns, x) is None
+
+
 def _fake_result(ratio_32, fraction_256):
     rows = []
     for batch, ratio in ((32, ratio_32), (256, 1.2)):

@@ -43,6 +43,7 @@ from keras import ops
 from ensemblekit._graph import (
     check_same_architecture,
     graph_operations,
+    iter_layers,
     model_input_shape,
     model_output_shape,
 )
@@ -169,6 +170,9 @@ class GroupedDense(_MemberLayer):
         """
         if self.lowering != "auto":
             return self.lowering == "loop"
+        forced = getattr(_TRACE_STATE, "lowering", None)
+        if forced is not None:  # compile_for_inference(autotune=True) is timing both
+            return forced == "loop"
         if getattr(_TRACE_STATE, "xla", False):
             return False
         rows = inputs.shape[:-2]
@@ -824,13 +828,16 @@ class InferenceFunction:
 
     Made by ``compile_for_inference``; ``fn`` is the backend-compiled function
     (``tf.function`` or ``jax.jit``) for callers that want backend tensors.
+    ``lowerings_`` maps each input shape that was autotuned to the grouped-dense
+    lowering that measured faster for it (``"grouped"`` or ``"loop"``).
     """
 
-    def __init__(self, model, fn, jit_compile, to_numpy=keras.ops.convert_to_numpy):
+    def __init__(self, model, fn, jit_compile, to_numpy=keras.ops.convert_to_numpy, lowerings=None):
         self.model = model
         self.fn = fn
         self.jit_compile = jit_compile
         self._to_numpy = to_numpy
+        self.lowerings_ = {} if lowerings is None else lowerings
 
     def __call__(self, x):
         return self._to_numpy(self.fn(x))
@@ -841,7 +848,7 @@ class InferenceFunction:
         return np.concatenate([self(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def compile_for_inference(model, jit_compile=True):
+def compile_for_inference(model, jit_compile=True, autotune=True):
     """Return a callable that runs ``model`` (e.g. ``ek.ensemble``, ``ek.pack``) as one compiled call.
 
     On TensorFlow the model is traced once per input shape and dtype into a
@@ -849,9 +856,18 @@ def compile_for_inference(model, jit_compile=True):
     one XLA cluster); on JAX it is
     ``jax.jit`` of ``model.stateless_call``; on other backends it is the plain call.
 
+    Packed models (``ek.pack(..., lowering="auto")``) can lower their grouped
+    Dense layers as one einsum or as K matmuls, and which is faster depends on
+    the batch size, XLA and the machine (benchmarks/throughput.py measured both
+    orders on the same CPU on different days). With ``autotune=True`` (TensorFlow)
+    the first call with a new input shape traces both, times them round-robin on
+    that input and keeps the faster one (recorded in ``f.lowerings_``).
+
     Args:
         model: any built ``keras.Model`` with one input.
         jit_compile: compile with XLA (TensorFlow); JAX always compiles.
+        autotune: time both grouped-dense lowerings per input shape (TensorFlow;
+            only for models with ``lowering="auto"`` grouped Dense layers).
 
     Returns:
         An ``InferenceFunction``: ``f(x)`` returns the output as numpy, ``f.fn(x)``
@@ -871,8 +887,11 @@ def compile_for_inference(model, jit_compile=True):
         raise ValueError(f"Model {model.name!r} is not built; give it a keras.Input or call it once first.")
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        return InferenceFunction(model, _tf_concrete_dispatch(model, jit_compile), jit_compile,
-                                 to_numpy=_tf_to_numpy)
+        lowerings = {}
+        tune = autotune and any(isinstance(layer, GroupedDense) and layer.lowering == "auto"
+                                for _, layer in iter_layers(model))
+        fn = _tf_concrete_dispatch(model, jit_compile, lowerings if tune else None)
+        return InferenceFunction(model, fn, jit_compile, to_numpy=_tf_to_numpy, lowerings=lowerings)
     if backend == "jax":
         import jax
 
@@ -890,7 +909,7 @@ def compile_for_inference(model, jit_compile=True):
     return InferenceFunction(model, fn, jit_compile)
 
 
-def _tf_concrete_dispatch(model, jit_compile):
+def _tf_concrete_dispatch(model, jit_compile, lowerings=None):
     """``fn(x)``: ``model(x, training=False)`` through one concrete function per input shape.
 
     Calling a ``tf.function`` costs a signature match (and, with numpy input,
@@ -903,22 +922,48 @@ def _tf_concrete_dispatch(model, jit_compile):
     """
     import tensorflow as tf
 
-    traced = tf.function(lambda x: model(x, training=False), jit_compile=bool(jit_compile))
+    candidates = (None,) if lowerings is None else ("grouped", "loop")
+    traced = {lowering: tf.function(lambda x: model(x, training=False), jit_compile=bool(jit_compile))
+              for lowering in candidates}
     concrete = {}
+
+    def trace(lowering, spec):
+        _TRACE_STATE.xla, _TRACE_STATE.lowering = bool(jit_compile), lowering
+        try:
+            return _direct_call(traced[lowering].get_concrete_function(spec))
+        finally:
+            _TRACE_STATE.xla, _TRACE_STATE.lowering = False, None
 
     def fn(x):
         key = (tuple(x.shape), tf.as_dtype(x.dtype))
         call = concrete.get(key)
+        tensor = tf.convert_to_tensor(x)
         if call is None:
-            _TRACE_STATE.xla = bool(jit_compile)
-            try:
-                call = concrete[key] = _direct_call(
-                    traced.get_concrete_function(tf.TensorSpec(x.shape, x.dtype)))
-            finally:
-                _TRACE_STATE.xla = False
-        return call(tf.convert_to_tensor(x))
+            calls = {lowering: trace(lowering, tf.TensorSpec(x.shape, x.dtype)) for lowering in candidates}
+            if lowerings is not None:
+                lowerings[key[0]] = _fastest(calls, tensor)
+                call = calls[lowerings[key[0]]]
+            else:
+                call = calls[None]
+            concrete[key] = call
+        return call(tensor)
 
     return fn
+
+
+def _fastest(calls, tensor, rounds=5):
+    """The key of the fastest of ``calls`` on ``tensor`` (median of ``rounds`` round-robin runs)."""
+    import time
+
+    for call in calls.values():  # compile and warm up
+        _tf_to_numpy(call(tensor))
+    seconds = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            _tf_to_numpy(call(tensor))
+            seconds[name].append(time.perf_counter() - start)
+    return min(seconds, key=lambda name: float(np.median(seconds[name])))
 
 
 def _direct_call(function):

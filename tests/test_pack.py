@@ -191,7 +191,7 @@ def test_compile_for_inference_matches_predict(jit_compile):
 def test_compile_for_inference_traces_each_input_shape_and_dtype_once():
     models = [make_mlp(seed) for seed in range(K)]
     packed = pack(models, "mean")
-    fn = compile_for_inference(packed, jit_compile=False)
+    fn = compile_for_inference(packed, jit_compile=False, autotune=False)
     rng = np.random.default_rng(1)
     inputs = [rng.normal(size=(n, 8)).astype("float32") for n in (3, 7, 3)]
     inputs.append(inputs[0].astype("float64"))
@@ -203,6 +203,24 @@ def test_compile_for_inference_traces_each_input_shape_and_dtype_once():
                                    atol=1e-5, rtol=0)
         np.testing.assert_allclose(fn(keras.ops.convert_to_tensor(x)), fn(x), atol=0, rtol=0)
     assert len(traces) == 3  # (3, 8) float32, (7, 8) float32, (3, 8) float64
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_autotune_times_both_lowerings_per_shape_and_keeps_the_outputs(jit_compile):
+    models = [make_mlp(seed) for seed in range(K)]
+    packed = pack(models, "mean")
+    fn = compile_for_inference(packed, jit_compile=jit_compile)
+    rng = np.random.default_rng(2)
+    for rows in (3, 200):
+        x = rng.normal(size=(rows, 8)).astype("float32")
+        np.testing.assert_allclose(fn(x), ensemble(models, "mean").predict(x, verbose=0), atol=1e-5, rtol=0)
+    assert set(fn.lowerings_) == {(3, 8), (200, 8)}
+    assert set(fn.lowerings_.values()) <= {"grouped", "loop"}
+    # Plain models and fixed lowerings have nothing to tune.
+    assert compile_for_inference(ensemble(models, "mean")).lowerings_ == {}
+    fixed = compile_for_inference(pack(models, "mean", lowering="loop"))
+    fixed(x)
+    assert fixed.lowerings_ == {}
 
 
 def test_compile_for_inference_rejects_non_models():

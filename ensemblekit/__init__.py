@@ -21,7 +21,7 @@ from ensemblekit.compose import (
 )
 from ensemblekit.deploy import export, serve
 from ensemblekit.merge import align, merge, reset_bn
-from ensemblekit.metrics import evaluate
+from ensemblekit.metrics import evaluate, pareto
 from ensemblekit.pack import compile_for_inference, pack, unpack
 
 # ``ek.merge`` and ``ek.pack`` are the functions; their modules stay importable as
@@ -42,6 +42,7 @@ __all__ = [
     "merge",
     "optimize_weights",
     "pack",
+    "pareto",
     "prune",
     "reset_bn",
     "select",

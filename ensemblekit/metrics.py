@@ -1,6 +1,8 @@
-"""Classification metrics on predicted probabilities: accuracy, NLL, Brier, ECE."""
+"""Classification metrics on predicted probabilities: accuracy, NLL, Brier, ECE; Pareto fronts."""
 
 from __future__ import annotations
+
+import numbers
 
 import numpy as np
 
@@ -103,3 +105,52 @@ def evaluate(model, x, y, outputs=None, batch_size=256):
         ['accuracy', 'brier', 'ece', 'nll']
     """
     return score_probs(predict_probs(model, x, outputs=outputs, batch_size=batch_size), y)
+
+
+def _objective(row, index, key, higher_is_better):
+    """``row[key]`` as a float oriented so that larger is better; clear errors otherwise."""
+    if not hasattr(row, "keys"):
+        raise TypeError(f"pareto: row {index} must be a mapping, got {type(row).__name__}.")
+    if key not in row:
+        raise ValueError(f"pareto: row {index} has no key {key!r} (keys: {sorted(map(str, row))}).")
+    value = row[key]
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or np.isnan(value):
+        raise ValueError(f"pareto: row {index} {key!r} must be a number, got {value!r}.")
+    return float(value) if higher_is_better else -float(value)
+
+
+def pareto(rows, x="throughput", y="accuracy", x_higher_is_better=True, y_higher_is_better=True):
+    """The rows on the Pareto front of ``x`` and ``y``: those no other row dominates.
+
+    Row ``a`` dominates row ``b`` when ``a`` is at least as good as ``b`` on
+    both keys and strictly better on one ("good" is higher, or lower for a key
+    whose ``*_higher_is_better`` is ``False``, e.g. parameters or latency).
+    Rows with equal values on both keys do not dominate each other, so ties on
+    the front are all kept.
+
+    Args:
+        rows: a sequence of mappings (e.g. the benchmark's result rows).
+        x, y: the two keys compared; every row must hold a number under each.
+        x_higher_is_better, y_higher_is_better: the direction of each key.
+
+    Returns:
+        A new list of the non-dominated rows (the same objects), sorted by
+        ``x`` ascending (input order among equal ``x``).
+
+    Example:
+        >>> rows = [{"name": "a", "throughput": 100, "accuracy": 0.90},
+        ...         {"name": "b", "throughput": 50, "accuracy": 0.95},
+        ...         {"name": "c", "throughput": 40, "accuracy": 0.93}]
+        >>> [r["name"] for r in pareto(rows)]
+        ['b', 'a']
+    """
+    rows = list(rows)
+    points = [(_objective(r, i, x, x_higher_is_better), _objective(r, i, y, y_higher_is_better))
+              for i, r in enumerate(rows)]
+
+    def dominated(p):
+        return any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points)
+
+    front = [i for i, p in enumerate(points) if not dominated(p)]
+    front.sort(key=lambda i: float(rows[i][x]))
+    return [rows[i] for i in front]

@@ -859,15 +859,15 @@ def compile_for_inference(model, jit_compile=True, autotune=True):
     Packed models (``ek.pack(..., lowering="auto")``) can lower their grouped
     Dense layers as one einsum or as K matmuls, and which is faster depends on
     the batch size, XLA and the machine (benchmarks/throughput.py measured both
-    orders on the same CPU on different days). With ``autotune=True`` (TensorFlow)
-    the first call with a new input shape traces both, times them round-robin on
-    that input and keeps the faster one (recorded in ``f.lowerings_``).
+    orders on the same CPU on different days). With ``autotune=True`` the first
+    call with a new input shape compiles both, times them round-robin on that
+    input and keeps the faster one (recorded in ``f.lowerings_``).
 
     Args:
         model: any built ``keras.Model`` with one input.
         jit_compile: compile with XLA (TensorFlow); JAX always compiles.
-        autotune: time both grouped-dense lowerings per input shape (TensorFlow;
-            only for models with ``lowering="auto"`` grouped Dense layers).
+        autotune: time both grouped-dense lowerings per input shape (only for
+            models with ``lowering="auto"`` grouped Dense layers).
 
     Returns:
         An ``InferenceFunction``: ``f(x)`` returns the output as numpy, ``f.fn(x)``
@@ -886,82 +886,114 @@ def compile_for_inference(model, jit_compile=True, autotune=True):
     if not model.built or not getattr(model, "inputs", None):
         raise ValueError(f"Model {model.name!r} is not built; give it a keras.Input or call it once first.")
     backend = keras.backend.backend()
+    lowerings = {}
+    tune = autotune and any(isinstance(layer, GroupedDense) and layer.lowering == "auto"
+                            for _, layer in iter_layers(model))
     if backend == "tensorflow":
-        lowerings = {}
-        tune = autotune and any(isinstance(layer, GroupedDense) and layer.lowering == "auto"
-                                for _, layer in iter_layers(model))
-        fn = _tf_concrete_dispatch(model, jit_compile, lowerings if tune else None)
-        return InferenceFunction(model, fn, jit_compile, to_numpy=_tf_to_numpy, lowerings=lowerings)
+        import tensorflow as tf
+
+        fn = _shape_dispatch(_tf_compiler(model, jit_compile), tf.convert_to_tensor,
+                             lowerings if tune else None)
+        return InferenceFunction(model, fn, jit_compile, to_numpy=_to_numpy, lowerings=lowerings)
     if backend == "jax":
-        import jax
+        import jax.numpy as jnp
 
-        step = jax.jit(lambda tv, ntv, x: model.stateless_call(tv, ntv, x, training=False)[0])
+        fn = _shape_dispatch(_jax_compiler(model), jnp.asarray, lowerings if tune else None)
+        return InferenceFunction(model, fn, jit_compile, to_numpy=_to_numpy, lowerings=lowerings)
 
-        def fn(x):
-            # The variables' current arrays, read at each call: Keras' own jitted
-            # predict/fit donate (delete) the arrays they were given, so a snapshot
-            # taken here would be stale after the model is used elsewhere.
-            return step([v.value for v in model.trainable_variables],
-                        [v.value for v in model.non_trainable_variables], x)
-    else:
-        def fn(x):
-            return model(x, training=False)
+    def fn(x):
+        return model(x, training=False)
+
     return InferenceFunction(model, fn, jit_compile)
 
 
-def _tf_concrete_dispatch(model, jit_compile, lowerings=None):
-    """``fn(x)``: ``model(x, training=False)`` through one concrete function per input shape.
+def _shape_dispatch(compile_for_shape, convert, lowerings=None):
+    """``fn(x)``: one compiled call per input shape and dtype, made on first use.
 
     Calling a ``tf.function`` costs a signature match (and, with numpy input,
     a retracing check) on every call, and even a concrete function binds its
     arguments to the signature again: at small batches that Python overhead was
     most of the time per call (benchmarks/throughput.py). Here each input shape
-    and dtype is traced once, and later calls go straight to the traced graph
-    with the already-converted tensor; static shapes also let
-    ``GroupedDense(lowering="auto")`` pick its lowering per batch size.
+    and dtype is compiled once by ``compile_for_shape(lowering, x)`` and later
+    calls go straight to it; static shapes also let ``GroupedDense(lowering="auto")``
+    pick its lowering per batch size. When ``lowerings`` is a dict, both grouped-
+    dense lowerings are compiled, timed on the first input, and the faster kept.
     """
-    import tensorflow as tf
-
     candidates = (None,) if lowerings is None else ("grouped", "loop")
-    traced = {lowering: tf.function(lambda x: model(x, training=False), jit_compile=bool(jit_compile))
-              for lowering in candidates}
-    concrete = {}
-
-    def trace(lowering, spec):
-        _TRACE_STATE.xla, _TRACE_STATE.lowering = bool(jit_compile), lowering
-        try:
-            return _direct_call(traced[lowering].get_concrete_function(spec))
-        finally:
-            _TRACE_STATE.xla, _TRACE_STATE.lowering = False, None
+    compiled = {}
 
     def fn(x):
-        key = (tuple(x.shape), tf.as_dtype(x.dtype))
-        call = concrete.get(key)
-        tensor = tf.convert_to_tensor(x)
+        x = convert(x)
+        key = (tuple(x.shape), str(x.dtype))
+        call = compiled.get(key)
         if call is None:
-            calls = {lowering: trace(lowering, tf.TensorSpec(x.shape, x.dtype)) for lowering in candidates}
+            calls = {lowering: compile_for_shape(lowering, x) for lowering in candidates}
+            choice = None if lowerings is None else _fastest(calls, x)
             if lowerings is not None:
-                lowerings[key[0]] = _fastest(calls, tensor)
-                call = calls[lowerings[key[0]]]
-            else:
-                call = calls[None]
-            concrete[key] = call
-        return call(tensor)
+                lowerings[key[0]] = choice
+            call = compiled[key] = calls[choice]
+        return call(x)
 
     return fn
 
 
-def _fastest(calls, tensor, rounds=5):
-    """The key of the fastest of ``calls`` on ``tensor`` (median of ``rounds`` round-robin runs)."""
+class _Tracing:
+    """While tracing: tell GroupedDense "auto" whether XLA compiles and which lowering is forced."""
+
+    def __init__(self, xla, lowering):
+        self.xla, self.lowering = bool(xla), lowering
+
+    def __enter__(self):
+        _TRACE_STATE.xla, _TRACE_STATE.lowering = self.xla, self.lowering
+
+    def __exit__(self, *exc):
+        _TRACE_STATE.xla, _TRACE_STATE.lowering = False, None
+
+
+def _tf_compiler(model, jit_compile):
+    """``compile_for_shape`` on TF: a concrete function per shape, called without re-binding."""
+    import tensorflow as tf
+
+    def compile_for_shape(lowering, x):
+        traced = tf.function(lambda t: model(t, training=False), jit_compile=bool(jit_compile))
+        with _Tracing(jit_compile, lowering):
+            return _direct_call(traced.get_concrete_function(tf.TensorSpec(x.shape, x.dtype)))
+
+    return compile_for_shape
+
+
+def _jax_compiler(model):
+    """``compile_for_shape`` on JAX: ``jax.jit`` of ``stateless_call``, traced now for ``x``'s shape."""
+    import jax
+
+    def compile_for_shape(lowering, x):
+        step = jax.jit(lambda tv, ntv, t: model.stateless_call(tv, ntv, t, training=False)[0])
+
+        def call(t):
+            # The variables' current arrays, read at each call: Keras' own jitted
+            # predict/fit donate (delete) the arrays they were given, so a snapshot
+            # taken earlier would be stale after the model is used elsewhere.
+            return step([v.value for v in model.trainable_variables],
+                        [v.value for v in model.non_trainable_variables], t)
+
+        with _Tracing(True, lowering):
+            call(x)  # trace and compile for this shape under the forced lowering
+        return call
+
+    return compile_for_shape
+
+
+def _fastest(calls, x, rounds=5):
+    """The key of the fastest of ``calls`` on ``x`` (median of ``rounds`` round-robin runs)."""
     import time
 
     for call in calls.values():  # compile and warm up
-        _tf_to_numpy(call(tensor))
+        _to_numpy(call(x))
     seconds = {name: [] for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():
             start = time.perf_counter()
-            _tf_to_numpy(call(tensor))
+            _to_numpy(call(x))
             seconds[name].append(time.perf_counter() - start)
     return min(seconds, key=lambda name: float(np.median(seconds[name])))
 
@@ -975,5 +1007,5 @@ def _direct_call(function):
     return lambda tensor: call_flat([tensor], captured)
 
 
-def _tf_to_numpy(output):
-    return output.numpy() if hasattr(output, "numpy") else keras.ops.convert_to_numpy(output)
+def _to_numpy(output):
+    return output.numpy() if hasattr(output, "numpy") else np.asarray(output)

@@ -9,6 +9,7 @@ Example:
 """
 
 from ensemblekit import deploy, prune
+from ensemblekit.advise import Advice, advise
 from ensemblekit.compose import (
     calibrate,
     detect_output_kind,
@@ -30,6 +31,8 @@ from ensemblekit.pack import compile_for_inference, pack, unpack
 __version__ = "0.1.0"
 
 __all__ = [
+    "Advice",
+    "advise",
     "align",
     "calibrate",
     "compile_for_inference",

@@ -24,8 +24,20 @@ COMMAND_MODULES = [
 ]
 
 
+# What a command raises for bad input (a missing or unwritable file, a corrupt model, a bad
+# config key, a missing optional dependency): one line on stderr and status 2, no traceback.
+INPUT_ERRORS = (ValueError, TypeError, KeyError, OSError, ImportError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """``argparse`` with usage errors in ONE line; sub-command parsers inherit the class."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ensemblekit", description="Compose several trained Keras 3 models into one."
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -41,9 +53,24 @@ def main(argv=None):
     _quiet_tensorflow_logger()
     try:
         return args.run(args) or 0
-    except (ValueError, TypeError) as error:
-        print(f"ensemblekit {args.command}: error: {error}", file=sys.stderr)
+    except INPUT_ERRORS as error:
+        print(f"ensemblekit {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"ensemblekit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(error):
+    """The first line of an error's message, naming the file for ``OSError``s."""
+    if isinstance(error, OSError) and error.strerror:
+        where = error.filename if error.filename is not None else ""
+        return f"{error.strerror}: {str(where)!r}" if where != "" else error.strerror
+    if isinstance(error, KeyError) and error.args:
+        text = f"{type(error).__name__}: {error.args[0]}"
+    else:
+        text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _quiet_tensorflow_logger():

@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Each sub-command and options its --help must list (and the parser must accept).
 HELP_OPTIONS = {
-    (): ["demo", "serve", "merge", "bench", "prune"],
+    (): ["demo", "serve", "merge", "bench", "prune", "advise"],
+    ("advise",): ["--data", "--budget", "--cost", "--metric", "--base", "--json"],
     ("demo",): ["--members", "--epochs", "--seed", "--json", "--quiet"],
     ("serve",): ["--name", "--host", "--port", "--max-batch", "--max-wait-ms", "--max-body-bytes"],
     ("merge",): ["--output", "--quiet"],
@@ -38,6 +39,7 @@ VALID_ARGS = {
     "prune magnitude": ["prune", "magnitude", "m.keras", "o.keras"],
     "prune channels": ["prune", "channels", "m.keras", "o.keras"],
     "prune report": ["prune", "report", "a.keras", "b.keras"],
+    "advise": ["advise", "a.keras", "b.keras", "--data", "digits"],
 }
 
 
@@ -98,7 +100,8 @@ def test_bad_choice_and_missing_argument_are_one_line(capsys):
     ["prune", "magnitude", "{missing}", "{out}"],
     ["prune", "channels", "{missing}", "{out}"],
     ["prune", "report", "{model}", "{missing}"],
-], ids=["serve", "merge", "prune magnitude", "prune channels", "prune report"])
+    ["advise", "{model}", "{missing}", "--data", "digits"],
+], ids=["serve", "merge", "prune magnitude", "prune channels", "prune report", "advise"])
 def test_missing_file_is_one_line_and_status_2(argv, tmp_path, capsys):
     model = tmp_path / "m.keras"
     make_mlp(0).save(model)

@@ -17,6 +17,21 @@ def detect_output_kind(model):
     ``Softmax`` layer, an ``Activation("softmax")``, any layer whose
     ``activation`` is softmax, or a layer that declares ``output_kind``
     (ensemblekit's combiners and ``TemperatureScaling`` output probabilities).
+
+    Args:
+        model: a ``keras.Model`` (or a layer).
+
+    Returns:
+        ``"probs"`` or ``"logits"``.
+
+    Example:
+        >>> import keras
+        >>> import ensemblekit as ek
+        >>> ek.detect_output_kind(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]))
+        'logits'
+        >>> ek.detect_output_kind(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
+        ...                                         keras.layers.Softmax()]))
+        'probs'
     """
     layer = model
     while isinstance(layer, keras.Model) and layer.layers:

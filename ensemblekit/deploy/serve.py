@@ -186,6 +186,17 @@ def build_app(served, max_batch=64, max_wait_ms=5.0, max_body_bytes=DEFAULT_MAX_
 
     Returns:
         A ``fastapi.FastAPI`` app; ``app.state.batcher`` is the running batcher.
+
+    Example:
+        >>> import keras
+        >>> from ensemblekit.deploy import build_app
+        >>> from ensemblekit.deploy.serve import ServedModel
+        >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)], name="tiny")
+        >>> app = build_app(ServedModel(model), max_batch=4)
+        >>> sorted(route.path for route in app.routes if route.path.startswith("/v1"))
+        ['/v1/models/{name}', '/v1/models/{name}/metadata', '/v1/models/{name}:predict']
+        >>> app.state.batcher.max_batch
+        4
     """
     _require_serving_stack()
     from fastapi import FastAPI, Request
@@ -278,6 +289,15 @@ class Service:
         url: the base URL, e.g. ``http://127.0.0.1:8000``.
         model_url: ``url + "/v1/models/NAME"``.
         app: the FastAPI application.
+
+    Example:
+        >>> import keras
+        >>> import ensemblekit as ek
+        >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)], name="tiny")
+        >>> service = ek.serve(model, port=0, block=False)
+        >>> service.model_url.startswith("http://127.0.0.1:"), service.model_url.endswith("/tiny")
+        (True, True)
+        >>> service.stop()
     """
 
     def __init__(self, app, sock, log_level="warning"):

@@ -202,7 +202,10 @@ def test_compile_for_inference_traces_each_input_shape_and_dtype_once():
         np.testing.assert_allclose(fn(x), ensemble(models, "mean").predict(x, verbose=0),
                                    atol=1e-5, rtol=0)
         np.testing.assert_allclose(fn(keras.ops.convert_to_tensor(x)), fn(x), atol=0, rtol=0)
-    assert len(traces) == 3  # (3, 8) float32, (7, 8) float32, (3, 8) float64
+    # (3, 8) float32, (7, 8) float32, (3, 8) float64 -- JAX without x64 makes the
+    # float64 input float32, so it reuses the first trace there.
+    float64_kept = keras.backend.standardize_dtype(keras.ops.convert_to_tensor(inputs[-1]).dtype) == "float64"
+    assert len(traces) == (3 if float64_kept else 2)
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])

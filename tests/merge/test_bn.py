@@ -13,12 +13,13 @@ def test_statistics_equal_the_data_statistics_layer_by_layer():
                               L.Dropout(0.5), L.Dense(4), L.BatchNormalization(name="bn2")])
     x = np.random.default_rng(0).normal(loc=3.0, size=(300, 5)).astype("float32")
     reset_bn(model, x, batch_size=64)
-    h1 = model.layers[0](x).numpy()
+    numpy = keras.ops.convert_to_numpy
+    h1 = numpy(model.layers[0](x))
     bn1 = model.get_layer("bn1")
-    np.testing.assert_allclose(bn1.moving_mean.numpy(), h1.mean(0), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(bn1.moving_variance.numpy(), h1.var(0), rtol=1e-4)
-    h2 = model.layers[3](model.layers[2](bn1(h1, training=False), training=False)).numpy()
-    np.testing.assert_allclose(model.get_layer("bn2").moving_mean.numpy(), h2.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(numpy(bn1.moving_mean), h1.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(numpy(bn1.moving_variance), h1.var(0), rtol=1e-4)
+    h2 = numpy(model.layers[3](model.layers[2](bn1(h1, training=False), training=False)))
+    np.testing.assert_allclose(numpy(model.get_layer("bn2").moving_mean), h2.mean(0), rtol=1e-4, atol=1e-5)
     out = model.predict(x, verbose=0)
     np.testing.assert_allclose(out.mean(0), 0.0, atol=1e-3)
 

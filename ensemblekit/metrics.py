@@ -40,6 +40,33 @@ def brier(probs, y):
     return float(np.mean(np.sum((probs - onehot) ** 2, axis=1)))
 
 
+def calibration_bins(probs, y, bins=15):
+    """Equal-width confidence bins: per bin the sample count, mean confidence and accuracy.
+
+    The bins of :func:`ece` (a reliability diagram plots ``accuracy`` against
+    ``confidence``); empty bins have ``None`` for both.
+
+    Example:
+        >>> import numpy as np
+        >>> b = calibration_bins(np.array([[0.9, 0.1], [0.9, 0.1]]), [0, 1], bins=5)
+        >>> b["count"], b["accuracy"][-1], round(b["confidence"][-1], 2)
+        ([0, 0, 0, 0, 2], 0.5, 0.9)
+    """
+    probs = _check_probs(probs)
+    y = check_labels(y, probs.shape[0], probs.shape[1])
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == y
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    result = {"edges": edges.tolist(), "count": [], "confidence": [], "accuracy": []}
+    for b in range(bins):
+        in_bin = which == b
+        result["count"].append(int(in_bin.sum()))
+        result["confidence"].append(float(confidence[in_bin].mean()) if in_bin.any() else None)
+        result["accuracy"].append(float(correct[in_bin].mean()) if in_bin.any() else None)
+    return result
+
+
 def ece(probs, y, bins=15):
     """Expected calibration error with ``bins`` equal-width confidence bins.
 
@@ -50,18 +77,10 @@ def ece(probs, y, bins=15):
         >>> round(ece(np.array([[0.9, 0.1], [0.9, 0.1]]), [0, 1]), 2)
         0.4
     """
-    probs = _check_probs(probs)
-    y = check_labels(y, probs.shape[0], probs.shape[1])
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == y
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        in_bin = which == b
-        if in_bin.any():
-            total += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(total)
+    table = calibration_bins(probs, y, bins)
+    total = sum(table["count"])
+    return float(sum(count / total * abs(acc - conf) for count, acc, conf in
+                     zip(table["count"], table["accuracy"], table["confidence"], strict=True) if count))
 
 
 METRICS = {"accuracy": accuracy, "nll": nll, "brier": brier, "ece": ece}

@@ -80,3 +80,128 @@ def test_pareto_errors_name_the_row_and_key():
         ek.pareto([_row("a", "1", 0.5)])
     with pytest.raises(TypeError, match=r"row 0 must be a mapping, got tuple"):
         ek.pareto([(1, 0.5)])
+
+
+# -- the harness, on a tiny configuration -------------------------------------------------------
+
+TINY = dict(members=2, epochs=1, train_samples=300, validation=100, head_epochs=1, finetune_epochs=1,
+            stack_epochs=2, cv=2, repeats=1, target_s=0.002)
+
+
+@pytest.fixture(scope="module")
+def tiny_run():
+    from ensemblekit.bench import accuracy
+
+    return accuracy.run(["mnist1d_cnn"], seed=3, quick=True, verbose=0, **TINY)
+
+
+@pytest.mark.slow  # shares one tiny benchmark run (~15-20 s on 2 cores)
+def test_smoke_tiny_run_writes_json_markdown_and_pngs(tiny_run, tmp_path):
+    import json
+
+    from ensemblekit.bench import accuracy
+
+    paths = accuracy.write_reports(tiny_run, tmp_path, stem="acc")
+    assert [p.name for p in paths] == ["acc.json", "acc.md", "acc_pareto_mnist1d_cnn.png", "acc_reliability.png"]
+    assert json.loads(paths[0].read_text()) == json.loads(json.dumps(tiny_run))
+    markdown = paths[1].read_text()
+    for row in tiny_run["member_sets"]["mnist1d_cnn"]["rows"]:
+        assert f"| {row['composition']} | {row['accuracy']:.4f} |" in markdown
+    for png in paths[2:]:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+@pytest.mark.slow  # shares one tiny benchmark run (~15-20 s on 2 cores)
+def test_tiny_run_has_every_composition_and_packed_equals_the_ensemble(tiny_run):
+    result = tiny_run["member_sets"]["mnist1d_cnn"]
+    rows = {r["composition"]: r for r in result["rows"]}
+    assert result["skipped"] == []  # one architecture: every composition applies
+    expected = {"best member", "ensemble mean", "ensemble logit_mean", "ensemble geometric", "ensemble vote",
+                "weighted (optimize_weights)", "stack (logistic)", "fuse (concat, new head)",
+                "select (Caruana)", "linear soup (merge)", "align + merge", "packed (ek.pack mean)",
+                "pruned channels(0.3) + ensemble mean", "prune.members (budget 0.5)",
+                "calibrate(ensemble mean)"}
+    assert set(rows) == expected
+    packed, mean = rows["packed (ek.pack mean)"], rows["ensemble mean"]
+    assert packed["accuracy"] == mean["accuracy"]
+    for metric in ("nll", "brier", "ece"):
+        assert packed[metric] == pytest.approx(mean[metric], abs=1e-5), metric
+    assert packed["macs"] == mean["macs"] == 2 * rows["best member"]["macs"] > 0
+    assert rows["linear soup (merge)"]["params"] == rows["best member"]["params"]
+    assert rows["pruned channels(0.3) + ensemble mean"]["params"] < mean["params"]
+    assert {c["check"]: c["met"] for c in result["checks"]}["packed accuracy == ensemble mean accuracy"]
+    # calibration never moves the argmax
+    assert rows["calibrate(ensemble mean)"]["accuracy"] == mean["accuracy"]
+    assert [m["seed"] for m in result["members"]] == [3, 4]
+    assert result["samples"] == {"train": 300, "val": 100, "test": 1000}
+
+
+@pytest.mark.slow  # shares one tiny benchmark run (~15-20 s on 2 cores)
+def test_tiny_run_pareto_flags_and_reliability_bins(tiny_run):
+    from ensemblekit import metrics
+
+    result = tiny_run["member_sets"]["mnist1d_cnn"]
+    rows = result["rows"]
+    assert all(r["throughput"] > 0 for r in rows)
+    front = ek.pareto(rows)
+    assert [r["pareto"] for r in rows] == [any(r is f for f in front) for r in rows]
+    assert any(r["pareto"] for r in rows)
+    by_name = {r["composition"]: r for r in rows}
+    for label, key in (("before", "ensemble mean"), ("after", "calibrate(ensemble mean)")):
+        bins = result["reliability"][label]
+        assert sum(bins["count"]) == 1000
+        ece = sum(n / 1000 * abs(a - c) for n, a, c in zip(bins["count"], bins["accuracy"], bins["confidence"])
+                  if n)
+        assert ece == pytest.approx(by_name[key]["ece"], abs=1e-9)
+    assert metrics.calibration_bins(np.array([[0.9, 0.1], [0.2, 0.8]]), [0, 0], bins=2)["count"] == [0, 2]
+
+
+@pytest.mark.slow  # a second tiny run (~15 s on 2 cores)
+def test_same_seed_gives_the_same_accuracy_numbers(tiny_run):
+    from ensemblekit.bench import accuracy
+
+    again = accuracy.run(["mnist1d_cnn"], seed=3, quick=True, measure_throughput=False, verbose=0, **TINY)
+    first, second = tiny_run["member_sets"]["mnist1d_cnn"], again["member_sets"]["mnist1d_cnn"]
+    scores = ("accuracy", "nll", "brier", "ece")
+    assert [[m[k] for k in scores] for m in second["members"]] == [[m[k] for k in scores] for m in first["members"]]
+    for a, b in zip(first["rows"], second["rows"], strict=True):
+        assert a["composition"] == b["composition"]
+        assert a["accuracy"] == b["accuracy"], a["composition"]
+        assert a["nll"] == pytest.approx(b["nll"], abs=1e-6), a["composition"]
+    assert all(r["throughput"] is None and not r["pareto"] for r in second["rows"])
+
+
+def test_heterogeneous_members_skip_weight_space_compositions_with_the_reason():
+    from ensemblekit.bench import accuracy
+    from ensemblekit.demo import make_cnn
+
+    members = [accuracy.make_mlp(0), make_cnn(1), accuracy.make_gru(2)]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 40, 1)).astype("float32")
+    data = {"train": (x, np.arange(60) % 10), "val": (x, np.arange(60) % 10), "test": (x, np.arange(60) % 10)}
+    ctx = accuracy.Context(members, data, accuracy.QUICK_SETTINGS, seed=0)
+    for name in ("linear soup", "align + merge", "pack"):
+        with pytest.raises(accuracy.Skip, match=r"needs members of one architecture; cnn_1: .* vs mlp_0's"):
+            accuracy.COMPOSITIONS[name](ctx)
+    [row] = accuracy.COMPOSITIONS["prune.members"](ctx)
+    assert row["model"].output_shape == (None, 10)
+
+
+def test_run_rejects_unknown_sets_and_settings():
+    from ensemblekit.bench import accuracy
+
+    with pytest.raises(ValueError, match=r"Unknown member set 'cifar'"):
+        accuracy.run(["cifar"])
+    with pytest.raises(ValueError, match=r"Unknown setting 'epoch'"):
+        accuracy.run(["digits_mlp"], epoch=3)
+    with pytest.raises(ValueError, match=r"members must be at least 2, got 1"):
+        accuracy.run(["digits_mlp"], members=1)
+
+
+def test_cli_registers_bench_accuracy():
+    from ensemblekit.bench.accuracy import QUICK_SETS
+    from ensemblekit.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "accuracy", "--quick", "--sets", "digits_mlp", "--seed", "4"])
+    assert (args.quick, args.sets, args.seed, args.run.__name__) == (True, ["digits_mlp"], 4, "_run_accuracy")
+    assert QUICK_SETS == ("mnist1d_cnn",)

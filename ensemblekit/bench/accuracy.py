@@ -1,0 +1,576 @@
+"""Accuracy of every composition next to its cost, per member set: ``ensemblekit bench accuracy``.
+
+Member sets (members trained here, each with its own seed):
+
+1. ``mnist1d_cnn``: K CNNs of ``ensemblekit demo`` (``demo.make_cnn`` /
+   ``demo.train_members``) on mnist1d;
+2. ``mnist1d_mixed``: one MLP, one demo CNN and one GRU on mnist1d
+   (heterogeneous: weight-space compositions do not apply);
+3. ``digits_mlp``: K MLPs on scikit-learn's 8x8 digits.
+
+Every composition of the library that applies is built from the members
+(``COMPOSITIONS``; the others are listed with the reason they were skipped).
+Validation data (held out from member training) fits everything that learns
+from data: weights, stacking, selection, member pruning, calibration. Test data
+gives every reported number: accuracy, NLL, Brier score, ECE (``ensemblekit.metrics``),
+plus parameters, MACs per sample (``prune.report.macs``) and samples/s at batch
+256 through ``compile_for_inference``, all compositions of a member set timed
+round-robin in one ``bench.throughput.time_paths`` call. The Pareto front of
+throughput vs accuracy comes from ``ek.pareto``.
+
+Same seed, same accuracy numbers: members, folds and heads are seeded and TF's
+CPU kernels are deterministic for these models (tested on a tiny configuration).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import keras
+import numpy as np
+from scipy import special
+
+from ensemblekit import metrics
+from ensemblekit.bench.throughput import _write_atomic, device_info, time_paths
+
+MEMBER_SETS = {
+    "mnist1d_cnn": "mnist1d, K CNN members (ensemblekit demo's CNN), different seeds",
+    "mnist1d_mixed": "mnist1d, heterogeneous: MLP + CNN + GRU",
+    "digits_mlp": "scikit-learn digits (8x8), K MLP members, different seeds",
+}
+SETTINGS = {  # the full run (about 5-10 minutes on 2 CPU cores)
+    "members": 5, "epochs": 15, "digits_epochs": 40, "train_samples": None, "validation": 500,
+    "digits_validation": 250, "head_epochs": 5, "finetune_epochs": 3, "stack_epochs": 100, "cv": 5,
+    "batch": 256, "repeats": 5, "target_s": 0.05, "jit_compile": True,
+}
+QUICK_SETS = ("mnist1d_cnn",)
+QUICK_SETTINGS = {  # --quick (on QUICK_SETS): well under a minute
+    **SETTINGS, "members": 3, "epochs": 2, "digits_epochs": 10, "train_samples": 1000,
+    "validation": 300, "digits_validation": 200, "head_epochs": 1, "finetune_epochs": 1,
+    "stack_epochs": 10, "cv": 2, "repeats": 3, "target_s": 0.02, "jit_compile": False,
+}
+ENSEMBLE_METHODS = ("mean", "logit_mean", "geometric", "vote")
+PRUNE_RATIO = 0.3
+MEMBER_BUDGET = 0.5
+
+
+class Skip(Exception):
+    """A composition that does not apply to a member set (the message says why)."""
+
+
+# -- members -----------------------------------------------------------------------------------
+
+def _compile(model, learning_rate=3e-3):
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    return model
+
+
+def make_mlp(seed, input_shape=(40, 1), hidden=128, name=None):
+    """An MLP member (two hidden ReLU layers, logits out), compiled like the demo CNN."""
+    keras.utils.set_random_seed(seed)
+    return _compile(keras.Sequential([
+        keras.Input(input_shape), keras.layers.Flatten(),
+        keras.layers.Dense(hidden, activation="relu"),
+        keras.layers.Dense(hidden, activation="relu", name="features"),
+        keras.layers.Dense(10, name="logits")], name=name or f"mlp_{seed}"))
+
+
+def make_gru(seed, units=32, name=None):
+    """A GRU member on (40, 1) sequences (logits out), compiled like the demo CNN."""
+    keras.utils.set_random_seed(seed)
+    return _compile(keras.Sequential([
+        keras.Input((40, 1)), keras.layers.GRU(units, name="features"),
+        keras.layers.Dense(10, name="logits")], name=name or f"gru_{seed}"))
+
+
+def load_data(member_set, settings):
+    """``{"train", "val", "test"}`` as ``(x, y)`` pairs; validation is held out from training.
+
+    The splits are fixed (mnist1d's standard split; digits split with seed 0),
+    whatever the member seed: different seeds change the members, not the data.
+    """
+    from ensemblekit.datasets import load_digits, load_mnist1d
+
+    if member_set.startswith("mnist1d"):
+        (x, y), test = load_mnist1d()
+        held_out = settings["validation"]
+    else:
+        (x, y), test = load_digits(seed=0)
+        held_out = settings["digits_validation"]
+    train = (x[:-held_out], y[:-held_out])
+    if settings["train_samples"] and member_set.startswith("mnist1d"):
+        train = tuple(a[:settings["train_samples"]] for a in train)
+    return {"train": train, "val": (x[-held_out:], y[-held_out:]), "test": test}
+
+
+def _fit(model, x, y, epochs):
+    model.fit(x, y, epochs=epochs, batch_size=64, verbose=0)
+    return model
+
+
+def train_members(member_set, data, settings, seed=0):
+    """Train the members of ``member_set`` (member ``i`` gets seed ``seed + i``)."""
+    from ensemblekit import demo
+
+    x, y = data["train"]
+    count, epochs = settings["members"], settings["epochs"]
+    if member_set == "mnist1d_cnn":
+        return demo.train_members(x, y, count=count, epochs=epochs, seed=seed, verbose=0)
+    if member_set == "mnist1d_mixed":
+        return [_fit(make_mlp(seed), x, y, epochs),
+                *demo.train_members(x, y, count=1, epochs=epochs, seed=seed + 1, verbose=0),
+                _fit(make_gru(seed + 2), x, y, epochs)]
+    if member_set == "digits_mlp":
+        return [_fit(make_mlp(seed + i, (8, 8, 1), hidden=64), x, y, settings["digits_epochs"])
+                for i in range(count)]
+    raise ValueError(f"Unknown member set {member_set!r}; expected one of {', '.join(MEMBER_SETS)}.")
+
+
+# -- compositions: each returns [{"composition", "model", "note"[, "macs"]}] or raises Skip ------
+
+class Context:
+    """What the compositions of one member set are built from."""
+
+    def __init__(self, members, data, settings, seed):
+        self.members, self.data, self.settings, self.seed = members, data, settings, seed
+
+    def one_architecture(self, what):
+        from ensemblekit._graph import architecture_differences
+
+        differences = architecture_differences(self.members, [m.name for m in self.members])
+        if differences:
+            raise Skip(f"{what} needs members of one architecture; {differences[0]}")
+
+
+def _best_member(ctx):
+    x_val, y_val = ctx.data["val"]
+    scores = [metrics.evaluate(m, x_val, y_val)["accuracy"] for m in ctx.members]
+    best = ctx.members[int(np.argmax(scores))]
+    return [dict(composition="best member", model=best, note=f"{best.name}, chosen on validation")]
+
+
+def _output_ensembles(ctx):
+    import ensemblekit as ek
+
+    return [dict(composition=f"ensemble {method}", model=ek.ensemble(ctx.members, method), note="")
+            for method in ENSEMBLE_METHODS]
+
+
+def _weighted(ctx):
+    import ensemblekit as ek
+
+    weights = ek.optimize_weights(ctx.members, *ctx.data["val"])
+    return [dict(composition="weighted (optimize_weights)", note="weights " + _fmt(weights),
+                 model=ek.ensemble(ctx.members, "weighted", weights=weights))]
+
+
+def _stacked(ctx):
+    import ensemblekit as ek
+
+    model = ek.stack(ctx.members, *ctx.data["val"], meta="logistic", cv=ctx.settings["cv"],
+                     epochs=ctx.settings["stack_epochs"], seed=ctx.seed, verbose=0)
+    return [dict(composition="stack (logistic)", model=model, note=f"cv={ctx.settings['cv']} on validation")]
+
+
+def _fused(ctx):
+    import ensemblekit as ek
+
+    keras.utils.set_random_seed(ctx.seed)
+    model = ek.fuse(ctx.members, taps=-2, fusion="concat")
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+    _fit(model, *ctx.data["train"], ctx.settings["head_epochs"])
+    return [dict(composition="fuse (concat, new head)", model=model,
+                 note=f"head trained {ctx.settings['head_epochs']} epochs on frozen penultimate features")]
+
+
+def _selected(ctx):
+    import ensemblekit as ek
+
+    counts = np.bincount(ek.select(ctx.members, *ctx.data["val"]), minlength=len(ctx.members))
+    return [dict(composition="select (Caruana)", note=f"counts {counts.tolist()}",
+                 model=ek.ensemble(ctx.members, "weighted", weights=counts.tolist()))]
+
+
+def _soup(ctx):
+    import ensemblekit as ek
+
+    ctx.one_architecture("a linear soup")
+    return [dict(composition="linear soup (merge)", model=ek.merge(ctx.members, "linear"),
+                 note="independently trained members, not aligned")]
+
+
+def _aligned_merge(ctx):
+    import ensemblekit as ek
+
+    ctx.one_architecture("align + merge")
+    merged = ek.merge(ek.align(ctx.members, seed=ctx.seed), "linear")
+    has_bn = any(isinstance(layer, keras.layers.BatchNormalization) for layer in merged.layers)
+    if has_bn:
+        ek.reset_bn(merged, ctx.data["train"][0])
+    return [dict(composition="align + merge", model=merged,
+                 note="weight matching" + (" + reset_bn" if has_bn else "; no BatchNorm, so no reset_bn"))]
+
+
+def _packed(ctx):
+    import ensemblekit as ek
+    from ensemblekit.prune.report import macs
+
+    ctx.one_architecture("ek.pack")
+    packed = ek.pack(ctx.members, "mean")
+    # prune.report.macs counts Keras Dense/Conv layers, not the packed layers: count the members.
+    # detect_output_kind does not recognise PackedOutput's probabilities: say it (outputs="probs").
+    return [dict(composition="packed (ek.pack mean)", model=packed, note="MACs counted on its members",
+                 macs=sum(macs(m) for m in ek.unpack(packed)), outputs="probs")]
+
+
+def _pruned_channels(ctx):
+    import ensemblekit as ek
+
+    pruned = []
+    for member in ctx.members:
+        small = ek.prune.channels(member, ratio=PRUNE_RATIO, on_unsupported="warn")
+        keras.utils.set_random_seed(ctx.seed)
+        pruned.append(_fit(_compile(small, 1e-3), *ctx.data["train"], ctx.settings["finetune_epochs"]))
+    return [dict(composition=f"pruned channels({PRUNE_RATIO}) + ensemble mean",
+                 model=ek.ensemble(pruned, "mean"),
+                 note=f"each member pruned, fine-tuned {ctx.settings['finetune_epochs']} epochs")]
+
+
+def _pruned_members(ctx):
+    import ensemblekit as ek
+
+    kept = ek.prune.members(ctx.members, *ctx.data["val"], budget=MEMBER_BUDGET)
+    return [dict(composition=f"prune.members (budget {MEMBER_BUDGET})", model=kept.model,
+                 note=f"kept {kept.indices}, weights {_fmt(kept.weights)}")]
+
+
+def _calibrated(ctx):
+    import ensemblekit as ek
+
+    model = ek.calibrate(ek.ensemble(ctx.members, "mean"), *ctx.data["val"])
+    return [dict(composition="calibrate(ensemble mean)", model=model,
+                 note=f"T = {float(model.layers[-1].temperature):.3f}")]
+
+
+COMPOSITIONS = {
+    "best member": _best_member, "output ensembles": _output_ensembles, "weighted": _weighted,
+    "stack": _stacked, "fuse": _fused, "select": _selected, "linear soup": _soup,
+    "align + merge": _aligned_merge, "pack": _packed, "prune.channels": _pruned_channels,
+    "prune.members": _pruned_members, "calibrate": _calibrated,
+}
+
+
+def _fmt(values):
+    return "[" + ", ".join(f"{float(v):.2f}" for v in values) + "]"
+
+
+# -- measuring -----------------------------------------------------------------------------------
+
+def _evaluate(model, x, y, settings, outputs=None):
+    """``(compiled, scores, probs)``: ``model`` through ``compile_for_inference``, scored on ``(x, y)``.
+
+    ``outputs`` (``"logits"``/``"probs"``) overrides ``detect_output_kind``, as in ``ek.evaluate``.
+
+    ``x`` runs in batches of ``settings["batch"]`` (the last one padded), so the
+    function traced (and XLA-compiled) here is the one timed later: one trace per model.
+    """
+    from ensemblekit.compose import detect_output_kind
+    from ensemblekit.pack import compile_for_inference
+
+    compiled = compile_for_inference(model, jit_compile=settings["jit_compile"])
+    batch = settings["batch"]
+    padded = np.resize(x, (-(-len(x) // batch) * batch, *x.shape[1:])).astype("float32")
+    raw = np.concatenate([compiled(padded[i:i + batch]) for i in range(0, len(padded), batch)])[:len(x)]
+    probs = raw.astype("float64")
+    if (outputs or detect_output_kind(model)) == "logits":
+        probs = special.softmax(probs, axis=1)
+    return compiled, metrics.score_probs(probs, y), probs
+
+
+def _throughputs(compiled, x, settings):
+    """Samples/s of every ``{name: compiled}`` at batch ``settings["batch"]``, all timed round-robin."""
+    batch = np.resize(x, (settings["batch"], *x.shape[1:])).astype("float32")
+    functions = {name: (lambda f: lambda: f(batch))(fn) for name, fn in compiled.items()}
+    seconds = time_paths(functions, repeats=settings["repeats"], target_s=settings["target_s"])
+    return {name: settings["batch"] / s for name, s in seconds.items()}
+
+
+def _checks(members, rows, probs):
+    """What the run should show, reported (not asserted): packed == ensemble, ensemble gain."""
+    by_name = {r["composition"]: r for r in rows}
+    best_member = max(members, key=lambda m: m["accuracy"])
+    composed = [r for r in rows if r["composition"] != "best member"]
+    best = max(composed, key=lambda r: r["accuracy"])
+    checks = [dict(check="best composition >= best member (test) + 1 point",
+                   measured=f"{best['composition']} {best['accuracy']:.2%} vs {best_member['name']} "
+                            f"{best_member['accuracy']:.2%} ({100 * (best['accuracy'] - best_member['accuracy']):+.1f} points)",
+                   met=best["accuracy"] >= best_member["accuracy"] + 0.01)]
+    packed = by_name.get("packed (ek.pack mean)")
+    if packed is not None:
+        mean = by_name["ensemble mean"]
+        gap = float(np.max(np.abs(probs[packed["composition"]] - probs["ensemble mean"])))
+        checks.append(dict(check="packed accuracy == ensemble mean accuracy",
+                           measured=f"{packed['accuracy']:.4f} vs {mean['accuracy']:.4f}; "
+                                    f"max |difference of probabilities| {gap:.1e}",
+                           met=packed["accuracy"] == mean["accuracy"], max_prob_difference=gap))
+    return checks
+
+
+def run_member_set(member_set, settings, seed=0, measure_throughput=True, verbose=1):
+    """Train one member set, build every composition, score and time them.
+
+    Returns:
+        ``{"members", "rows", "skipped", "reliability", "checks", "seeds", "seconds"}``;
+        each row holds ``composition``, ``note``, ``accuracy``, ``nll``, ``brier``, ``ece``,
+        ``params``, ``macs``, ``throughput`` (samples/s, ``None`` if not measured), ``pareto``.
+    """
+    import ensemblekit as ek
+    from ensemblekit.prune.report import macs
+
+    start = time.perf_counter()
+    data = load_data(member_set, settings)
+    members = train_members(member_set, data, settings, seed)
+    x_test, y_test = data["test"]
+    ctx = Context(members, data, settings, seed)
+    progress = keras.utils.Progbar(len(COMPOSITIONS), unit_name="composition", verbose=verbose)
+    rows, skipped, probs, compiled = [], [], {}, {}
+    for name, build in COMPOSITIONS.items():
+        try:
+            built = build(ctx)
+        except Skip as reason:
+            skipped.append(dict(composition=name, reason=str(reason)))
+            built = []
+        for row in built:
+            label, model = row["composition"], row.pop("model")
+            compiled[label], scores, probs[label] = _evaluate(model, x_test, y_test, settings,
+                                                              row.pop("outputs", None))
+            row.update(scores, params=int(model.count_params()), macs=int(row.get("macs", macs(model))))
+            rows.append(row)
+        progress.add(1)
+    speeds = _throughputs(compiled, x_test, settings) if measure_throughput else {}
+    for row in rows:
+        row["throughput"] = speeds.get(row["composition"])
+    front = ek.pareto(rows) if measure_throughput else []
+    for row in rows:
+        row["pareto"] = any(row is r for r in front)
+    member_rows = [dict(name=m.name, seed=seed + i, params=int(m.count_params()), macs=int(macs(m)),
+                        **_evaluate(m, x_test, y_test, settings)[1]) for i, m in enumerate(members)]
+    curves = {label: metrics.calibration_bins(probs[key], y_test) for label, key in
+              (("before", "ensemble mean"), ("after", "calibrate(ensemble mean)"))}
+    keras.backend.clear_session()
+    return {"description": MEMBER_SETS[member_set], "members": member_rows, "rows": rows,
+            "skipped": skipped, "reliability": curves, "checks": _checks(member_rows, rows, probs),
+            "samples": {k: len(v[1]) for k, v in data.items()}, "seconds": time.perf_counter() - start}
+
+
+def _versions():
+    import importlib.metadata
+
+    versions = {"numpy": np.__version__}
+    for package in ("scikit-learn", "mnist1d", "scipy"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def run(member_sets=tuple(MEMBER_SETS), seed=0, quick=False, measure_throughput=True, verbose=1,
+        **settings):
+    """Run the accuracy benchmark on ``member_sets``.
+
+    Args:
+        member_sets: names from ``MEMBER_SETS``.
+        seed: seed of the first member of each set (member ``i`` gets ``seed + i``),
+            of stacking folds, fusion heads, fine-tunes and alignment.
+        quick: start from ``QUICK_SETTINGS`` (a small configuration) instead of ``SETTINGS``.
+        measure_throughput: time every composition (``False``: accuracy only,
+            ``throughput`` is ``None`` and no row is on a Pareto front).
+        verbose: 1 shows progress bars.
+        **settings: overrides of ``SETTINGS`` (e.g. ``members=2, epochs=1``).
+
+    Returns:
+        ``{"info", "seed", "settings", "member_sets": {name: run_member_set(...)}, "seconds"}``.
+
+    Example:
+        >>> result = run(["digits_mlp"], quick=True, measure_throughput=False, verbose=0,
+        ...              members=2, digits_epochs=1, stack_epochs=1, cv=2)
+        >>> sorted(result["member_sets"])
+        ['digits_mlp']
+    """
+    chosen = dict(QUICK_SETTINGS if quick else SETTINGS)
+    unknown = sorted(set(settings) - set(chosen))
+    if unknown:
+        raise ValueError(f"Unknown setting {unknown[0]!r}; expected one of {', '.join(chosen)}.")
+    chosen.update(settings)
+    bad = [name for name in member_sets if name not in MEMBER_SETS]
+    if bad or not member_sets:
+        raise ValueError(f"Unknown member set {bad[0] if bad else None!r}; expected one of "
+                         f"{', '.join(MEMBER_SETS)}.")
+    if chosen["members"] < 2:
+        raise ValueError(f"members must be at least 2, got {chosen['members']!r}.")
+    start = time.perf_counter()
+    info = {**device_info(), **_versions()}
+    results = {}
+    for name in member_sets:
+        if verbose:
+            print(f"{name}: {MEMBER_SETS[name]}")
+        results[name] = run_member_set(name, chosen, seed, measure_throughput, verbose)
+    return {"info": info, "seed": seed, "quick": quick, "settings": chosen, "member_sets": results,
+            "seconds": time.perf_counter() - start}
+
+
+# -- reports -------------------------------------------------------------------------------------
+
+def _number(value, fmt):
+    return "—" if value is None else format(value, fmt)
+
+
+def _set_markdown(name, result):
+    lines = [f"## {name}: {result['description']}", "",
+             f"Samples: {result['samples']['train']} train, {result['samples']['val']} validation, "
+             f"{result['samples']['test']} test; {result['seconds']:.0f} s (training included).", "",
+             "Members (test): " + ", ".join(f"{m['name']} {m['accuracy']:.2%}" for m in result["members"]),
+             "", "| composition | accuracy | NLL | Brier | ECE | params | MACs | samples/s | Pareto | note |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|:---:|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['composition']} | {r['accuracy']:.4f} | {r['nll']:.4f} | {r['brier']:.4f} | "
+                     f"{r['ece']:.4f} | {r['params']:,} | {r['macs']:,} | {_number(r['throughput'], ',.0f')} | "
+                     f"{'★' if r['pareto'] else ''} | {r['note']} |")
+    lines.append("")
+    for skip in result["skipped"]:
+        lines.append(f"- skipped **{skip['composition']}**: {skip['reason']}")
+    for check in result["checks"]:
+        lines.append(f"- {'met' if check['met'] else 'NOT met'}: {check['check']}: {check['measured']}")
+    return lines + [""]
+
+
+def to_markdown(result):
+    """A Markdown report: device, settings, and per member set its members and one row per composition."""
+    info, settings = result["info"], result["settings"]
+    versions = ", ".join(f"{k} {info[k]}" for k in ("tensorflow", "jax", "keras", "numpy", "scikit-learn",
+                                                     "mnist1d") if info.get(k))
+    lines = [
+        "# Ensemble accuracy vs cost" + (" (quick configuration)" if result["quick"] else ""), "",
+        f"Device: {info['device']} ({info['device_type']}, {info['cpu_count']} CPU cores visible); "
+        f"backend {info['backend']}; {versions}. Seed {result['seed']} (member i of a set: seed + i); "
+        f"{result['seconds']:.0f} s in all.", "",
+        f"Settings: {', '.join(f'{k}={v}' for k, v in settings.items())}.", "",
+        "Validation data fits weights, stacking, selection, member pruning and calibration; every number "
+        "below is on the test data. samples/s: batch "
+        f"{settings['batch']} through `compile_for_inference` (XLA: {settings['jit_compile']}), median of "
+        f"{settings['repeats']} round-robin repeats per member set. ★: on the Pareto front of samples/s vs "
+        "accuracy (`ek.pareto`). MACs per sample count Dense/Conv layers (`prune.report.macs`): a GRU's "
+        "recurrent MACs are not counted.", "",
+    ]
+    for name, member_result in result["member_sets"].items():
+        lines += _set_markdown(name, member_result)
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_pareto(name, member_result, path):
+    """Save a PNG: accuracy vs samples/s of every composition of one member set, front highlighted."""
+    from ensemblekit.metrics import pareto
+
+    plt = _pyplot()
+    rows = [r for r in member_result["rows"] if r["throughput"] is not None]
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    axis.scatter([r["throughput"] for r in rows], [100 * r["accuracy"] for r in rows], color="0.6", zorder=2)
+    front = pareto(rows)
+    axis.plot([r["throughput"] for r in front], [100 * r["accuracy"] for r in front], "o-", color="C3",
+              zorder=3, label="Pareto front (ek.pareto)")
+    for r in rows:
+        axis.annotate(r["composition"], (r["throughput"], 100 * r["accuracy"]), fontsize=6,
+                      xytext=(3, 3), textcoords="offset points", color="C3" if r["pareto"] else "0.3")
+    axis.set(xscale="log", xlabel="samples/s (batch 256)", ylabel="test accuracy (%)",
+             title=f"{name}: {member_result['description']}")
+    axis.title.set_fontsize(8)
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=7, loc="lower left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_reliability(result, path):
+    """Save a PNG: reliability diagram of the mean ensemble before/after ``ek.calibrate``, per member set."""
+    plt = _pyplot()
+    names = list(result["member_sets"])
+    figure, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 4), squeeze=False)
+    for axis, name in zip(axes[0], names, strict=True):
+        rows = {r["composition"]: r for r in result["member_sets"][name]["rows"]}
+        curves = result["member_sets"][name]["reliability"]
+        for (label, key), color in zip((("before", "ensemble mean"), ("after", "calibrate(ensemble mean)")),
+                                       ("C0", "C1"), strict=True):
+            points = [(c, a) for c, a in zip(curves[label]["confidence"], curves[label]["accuracy"],
+                                             strict=True) if c is not None]
+            axis.plot(*zip(*points, strict=True), "o-", color=color, markersize=3,
+                      label=f"{key} (ECE {rows[key]['ece']:.3f})")
+        axis.plot([0, 1], [0, 1], ":", color="0.5")
+        axis.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=name)
+        axis.legend(fontsize=7, loc="upper left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_reports(result, out_dir, stem="accuracy", with_plot=True):
+    """Write ``<stem>.json``, ``<stem>.md`` and PNGs (``<stem>_pareto_<set>.png``, ``<stem>_reliability.png``)."""
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
+    _write_atomic(paths[0], json.dumps(result, indent=1))
+    _write_atomic(paths[1], to_markdown(result))
+    if with_plot:
+        for name, member_result in result["member_sets"].items():
+            if any(r["throughput"] is not None for r in member_result["rows"]):
+                paths.append(out_dir / f"{stem}_pareto_{name}.png")
+                plot_pareto(name, member_result, paths[-1])
+        paths.append(out_dir / f"{stem}_reliability.png")
+        plot_reliability(result, paths[-1])
+    return paths
+
+
+def add_arguments(parser):
+    """The command-line options shared by ``python -m benchmarks.accuracy`` and the CLI."""
+    parser.add_argument("--quick", action="store_true",
+                        help="small configuration: the mnist1d CNN set (unless --sets), 3 members, "
+                             "2 epochs, 1000 training sequences")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for the reports")
+    parser.add_argument("--sets", nargs="+", choices=list(MEMBER_SETS), default=None,
+                        help="member sets to run (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first member (default 0)")
+    parser.add_argument("--members", type=int, default=None, help="K of the homogeneous member sets")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs of the mnist1d members")
+    parser.add_argument("--no-throughput", action="store_true", help="accuracy only, no timing")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNGs")
+    parser.add_argument("--verbose", type=int, default=1)
+    return parser
+
+
+def main(args):
+    """Run the benchmark from parsed ``args`` (see ``add_arguments``) and write the reports."""
+    overrides = {k: v for k, v in (("members", args.members), ("epochs", args.epochs)) if v is not None}
+    sets = args.sets or (QUICK_SETS if args.quick else tuple(MEMBER_SETS))
+    result = run(member_sets=tuple(sets), seed=args.seed, quick=args.quick,
+                 measure_throughput=not args.no_throughput, verbose=args.verbose, **overrides)
+    stem = "accuracy_quick" if args.quick else "accuracy"
+    for path in write_reports(result, args.out, stem=stem, with_plot=not args.no_plot):
+        print(f"wrote {path}")
+    for name, member_result in result["member_sets"].items():
+        for check in member_result["checks"]:
+            print(f"{'met ' if check['met'] else 'MISS'}  {name}: {check['check']}: {check['measured']}")
+    return 0

@@ -136,7 +136,8 @@ def advise(models, x_val, y_val, budget=None, cost="params", metric="nll", base=
     ``max_t [L(θ_t) - ((1-t) L(θ_0) + t L(θ_k))]`` over ``t = 0, .25, .5, .75, 1``
     with ``θ_t = ek.merge([m0, mk], "linear", weights=[1-t, t])`` (Frankle et
     al., 2020; Ainsworth et al., 2022 after weight matching); near 0 means the
-    two sit in one basin and averaging them works.
+    two sit in one basin and averaging them works. With BatchNorm, every point of
+    the path (endpoints included) gets ``ek.reset_bn`` on the fit half.
 
     The recommendation is the best candidate by ``metric`` among those within
     ``budget``; when a cheaper one is within the tolerance (0.5 accuracy point,
@@ -254,6 +255,7 @@ def _load_base(base):
 
 def _setup(models, x_val, y_val, base, metric, seed):
     members = Members(models, min_count=2, what="advise")
+    base = _load_base(base)
     x = _check_x(x_val, members)
     y = check_labels(y_val, len(x), members.num_classes, param="y_val")
     fit, score = split_indices(len(x), seed)
@@ -267,7 +269,7 @@ def _setup(models, x_val, y_val, base, metric, seed):
     notes = [f"weight-space merges skipped: {merge_reason}"] if merge_reason else []
     return _Setup(members, x[fit], y[fit], x[score], y[score],
                   _member_probs(members, x[fit]), _member_probs(members, x[score]),
-                  _load_base(base), merge_reason, has_bn, metric, notes,
+                  base, merge_reason, has_bn, metric, notes,
                   np.array([m.count_params() for m in members.models], dtype="float64"),
                   np.array([macs(m) for m in members.models], dtype="float64"))
 
@@ -301,18 +303,41 @@ def _reset_if_bn(setup, model):
 
 
 def _path_nll(setup, first, other, k):
+    """Score-half NLL of ``merge([first, other], weights=[1-t, t])`` for each ``t`` of ``PATH_T``.
+
+    With BatchNorm every point, the endpoints included, gets ``reset_bn`` on the
+    fit half, so the barrier compares models with statistics computed alike
+    (members' own running statistics can be far off their reset ones).
+    """
     from ensemblekit.merge import merge
 
-    endpoint = [metrics.nll(setup.score_probs[:, i], setup.y_score) for i in (0, k)]
-    inner = []
-    for t in PATH_T[1:-1]:
+    path = []
+    for t in PATH_T:
+        if t in (0.0, 1.0) and not setup.has_bn:
+            path.append(metrics.nll(setup.score_probs[:, 0 if t == 0.0 else k], setup.y_score))
+            continue
         model = _reset_if_bn(setup, merge([first, other], "linear", weights=[1 - t, t]))
-        inner.append(metrics.nll(_predict_probs(model, setup.x_score), setup.y_score))
-    return [endpoint[0], *inner, endpoint[1]]
+        path.append(metrics.nll(_predict_probs(model, setup.x_score), setup.y_score))
+    return path
 
 
 def _barrier(path):
     return float(max(loss - ((1 - t) * path[0] + t * path[-1]) for t, loss in zip(PATH_T, path)))
+
+
+def _fresh_copies(models):
+    """Clones with the members' weights, for ``align``.
+
+    A ``Sequential`` model loaded from a ``.keras`` file keeps extra call nodes
+    on its layers, which ``align`` takes for shared layers and refuses; a fresh
+    clone computes the same function with one node per layer.
+    """
+    copies = []
+    for model in models:
+        copy = keras.models.clone_model(model)
+        copy.set_weights(model.get_weights())
+        copies.append(copy)
+    return copies
 
 
 def _barriers(setup, progress):
@@ -322,7 +347,7 @@ def _barriers(setup, progress):
     from ensemblekit.merge import align
 
     try:
-        aligned, align_reason = align(setup.models, reference=0, method="weight_matching"), None
+        aligned, align_reason = align(_fresh_copies(setup.models), reference=0), None
     except ValueError as error:
         aligned, align_reason = None, f"align failed: {error}"
         setup.notes.append(align_reason)
@@ -445,7 +470,7 @@ def _weighted(setup):
     # Members the optimiser all but switched off are dropped: they would cost without contributing.
     weights = np.where(weights < MIN_WEIGHT, 0.0, weights)
     model, indices = _subset_model(setup, weights / weights.sum(), "advise_weighted")
-    shown = ", ".join(f"{i}: {weights[i] / weights.sum():.2f}" for i in indices)
+    shown = ", ".join(f"{i}: {weights[i] / weights.sum():.3g}" for i in indices)
     dropped = f"; weights < {MIN_WEIGHT:g} dropped" if len(indices) < len(weights) else ""
     return _scored("weighted", "ensemble", setup, model, indices,
                    f"mean of probabilities, member weights {{{shown}}} fitted on the fit half{dropped}")
@@ -526,7 +551,7 @@ def _time_models(models, x_score, batch_size=256):
     for name, model in models.items():
         compiled = compile_for_inference(model)
         functions[name] = lambda compiled=compiled: compiled(batch)
-    return {name: seconds * 1e3 for name, seconds in time_paths(functions, repeats=5, target_s=0.05).items()}
+    return {name: seconds * 1e3 for name, seconds in time_paths(functions, repeats=5, target_s=0.02).items()}
 
 
 def _measure_latencies(setup, candidates, progress):
@@ -657,7 +682,7 @@ def _format_table(advice):
                   "t = 0, .25, .5, .75, 1:"]
         for pair, entry in advice.barriers.items():
             aligned = entry["aligned_barrier"]
-            after = f"; after align {aligned:.4f}" if aligned is not None else f"; {entry['note']}"
+            after = f"; after align {aligned:.4f}" if aligned is not None else "; no alignment (see below)"
             lines.append(f"  {pair}: {entry['barrier']:.4f}{after}")
     lines += ["", *advice.notes] if advice.notes else []
     lines += ["", f"recommendation: {advice.recommendation or 'none'}", f"  {advice.reason}"]

@@ -1,0 +1,264 @@
+"""ensemblekit.advise: ``ek.advise``, the merge-or-ensemble advisor, and ``ensemblekit advise``."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+import ensemblekit as ek
+from ensemblekit.advise import MERGES, ROW_KEYS, TOLERANCE, _recommend, split_indices
+from ensemblekit.cli import main
+from tests.conftest import save_all, train_mlp
+
+ENSEMBLE_KINDS = ("ensemble", "ensemble_calibrated", "weighted", "greedy", "packed", "pruned_subset")
+
+
+def toy(n, seed):
+    """``toy_data``'s labelling rule (3 classes from two thresholds) on ``n`` fresh samples."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 8)).astype("float32")
+    return x, (x[:, 0] > 0).astype("int64") + (x[:, 1] > 0.5).astype("int64")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return toy(400, 0), toy(400, 1)
+
+
+@pytest.fixture(scope="module")
+def independent(data):
+    """Three MLPs from different initialisations, and their advice with no budget."""
+    (x, y), (xv, yv) = data
+    models = [train_mlp(seed, x, y, epochs=5, learning_rate=1e-2) for seed in range(3)]
+    return models, ek.advise(models, xv, yv, budget=None, verbose=0)
+
+
+@pytest.fixture(scope="module")
+def fine_tunes(data):
+    """A base MLP, three fine-tunes of it on different subsets, and their advice at budget 1.0."""
+    (x, y), (xv, yv) = data
+    base = train_mlp(10, x, y, epochs=5, learning_rate=1e-2)
+    models = []
+    for seed in range(3):
+        model = keras.models.clone_model(base)
+        model.set_weights(base.get_weights())
+        model.compile(keras.optimizers.Adam(5e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        keras.utils.set_random_seed(100 + seed)
+        subset = np.random.default_rng(seed).choice(len(x), 300, replace=False)
+        model.fit(x[subset], y[subset], epochs=3, verbose=0)
+        models.append(model)
+    return base, models, ek.advise(models, xv, yv, budget=1.0, base=base, verbose=0)
+
+
+def _rows(advice):
+    return {row["name"]: row for row in advice.rows}
+
+
+def test_split_is_deterministic_disjoint_and_complete():
+    fit, score = split_indices(101, seed=3)
+    again_fit, again_score = split_indices(101, seed=3)
+    np.testing.assert_array_equal(fit, again_fit)
+    np.testing.assert_array_equal(score, again_score)
+    assert len(fit) == 50 and len(score) == 51
+    assert sorted([*fit, *score]) == list(range(101))
+    assert not np.array_equal(split_indices(101, seed=4)[0], fit)
+    with pytest.raises(ValueError, match="x_val has 3 samples; advise needs at least 4"):
+        split_indices(3)
+
+
+def test_metrics_are_on_the_score_half_and_fitting_on_the_fit_half(data, independent):
+    _, (xv, yv) = data
+    models, advice = independent
+    fit, score = split_indices(len(xv), seed=0)
+    assert (advice.fit_size, advice.score_size) == (len(fit), len(score))
+    rows = _rows(advice)
+    for name in ("ensemble", "ensemble_calibrated", "aligned_soup"):
+        by_hand = ek.evaluate(advice.models[name], xv[score], yv[score])
+        for key in ("accuracy", "nll", "brier", "ece"):
+            assert rows[name][key] == pytest.approx(by_hand[key], abs=1e-5), (name, key)
+    calibrated = ek.calibrate(advice.models["ensemble"], xv[fit], yv[fit])
+    assert advice.models["ensemble_calibrated"].layers[-1].temperature == pytest.approx(
+        calibrated.layers[-1].temperature, rel=1e-4)
+    best = int(np.argmin([ek.evaluate(m, xv[fit], yv[fit])["nll"] for m in models]))
+    assert advice.models["best_member"] is models[best]
+    assert rows["packed"]["nll"] == pytest.approx(rows["ensemble"]["nll"], abs=1e-5)
+
+
+def test_barrier_of_copies_is_zero_with_batchnorm_reset(data, capsys):
+    (x, y), (xv, yv) = data
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16), keras.layers.BatchNormalization(),
+                              keras.layers.ReLU(), keras.layers.Dense(3)])
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=2, verbose=0)
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    advice = ek.advise([model, copy], xv, yv, verbose=0)
+    assert capsys.readouterr().out == ""
+    assert set(advice.barriers) == {"0-1"}
+    for entry in advice.barriers.values():
+        assert entry["t"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+        assert abs(entry["barrier"]) < 1e-6 and abs(entry["aligned_barrier"]) < 1e-6
+        assert max(entry["path_nll"]) - min(entry["path_nll"]) < 1e-6
+    assert "BatchNorm statistics reset on the fit half" in _rows(advice)["soup"]["note"]
+
+
+def test_fine_tunes_of_one_base_recommend_a_merge_under_budget_one(fine_tunes, independent):
+    _, _, advice = fine_tunes
+    rows = _rows(advice)
+    chosen = rows[advice.recommendation]
+    assert chosen["cost_ratio"] <= 1.0
+    assert advice.recommendation in MERGES or (
+        rows["soup"]["accuracy"] >= chosen["accuracy"] - TOLERANCE["accuracy"])
+    # Fine-tunes of one base share a basin: their soup recovers the ensemble at a third of the cost.
+    assert rows["soup"]["nll"] == pytest.approx(rows["ensemble"]["nll"], rel=TOLERANCE["nll"])
+    assert rows["ties"]["nll"] is not None and "TIES" in rows["ties"]["note"]
+    assert rows["ensemble"]["within_budget"] is False and rows["ensemble"]["cost_ratio"] == pytest.approx(3.0)
+    tuned = max(e["barrier"] for e in advice.barriers.values())
+    scattered = max(e["barrier"] for e in independent[1].barriers.values())
+    assert tuned < scattered
+    assert f"{tuned:.3f} nats" in advice.reason
+
+
+def test_independent_members_ensemble_beats_soup_and_alignment_lowers_the_barrier(independent):
+    _, advice = independent
+    rows = _rows(advice)
+    assert min(rows[name]["nll"] for name in ENSEMBLE_KINDS if rows[name]["nll"] is not None) \
+        <= rows["soup"]["nll"]
+    assert rows["soup"]["nll"] > rows["ensemble"]["nll"] * (1 + TOLERANCE["nll"])  # no shared basin
+    for entry in advice.barriers.values():
+        assert entry["aligned_barrier"] < entry["barrier"]
+    assert rows["pruned_subset"]["note"] == "skipped: no budget given"
+    assert rows["ties"]["note"].startswith("skipped: needs base=")
+    assert all(row["within_budget"] for row in advice.rows if row["nll"] is not None)
+
+
+def _row(name, nll, accuracy, cost_ratio, within=True):
+    return {"name": name, "nll": nll, "accuracy": accuracy, "cost_ratio": cost_ratio, "within_budget": within}
+
+
+def test_recommendation_prefers_the_cheaper_candidate_only_within_tolerance():
+    close = [_row("soup", 0.4028, 0.90, 1.0), _row("ensemble", 0.400, 0.91, 3.0)]
+    name, reason = _recommend(close, "nll", None, "params", {})
+    assert name == "soup"
+    assert "within 0.7% of ensemble" in reason and "1/3 the cost" in reason
+    far = [_row("soup", 0.420, 0.90, 1.0), _row("ensemble", 0.400, 0.91, 3.0)]
+    name, reason = _recommend(far, "nll", None, "params", {})
+    assert name == "ensemble" and "5.0% worse, beyond the 1% tolerance" in reason
+    assert _recommend(far, "accuracy", None, "params", {})[0] == "ensemble"  # 1 point > 0.5
+    near = [_row("soup", 0.5, 0.907, 1.0), _row("ensemble", 0.4, 0.910, 3.0)]
+    assert _recommend(near, "accuracy", None, "params", {})[0] == "soup"  # 0.3 point < 0.5
+    over = [_row("soup", 0.420, 0.90, 1.0), _row("ensemble", 0.400, 0.91, 3.0, within=False)]
+    name, reason = _recommend(over, "nll", 1.0, "params", {})
+    assert name == "soup" and "ensemble would reach NLL 0.4000 but costs 3.00x" in reason
+    name, reason = _recommend([_row("soup", 0.4, 0.9, 1.0, within=False)], "nll", 0.5, "params", {})
+    assert name is None and "no candidate fits the budget of 0.5x" in reason
+
+
+def test_budget_one_never_recommends_a_costlier_candidate(fine_tunes, data):
+    _, models, advice = fine_tunes
+    for row in advice.rows:
+        if row["cost_ratio"] is not None:
+            assert row["within_budget"] == (row["cost_ratio"] <= 1.0)
+    assert _rows(advice)[advice.recommendation]["cost_ratio"] <= 1.0
+    _, (xv, yv) = data
+    tight = ek.advise(models, xv, yv, budget=0.5, verbose=0)
+    assert tight.recommendation is None and "no candidate fits" in tight.reason
+    assert _rows(tight)["pruned_subset"]["note"].startswith("skipped: budget=")
+
+
+def test_different_architectures_skip_merges_with_a_reason(data, independent, capsys):
+    (x, y), (xv, yv) = data
+    models = [independent[0][0], train_mlp(5, x, y, epochs=3, learning_rate=1e-2, hidden=24)]
+    advice = ek.advise(models, xv, yv, budget=1.0, verbose=1)
+    rows = _rows(advice)
+    for name in (*MERGES, "packed"):
+        assert rows[name]["nll"] is None
+        assert rows[name]["note"].startswith("skipped: members differ in architecture: member 1")
+    assert advice.barriers == {} and "weight-space merges skipped" in advice.notes[0]
+    assert rows["ensemble"]["nll"] is not None and advice.recommendation is not None
+    assert rows[advice.recommendation]["cost_ratio"] <= 1.0
+    out = capsys.readouterr().out
+    assert "recommendation: " + advice.recommendation in out and "members differ in architecture" in out
+
+
+def test_bad_inputs_name_the_parameter(data, independent):
+    _, (xv, yv) = data
+    models, _ = independent
+    cases = [
+        (ValueError, "advise needs at least 2 members, got 1", dict(models=models[:1])),
+        (TypeError, "models must be a list", dict(models=models[0])),
+        (ValueError, "y_val has 399 labels but x has 400 samples", dict(y_val=yv[:-1])),
+        (ValueError, r"x_val has shape \(400, 7\)", dict(x_val=xv[:, :7])),
+        (ValueError, "budget must be None or a positive number", dict(budget=0)),
+        (ValueError, "budget must be None or a positive number", dict(budget=-1.0)),
+        (ValueError, "budget must be None or a positive number", dict(budget=True)),
+        (ValueError, "Unknown cost 'flops'", dict(cost="flops")),
+        (ValueError, "Unknown metric 'brier'", dict(metric="brier")),
+        (TypeError, "base must be a keras.Model or a path", dict(base=3)),
+    ]
+    for error, message, change in cases:
+        with pytest.raises(error, match=message):
+            ek.advise(**{"models": models, "x_val": xv, "y_val": yv, "verbose": 0, **change})
+    regression = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)])
+    with pytest.raises(ValueError, match="member 0 .* members must be classifiers"):
+        ek.advise([regression, regression], xv, yv, verbose=0)
+
+
+def test_to_dict_and_table_hold_every_row(independent):
+    _, advice = independent
+    as_dict = json.loads(json.dumps(advice.to_dict()))
+    assert [row["name"] for row in as_dict["rows"]] == [row["name"] for row in advice.rows]
+    assert all(set(row) == set(ROW_KEYS) for row in as_dict["rows"])
+    assert as_dict["recommendation"] == advice.recommendation and "models" not in as_dict
+    assert set(as_dict["barriers"]) == {"0-1", "0-2"}
+    table = str(advice)
+    for row in advice.rows:
+        line = next(line for line in table.splitlines() if line.startswith(row["name"] + " "))
+        if row["nll"] is not None:
+            assert f"{row['nll']:.4f}" in line and f"{row['accuracy']:.4f}" in line
+    assert f"recommendation: {advice.recommendation}" in table and advice.reason in table
+
+
+@pytest.mark.slow
+def test_latency_cost_times_every_candidate(data, independent):
+    _, (xv, yv) = data
+    advice = ek.advise(independent[0][:2], xv, yv, budget=1.5, cost="latency", verbose=0)
+    scored = [row for row in advice.rows if row["nll"] is not None]
+    assert len(scored) >= 8 and all(row["latency_ms"] > 0 for row in scored)
+    rows = _rows(advice)
+    # cost_ratio is latency over one member's (mean) latency, so ratios of rows match ratios of latencies.
+    assert rows["ensemble"]["cost_ratio"] / rows["best_member"]["cost_ratio"] == pytest.approx(
+        rows["ensemble"]["latency_ms"] / rows["best_member"]["latency_ms"], rel=1e-6)
+    assert rows[advice.recommendation]["cost_ratio"] <= 1.5 * 1.1
+
+
+def test_cli_writes_table_and_json(tmp_path, capsys, independent, data):
+    models, _ = independent
+    _, (xv, yv) = data
+    paths = save_all(models[:2], tmp_path)
+    np.savez(tmp_path / "val.npz", x_val=xv[:200], y_val=yv[:200])
+    args = ["advise", *map(str, paths), "--data", str(tmp_path / "val.npz"), "--budget", "1", "-q",
+            "--json", str(tmp_path / "advice.json")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    written = json.loads((tmp_path / "advice.json").read_text())
+    assert f"recommendation: {written['recommendation']}" in out
+    assert written["budget"] == 1.0 and written["score_size"] == 100 and len(written["rows"]) == 10
+    # Sequential members loaded from .keras files still get aligned (align sees fresh clones).
+    assert next(r for r in written["rows"] if r["name"] == "aligned_soup")["nll"] is not None
+    assert main(["advise", *map(str, paths), "--data", "nope.csv"]) == 2
+    assert "--data must be mnist1d, digits or an .npz file" in capsys.readouterr().err
+    assert main(["advise", str(paths[0]), "--data", str(tmp_path / "val.npz")]) == 2
+    assert "advise needs at least 2 members" in capsys.readouterr().err
+
+
+def test_metric_accuracy_scores_the_same_rows(independent, data):
+    _, (xv, yv) = data
+    models, by_nll = independent
+    by_accuracy = ek.advise(models, xv, yv, metric="accuracy", verbose=0)
+    rows = _rows(by_accuracy)
+    best = max(r["accuracy"] for r in by_accuracy.rows if r["nll"] is not None)
+    assert rows[by_accuracy.recommendation]["accuracy"] > best - TOLERANCE["accuracy"]
+    assert _rows(by_nll)["ensemble"]["nll"] == pytest.approx(rows["ensemble"]["nll"])

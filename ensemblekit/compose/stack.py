@@ -46,12 +46,23 @@ def _fit_meta(meta, features, y, shape, epochs, batch_size, seed, validation=Non
         if epochs:
             head.fit(features, y, epochs=epochs, batch_size=batch_size, verbose=0)
         return head, epochs
-    initial = head.evaluate(*validation, verbose=0, batch_size=1024)
+    initial = _mean_loss(head, *validation)
     stopper = keras.callbacks.EarlyStopping(patience=10)
     history = head.fit(features, y, epochs=epochs, batch_size=batch_size, verbose=0,
                        validation_data=validation, callbacks=[stopper])
     losses = [initial, *history.history.get("val_loss", [])]
     return head, int(np.argmin(losses))
+
+
+def _mean_loss(head, features, y):
+    """Mean cross-entropy of ``head`` on ``(features, y)`` in one direct call.
+
+    Not ``head.evaluate``: under a ``tf.distribute`` strategy, Keras fails on a
+    dataset that is ONE batch split unevenly across replicas (an AddN shape
+    error), which ``evaluate(batch_size=1024)`` on an odd-sized fold always was.
+    """
+    probs = head(keras.ops.convert_to_tensor(features, "float32"), training=False)
+    return float(keras.ops.mean(keras.losses.sparse_categorical_crossentropy(y, probs)))
 
 
 def _folds(n_samples, cv, seed):

@@ -1,0 +1,49 @@
+"""README.md: every ``python`` block runs as written; the API table names every public export."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import ensemblekit as ek
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+PYTHON_BLOCKS = re.findall(r"^```python\n(.*?)^```", README, flags=re.S | re.M)
+
+
+def _api_table_names():
+    """First-column names of the table under ``## API``: ``ek.x``, ``ek.prune.y``, ..."""
+    section = README.split("\n## API\n", 1)[1].split("\n## ", 1)[0]
+    return {match for row in section.splitlines() if row.startswith("| `ek.")
+            for match in re.findall(r"^\| `(ek(?:\.\w+)+)", row)}
+
+
+def test_readme_has_a_runnable_quickstart():
+    assert PYTHON_BLOCKS, "README.md has no ```python block"
+    quickstart = README.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", quickstart, flags=re.S).group(1)
+    assert len(code.strip().splitlines()) <= 20
+    for call in ("ek.ensemble(", "ek.evaluate(", ".save(", "load_model(", "ek.pack("):
+        assert call in code
+
+
+@pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)))
+def test_python_block_runs_as_written(index, tmp_path):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", PYTHON_BLOCKS[index]], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, f"README python block {index}:\n{result.stderr[-3000:]}"
+
+
+def test_api_table_lists_every_public_name():
+    listed = _api_table_names()
+    expected = ({f"ek.{name}" for name in ek.__all__}
+                | {f"ek.prune.{name}" for name in ek.prune.__all__}
+                | {f"ek.deploy.{name}" for name in ek.deploy.__all__})
+    assert not expected - listed, f"missing from the README's API table: {sorted(expected - listed)}"
+    assert not listed - expected, f"not public, yet in the API table: {sorted(listed - expected)}"

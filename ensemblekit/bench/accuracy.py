@@ -395,10 +395,14 @@ def run(member_sets=tuple(MEMBER_SETS), seed=0, quick=False, measure_throughput=
         ``{"info", "seed", "settings", "member_sets": {name: run_member_set(...)}, "seconds"}``.
 
     Example:
-        >>> result = run(["digits_mlp"], quick=True, measure_throughput=False, verbose=0,
-        ...              members=2, digits_epochs=1, stack_epochs=1, cv=2)
-        >>> sorted(result["member_sets"])
-        ['digits_mlp']
+        >>> QUICK_SETTINGS["members"], SETTINGS["members"]  # K of the homogeneous sets
+        (3, 5)
+        >>> run(["mnist1d_cnn"], quick=True, epoch=3)  # settings are checked before any training
+        Traceback (most recent call last):
+        ValueError: Unknown setting 'epoch'; expected one of members, epochs, ...
+
+        ``run(["digits_mlp"], quick=True, verbose=0)`` takes about 20 s on 2 CPU cores;
+        ``tests/bench/test_accuracy.py`` runs a tiny configuration.
     """
     chosen = dict(QUICK_SETTINGS if quick else SETTINGS)
     unknown = sorted(set(settings) - set(chosen))
@@ -485,19 +489,22 @@ def plot_pareto(name, member_result, path):
 
     plt = _pyplot()
     rows = [r for r in member_result["rows"] if r["throughput"] is not None]
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    axis.scatter([r["throughput"] for r in rows], [100 * r["accuracy"] for r in rows], color="0.6", zorder=2)
+    figure, axis = plt.subplots(figsize=(10, 4.8))
     front = pareto(rows)
-    axis.plot([r["throughput"] for r in front], [100 * r["accuracy"] for r in front], "o-", color="C3",
-              zorder=3, label="Pareto front (ek.pareto)")
-    for r in rows:
-        axis.annotate(r["composition"], (r["throughput"], 100 * r["accuracy"]), fontsize=6,
-                      xytext=(3, 3), textcoords="offset points", color="C3" if r["pareto"] else "0.3")
-    axis.set(xscale="log", xlabel="samples/s (batch 256)", ylabel="test accuracy (%)",
+    axis.plot([r["throughput"] for r in front], [100 * r["accuracy"] for r in front], "-", color="C3",
+              linewidth=2, alpha=0.5, zorder=2, label="Pareto front (ek.pareto)")
+    markers = "osD^v<>pPX*h"
+    for number, r in enumerate(rows):
+        on_front = any(r is f for f in front)
+        axis.scatter(r["throughput"], 100 * r["accuracy"], s=60 if on_front else 30, zorder=3,
+                     marker=markers[number % len(markers)], color=plt.cm.tab20(number % 20),
+                     edgecolors="C3" if on_front else "none", linewidths=1.5,
+                     label=r["composition"] + (" ★" if on_front else ""))
+    axis.set(xscale="log", xlabel="samples/s (batch 256, compile_for_inference)", ylabel="test accuracy (%)",
              title=f"{name}: {member_result['description']}")
-    axis.title.set_fontsize(8)
+    axis.title.set_fontsize(9)
     axis.grid(True, which="both", alpha=0.3)
-    axis.legend(fontsize=7, loc="lower left")
+    axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

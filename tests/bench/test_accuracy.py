@@ -205,3 +205,23 @@ def test_cli_registers_bench_accuracy():
     args = build_parser().parse_args(["bench", "accuracy", "--quick", "--sets", "digits_mlp", "--seed", "4"])
     assert (args.quick, args.sets, args.seed, args.run.__name__) == (True, ["digits_mlp"], 4, "_run_accuracy")
     assert QUICK_SETS == ("mnist1d_cnn",)
+
+
+def test_member_sets_load_their_data_and_train_the_documented_members():
+    from ensemblekit.bench import accuracy
+
+    settings = dict(accuracy.QUICK_SETTINGS, members=2, epochs=1, digits_epochs=1, train_samples=128)
+    data = accuracy.load_data("mnist1d_mixed", settings)
+    assert [len(data[k][0]) for k in ("train", "val", "test")] == [128, 300, 1000]
+    mixed = accuracy.train_members("mnist1d_mixed", data, settings, seed=5)
+    assert [m.name for m in mixed] == ["mlp_5", "cnn_6", "gru_7"]
+    assert isinstance(mixed[2].get_layer("features"), __import__("keras").layers.GRU)
+    digits = accuracy.load_data("digits_mlp", settings)
+    assert [len(digits[k][0]) for k in ("train", "val", "test")] == [1257 - 200, 200, 540]
+    assert digits["train"][0].shape[1:] == (8, 8, 1)
+    members = accuracy.train_members("digits_mlp", {**digits, "train": tuple(a[:128] for a in digits["train"])},
+                                     settings, seed=0)
+    assert [m.name for m in members] == ["mlp_0", "mlp_1"]
+    assert not np.allclose(members[0].get_weights()[0], members[1].get_weights()[0])
+    with pytest.raises(ValueError, match=r"Unknown member set 'mnist1d'"):
+        accuracy.train_members("mnist1d", data, settings)

@@ -66,6 +66,16 @@ class Advice:
         budget, cost, metric, seed: the settings used.
         fit_size, score_size: samples in the fit and score halves.
         models: ``{name: keras.Model}`` of every built candidate (not in ``to_dict``).
+
+    Example:
+        >>> import keras, numpy as np
+        >>> import ensemblekit as ek
+        >>> ms = [keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]) for _ in range(2)]
+        >>> advice = ek.advise(ms, np.random.rand(20, 4), np.arange(20) % 3, verbose=0)
+        >>> isinstance(advice, ek.Advice), advice.recommendation in advice.models
+        (True, True)
+        >>> [row["name"] for row in advice.to_dict()["rows"]][:3]
+        ['best_member', 'soup', 'aligned_soup']
     """
 
     recommendation: str | None

@@ -108,6 +108,14 @@ class _MemberLayer(keras.layers.Layer):
         config.update(members=self.members, shared_input=self.shared_input, lowering=self.lowering)
         return config
 
+    def macs_per_sample(self):
+        """Multiply-accumulates per sample: every kernel element is used once per output position."""
+        kernel = getattr(self, "kernel", None)
+        if kernel is None:
+            return 0
+        positions = math.prod(int(d) for d in self.output.shape[1:-2])
+        return math.prod(int(d) for d in kernel.shape) * positions
+
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class GroupedDense(_MemberLayer):
@@ -511,6 +519,11 @@ class PackedOutput(keras.layers.Layer):
         self.kind = kind
         self.member_configs = list(member_configs)
         self.weighted_layers = list(weighted_layers)
+
+    @property
+    def output_kind(self):
+        """What the packed model outputs: probabilities once reduced, else the members' kind."""
+        return self.kind if self.reduce == "none" else "probs"
 
     def call(self, inputs):
         if self.reduce == "none":

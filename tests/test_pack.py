@@ -85,6 +85,21 @@ def test_pack_equals_ensemble(case, reduce):
     np.testing.assert_allclose(packed.predict(x, verbose=0), expected, atol=1e-5, rtol=0)
 
 
+def test_packed_model_declares_probabilities_and_counts_its_members_macs(case):
+    from ensemblekit.compose import detect_output_kind
+    from ensemblekit.metrics import evaluate
+    from ensemblekit.prune.report import macs
+
+    _, models, x = case
+    packed = pack(models, "mean")
+    assert detect_output_kind(packed) == "probs"
+    assert detect_output_kind(pack(models, "none")) == detect_output_kind(models[0])
+    assert macs(packed) == sum(macs(m) for m in models) > 0
+    y = np.arange(len(x)) % models[0].predict(x, verbose=0).shape[-1]
+    packed_scores, ensemble_scores = evaluate(packed, x, y), evaluate(ensemble(models, "mean"), x, y)
+    assert abs(packed_scores["nll"] - ensemble_scores["nll"]) < 1e-5
+
+
 def test_pack_none_gives_member_outputs(case):
     _, models, x = case
     expected = np.stack([m.predict(x, verbose=0) for m in models], axis=1)

@@ -215,14 +215,9 @@ def _aligned_merge(ctx):
 
 def _packed(ctx):
     import ensemblekit as ek
-    from ensemblekit.prune.report import macs
 
     ctx.one_architecture("ek.pack")
-    packed = ek.pack(ctx.members, "mean")
-    # prune.report.macs counts Keras Dense/Conv layers, not the packed layers: count the members.
-    # detect_output_kind does not recognise PackedOutput's probabilities: say it (outputs="probs").
-    return [dict(composition="packed (ek.pack mean)", model=packed, note="MACs counted on its members",
-                 macs=sum(macs(m) for m in ek.unpack(packed)), outputs="probs")]
+    return [dict(composition="packed (ek.pack mean)", model=ek.pack(ctx.members, "mean"), note="")]
 
 
 def _pruned_channels(ctx):
@@ -466,8 +461,8 @@ def to_markdown(result):
         "below is on the test data. samples/s: batch "
         f"{settings['batch']} through `compile_for_inference` (XLA: {settings['jit_compile']}), median of "
         f"{settings['repeats']} round-robin repeats per member set. ★: on the Pareto front of samples/s vs "
-        "accuracy (`ek.pareto`). MACs per sample count Dense/Conv layers (`prune.report.macs`): a GRU's "
-        "recurrent MACs are not counted.", "",
+        "accuracy (`ek.pareto`). MACs per sample: `prune.report.macs` (Dense, convolutions, recurrent "
+        "layers, packed layers).", "",
     ]
     for name, member_result in result["member_sets"].items():
         lines += _set_markdown(name, member_result)

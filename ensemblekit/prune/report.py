@@ -24,13 +24,18 @@ def _shape(tensor_or_shape):
     return tuple(getattr(tensor_or_shape, "shape", tensor_or_shape))
 
 
+_RNN_GATES = {"SimpleRNN": 1, "GRU": 3, "LSTM": 4}
+
+
 def layer_macs(layer):
     """Multiply-accumulates of one call of a Dense/convolution layer on one sample.
 
     Dense: ``positions x inputs x units``; convolutions: ``output positions x
     kernel size x input channels / groups x filters``; depthwise: ``output
     positions x kernel size x channels x depth_multiplier``; separable: depthwise
-    plus pointwise. Other layers count 0. Needs a layer called in a functional graph.
+    plus pointwise; SimpleRNN/GRU/LSTM: ``timesteps x gates x (inputs + units) x
+    units``; layers that declare ``macs_per_sample()`` (``ek.pack``'s grouped
+    layers) count that. Other layers count 0. Needs a layer called in a functional graph.
 
     Example:
         >>> import keras
@@ -46,6 +51,13 @@ def layer_macs(layer):
         return 0
     if isinstance(in_shape[0], tuple) or isinstance(out_shape[0], tuple):
         return 0
+    declared = getattr(layer, "macs_per_sample", None)  # ek.pack's grouped layers
+    if callable(declared):
+        return int(declared())
+    gates = _RNN_GATES.get(type(layer).__name__)
+    if gates and len(in_shape) == 3:
+        units = layer.cell.units
+        return in_shape[1] * gates * (in_shape[2] + units) * units
     out_positions = int(np.prod(out_shape[1:-1], dtype="int64"))
     channels_in = in_shape[-1]
     if isinstance(layer, (keras.layers.Dense,)):

@@ -26,6 +26,12 @@ def test_macs_are_counted_per_layer_type():
     assert macs(ek.ensemble([make_mlp(0), make_mlp(1)])) == 2 * (8 * 16 + 16 * 3)
 
 
+@pytest.mark.parametrize("layer_type, gates", [("SimpleRNN", 1), ("GRU", 3), ("LSTM", 4)])
+def test_recurrent_macs_count_every_gate_and_timestep(layer_type, gates):
+    model = keras.Sequential([keras.Input((7, 5)), getattr(keras.layers, layer_type)(6), keras.layers.Dense(3)])
+    assert macs(model) == 7 * gates * (5 + 6) * 6 + 6 * 3
+
+
 def test_count_params_and_zipped_size_see_the_zeros():
     model = make_mlp(0, hidden=256)
     pruned = strip(magnitude(model, 0.9))

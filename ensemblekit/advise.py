@@ -516,7 +516,7 @@ def _packed(setup):
     if len(set(setup.members.kinds)) > 1:
         return _skipped("packed", "ensemble", "members mix logit and probability outputs")
     model = pack(setup.models, reduce="logit_mean", outputs=setup.members.kinds[0], name="advise_packed")
-    # PackedOutput does not declare output_kind, so say it: the packed model outputs probabilities.
+    # The packed model outputs probabilities (reduce="logit_mean").
     return _scored("packed", "ensemble", setup, model, list(range(len(setup.models))),
                    "the ensemble as one wide model (same outputs; its own latency)", output_kind="probs")
 

@@ -158,12 +158,46 @@ def check_same_architecture(models, labels=None):
         )
 
 
-def inbound_layers(layer):
-    """The layers whose outputs feed ``layer`` in a functional graph (first call)."""
-    nodes = getattr(layer, "_inbound_nodes", [])
+def inbound_layers(layer, nodes=None):
+    """The layers whose outputs feed ``layer`` (its first call among ``nodes``, default: any graph)."""
+    nodes = getattr(layer, "_inbound_nodes", []) if nodes is None else nodes
     if not nodes:
         return []
     return [t._keras_history.operation for t in nodes[0].input_tensors]
+
+
+def own_nodes(model):
+    """``{id(layer): [call nodes]}`` of ``model``'s own graph, in execution order.
+
+    A layer's ``_inbound_nodes`` also hold its calls in other graphs (a member
+    used in an ensemble, a ``Sequential`` model rebuilt when loaded from
+    ``.keras``); only the nodes of this model say what feeds what here and
+    whether a layer is shared within it.
+    """
+    calls = {}
+    for node in _nodes_in_order(model):
+        calls.setdefault(id(node.operation), []).append(node)
+    return calls
+
+
+def _graph_model(model):
+    """The functional model behind ``model`` (Sequential's functional form); ValueError without one."""
+    graph_model = getattr(model, "_functional", None) or model
+    if not isinstance(graph_model, keras.Model) or not hasattr(graph_model, "operations"):
+        raise ValueError(
+            f"Model {model.name!r} ({type(model).__name__}) has no functional graph; build it "
+            "with the functional API or keras.Sequential."
+        )
+    return graph_model
+
+
+def _nodes_in_order(model):
+    """The call nodes of ``model``'s own graph (input layers included), in execution order."""
+    graph_model = _graph_model(model)
+    for depth in sorted(graph_model._nodes_by_depth, reverse=True):
+        for node in graph_model._nodes_by_depth[depth]:
+            if node.operation is not None:
+                yield node
 
 
 def functional_graph(model):
@@ -172,14 +206,10 @@ def functional_graph(model):
     Sequential models are viewed through their functional form. Subclassed
     models have no graph and get a ``ValueError``.
     """
-    graph_model = getattr(model, "_functional", None) or model
-    if not isinstance(graph_model, keras.Model) or not hasattr(graph_model, "operations"):
-        raise ValueError(
-            f"Model {model.name!r} ({type(model).__name__}) has no functional graph; build it "
-            "with the functional API or keras.Sequential."
-        )
+    graph_model = _graph_model(model)
+    calls = own_nodes(model)
     return {
-        op.name: [parent.name for parent in inbound_layers(op)]
+        op.name: [parent.name for parent in inbound_layers(op, calls.get(id(op)))]
         for op in graph_model.operations
     }
 
@@ -220,9 +250,8 @@ def graph_operations(model):
         >>> [(op.name, [p.name for p in parents]) for op, parents in graph_operations(m)]
         [('x', []), ('d', ['x'])]
     """
-    functional_graph(model)  # one place that rejects models without a graph
-    graph_model = getattr(model, "_functional", None) or model
-    return [(op, inbound_layers(op)) for op in graph_model.operations]
+    calls = own_nodes(model)
+    return [(op, inbound_layers(op, calls.get(id(op)))) for op in _graph_model(model).operations]
 
 
 def graph_nodes(model):
@@ -244,11 +273,7 @@ def graph_nodes(model):
         >>> [layer.name for layer, _, _ in graph_nodes(m)[2]]
         ['d']
     """
-    functional_graph(model)  # one place that rejects models without a graph
-    graph_model = getattr(model, "_functional", None) or model
-    nodes = []
-    for depth in sorted(graph_model._nodes_by_depth, reverse=True):
-        for node in graph_model._nodes_by_depth[depth]:
-            if node.operation is not None and not node.is_input:
-                nodes.append((node.operation, list(node.input_tensors), list(node.outputs)))
+    nodes = [(node.operation, list(node.input_tensors), list(node.outputs))
+             for node in _nodes_in_order(model) if not node.is_input]
+    graph_model = _graph_model(model)
     return list(graph_model.inputs), list(graph_model.outputs), nodes

@@ -25,7 +25,7 @@ import math
 
 import keras
 
-from ensemblekit._graph import graph_operations, weight_refs
+from ensemblekit._graph import graph_operations, own_nodes, weight_refs
 
 L = keras.layers
 PASS_THROUGH = (
@@ -189,10 +189,11 @@ def permutation_spec(model):
         ([8], {0: [(1, 0, 1)], 1: [(0, 0, 1)], 2: [(0, 0, 1)]})
     """
     groups, weight_axes, channel_of, sources = _Groups(), {}, {}, {}
+    calls = own_nodes(model)
     for layer, parents in graph_operations(model):
         if isinstance(layer, keras.Model):
             raise _unsupported(layer, "nested models are not supported; build one flat model")
-        if len(getattr(layer, "_inbound_nodes", [])) > 1:
+        if len(calls.get(id(layer), ())) > 1:
             raise _unsupported(layer, "it is called more than once (shared layer)")
         if isinstance(layer, L.InputLayer):
             channel_of[id(layer)] = None

@@ -89,3 +89,26 @@ def test_align_errors():
         align([make_mlp(0), make_mlp(1)], reference=2)
     with pytest.raises(ValueError, match="incompatible weights"):
         align([make_mlp(0), make_mlp(1, hidden=5)])
+
+
+def test_align_accepts_members_loaded_from_keras_files_and_used_elsewhere(tmp_path):
+    # A Sequential loaded from .keras (and a member also called inside an ensemble)
+    # has layer call nodes from other graphs; only the model's own graph counts.
+    import ensemblekit as ek
+
+    def member(seed):
+        keras.utils.set_random_seed(seed)
+        return keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu"),
+                                 keras.layers.Dense(3)])
+
+    paths = []
+    for seed in range(2):
+        paths.append(str(tmp_path / f"m{seed}.keras"))
+        member(seed).save(paths[-1])
+    models = [keras.saving.load_model(path) for path in paths]
+    ek.ensemble(models)
+    x = np.random.default_rng(0).normal(size=(5, 6)).astype("float32")
+    aligned = ek.align(models)
+    np.testing.assert_allclose(aligned[1].predict(x, verbose=0), models[1].predict(x, verbose=0),
+                               atol=1e-5, rtol=0)
+

@@ -335,21 +335,6 @@ def _barrier(path):
     return float(max(loss - ((1 - t) * path[0] + t * path[-1]) for t, loss in zip(PATH_T, path)))
 
 
-def _fresh_copies(models):
-    """Clones with the members' weights, for ``align``.
-
-    A ``Sequential`` model loaded from a ``.keras`` file keeps extra call nodes
-    on its layers, which ``align`` takes for shared layers and refuses; a fresh
-    clone computes the same function with one node per layer.
-    """
-    copies = []
-    for model in models:
-        copy = keras.models.clone_model(model)
-        copy.set_weights(model.get_weights())
-        copies.append(copy)
-    return copies
-
-
 def _barriers(setup, progress):
     """Barriers from member 0 to each member, plain and aligned; the aligned members."""
     if setup.merge_reason is not None:
@@ -357,7 +342,7 @@ def _barriers(setup, progress):
     from ensemblekit.merge import align
 
     try:
-        aligned, align_reason = align(_fresh_copies(setup.models), reference=0), None
+        aligned, align_reason = align(setup.models, reference=0), None
     except ValueError as error:
         aligned, align_reason = None, f"align failed: {error}"
         setup.notes.append(align_reason)

@@ -24,7 +24,6 @@ CPU kernels are deterministic for these models (tested on a tiny configuration).
 
 from __future__ import annotations
 
-import json
 import time
 
 import keras
@@ -32,7 +31,7 @@ import numpy as np
 from scipy import special
 
 from ensemblekit import metrics
-from ensemblekit.bench.throughput import _write_atomic, device_info, time_paths
+from ensemblekit.bench.throughput import device_info, time_paths, write_json_and_markdown
 
 MEMBER_SETS = {
     "mnist1d_cnn": "mnist1d, K CNN members (ensemblekit demo's CNN), different seeds",
@@ -529,13 +528,8 @@ def plot_reliability(result, path):
 
 def write_reports(result, out_dir, stem="accuracy", with_plot=True):
     """Write ``<stem>.json``, ``<stem>.md`` and PNGs (``<stem>_pareto_<set>.png``, ``<stem>_reliability.png``)."""
-    from pathlib import Path
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
-    _write_atomic(paths[0], json.dumps(result, indent=1))
-    _write_atomic(paths[1], to_markdown(result))
+    paths = write_json_and_markdown(result, to_markdown(result), out_dir, stem)
+    out_dir = paths[0].parent
     if with_plot:
         for name, member_result in result["member_sets"].items():
             if any(r["throughput"] is not None for r in member_result["rows"]):

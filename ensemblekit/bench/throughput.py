@@ -345,16 +345,22 @@ def plot(result, path, members=None):
 
 def write_reports(result, out_dir, stem="throughput", with_plot=True):
     """Write ``<stem>.json``, ``<stem>.md`` and (optionally) ``<stem>.png`` into ``out_dir``."""
+    paths = write_json_and_markdown(result, to_markdown(result), out_dir, stem)
+    if with_plot:
+        paths.append(paths[0].with_suffix(".png"))
+        plot(result, paths[-1])
+    return paths
+
+
+def write_json_and_markdown(result, markdown, out_dir, stem):
+    """Write ``result`` as ``<stem>.json`` and ``markdown`` as ``<stem>.md`` (atomically); return both paths."""
     from pathlib import Path
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
     _write_atomic(paths[0], json.dumps(result, indent=1))
-    _write_atomic(paths[1], to_markdown(result))
-    if with_plot:
-        paths.append(out_dir / f"{stem}.png")
-        plot(result, paths[-1])
+    _write_atomic(paths[1], markdown)
     return paths
 
 

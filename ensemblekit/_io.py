@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from ensemblekit._validate import member_label
 
@@ -97,3 +98,27 @@ def atomic_save(model, path, **save_kwargs):
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def predict(model, x, batch_size=256):
+    """``model`` on ``x`` as numpy, in batches of exactly ``batch_size`` rows.
+
+    The last partial batch is padded with zeros (and the padding's outputs
+    dropped), so every call of a model sees one input shape: ``model.predict``
+    would trace its function again for each new remainder size, and
+    TensorFlow warns about "frequent retracing" once the library has scored
+    one model on a few differently sized arrays (fit/score halves, folds).
+
+    Example:
+        >>> import keras, numpy as np
+        >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        >>> predict(model, np.ones((3, 2), "float32"), batch_size=2).shape
+        (3, 1)
+    """
+    x = np.asarray(x)
+    padding = -len(x) % batch_size
+    if padding:
+        x = np.concatenate([x, np.zeros((padding, *x.shape[1:]), x.dtype)])
+    output = np.asarray(model.predict(x, batch_size=batch_size, verbose=0))
+    return output[: len(output) - padding]
+

@@ -6,6 +6,7 @@ import numbers
 
 import numpy as np
 
+from ensemblekit._io import predict
 from ensemblekit._validate import check_labels
 
 _EPSILON = 1e-12
@@ -97,7 +98,7 @@ def predict_probs(model, x, outputs=None, batch_size=256):
     """Probabilities of a classifier on ``x`` (softmax applied to logit outputs)."""
     from ensemblekit.compose._members import detect_output_kind
 
-    raw = np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype="float64")
+    raw = np.asarray(predict(model, x, batch_size), dtype="float64")
     kind = outputs or detect_output_kind(model)
     if kind == "logits":
         raw = np.exp(raw - raw.max(axis=1, keepdims=True))

@@ -48,3 +48,19 @@ def test_safe_mode_refuses_lambda_layers(tmp_path):
     with pytest.raises(ValueError, match="could not load"):
         _io.load_model(path)
     assert _io.load_model(path, safe_mode=False) is not None
+
+
+def test_predict_pads_to_one_batch_shape_and_matches_keras_predict():
+    from ensemblekit._io import predict
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.BatchNormalization()])
+    traces = []
+    original_call = model.call
+    model.call = lambda *args, **kwargs: traces.append(1) or original_call(*args, **kwargs)
+    rng = np.random.default_rng(0)
+    for rows in (5, 9, 16, 17, 3):
+        x = rng.normal(size=(rows, 3)).astype("float32")
+        np.testing.assert_allclose(predict(model, x, batch_size=8), original_call(x, training=False),
+                                   atol=1e-6, rtol=0)
+    assert len(traces) <= 2  # one predict-function trace for shape (8, 3), however many remainders

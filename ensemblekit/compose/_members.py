@@ -6,7 +6,7 @@ import keras
 import numpy as np
 
 from ensemblekit._graph import model_input_shape, model_output_shape
-from ensemblekit._io import load_members
+from ensemblekit._io import load_members, predict
 from ensemblekit._validate import check_output_kinds, member_label
 
 
@@ -166,9 +166,9 @@ class Members:
         outputs = MemberLogProbs(self.kinds, stack_axis=1, name="member_log_probs")(self.call_all(inputs))
         return keras.Model(inputs, outputs, name="member_log_probs")
 
-    def predict_log_probs(self, x, batch_size=256, verbose=0):
+    def predict_log_probs(self, x, batch_size=256):
         """All members' log-probabilities on ``x`` in one compiled pass: ``(n, K, classes)``."""
-        return np.asarray(self.log_probs_model().predict(x, batch_size=batch_size, verbose=verbose), dtype="float64")
+        return np.asarray(predict(self.log_probs_model(), x, batch_size), dtype="float64")
 
 
 def _shapes_compatible(actual, expected):

@@ -14,7 +14,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from ensemblekit._graph import check_same_architecture, get_arrays, set_arrays
-from ensemblekit._io import load_members
+from ensemblekit._io import load_members, predict
 from ensemblekit._validate import check_choice, member_label
 from ensemblekit.merge.permutation import permutation_spec
 
@@ -104,7 +104,7 @@ def activation_matching(spec, reference_model, other_model, x, batch_size=256):
 def _features(model, layer_name, x, batch_size):
     inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
     extractor = keras.Model(inputs, model.get_layer(layer_name).output)
-    out = np.asarray(extractor.predict(x, batch_size=batch_size, verbose=0), dtype="float64")
+    out = np.asarray(predict(extractor, x, batch_size), dtype="float64")
     return out.reshape(-1, out.shape[-1])
 
 

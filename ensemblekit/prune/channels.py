@@ -33,6 +33,7 @@ import keras
 import numpy as np
 
 from ensemblekit._graph import graph_nodes, is_container
+from ensemblekit._io import predict
 from ensemblekit._validate import check_choice
 
 IMPORTANCES = ("l1", "l2", "bn_scale", "taylor")
@@ -298,7 +299,7 @@ def _taylor_scores(model, layers, x, y, batch_size=64, max_samples=512):
 
     x = np.asarray(x)[:max_samples]
     if y is None:
-        y = np.asarray(model.predict(x, batch_size=256, verbose=0)).argmax(axis=-1)
+        y = predict(model, x).argmax(axis=-1)
     y = np.asarray(y)[: len(x)]
     from_logits = detect_output_kind(model) == "logits"
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)

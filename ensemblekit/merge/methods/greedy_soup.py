@@ -5,13 +5,14 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from ensemblekit._io import predict
 from ensemblekit.merge.methods.base import Parameter, check_any, check_int
 from ensemblekit.merge.methods.linear import Linear
 from ensemblekit.metrics import accuracy
 
 
 def _accuracy(model, x, y, batch_size):
-    return accuracy(np.asarray(model.predict(x, batch_size=batch_size, verbose=0)), y)
+    return accuracy(predict(model, x, batch_size), y)
 
 
 class GreedySoup(Linear):

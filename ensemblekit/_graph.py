@@ -206,12 +206,7 @@ def functional_graph(model):
     Sequential models are viewed through their functional form. Subclassed
     models have no graph and get a ``ValueError``.
     """
-    graph_model = _graph_model(model)
-    calls = own_nodes(model)
-    return {
-        op.name: [parent.name for parent in inbound_layers(op, calls.get(id(op)))]
-        for op in graph_model.operations
-    }
+    return {op.name: [parent.name for parent in parents] for op, parents in graph_operations(model)}
 
 
 def model_input_shape(model):

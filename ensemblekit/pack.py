@@ -60,7 +60,8 @@ LOWERINGS = ("auto", "grouped", "loop")
 # --------------------------------------------------------------------------- layout helpers
 
 
-# Set while compile_for_inference traces a model for XLA (read by GroupedDense "auto").
+# Set while compile_for_inference traces a model: whether for XLA, and a lowering forced
+# by autotune (both read by GroupedDense "auto").
 _TRACE_STATE = threading.local()
 
 
@@ -998,17 +999,11 @@ def _jax_compiler(model):
 
 def _fastest(calls, x, rounds=5):
     """The key of the fastest of ``calls`` on ``x`` (median of ``rounds`` round-robin runs)."""
-    import time
+    from ensemblekit.bench.throughput import time_paths
 
-    for call in calls.values():  # compile and warm up
-        _to_numpy(call(x))
-    seconds = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            _to_numpy(call(x))
-            seconds[name].append(time.perf_counter() - start)
-    return min(seconds, key=lambda name: float(np.median(seconds[name])))
+    seconds = time_paths({name: (lambda call=call: _to_numpy(call(x))) for name, call in calls.items()},
+                         repeats=rounds, target_s=0.005, warmup=1)
+    return min(seconds, key=seconds.get)
 
 
 def _direct_call(function):

@@ -115,10 +115,15 @@ def predict(model, x, batch_size=256):
         >>> predict(model, np.ones((3, 2), "float32"), batch_size=2).shape
         (3, 1)
     """
+    x, rows = pad_to_batches(x, batch_size)
+    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0))[:rows]
+
+
+def pad_to_batches(x, batch_size):
+    """``(x padded with zero rows to a multiple of batch_size, original row count)``."""
     x = np.asarray(x)
     padding = -len(x) % batch_size
     if padding:
         x = np.concatenate([x, np.zeros((padding, *x.shape[1:]), x.dtype)])
-    output = np.asarray(model.predict(x, batch_size=batch_size, verbose=0))
-    return output[: len(output) - padding]
+    return x, len(x) - padding
 

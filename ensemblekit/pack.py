@@ -47,7 +47,7 @@ from ensemblekit._graph import (
     model_input_shape,
     model_output_shape,
 )
-from ensemblekit._io import load_members
+from ensemblekit._io import load_members, pad_to_batches
 from ensemblekit._validate import check_choice, check_output_kinds, member_label
 from ensemblekit.compose import detect_output_kind
 from ensemblekit.compose.layers import to_log_probs
@@ -857,9 +857,13 @@ class InferenceFunction:
         return self._to_numpy(self.fn(x))
 
     def predict(self, x, batch_size=256):
-        """Run on ``x`` in batches of ``batch_size``; return numpy."""
-        x = np.asarray(x)
-        return np.concatenate([self(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+        """Run on ``x`` in batches of ``batch_size``; return numpy.
+
+        The last batch is padded to ``batch_size`` rows (their outputs dropped),
+        so one compiled shape serves any length of ``x``.
+        """
+        x, rows = pad_to_batches(x, batch_size)
+        return np.concatenate([self(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])[:rows]
 
 
 def compile_for_inference(model, jit_compile=True, autotune=True):

@@ -241,6 +241,19 @@ def test_autotune_times_both_lowerings_per_shape_and_keeps_the_outputs(jit_compi
     assert fixed.lowerings_ == {}
 
 
+def test_inference_predict_pads_the_last_batch_to_one_compiled_shape():
+    models = [make_mlp(seed) for seed in range(K)]
+    model = ensemble(models, "mean")
+    fn = compile_for_inference(model, jit_compile=False)
+    x = np.random.default_rng(3).normal(size=(7, 8)).astype("float32")
+    expected = model.predict(x, verbose=0)
+    traced_rows = []
+    original_call = model.call
+    model.call = lambda x, *args, **kwargs: traced_rows.append(x.shape[0]) or original_call(x, *args, **kwargs)
+    np.testing.assert_allclose(fn.predict(x, batch_size=3), expected, atol=1e-5, rtol=0)
+    assert traced_rows == [3]
+
+
 def test_compile_for_inference_rejects_non_models():
     with pytest.raises(TypeError, match="expects a keras.Model"):
         compile_for_inference(lambda x: x)

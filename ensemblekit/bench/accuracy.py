@@ -274,9 +274,7 @@ def _evaluate(model, x, y, settings, outputs=None):
     from ensemblekit.pack import compile_for_inference
 
     compiled = compile_for_inference(model, jit_compile=settings["jit_compile"])
-    batch = settings["batch"]
-    padded = np.resize(x, (-(-len(x) // batch) * batch, *x.shape[1:])).astype("float32")
-    raw = np.concatenate([compiled(padded[i:i + batch]) for i in range(0, len(padded), batch)])[:len(x)]
+    raw = compiled.predict(np.asarray(x, "float32"), batch_size=settings["batch"])
     probs = raw.astype("float64")
     if (outputs or detect_output_kind(model)) == "logits":
         probs = special.softmax(probs, axis=1)

@@ -18,13 +18,12 @@ import numbers
 
 import keras
 import numpy as np
-from scipy import special
 
 from ensemblekit import metrics
 from ensemblekit._graph import architecture_differences, iter_layers
 from ensemblekit._io import load_model
 from ensemblekit._validate import check_choice, check_labels, member_label
-from ensemblekit.compose._members import Members, _shapes_compatible, detect_output_kind
+from ensemblekit.compose._members import Members, _shapes_compatible
 from ensemblekit.compose.weights import metric_loss
 from ensemblekit.prune.members import COSTS
 from ensemblekit.prune.report import macs
@@ -291,11 +290,9 @@ def _predict_probs(model, x, kind=None, batch_size=256):
     model (about 0.2 s each, with retracing warnings), and the advisor scores
     a dozen throwaway merged models.
     """
-    kind = kind or detect_output_kind(model)
     outputs = [keras.ops.convert_to_numpy(model(x[i:i + batch_size], training=False))
                for i in range(0, len(x), batch_size)]
-    raw = np.concatenate(outputs).astype("float64")
-    return special.softmax(raw, axis=1) if kind == "logits" else raw
+    return metrics.as_probs(np.concatenate(outputs), model, kind)
 
 
 def _member_probs(members, x):
@@ -404,8 +401,8 @@ def _named(candidates, name):
     return next(c for c in candidates if c.name == name)
 
 
-def _scored(name, kind, setup, model, used, note, output_kind=None):
-    return _Candidate(name, kind, model, _predict_probs(model, setup.x_score, output_kind), used, note)
+def _scored(name, kind, setup, model, used, note):
+    return _Candidate(name, kind, model, _predict_probs(model, setup.x_score), used, note)
 
 
 def _best_member(setup):
@@ -501,9 +498,8 @@ def _packed(setup):
     if len(set(setup.members.kinds)) > 1:
         return _skipped("packed", "ensemble", "members mix logit and probability outputs")
     model = pack(setup.models, reduce="logit_mean", outputs=setup.members.kinds[0], name="advise_packed")
-    # The packed model outputs probabilities (reduce="logit_mean").
     return _scored("packed", "ensemble", setup, model, list(range(len(setup.models))),
-                   "the ensemble as one wide model (same outputs; its own latency)", output_kind="probs")
+                   "the ensemble as one wide model (same outputs; its own latency)")
 
 
 def _pruned_subset(setup, budget, cost, latencies):

@@ -96,11 +96,18 @@ def score_probs(probs, y):
 
 def predict_probs(model, x, outputs=None, batch_size=256):
     """Probabilities of a classifier on ``x`` (softmax applied to logit outputs)."""
+    return as_probs(predict(model, x, batch_size), model, outputs)
+
+
+def as_probs(raw, model, outputs=None):
+    """``model``'s raw outputs as float64 probabilities: softmax if it outputs logits.
+
+    ``outputs`` (``"logits"``/``"probs"``) overrides ``detect_output_kind(model)``.
+    """
     from ensemblekit.compose._members import detect_output_kind
 
-    raw = np.asarray(predict(model, x, batch_size), dtype="float64")
-    kind = outputs or detect_output_kind(model)
-    if kind == "logits":
+    raw = np.asarray(raw, dtype="float64")
+    if (outputs or detect_output_kind(model)) == "logits":
         raw = np.exp(raw - raw.max(axis=1, keepdims=True))
         raw /= raw.sum(axis=1, keepdims=True)
     return raw

@@ -28,7 +28,6 @@ import time
 
 import keras
 import numpy as np
-from scipy import special
 
 from ensemblekit import metrics
 from ensemblekit.bench.throughput import device_info, time_paths, write_json_and_markdown
@@ -127,7 +126,7 @@ def train_members(member_set, data, settings, seed=0):
     raise ValueError(f"Unknown member set {member_set!r}; expected one of {', '.join(MEMBER_SETS)}.")
 
 
-# -- compositions: each returns [{"composition", "model", "note"[, "macs"]}] or raises Skip ------
+# -- compositions: each returns [{"composition", "model", "note"}] or raises Skip ---------------
 
 class Context:
     """What the compositions of one member set are built from."""
@@ -262,22 +261,17 @@ def _fmt(values):
 
 # -- measuring -----------------------------------------------------------------------------------
 
-def _evaluate(model, x, y, settings, outputs=None):
+def _evaluate(model, x, y, settings):
     """``(compiled, scores, probs)``: ``model`` through ``compile_for_inference``, scored on ``(x, y)``.
-
-    ``outputs`` (``"logits"``/``"probs"``) overrides ``detect_output_kind``, as in ``ek.evaluate``.
 
     ``x`` runs in batches of ``settings["batch"]`` (the last one padded), so the
     function traced (and XLA-compiled) here is the one timed later: one trace per model.
     """
-    from ensemblekit.compose import detect_output_kind
     from ensemblekit.pack import compile_for_inference
 
     compiled = compile_for_inference(model, jit_compile=settings["jit_compile"])
     raw = compiled.predict(np.asarray(x, "float32"), batch_size=settings["batch"])
-    probs = raw.astype("float64")
-    if (outputs or detect_output_kind(model)) == "logits":
-        probs = special.softmax(probs, axis=1)
+    probs = metrics.as_probs(raw, model)
     return compiled, metrics.score_probs(probs, y), probs
 
 
@@ -336,9 +330,8 @@ def run_member_set(member_set, settings, seed=0, measure_throughput=True, verbos
             built = []
         for row in built:
             label, model = row["composition"], row.pop("model")
-            compiled[label], scores, probs[label] = _evaluate(model, x_test, y_test, settings,
-                                                              row.pop("outputs", None))
-            row.update(scores, params=int(model.count_params()), macs=int(row.get("macs", macs(model))))
+            compiled[label], scores, probs[label] = _evaluate(model, x_test, y_test, settings)
+            row.update(scores, params=int(model.count_params()), macs=int(macs(model)))
             rows.append(row)
         progress.add(1)
     speeds = _throughputs(compiled, x_test, settings) if measure_throughput else {}

@@ -534,15 +534,12 @@ def _member_costs(setup, cost, latencies):
 
 def _time_models(models, x_score, batch_size=256):
     """Milliseconds per batch of 256 of each model, compiled and timed round-robin."""
-    from ensemblekit.bench.throughput import time_paths
+    from ensemblekit.bench.throughput import batch_seconds
     from ensemblekit.pack import compile_for_inference
 
-    batch = np.resize(x_score, (batch_size, *x_score.shape[1:]))
-    functions = {}
-    for name, model in models.items():
-        compiled = compile_for_inference(model)
-        functions[name] = lambda compiled=compiled: compiled(batch)
-    return {name: seconds * 1e3 for name, seconds in time_paths(functions, repeats=5, target_s=0.02).items()}
+    compiled = {name: compile_for_inference(model) for name, model in models.items()}
+    seconds = batch_seconds(compiled, x_score, batch_size, repeats=5, target_s=0.02)
+    return {name: value * 1e3 for name, value in seconds.items()}
 
 
 def _measure_latencies(setup, candidates, progress):

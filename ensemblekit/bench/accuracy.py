@@ -30,7 +30,7 @@ import keras
 import numpy as np
 
 from ensemblekit import metrics
-from ensemblekit.bench.throughput import device_info, time_paths, write_json_and_markdown
+from ensemblekit.bench.throughput import batch_seconds, device_info, write_json_and_markdown
 
 MEMBER_SETS = {
     "mnist1d_cnn": "mnist1d, K CNN members (ensemblekit demo's CNN), different seeds",
@@ -277,9 +277,7 @@ def _evaluate(model, x, y, settings):
 
 def _throughputs(compiled, x, settings):
     """Samples/s of every ``{name: compiled}`` at batch ``settings["batch"]``, all timed round-robin."""
-    batch = np.resize(x, (settings["batch"], *x.shape[1:])).astype("float32")
-    functions = {name: (lambda f: lambda: f(batch))(fn) for name, fn in compiled.items()}
-    seconds = time_paths(functions, repeats=settings["repeats"], target_s=settings["target_s"])
+    seconds = batch_seconds(compiled, x, settings["batch"], settings["repeats"], settings["target_s"])
     return {name: settings["batch"] / s for name, s in seconds.items()}
 
 

@@ -139,6 +139,17 @@ def time_paths(functions, repeats=5, target_s=0.1, warmup=2):
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def batch_seconds(compiled, x, batch_size, repeats=5, target_s=0.05):
+    """Median seconds per call of each ``{name: f}`` on one batch of ``batch_size`` rows of ``x``.
+
+    ``x`` is repeated (or cut) to ``batch_size`` rows; the functions (e.g.
+    ``compile_for_inference`` results) are timed round-robin by ``time_paths``.
+    """
+    batch = np.resize(np.asarray(x), (batch_size, *np.shape(x)[1:])).astype("float32")
+    functions = {name: (lambda f=f: f(batch)) for name, f in compiled.items()}
+    return time_paths(functions, repeats=repeats, target_s=target_s)
+
+
 def matmul_function(size=2048):
     """``(fn, flops)``: ``fn()`` runs one ``size``x``size`` float32 matmul (the device's practical peak)."""
     rng = np.random.default_rng(0)

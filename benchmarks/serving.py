@@ -41,7 +41,7 @@ def build_models(folder, workload, members):
     models = [build_member(workload, seed) for seed in range(members)]
     paths = {"ensemble": Path(folder) / f"{workload}_ensemble_k{members}.keras",
              "member": Path(folder) / f"{workload}_member.keras"}
-    ek.ensemble(models, outputs="logits").save(paths["ensemble"])
+    ek.ensemble(models, output_kind="logits").save(paths["ensemble"])
     models[0].save(paths["member"])
     return paths, tuple(models[0].inputs[0].shape[1:])
 

@@ -8,11 +8,11 @@ Example:
     (1, 3)
 """
 
-from ensemblekit import deploy, prune
+from ensemblekit import deploy, merge, pack, prune
+from ensemblekit._outputs import detect_output_kind
 from ensemblekit.advise import Advice, advise
 from ensemblekit.compose import (
     calibrate,
-    detect_output_kind,
     ensemble,
     fuse,
     optimize_weights,
@@ -21,12 +21,13 @@ from ensemblekit.compose import (
     unfreeze,
 )
 from ensemblekit.deploy import export, serve
-from ensemblekit.merge import align, merge, reset_bn
+from ensemblekit.inference import compile_for_inference
+from ensemblekit.merge import align, reset_bn
 from ensemblekit.metrics import evaluate, pareto
-from ensemblekit.pack import compile_for_inference, pack, unpack
+from ensemblekit.pack import unpack
 
-# ``ek.merge`` and ``ek.pack`` are the functions; their modules stay importable as
-# ``from ensemblekit.merge import ...`` / ``from ensemblekit.pack import ...``.
+# ``ek.merge`` and ``ek.pack`` are the packages, callable as their main function
+# (``ek.merge(models, "ties")``), so ``import ensemblekit.merge.core`` still works.
 
 __version__ = "0.1.0"
 

@@ -11,9 +11,6 @@ import numbers
 
 import numpy as np
 
-OUTPUT_KINDS = ("probs", "logits")
-
-
 def member_label(index, model=None):
     """Return ``"member 2 ('cnn_b')"``: how errors name a member."""
     name = getattr(model, "name", None)
@@ -62,21 +59,6 @@ def check_weights(weights, n_members, param="weights", normalize=True):
     if array.sum() <= 0:
         raise ValueError(f"{param} are all zero; at least one member needs a positive weight.")
     return array / array.sum() if normalize else array
-
-
-def check_output_kinds(outputs, n_members):
-    """Normalise ``outputs=`` (None, one kind, or one kind per member) to a list."""
-    if outputs is None or isinstance(outputs, str):
-        outputs = [outputs] * n_members
-    outputs = list(outputs)
-    if len(outputs) != n_members:
-        raise ValueError(f"outputs has {len(outputs)} entries but there are {n_members} members.")
-    for i, kind in enumerate(outputs):
-        if kind is not None and kind not in OUTPUT_KINDS:
-            raise ValueError(
-                f"outputs[{i}] is {kind!r}; expected 'logits', 'probs' or None (detect)."
-            )
-    return outputs
 
 
 def check_labels(y, n_samples, n_classes, param="y"):

@@ -25,8 +25,7 @@ from ensemblekit._io import load_model
 from ensemblekit._validate import check_choice, check_labels, member_label
 from ensemblekit.compose._members import Members, _shapes_compatible
 from ensemblekit.compose.weights import metric_loss
-from ensemblekit.prune.members import COSTS
-from ensemblekit.prune.report import macs
+from ensemblekit.costs import COSTS, latencies, macs
 
 METRICS = ("nll", "accuracy")
 PATH_T = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -439,7 +438,7 @@ def _ties(setup):
 def _ensemble(setup):
     from ensemblekit.compose import ensemble
 
-    model = ensemble(setup.models, "logit_mean", outputs=setup.members.kinds, name="advise_ensemble")
+    model = ensemble(setup.models, "logit_mean", output_kind=setup.members.kinds, name="advise_ensemble")
     return _scored("ensemble", "ensemble", setup, model, list(range(len(setup.models))),
                    "softmax of the mean logits")
 
@@ -475,7 +474,7 @@ def _subset_model(setup, counts, name):
     if len(indices) == 1:
         return setup.models[indices[0]], indices
     model = ensemble([setup.models[i] for i in indices], "weighted", weights=[counts[i] for i in indices],
-                     outputs=[setup.members.kinds[i] for i in indices], name=name)
+                     output_kind=[setup.members.kinds[i] for i in indices], name=name)
     return model, indices
 
 
@@ -497,7 +496,7 @@ def _packed(setup):
         return _skipped("packed", "ensemble", setup.merge_reason)
     if len(set(setup.members.kinds)) > 1:
         return _skipped("packed", "ensemble", "members mix logit and probability outputs")
-    model = pack(setup.models, reduce="logit_mean", outputs=setup.members.kinds[0], name="advise_packed")
+    model = pack(setup.models, reduce="logit_mean", output_kind=setup.members.kinds[0], name="advise_packed")
     return _scored("packed", "ensemble", setup, model, list(range(len(setup.models))),
                    "the ensemble as one wide model (same outputs; its own latency)")
 
@@ -532,14 +531,9 @@ def _member_costs(setup, cost, latencies):
     return np.array([latencies[f"member {k}"] for k in range(len(setup.models))], dtype="float64")
 
 
-def _time_models(models, x_score, batch_size=256):
-    """Milliseconds per batch of 256 of each model, compiled and timed round-robin."""
-    from ensemblekit.bench.throughput import batch_seconds
-    from ensemblekit.pack import compile_for_inference
-
-    compiled = {name: compile_for_inference(model) for name, model in models.items()}
-    seconds = batch_seconds(compiled, x_score, batch_size, repeats=5, target_s=0.02)
-    return {name: value * 1e3 for name, value in seconds.items()}
+def _time_models(models, x_score):
+    """Milliseconds per batch of 256 of each model (``ensemblekit.costs.latencies``)."""
+    return {name: seconds * 1e3 for name, seconds in latencies(models, x_score).items()}
 
 
 def _measure_latencies(setup, candidates, progress):

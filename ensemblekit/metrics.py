@@ -7,6 +7,7 @@ import numbers
 import numpy as np
 
 from ensemblekit._io import predict
+from ensemblekit._outputs import as_probs
 from ensemblekit._validate import check_labels
 
 _EPSILON = 1e-12
@@ -94,30 +95,16 @@ def score_probs(probs, y):
     return {name: fn(probs, y) for name, fn in METRICS.items()}
 
 
-def predict_probs(model, x, outputs=None, batch_size=256):
+def predict_probs(model, x, output_kind=None, batch_size=256):
     """Probabilities of a classifier on ``x`` (softmax applied to logit outputs)."""
-    return as_probs(predict(model, x, batch_size), model, outputs)
+    return as_probs(predict(model, x, batch_size), model, output_kind)
 
 
-def as_probs(raw, model, outputs=None):
-    """``model``'s raw outputs as float64 probabilities: softmax if it outputs logits.
-
-    ``outputs`` (``"logits"``/``"probs"``) overrides ``detect_output_kind(model)``.
-    """
-    from ensemblekit.compose._members import detect_output_kind
-
-    raw = np.asarray(raw, dtype="float64")
-    if (outputs or detect_output_kind(model)) == "logits":
-        raw = np.exp(raw - raw.max(axis=1, keepdims=True))
-        raw /= raw.sum(axis=1, keepdims=True)
-    return raw
-
-
-def evaluate(model, x, y, outputs=None, batch_size=256):
+def evaluate(model, x, y, output_kind=None, batch_size=256):
     """Accuracy, NLL, Brier score and ECE (15 bins) of a classifier on ``(x, y)``.
 
     Args:
-        model: a ``keras.Model`` (probabilities or logits out; ``outputs`` says
+        model: a ``keras.Model`` (probabilities or logits out; ``output_kind`` says
             which if detection of a final softmax is not enough).
         x: inputs.
         y: integer labels or one-hot rows.
@@ -131,7 +118,7 @@ def evaluate(model, x, y, outputs=None, batch_size=256):
         >>> sorted(evaluate(m, np.zeros((5, 4)), np.zeros(5, dtype=int)))
         ['accuracy', 'brier', 'ece', 'nll']
     """
-    return score_probs(predict_probs(model, x, outputs=outputs, batch_size=batch_size), y)
+    return score_probs(predict_probs(model, x, output_kind=output_kind, batch_size=batch_size), y)
 
 
 def _objective(row, index, key, higher_is_better):

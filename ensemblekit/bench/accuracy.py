@@ -13,9 +13,9 @@ Every composition of the library that applies is built from the members
 Validation data (held out from member training) fits everything that learns
 from data: weights, stacking, selection, member pruning, calibration. Test data
 gives every reported number: accuracy, NLL, Brier score, ECE (``ensemblekit.metrics``),
-plus parameters, MACs per sample (``prune.report.macs``) and samples/s at batch
+plus parameters, MACs per sample (``costs.macs``) and samples/s at batch
 256 through ``compile_for_inference``, all compositions of a member set timed
-round-robin in one ``bench.throughput.time_paths`` call. The Pareto front of
+round-robin in one ``_timing.time_paths`` call. The Pareto front of
 throughput vs accuracy comes from ``ek.pareto``.
 
 Same seed, same accuracy numbers: members, folds and heads are seeded and TF's
@@ -30,7 +30,8 @@ import keras
 import numpy as np
 
 from ensemblekit import metrics
-from ensemblekit.bench.throughput import batch_seconds, device_info, write_json_and_markdown
+from ensemblekit._timing import batch_seconds
+from ensemblekit.bench.throughput import device_info, write_json_and_markdown
 
 MEMBER_SETS = {
     "mnist1d_cnn": "mnist1d, K CNN members (ensemblekit demo's CNN), different seeds",
@@ -267,7 +268,7 @@ def _evaluate(model, x, y, settings):
     ``x`` runs in batches of ``settings["batch"]`` (the last one padded), so the
     function traced (and XLA-compiled) here is the one timed later: one trace per model.
     """
-    from ensemblekit.pack import compile_for_inference
+    from ensemblekit.inference import compile_for_inference
 
     compiled = compile_for_inference(model, jit_compile=settings["jit_compile"])
     raw = compiled.predict(np.asarray(x, "float32"), batch_size=settings["batch"])
@@ -311,7 +312,7 @@ def run_member_set(member_set, settings, seed=0, measure_throughput=True, verbos
         ``params``, ``macs``, ``throughput`` (samples/s, ``None`` if not measured), ``pareto``.
     """
     import ensemblekit as ek
-    from ensemblekit.prune.report import macs
+    from ensemblekit.costs import macs
 
     start = time.perf_counter()
     data = load_data(member_set, settings)
@@ -449,7 +450,7 @@ def to_markdown(result):
         "below is on the test data. samples/s: batch "
         f"{settings['batch']} through `compile_for_inference` (XLA: {settings['jit_compile']}), median of "
         f"{settings['repeats']} round-robin repeats per member set. ★: on the Pareto front of samples/s vs "
-        "accuracy (`ek.pareto`). MACs per sample: `prune.report.macs` (Dense, convolutions, recurrent "
+        "accuracy (`ek.pareto`). MACs per sample: `ensemblekit.costs.macs` (Dense, convolutions, recurrent "
         "layers, packed layers).", "",
     ]
     for name, member_result in result["member_sets"].items():

@@ -25,16 +25,16 @@ from __future__ import annotations
 
 import json
 import platform
-import statistics
-import time
 
 import keras
 import numpy as np
 
 from ensemblekit import _graph
+from ensemblekit._timing import time_paths
 from ensemblekit.compose import ensemble
-from ensemblekit.pack import compile_for_inference, pack
-from ensemblekit.prune.report import macs
+from ensemblekit.costs import macs
+from ensemblekit.inference import compile_for_inference
+from ensemblekit.pack import pack
 
 L = keras.layers
 BASELINE = "ensemble"
@@ -110,44 +110,6 @@ def _cpu_count():
     import os
 
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def time_paths(functions, repeats=5, target_s=0.1, warmup=2):
-    """Median seconds per call of each function, timed round-robin (warm-up excluded).
-
-    Repeat ``r`` times every function once in turn, so a change of machine load
-    (the CPU may be shared) hits all paths alike. Each function runs ``n`` calls
-    per repeat, ``n`` chosen so that its repeat lasts about ``target_s``.
-
-    Returns:
-        ``{name: median seconds per call}``.
-    """
-    calls = {}
-    for name, fn in functions.items():
-        for _ in range(warmup):
-            fn()
-        start = time.perf_counter()
-        fn()
-        calls[name] = max(1, int(target_s / max(time.perf_counter() - start, 1e-6)))
-    samples = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, fn in functions.items():
-            start = time.perf_counter()
-            for _ in range(calls[name]):
-                fn()
-            samples[name].append((time.perf_counter() - start) / calls[name])
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
-def batch_seconds(compiled, x, batch_size, repeats=5, target_s=0.05):
-    """Median seconds per call of each ``{name: f}`` on one batch of ``batch_size`` rows of ``x``.
-
-    ``x`` is repeated (or cut) to ``batch_size`` rows; the functions (e.g.
-    ``compile_for_inference`` results) are timed round-robin by ``time_paths``.
-    """
-    batch = np.resize(np.asarray(x), (batch_size, *np.shape(x)[1:])).astype("float32")
-    functions = {name: (lambda f=f: f(batch)) for name, f in compiled.items()}
-    return time_paths(functions, repeats=repeats, target_s=target_s)
 
 
 def matmul_function(size=2048):

@@ -1,6 +1,6 @@
 """Output-level composition: ensembles, stacking, fusion, weights, selection, calibration."""
 
-from ensemblekit.compose._members import detect_output_kind
+from ensemblekit._outputs import detect_output_kind
 from ensemblekit.compose.ensemble import ensemble
 from ensemblekit.compose.fuse import fuse, unfreeze
 from ensemblekit.compose.stack import stack

@@ -7,43 +7,8 @@ import numpy as np
 
 from ensemblekit._graph import model_input_shape, model_output_shape
 from ensemblekit._io import load_members, predict
-from ensemblekit._validate import check_output_kinds, member_label
-
-
-def detect_output_kind(model):
-    """``"probs"`` if ``model`` ends in a softmax, else ``"logits"``.
-
-    Looks at the last layer (recursing into a nested final model): a
-    ``Softmax`` layer, an ``Activation("softmax")``, any layer whose
-    ``activation`` is softmax, or a layer that declares ``output_kind``
-    (ensemblekit's combiners and ``TemperatureScaling`` output probabilities).
-
-    Args:
-        model: a ``keras.Model`` (or a layer).
-
-    Returns:
-        ``"probs"`` or ``"logits"``.
-
-    Example:
-        >>> import keras
-        >>> import ensemblekit as ek
-        >>> ek.detect_output_kind(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]))
-        'logits'
-        >>> ek.detect_output_kind(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
-        ...                                         keras.layers.Softmax()]))
-        'probs'
-    """
-    layer = model
-    while isinstance(layer, keras.Model) and layer.layers:
-        layer = layer.layers[-1]
-    declared = getattr(layer, "output_kind", None)
-    if declared in ("probs", "logits"):
-        return declared
-    if isinstance(layer, keras.layers.Softmax):
-        return "probs"
-    activation = getattr(layer, "activation", None)
-    name = getattr(activation, "__name__", str(activation))
-    return "probs" if name == "softmax" else "logits"
+from ensemblekit._outputs import check_output_kinds, detect_output_kind
+from ensemblekit._validate import member_label
 
 
 class Members:
@@ -51,7 +16,7 @@ class Members:
 
     Args:
         models: list of ``keras.Model`` or paths.
-        outputs: ``None`` (detect), ``"logits"``/``"probs"``, or one per member.
+        output_kind: ``None`` (detect), ``"logits"``/``"probs"``, or one per member.
         adapters: ``None`` or one Keras layer (or ``None``) per member mapping the
             shared input to that member's input.
         input_shape: the shared input shape (default: member 0's input shape).
@@ -59,14 +24,14 @@ class Members:
         what: how errors name the composition ("an ensemble").
     """
 
-    def __init__(self, models, outputs=None, adapters=None, input_shape=None, min_count=2,
+    def __init__(self, models, output_kind=None, adapters=None, input_shape=None, min_count=2,
                  what="an ensemble", safe_mode=True):
         self.models = load_members(models, min_count=min_count, what=what, safe_mode=safe_mode)
         self.labels = [member_label(i, m) for i, m in enumerate(self.models)]
         self.input_shapes = [self._shape(model_input_shape, i) for i in range(len(self.models))]
         self.output_shapes = [self._shape(model_output_shape, i) for i in range(len(self.models))]
         self._check_outputs()
-        kinds = check_output_kinds(outputs, len(self.models))
+        kinds = check_output_kinds(output_kind, len(self.models))
         self.kinds = [k or detect_output_kind(m) for k, m in zip(kinds, self.models)]
         self.adapters = self._check_adapters(adapters)
         self.input_shape = tuple(input_shape) if input_shape is not None else self.input_shapes[0]

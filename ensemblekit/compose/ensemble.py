@@ -11,7 +11,7 @@ from ensemblekit.compose.layers import COMBINERS
 METHODS = tuple(COMBINERS)
 
 
-def ensemble(models, method="mean", weights=None, name=None, outputs=None, adapters=None,
+def ensemble(models, method="mean", weights=None, name=None, output_kind=None, adapters=None,
              input_shape=None, safe_mode=True):
     """Combine classifiers into one model whose output is the ensemble's probabilities.
 
@@ -29,7 +29,7 @@ def ensemble(models, method="mean", weights=None, name=None, outputs=None, adapt
         weights: optional non-negative per-member weights (normalised to sum to
             one); they weight any method.
         name: name of the returned model (default ``"ensemble_<method>"``).
-        outputs: what the members output: ``None`` detects a final softmax,
+        output_kind: what the members output: ``None`` detects a final softmax,
             ``"logits"``/``"probs"`` says it for all, or give one per member.
         adapters: optional list with one Keras layer (or ``None``) per member that
             maps the shared input to the member's input (e.g. ``Resizing``).
@@ -48,7 +48,7 @@ def ensemble(models, method="mean", weights=None, name=None, outputs=None, adapt
         (2, 3)
     """
     check_choice(method, METHODS, "method")
-    members = Members(models, outputs=outputs, adapters=adapters, input_shape=input_shape)
+    members = Members(models, output_kind=output_kind, adapters=adapters, input_shape=input_shape)
     if method == "weighted" and weights is None:
         raise ValueError("method 'weighted' needs weights=[...], one per member.")
     member_weights = None if weights is None else check_weights(weights, len(members)).tolist()

@@ -12,15 +12,9 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from ensemblekit._outputs import to_log_probs
+
 PACKAGE = "ensemblekit"
-_LOG_EPSILON = 1e-12
-
-
-def to_log_probs(output, kind):
-    """Log-probabilities from a member output that is ``"logits"`` or ``"probs"``."""
-    if kind == "logits":
-        return ops.log_softmax(output, axis=-1)
-    return ops.log(ops.clip(output, _LOG_EPSILON, 1.0))
 
 
 class Combiner(keras.layers.Layer):

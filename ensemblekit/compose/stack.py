@@ -93,7 +93,7 @@ def _refit_out_of_fold(members, x, y, folds, passthrough, member_epochs, batch_s
     def refit(rows):
         return Members([_refit_member(m, k, x[rows], y[rows], member_epochs, batch_size)
                         for m, k in zip(members.models, members.kinds)],
-                       outputs=members.kinds, what="stack")
+                       output_kind=members.kinds, what="stack")
 
     features = None
     for held_out in folds:
@@ -109,7 +109,7 @@ def _refit_out_of_fold(members, x, y, folds, passthrough, member_epochs, batch_s
 
 
 def stack(models, x, y, meta="logistic", cv=5, passthrough=False, refit_members=False,
-          member_epochs=10, epochs=100, batch_size=64, outputs=None, seed=0, name=None,
+          member_epochs=10, epochs=100, batch_size=64, output_kind=None, seed=0, name=None,
           verbose=1):
     """Stacked generalisation (Wolpert, 1992): a Keras meta-learner over the members.
 
@@ -140,7 +140,7 @@ def stack(models, x, y, meta="logistic", cv=5, passthrough=False, refit_members=
         passthrough: also feed the raw input to the meta-learner.
         refit_members, member_epochs: see above.
         epochs, batch_size: meta-learner training.
-        outputs: what members output (``None`` detects a final softmax).
+        output_kind: what members output (``None`` detects a final softmax).
         seed: fold split and meta-learner initialisation.
         name: name of the returned model.
         verbose: ``1`` shows a progress bar over the folds (and member refits),
@@ -158,7 +158,7 @@ def stack(models, x, y, meta="logistic", cv=5, passthrough=False, refit_members=
         >>> ek.stack(ms, x, y, cv=2, epochs=2, verbose=0).predict(x[:2], verbose=0).shape
         (2, 3)
     """
-    members = Members(models, outputs=outputs, what="stack")
+    members = Members(models, output_kind=output_kind, what="stack")
     x = np.asarray(x)
     y = check_labels(y, x.shape[0], members.num_classes)
     if not isinstance(cv, (int, np.integer)) or cv < 2 or cv > len(x):

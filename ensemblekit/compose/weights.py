@@ -126,13 +126,13 @@ def fit_temperature(log_probs, y):
     return float(np.exp(result.x))
 
 
-def calibrate(model, x_val, y_val, outputs=None, name=None):
+def calibrate(model, x_val, y_val, output_kind=None, name=None):
     """Temperature scaling (Guo et al., 2017): fit one ``T`` on validation NLL.
 
     Args:
         model: a classifier (any composed model included) or a path.
         x_val, y_val: validation data.
-        outputs: ``"logits"``/``"probs"`` if detection of a final softmax is not enough.
+        output_kind: ``"logits"``/``"probs"`` if detection of a final softmax is not enough.
         name: name of the returned model (default ``"<model>_calibrated"``).
 
     Returns:
@@ -148,7 +148,7 @@ def calibrate(model, x_val, y_val, outputs=None, name=None):
         >>> cal.layers[-1].temperature > 0
         True
     """
-    members = Members([model], outputs=outputs, min_count=1, what="calibrate")
+    members = Members([model], output_kind=output_kind, min_count=1, what="calibrate")
     model, kind = members.models[0], members.kinds[0]
     log_probs = members.predict_log_probs(x_val)[:, 0]
     y = check_labels(y_val, log_probs.shape[0], members.num_classes, param="y_val")

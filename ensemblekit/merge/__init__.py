@@ -1,5 +1,7 @@
 """Weight-space merging: ``merge`` models into one, ``align`` their units first, ``reset_bn`` after.
 
+This package is callable: ``ek.merge(models, method)`` runs :func:`merge`.
+
 Example:
     >>> import keras, numpy as np
     >>> from ensemblekit.merge import merge
@@ -9,9 +11,12 @@ Example:
     8
 """
 
+from ensemblekit._callable import make_callable
 from ensemblekit.merge.align import align
 from ensemblekit.merge.bn import reset_bn
 from ensemblekit.merge.core import merge
 from ensemblekit.merge.methods import METHODS
 
 __all__ = ["METHODS", "align", "merge", "reset_bn"]
+
+make_callable(__name__, merge)

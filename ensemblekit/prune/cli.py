@@ -28,7 +28,7 @@ def register_cli(subparsers):
     report = kinds.add_parser("report", help="compare two models: params, zeros, MACs, size, latency")
     report.add_argument("before")
     report.add_argument("after")
-    report.add_argument("--repeats", type=int, default=20)
+    report.add_argument("--repeats", type=int, default=7)
     report.set_defaults(run=_run_report)
 
 

@@ -12,9 +12,7 @@ from ensemblekit._graph import is_container
 from ensemblekit._io import load_members
 from ensemblekit._validate import check_choice
 from ensemblekit.compose.weights import metric_loss, validation_log_probs
-
-COSTS = ("params", "macs", "latency")
-
+from ensemblekit.costs import model_costs
 
 @dataclasses.dataclass
 class MemberSelection:
@@ -50,23 +48,6 @@ def _member_models(ensemble_or_models):
             )
         return nested
     return load_members(ensemble_or_models, min_count=2, what="members()")
-
-
-def member_costs(models, cost="params"):
-    """Cost of each member: parameters, MACs per sample, or measured latency at batch 256 (seconds)."""
-    from ensemblekit.prune.report import latency, macs
-
-    if not isinstance(cost, str):
-        values = np.asarray(cost, dtype="float64")
-        if values.shape != (len(models),) or not np.all(np.isfinite(values)) or np.any(values <= 0):
-            raise ValueError(f"cost must be one of {COSTS} or {len(models)} positive numbers, got {cost!r}.")
-        return values
-    check_choice(cost, COSTS, "cost")
-    if cost == "params":
-        return np.array([m.count_params() for m in models], dtype="float64")
-    if cost == "macs":
-        return np.array([macs(m) for m in models], dtype="float64")
-    return np.array([latency(m, 256, repeats=10) for m in models], dtype="float64")
 
 
 def _check_budget(budget):
@@ -129,7 +110,7 @@ def members(ensemble_or_models, x_val, y_val, budget=0.5, cost="params", metric=
     models = _member_models(ensemble_or_models)
     budget = _check_budget(budget)
     loss = metric_loss(metric)
-    costs = member_costs(models, cost)
+    costs = model_costs(models, cost)
     limit = budget * costs.sum()
     if costs.min() > limit:
         cheapest = int(np.argmin(costs))
@@ -148,9 +129,9 @@ def members(ensemble_or_models, x_val, y_val, budget=0.5, cost="params", metric=
     weights = [float(counts[i] / counts.sum()) for i in indices]
     kept = [member_set.models[i] for i in indices]
     model = kept[0] if len(kept) == 1 else ensemble(
-        kept, "weighted", weights=weights, outputs=[member_set.kinds[i] for i in indices])
+        kept, "weighted", weights=weights, output_kind=[member_set.kinds[i] for i in indices])
     return MemberSelection(indices, weights, costs.tolist(), float(costs[indices].sum() / costs.sum()),
                            score, float(loss(probs.mean(axis=1), y)), model)
 
 
-__all__ = ["MemberSelection", "member_costs", "members"]
+__all__ = ["MemberSelection", "members"]

@@ -27,15 +27,6 @@ def test_soup_is_the_weight_average():
         np.testing.assert_allclose(array, expected, rtol=1e-6)
 
 
-def test_time_paths_orders_a_slow_and_a_fast_function():
-    import time
-
-    seconds = throughput.time_paths(
-        {"slow": lambda: time.sleep(0.004), "fast": lambda: None}, repeats=3, target_s=0.01, warmup=1
-    )
-    assert seconds["slow"] >= 0.004 > seconds["fast"] >= 0
-
-
 def test_paths_compute_the_same_ensemble():
     models = [throughput.build_member("mlp", seed) for seed in range(2)]
     x = np.random.default_rng(0).normal(size=(3, 40, 1)).astype("float32")

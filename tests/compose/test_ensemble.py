@@ -107,14 +107,14 @@ def test_adapters_map_shared_input_to_each_member(toy_data):
     assert model.predict(x, verbose=0).shape == (2, 3)
 
 
-def test_outputs_argument_overrides_detection(toy_data):
+def test_output_kind_argument_overrides_detection(toy_data):
     x, _ = toy_data
     relu_probs = [make_mlp(0), make_mlp(1)]
-    as_logits = ek.ensemble(relu_probs, outputs="logits").predict(x, verbose=0)
-    as_probs = ek.ensemble(relu_probs, outputs=["probs", "probs"]).predict(x, verbose=0)
+    as_logits = ek.ensemble(relu_probs, output_kind="logits").predict(x, verbose=0)
+    as_probs = ek.ensemble(relu_probs, output_kind=["probs", "probs"]).predict(x, verbose=0)
     assert not np.allclose(as_logits, as_probs)
-    with pytest.raises(ValueError, match="outputs\\[1\\] is 'scores'"):
-        ek.ensemble(relu_probs, outputs=["logits", "scores"])
+    with pytest.raises(ValueError, match="output_kind\\[1\\] is 'scores'"):
+        ek.ensemble(relu_probs, output_kind=["logits", "scores"])
 
 
 # --- bad input: one clear error each -------------------------------------------------------

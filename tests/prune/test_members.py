@@ -6,7 +6,7 @@ import pytest
 
 import ensemblekit as ek
 from ensemblekit.prune import members
-from ensemblekit.prune.members import member_costs
+from ensemblekit.costs import model_costs
 from tests.conftest import make_mlp
 
 
@@ -29,7 +29,7 @@ def trained_members():
 
 def test_selection_respects_the_budget_and_drops_the_useless_member(trained_members):
     models, (xv, yv) = trained_members
-    costs = member_costs(models, "params")
+    costs = model_costs(models, "params")
     kept = members(models, xv, yv, budget=0.3)
     assert 2 not in kept.indices  # the big member alone exceeds 30% of the parameters
     assert 3 not in kept.indices  # the untrained member only hurts

@@ -6,7 +6,8 @@ import pytest
 
 import ensemblekit as ek
 from ensemblekit.prune import channels, magnitude, report, strip
-from ensemblekit.prune.report import count_params, layer_macs, macs, zipped_size
+from ensemblekit.costs import count_params, layer_macs, macs
+from ensemblekit.prune.report import zipped_size
 from tests.conftest import make_mlp
 
 

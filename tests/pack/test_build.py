@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ensemblekit.compose import ensemble
-from ensemblekit.pack import compile_for_inference, pack, unpack
+from ensemblekit.pack import pack, unpack
 from tests.conftest import make_mlp, save_all
 
 L = keras.layers
@@ -88,7 +88,7 @@ def test_pack_equals_ensemble(case, reduce):
 def test_packed_model_declares_probabilities_and_counts_its_members_macs(case):
     from ensemblekit.compose import detect_output_kind
     from ensemblekit.metrics import evaluate
-    from ensemblekit.prune.report import macs
+    from ensemblekit.costs import macs
 
     _, models, x = case
     packed = pack(models, "mean")
@@ -190,86 +190,3 @@ def test_pack_bad_arguments():
         unpack(models[0])
     with pytest.raises(TypeError, match="keras.Model"):
         unpack("model.keras")
-
-
-@pytest.mark.parametrize("jit_compile", [True, False])
-def test_compile_for_inference_matches_predict(jit_compile):
-    models = [make_mlp(seed) for seed in range(K)]
-    x = np.random.default_rng(0).normal(size=(5, 8)).astype("float32")
-    for model in (ensemble(models, "mean"), pack(models, "mean")):
-        fn = compile_for_inference(model, jit_compile=jit_compile)
-        np.testing.assert_allclose(fn(x), model.predict(x, verbose=0), atol=1e-5, rtol=0)
-        np.testing.assert_allclose(fn.predict(x, batch_size=2), model.predict(x, verbose=0),
-                                   atol=1e-5, rtol=0)
-
-
-def test_compile_for_inference_traces_each_input_shape_and_dtype_once():
-    models = [make_mlp(seed) for seed in range(K)]
-    packed = pack(models, "mean")
-    fn = compile_for_inference(packed, jit_compile=False, autotune=False)
-    rng = np.random.default_rng(1)
-    inputs = [rng.normal(size=(n, 8)).astype("float32") for n in (3, 7, 3)]
-    inputs.append(inputs[0].astype("float64"))
-    traces = []
-    original_call = packed.call
-    packed.call = lambda *args, **kwargs: traces.append(1) or original_call(*args, **kwargs)
-    for x in inputs:
-        np.testing.assert_allclose(fn(x), ensemble(models, "mean").predict(x, verbose=0),
-                                   atol=1e-5, rtol=0)
-        np.testing.assert_allclose(fn(keras.ops.convert_to_tensor(x)), fn(x), atol=0, rtol=0)
-    # (3, 8) float32, (7, 8) float32, (3, 8) float64 -- JAX without x64 makes the
-    # float64 input float32, so it reuses the first trace there.
-    float64_kept = keras.backend.standardize_dtype(keras.ops.convert_to_tensor(inputs[-1]).dtype) == "float64"
-    assert len(traces) == (3 if float64_kept else 2)
-
-
-@pytest.mark.parametrize("jit_compile", [False, True])
-def test_autotune_times_both_lowerings_per_shape_and_keeps_the_outputs(jit_compile):
-    models = [make_mlp(seed) for seed in range(K)]
-    packed = pack(models, "mean")
-    fn = compile_for_inference(packed, jit_compile=jit_compile)
-    rng = np.random.default_rng(2)
-    for rows in (3, 200):
-        x = rng.normal(size=(rows, 8)).astype("float32")
-        np.testing.assert_allclose(fn(x), ensemble(models, "mean").predict(x, verbose=0), atol=1e-5, rtol=0)
-    assert set(fn.lowerings_) == {(3, 8), (200, 8)}
-    assert set(fn.lowerings_.values()) <= {"grouped", "loop"}
-    # Plain models and fixed lowerings have nothing to tune.
-    assert compile_for_inference(ensemble(models, "mean")).lowerings_ == {}
-    fixed = compile_for_inference(pack(models, "mean", lowering="loop"))
-    fixed(x)
-    assert fixed.lowerings_ == {}
-
-
-def test_inference_predict_pads_the_last_batch_to_one_compiled_shape():
-    models = [make_mlp(seed) for seed in range(K)]
-    model = ensemble(models, "mean")
-    fn = compile_for_inference(model, jit_compile=False)
-    x = np.random.default_rng(3).normal(size=(7, 8)).astype("float32")
-    expected = model.predict(x, verbose=0)
-    traced_rows = []
-    original_call = model.call
-    model.call = lambda x, *args, **kwargs: traced_rows.append(x.shape[0]) or original_call(x, *args, **kwargs)
-    np.testing.assert_allclose(fn.predict(x, batch_size=3), expected, atol=1e-5, rtol=0)
-    assert traced_rows == [3]
-
-
-def test_compile_for_inference_rejects_non_models():
-    with pytest.raises(TypeError, match="expects a keras.Model"):
-        compile_for_inference(lambda x: x)
-
-
-def test_auto_lowering_switches_dense_to_loop_for_many_rows():
-    from ensemblekit.pack import GroupedDense
-
-    models = [make_mlp(seed) for seed in range(K)]
-    packed = pack(models, "mean")
-    dense = [layer for layer in packed.layers if isinstance(layer, GroupedDense)]
-    assert [layer.lowering for layer in dense] == ["auto", "auto"]
-    member_axis = dense[1]
-    assert not member_axis._use_loop(keras.KerasTensor((None, K, 16)))  # unknown batch: einsum
-    assert not member_axis._use_loop(np.zeros((GroupedDense.LOOP_ROWS - 1, K, 16)))
-    assert member_axis._use_loop(np.zeros((GroupedDense.LOOP_ROWS, K, 16)))
-    x = np.random.default_rng(0).normal(size=(GroupedDense.LOOP_ROWS + 2, 8)).astype("float32")
-    expected = ensemble(models, "mean").predict(x, verbose=0)
-    np.testing.assert_allclose(compile_for_inference(packed)(x), expected, atol=1e-5, rtol=0)

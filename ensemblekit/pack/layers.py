@@ -1,0 +1,538 @@
+"""The grouped layers of a packed model: K members' layers as one layer each.
+
+Inside a packed model a tensor either has no member axis (the shared input,
+before the first weighted layer) or carries it just before the channel axis:
+``(batch, ..., K, channels)``. That layout makes the member axis free to fold
+into channels, so
+
+* ``GroupedDense``: on the shared input one matmul with the K kernels
+  concatenated, ``(in, K*units)``; afterwards an einsum over the stacked kernel
+  ``(K, in, units)`` (a batched matmul) or K matmuls;
+* ``GroupedConv`` (Conv1D/Conv2D): on the shared input one convolution with
+  K*filters output channels; afterwards a grouped convolution over
+  ``(..., K*channels)`` or K convolutions;
+* ``GroupedBatchNormalization``/``GroupedLayerNormalization``: per-member
+  ``(K, c)`` parameters;
+* ``MemberChannels``: pooling, padding, cropping and up-sampling run once on
+  the ``K*channels`` view; ``MemberFlatten`` flattens per member;
+  ``MemberBroadcast`` gives a shared tensor the member axis;
+* ``PackedOutput`` reduces the K member outputs ``(batch, K, classes)`` exactly
+  as ``ek.ensemble`` does, and records what ``unpack`` needs.
+
+Which op a grouped layer runs (``lowering``) is decided by
+``ensemblekit.inference.LoweringPolicy``. Every layer is registered, so packed
+models load from ``.keras`` in ``safe_mode``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from ensemblekit._outputs import to_log_probs
+from ensemblekit._validate import check_choice
+from ensemblekit.inference import LOWERINGS, POLICY
+
+PACKAGE = "ensemblekit"
+REDUCTIONS = ("mean", "logit_mean", "none")
+
+
+def _renamed(config, old, new):
+    """``config`` with key ``old`` renamed to ``new`` (files saved by ensemblekit 0.1 use ``old``)."""
+    if old in config:
+        config = dict(config)
+        config.setdefault(new, config.pop(old))
+    return config
+
+
+def _split_members(x, num_members):
+    """``(batch, ..., K*c)`` -> ``(batch, ..., K, c)`` (a free reshape)."""
+    shape = [-1 if d is None else int(d) for d in x.shape[:-1]]
+    return ops.reshape(x, shape + [num_members, int(x.shape[-1]) // num_members])
+
+
+def _merge_members(x):
+    """``(batch, ..., K, c)`` -> ``(batch, ..., K*c)`` (a free reshape)."""
+    shape = [-1 if d is None else int(d) for d in x.shape[:-2]]
+    return ops.reshape(x, shape + [int(x.shape[-2]) * int(x.shape[-1])])
+
+
+class _MemberLayer(keras.layers.Layer):
+    """Base of the grouped layers: K members, input with or without the member axis.
+
+    Args:
+        num_members: K, the number of packed members.
+        shared_input: True when the input has no member axis (the shared model
+            input); the output always has one.
+        lowering: ``"grouped"`` (one grouped op), ``"loop"`` (K ops) or ``"auto"``
+            (decided when traced, see ``ensemblekit.inference.LoweringPolicy``).
+    """
+
+    def __init__(self, num_members, shared_input=False, lowering="grouped", **kwargs):
+        super().__init__(**kwargs)
+        self.num_members = int(num_members)
+        self.shared_input = bool(shared_input)
+        self.lowering = check_choice(lowering, LOWERINGS, "lowering")
+        self.forced_lowering = None  # set by compile_for_inference while it traces
+
+    @classmethod
+    def from_config(cls, config):
+        return super().from_config(_renamed(config, "members", "num_members"))
+
+    def _check_input(self, input_shape):
+        if not self.shared_input and (len(input_shape) < 3 or input_shape[-2] != self.num_members):
+            raise ValueError(
+                f"{self.name}: expects input (batch, ..., {self.num_members}, channels) with the "
+                f"member axis before the channels; got {tuple(input_shape)}."
+            )
+
+    def member_weights(self, index):
+        """Member ``index``'s weights, in the order of the original layer's ``get_weights()``."""
+        raise NotImplementedError
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_members=self.num_members, shared_input=self.shared_input,
+                      lowering=self.lowering)
+        return config
+
+    def macs_per_sample(self):
+        """Multiply-accumulates per sample: every kernel element is used once per output position."""
+        kernel = getattr(self, "kernel", None)
+        if kernel is None:
+            return 0
+        positions = math.prod(int(d) for d in self.output.shape[1:-2])
+        return math.prod(int(d) for d in kernel.shape) * positions
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class GroupedDense(_MemberLayer):
+    """K ``Dense`` layers in one: ``y[..., k, :] = act(x[..., k, :] @ W_k + b_k)``.
+
+    On the shared input the kernel is stored ``(in, K, units)`` and applied as one
+    matmul ``(in, K*units)``; on member-axis input it is stored ``(K, in, units)``
+    and applied with ``einsum("...ki,kio->...ko")`` (or K matmuls with ``"loop"``;
+    ``"auto"`` asks ``ensemblekit.inference.POLICY`` per traced shape).
+
+    Args:
+        units: output features per member.
+        activation: the members' activation.
+        use_bias: whether the members have a bias.
+
+    Example:
+        >>> import numpy as np
+        >>> layer = GroupedDense(3, num_members=2, shared_input=True)
+        >>> tuple(layer(np.ones((4, 5), "float32")).shape)
+        (4, 2, 3)
+    """
+
+    def __init__(self, units, num_members, activation=None, use_bias=True, **kwargs):
+        super().__init__(num_members, **kwargs)
+        self.units = int(units)
+        self.activation = keras.activations.get(activation)
+        self.use_bias = bool(use_bias)
+
+    def build(self, input_shape):
+        self._check_input(input_shape)
+        features = int(input_shape[-1])
+        shape = (features, self.num_members, self.units) if self.shared_input else (
+            self.num_members, features, self.units)
+        self.kernel = self.add_weight(shape=shape, initializer="glorot_uniform", name="kernel")
+        self.bias = self.add_weight(
+            shape=(self.num_members, self.units), initializer="zeros", name="bias"
+        ) if self.use_bias else None
+
+    def call(self, inputs):
+        if self.shared_input:
+            flat = ops.reshape(self.kernel, (self.kernel.shape[0], self.num_members * self.units))
+            outputs = _split_members(ops.matmul(inputs, flat), self.num_members)
+        elif self._use_loop(inputs):
+            outputs = ops.stack(
+                [ops.matmul(inputs[..., k, :], self.kernel[k]) for k in range(self.num_members)], axis=-2
+            )
+        else:
+            # Explicit subscripts: TF's einsum runs "...ki,kio->...ko" about 2x slower.
+            lead = "abcdefgh"[:len(inputs.shape) - 2]
+            outputs = ops.einsum(f"{lead}ki,kio->{lead}ko", inputs, self.kernel)
+        if self.use_bias:
+            outputs = outputs + self.bias
+        return self.activation(outputs)
+
+    def _use_loop(self, inputs):
+        if self.lowering != "auto":
+            return self.lowering == "loop"
+        rows = inputs.shape[:-2]
+        known = all(d is not None for d in rows)
+        return POLICY.choose(math.prod(rows) if known else None, self.forced_lowering) == "loop"
+
+    def compute_output_shape(self, input_shape):
+        lead = tuple(input_shape[:-1]) if self.shared_input else tuple(input_shape[:-2])
+        return (*lead, self.num_members, self.units)
+
+    def member_weights(self, index):
+        kernel = keras.ops.convert_to_numpy(self.kernel)
+        kernel = kernel[:, index] if self.shared_input else kernel[index]
+        if not self.use_bias:
+            return [kernel]
+        return [kernel, keras.ops.convert_to_numpy(self.bias)[index]]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(units=self.units, activation=keras.activations.serialize(self.activation),
+                      use_bias=self.use_bias)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class GroupedConv(_MemberLayer):
+    """K ``Conv1D``/``Conv2D`` layers in one (channels last).
+
+    The kernel is stored ``(*kernel_size, in, K*filters)``: member k owns output
+    channels ``k*filters:(k+1)*filters``. On the shared input that is one
+    ordinary convolution; on member-axis input ``(..., K, in)`` it is a grouped
+    convolution (``groups=K``) over the ``(..., K*in)`` view, or K convolutions
+    with ``lowering="loop"``.
+
+    Args:
+        rank: 1 or 2.
+        filters, kernel_size, strides, padding, dilation_rate, activation,
+            use_bias: as in the members' ``Conv1D``/``Conv2D``.
+
+    Example:
+        >>> import numpy as np
+        >>> layer = GroupedConv(1, 4, 3, num_members=2, padding="same", shared_input=True)
+        >>> tuple(layer(np.ones((1, 10, 1), "float32")).shape)
+        (1, 10, 2, 4)
+    """
+
+    def __init__(self, rank, filters, kernel_size, num_members, strides=1, padding="valid",
+                 dilation_rate=1, activation=None, use_bias=True, **kwargs):
+        super().__init__(num_members, **kwargs)
+        self.rank = int(rank)
+        self.filters = int(filters)
+        self.kernel_size = _tuple(kernel_size, self.rank)
+        self.strides = _tuple(strides, self.rank)
+        self.padding = padding
+        self.dilation_rate = _tuple(dilation_rate, self.rank)
+        self.activation = keras.activations.get(activation)
+        self.use_bias = bool(use_bias)
+
+    def build(self, input_shape):
+        self._check_input(input_shape)
+        if len(input_shape) != self.rank + 2 + (0 if self.shared_input else 1):
+            raise ValueError(f"{self.name}: a {self.rank}D convolution cannot take input {tuple(input_shape)}.")
+        channels = int(input_shape[-1])
+        self.kernel = self.add_weight(
+            shape=(*self.kernel_size, channels, self.num_members * self.filters),
+            initializer="glorot_uniform", name="kernel",
+        )
+        self.bias = self.add_weight(
+            shape=(self.num_members * self.filters,), initializer="zeros", name="bias"
+        ) if self.use_bias else None
+
+    def _conv(self, x, kernel):
+        return ops.conv(x, kernel, strides=self.strides, padding=self.padding,
+                        dilation_rate=self.dilation_rate)
+
+    def call(self, inputs):
+        if self.shared_input:
+            outputs = self._conv(inputs, self.kernel)
+        elif self.lowering == "loop":
+            outputs = ops.concatenate([
+                self._conv(inputs[..., k, :], self.kernel[..., k * self.filters:(k + 1) * self.filters])
+                for k in range(self.num_members)
+            ], axis=-1)
+        else:
+            outputs = self._conv(_merge_members(inputs), self.kernel)
+        if self.use_bias:
+            outputs = outputs + self.bias
+        return self.activation(_split_members(outputs, self.num_members))
+
+    def compute_output_shape(self, input_shape):
+        spatial_in = input_shape[1:1 + self.rank]
+        spatial = []
+        for size, k, s, d in zip(spatial_in, self.kernel_size, self.strides, self.dilation_rate, strict=True):
+            if size is None:
+                spatial.append(None)
+            elif self.padding == "same":
+                spatial.append(math.ceil(size / s))
+            else:
+                spatial.append((size - d * (k - 1) - 1) // s + 1)
+        return (input_shape[0], *spatial, self.num_members, self.filters)
+
+    def member_weights(self, index):
+        kernel = keras.ops.convert_to_numpy(self.kernel)[..., index * self.filters:(index + 1) * self.filters]
+        if not self.use_bias:
+            return [kernel]
+        return [kernel, keras.ops.convert_to_numpy(self.bias)[index * self.filters:(index + 1) * self.filters]]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            rank=self.rank, filters=self.filters, kernel_size=self.kernel_size, strides=self.strides,
+            padding=self.padding, dilation_rate=self.dilation_rate,
+            activation=keras.activations.serialize(self.activation), use_bias=self.use_bias,
+        )
+        return config
+
+
+class _GroupedNormalization(_MemberLayer):
+    """Shared parts of the grouped normalizations: per-member ``(K, c)`` parameters."""
+
+    PARAMS = ()
+
+    def __init__(self, num_members, epsilon=1e-3, center=True, scale=True, **kwargs):
+        super().__init__(num_members, **kwargs)
+        self.epsilon = float(epsilon)
+        self.center = bool(center)
+        self.scale = bool(scale)
+
+    def build(self, input_shape):
+        self._check_input(input_shape)
+        shape = (self.num_members, int(input_shape[-1]))
+        for name, initializer in self.PARAMS:
+            if (name == "gamma" and not self.scale) or (name == "beta" and not self.center):
+                setattr(self, name, None)
+                continue
+            trainable = not name.startswith("moving")
+            setattr(self, name, self.add_weight(shape=shape, initializer=initializer, name=name,
+                                                trainable=trainable))
+
+    def _with_member_axis(self, inputs):
+        if self.shared_input:
+            return ops.expand_dims(inputs, -2)  # broadcasts against the (K, c) parameters
+        return inputs
+
+    def _affine(self, normalized):
+        if self.scale:
+            normalized = normalized * self.gamma
+        if self.center:
+            normalized = normalized + self.beta
+        return normalized
+
+    def compute_output_shape(self, input_shape):
+        if self.shared_input:
+            return (*input_shape[:-1], self.num_members, input_shape[-1])
+        return tuple(input_shape)
+
+    def member_weights(self, index):
+        return [keras.ops.convert_to_numpy(getattr(self, name))[index]
+                for name, _ in self.PARAMS if getattr(self, name) is not None]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(epsilon=self.epsilon, center=self.center, scale=self.scale)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class GroupedBatchNormalization(_GroupedNormalization):
+    """K inference-mode ``BatchNormalization`` layers (last axis) with ``(K, c)`` statistics.
+
+    The packed model is an inference artefact: it always normalizes with the
+    members' moving statistics, as the members do under ``predict``.
+
+    Example:
+        >>> import numpy as np
+        >>> tuple(GroupedBatchNormalization(num_members=2)(np.ones((3, 2, 4), "float32")).shape)
+        (3, 2, 4)
+    """
+
+    PARAMS = (("gamma", "ones"), ("beta", "zeros"), ("moving_mean", "zeros"),
+              ("moving_variance", "ones"))
+
+    def call(self, inputs):
+        x = self._with_member_axis(inputs)
+        return self._affine((x - self.moving_mean) * ops.rsqrt(self.moving_variance + self.epsilon))
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class GroupedLayerNormalization(_GroupedNormalization):
+    """K ``LayerNormalization`` layers (last axis) with ``(K, c)`` scale and offset.
+
+    Args:
+        rms_scaling: as in ``keras.layers.LayerNormalization``.
+
+    Example:
+        >>> import numpy as np
+        >>> tuple(GroupedLayerNormalization(num_members=2)(np.ones((3, 2, 4), "float32")).shape)
+        (3, 2, 4)
+    """
+
+    PARAMS = (("gamma", "ones"), ("beta", "zeros"))
+
+    def __init__(self, num_members, rms_scaling=False, **kwargs):
+        super().__init__(num_members, **kwargs)
+        self.rms_scaling = bool(rms_scaling)
+
+    def call(self, inputs):
+        x = self._with_member_axis(inputs)
+        if self.rms_scaling:
+            normalized = x * ops.rsqrt(ops.mean(ops.square(x), axis=-1, keepdims=True) + self.epsilon)
+            return normalized * self.gamma if self.scale else normalized
+        mean, variance = ops.moments(x, axes=[-1], keepdims=True)
+        return self._affine((x - mean) * ops.rsqrt(variance + self.epsilon))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(rms_scaling=self.rms_scaling)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MemberChannels(keras.layers.Wrapper):
+    """Run a per-channel layer (pooling, padding, ...) once on all K members.
+
+    ``(batch, ..., K, c)`` is viewed as ``(batch, ..., K*c)``, the wrapped
+    channels-last layer runs on it, and the result is split back.
+
+    Example:
+        >>> import numpy as np
+        >>> tuple(MemberChannels(keras.layers.MaxPooling1D(2), num_members=3)(np.ones((1, 8, 3, 4), "float32")).shape)
+        (1, 4, 3, 4)
+    """
+
+    def __init__(self, layer, num_members, **kwargs):
+        super().__init__(layer, **kwargs)
+        self.num_members = int(num_members)
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        return super().from_config(_renamed(config, "members", "num_members"), custom_objects)
+
+    def build(self, input_shape):
+        self.layer.build(self._merged_shape(input_shape))
+        self.built = True
+
+    @staticmethod
+    def _merged_shape(shape):
+        channels = None if shape[-1] is None else shape[-2] * shape[-1]
+        return (*shape[:-2], channels)
+
+    def call(self, inputs):
+        return _split_members(self.layer(_merge_members(inputs)), self.num_members)
+
+    def compute_output_shape(self, input_shape):
+        shape = self.layer.compute_output_shape(self._merged_shape(input_shape))
+        return (*shape[:-1], self.num_members, input_shape[-1])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_members=self.num_members)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MemberFlatten(keras.layers.Layer):
+    """``Flatten`` per member: ``(batch, ..., K, c)`` -> ``(batch, K, prod(...)*c)``.
+
+    Example:
+        >>> import numpy as np
+        >>> tuple(MemberFlatten()(np.ones((2, 5, 3, 4), "float32")).shape)
+        (2, 3, 20)
+    """
+
+    def call(self, inputs):
+        rank = len(inputs.shape)
+        if rank == 3:
+            return inputs
+        order = [0, rank - 2, *range(1, rank - 2), rank - 1]
+        moved = ops.transpose(inputs, order)
+        return ops.reshape(moved, (-1, int(inputs.shape[-2]), self._features(inputs.shape)))
+
+    @staticmethod
+    def _features(shape):
+        return int(np.prod([shape[i] for i in range(1, len(shape)) if i != len(shape) - 2]))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[-2], self._features(input_shape))
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MemberBroadcast(keras.layers.Layer):
+    """Give a tensor without member axis one: ``(batch, ..., c)`` -> ``(batch, ..., K, c)``.
+
+    Example:
+        >>> import numpy as np
+        >>> tuple(MemberBroadcast(num_members=3)(np.ones((2, 4), "float32")).shape)
+        (2, 3, 4)
+    """
+
+    def __init__(self, num_members, **kwargs):
+        super().__init__(**kwargs)
+        self.num_members = int(num_members)
+
+    @classmethod
+    def from_config(cls, config):
+        return super().from_config(_renamed(config, "members", "num_members"))
+
+    def call(self, inputs):
+        return ops.repeat(ops.expand_dims(inputs, -2), self.num_members, axis=-2)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.num_members, input_shape[-1])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_members=self.num_members)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class PackedOutput(keras.layers.Layer):
+    """Reduce the K member outputs ``(batch, K, classes)`` like ``ek.ensemble``.
+
+    Also the record that lets ``unpack`` give the members back: their
+    architectures (``member_configs``) and which packed layer holds which
+    member layer's weights (``weighted_layers``).
+
+    Args:
+        reduce: ``"mean"`` (mean of probabilities), ``"logit_mean"`` (softmax of
+            the mean log-probabilities) or ``"none"`` (the members' raw outputs).
+        member_output_kind: what the members output, ``"logits"`` or ``"probs"``.
+        member_configs: the members' serialized architectures, as JSON strings
+            (Keras would re-interpret nested model configs kept as dicts).
+        weighted_layers: packed layer names, in the members' weighted-layer order.
+    """
+
+    def __init__(self, reduce="mean", member_output_kind="probs", member_configs=(),
+                 weighted_layers=(), **kwargs):
+        super().__init__(**kwargs)
+        self.reduce = check_choice(reduce, REDUCTIONS, "reduce")
+        self.member_output_kind = member_output_kind
+        self.member_configs = list(member_configs)
+        self.weighted_layers = list(weighted_layers)
+
+    @property
+    def output_kind(self):
+        """What the packed model outputs: probabilities once reduced, else the members' kind."""
+        return self.member_output_kind if self.reduce == "none" else "probs"
+
+    @classmethod
+    def from_config(cls, config):
+        return super().from_config(_renamed(config, "kind", "member_output_kind"))
+
+    def call(self, inputs):
+        if self.reduce == "none":
+            return inputs
+        log_probs = to_log_probs(inputs, self.member_output_kind)
+        if self.reduce == "mean":
+            return ops.mean(ops.exp(log_probs), axis=1)
+        return ops.softmax(ops.mean(log_probs, axis=1), axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape) if self.reduce == "none" else (input_shape[0], input_shape[-1])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(reduce=self.reduce, member_output_kind=self.member_output_kind,
+                      member_configs=self.member_configs,
+                      weighted_layers=self.weighted_layers)
+        return config
+
+
+def _tuple(value, rank):
+    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),) * rank

@@ -83,7 +83,7 @@ def fine_tunes(data):
         members.append(compile_fit(member, x[subset], y[subset], epochs=8, lr=2e-4 * seed, seed=seed))
     member_acc = [accuracy(m, xt, yt) for m in members]
     ensemble_probs = np.mean([softmax(m.predict(xt, verbose=0)) for m in members], axis=0)
-    greedy = merge(members, "greedy_soup", x_val=xv, y_val=yv)
+    greedy, greedy_report = merge(members, "greedy_soup", x_val=xv, y_val=yv, return_report=True)
     results = {
         "base": accuracy(base, xt, yt),
         "members": member_acc,
@@ -92,7 +92,7 @@ def fine_tunes(data):
         "ensemble_mean_probs": float(np.mean(ensemble_probs.argmax(1) == yt)),
         "linear_soup": accuracy(merge(members), xt, yt),
         "greedy_soup": accuracy(greedy, xt, yt),
-        "greedy_soup_ingredients": greedy.merge_ingredients_,
+        "greedy_soup_ingredients": greedy_report.ingredients,
         "task_arithmetic_lambda_0.5": accuracy(merge(members, "task_arithmetic", base=base, lambda_=0.5), xt, yt),
         "ties_density_0.5": accuracy(merge(members, "ties", base=base, density=0.5, lambda_=1.0), xt, yt),
         "dare_ties_density_0.5": accuracy(

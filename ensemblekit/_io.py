@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import keras
@@ -39,6 +40,11 @@ def load_model(path, safe_mode=True, label="model"):
         )
     if not path.is_file():
         raise ValueError(f"{label}: file {str(path)!r} does not exist.")
+    if path.suffix == ".keras" and not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{label}: {str(path)!r} is not a valid .keras archive (truncated or corrupt; "
+            f"{path.stat().st_size} bytes); save the model again."
+        )
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
     except Exception as error:  # corrupt zip, bad HDF5, unknown layer, safe_mode refusal

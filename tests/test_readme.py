@@ -47,3 +47,13 @@ def test_api_table_lists_every_public_name():
                 | {f"ek.deploy.{name}" for name in ek.deploy.__all__})
     assert not expected - listed, f"missing from the README's API table: {sorted(expected - listed)}"
     assert not listed - expected, f"not public, yet in the API table: {sorted(listed - expected)}"
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme_command = next(line for line in (root / "README.md").read_text().splitlines()
+                          if line.startswith('pip install -e ".[test]"'))
+    assert "lint-imports" in readme_command
+    assert readme_command in (root / ".ci" / "run").read_text().splitlines()

@@ -48,7 +48,8 @@ def ensemble(models, method="mean", weights=None, name=None, output_kind=None, a
         (2, 3)
     """
     check_choice(method, METHODS, "method")
-    members = Members(models, output_kind=output_kind, adapters=adapters, input_shape=input_shape)
+    members = Members(models, output_kind=output_kind, adapters=adapters, input_shape=input_shape,
+                      safe_mode=safe_mode)
     if method == "weighted" and weights is None:
         raise ValueError("method 'weighted' needs weights=[...], one per member.")
     member_weights = None if weights is None else check_weights(weights, len(members)).tolist()

@@ -14,9 +14,9 @@ Example:
 from ensemblekit._callable import make_callable
 from ensemblekit.merge.align import align
 from ensemblekit.merge.bn import reset_bn
-from ensemblekit.merge.core import merge
+from ensemblekit.merge.core import MergeReport, merge
 from ensemblekit.merge.methods import METHODS
 
-__all__ = ["METHODS", "align", "merge", "reset_bn"]
+__all__ = ["METHODS", "MergeReport", "align", "merge", "reset_bn"]
 
 make_callable(__name__, merge)

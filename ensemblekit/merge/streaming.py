@@ -24,7 +24,7 @@ import keras
 import numpy as np
 
 from ensemblekit._graph import weight_refs
-from ensemblekit.merge.core import merge_weights
+from ensemblekit.merge.engine import merge_weights
 
 STREAM_SUFFIXES = (".keras", ".weights.h5")
 _ZIP_WEIGHTS = "model.weights.h5"

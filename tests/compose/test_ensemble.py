@@ -154,8 +154,33 @@ def test_missing_file(members, tmp_path):
 def test_corrupt_file(members, tmp_path):
     bad = tmp_path / "corrupt.keras"
     bad.write_bytes(b"this is not a zip archive")
-    with pytest.raises(ValueError, match=r"member 1: could not load .*corrupt.keras"):
+    with pytest.raises(ValueError, match=r"member 1: .*corrupt.keras' is not a valid .keras archive"):
         ek.ensemble([members[0], bad])
+
+
+def test_truncated_file_is_named_truncated_not_missing(members, tmp_path):
+    path = tmp_path / "whole.keras"
+    members[0].save(path)
+    truncated = tmp_path / "truncated.keras"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"member 1: .*truncated.keras' is not a valid .keras "
+                                         r"archive \(truncated or corrupt"):
+        ek.ensemble([members[0], truncated])
+
+
+def test_safe_mode_is_passed_on_to_loading(tmp_path):
+    inputs = keras.Input((4,))
+    lambda_member = keras.Model(inputs, keras.layers.Lambda(lambda t: t * 2.0)(
+        keras.layers.Dense(3)(inputs)))
+    path = tmp_path / "lambda.keras"
+    lambda_member.save(path)
+    with pytest.raises(ValueError, match="member 0: could not load .*lambda.keras"):
+        ek.ensemble([path, path])
+    model = ek.ensemble([path, path], safe_mode=False)
+    x = np.ones((2, 4), "float32")
+    np.testing.assert_allclose(model.predict(x, verbose=0),
+                               ek.ensemble([lambda_member, lambda_member]).predict(x, verbose=0),
+                               atol=1e-6)
 
 
 def test_weights_only_file(members, tmp_path):

@@ -20,10 +20,12 @@ def test_greedy_soup_not_worse_than_best_member_on_validation(toy_data):
     x, y = toy_data
     base = _trained(0, x, y, 2)
     members = [_trained(s, x, y, 3, start=base) for s in range(1, 4)] + [make_mlp(9)]  # one untrained
-    merged = merge(members, "greedy_soup", x_val=x, y_val=y)
+    merged, report = merge(members, "greedy_soup", x_val=x, y_val=y, return_report=True)
     acc = lambda m: np.mean(m.predict(x, verbose=0).argmax(1) == y)  # noqa: E731
     assert acc(merged) >= max(acc(m) for m in members)
-    assert 3 not in merged.merge_ingredients_  # the untrained member is never added
+    assert 3 not in report.ingredients  # the untrained member is never added
+    assert report.method == "greedy_soup" and not report.streamed
+    assert not hasattr(merged, "merge_ingredients_")
 
 
 def test_greedy_soup_needs_validation_data():

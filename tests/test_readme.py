@@ -57,3 +57,18 @@ def test_ci_runs_the_readme_test_command_verbatim():
                           if line.startswith('pip install -e ".[test]"'))
     assert "lint-imports" in readme_command
     assert readme_command in (root / ".ci" / "run").read_text().splitlines()
+
+
+def test_layout_section_names_every_module_and_package():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    layout = (root / "README.md").read_text().split("## Layout", 1)[1]
+    named = set(re.findall(r"^\s+([\w.]+(?:\.py|/))", layout, flags=re.MULTILINE))
+    package = root / "ensemblekit"
+    actual = {p.name for p in package.glob("*.py") if p.name != "__init__.py"}
+    actual |= {f"{p.name}/" for p in package.iterdir() if (p / "__init__.py").exists()}
+    assert actual <= named, f"not in the README layout: {sorted(actual - named)}"
+    assert {n for n in named if n.endswith((".py", "/")) and not n.startswith(("tests", "benchmarks"))
+            and n != "results/"} <= actual | {"tests/", "benchmarks/"}, sorted(named - actual)

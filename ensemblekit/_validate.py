@@ -11,6 +11,7 @@ import numbers
 
 import numpy as np
 
+
 def member_label(index, model=None):
     """Return ``"member 2 ('cnn_b')"``: how errors name a member."""
     name = getattr(model, "name", None)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 
 import keras
 import numpy as np

@@ -87,8 +87,8 @@ def test_pack_equals_ensemble(case, reduce):
 
 def test_packed_model_declares_probabilities_and_counts_its_members_macs(case):
     from ensemblekit.compose import detect_output_kind
-    from ensemblekit.metrics import evaluate
     from ensemblekit.costs import macs
+    from ensemblekit.metrics import evaluate
 
     _, models, x = case
     packed = pack(models, "mean")

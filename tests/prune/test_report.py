@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import ensemblekit as ek
-from ensemblekit.prune import channels, magnitude, report, strip
 from ensemblekit.costs import count_params, layer_macs, macs
+from ensemblekit.prune import channels, magnitude, report, strip
 from ensemblekit.prune.report import zipped_size
 from tests.conftest import make_mlp
 

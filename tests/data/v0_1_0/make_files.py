@@ -3,8 +3,11 @@
 tests/test_saved_files.py loads them with the current code and checks their outputs.
 """
 import os
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-import keras, numpy as np
+import keras
+import numpy as np
+
 import ensemblekit as ek
 
 out = "tests/data/v0_1_0"

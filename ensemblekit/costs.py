@@ -7,10 +7,22 @@ benchmarks all count with these functions, so "cost" means the same everywhere:
 - ``"macs"``: multiply-accumulates of one sample through its Dense, convolution
   and recurrent layers (ensemblekit's grouped layers count their members' sum);
 - ``"latency"``: median seconds per call of the model compiled by
-  ``compile_for_inference`` on one batch (see :mod:`ensemblekit._timing`).
+  ``compile_for_inference`` on one batch of 256 rows, the models timed
+  round-robin after warm-up (see :mod:`ensemblekit._timing`).
+
+Budgets (``ek.advise(budget=...)``, ``ek.prune.members(budget=...)``) have one
+meaning too: **the most the result may cost, in units of the members' mean
+cost** under the chosen ``cost``. ``1.0`` is one member's cost (the mean over
+the K members), ``K`` is all K members, ``0.5`` half a member. A budget of 2.0
+on members costing ``[1, 1, 4]`` parameters (mean 2) allows 4 parameters: the
+two small members together, or the big one alone. :func:`check_budget`
+validates a budget and :func:`budget_limit` turns it into the cost's own unit.
 """
 
 from __future__ import annotations
+
+import math
+import numbers
 
 import keras
 import numpy as np
@@ -21,6 +33,7 @@ from ensemblekit._validate import check_choice
 from ensemblekit.inference import compile_for_inference
 
 COSTS = ("params", "macs", "latency")
+COST_UNITS = {"params": "parameters", "macs": "MACs per sample", "latency": "s per batch of 256"}
 LATENCY_BATCH = 256
 _RNN_GATES = {"SimpleRNN": 1, "GRU": 3, "LSTM": 4}
 
@@ -158,3 +171,45 @@ def model_costs(models, cost="params", x=None):
         return np.array([macs(m) for m in models], dtype="float64")
     seconds = latencies({str(i): m for i, m in enumerate(models)}, x)
     return np.array([seconds[str(i)] for i in range(len(models))], dtype="float64")
+
+
+def check_budget(budget, param="budget"):
+    """A budget as a float, or ``None`` (the caller's default); anything else is a ``ValueError``.
+
+    A budget is the most the result may cost, in units of the members' mean
+    cost (``1.0`` = one member's cost, ``K`` = all K members); see the module
+    docstring. It must be a finite positive real number (not a bool).
+
+    Args:
+        budget: ``None`` or a positive number.
+        param: the parameter's name in the error message.
+
+    Returns:
+        ``float(budget)``, or ``None``.
+
+    Example:
+        >>> check_budget(2)
+        2.0
+        >>> check_budget(0)
+        Traceback (most recent call last):
+        ...
+        ValueError: budget must be None or a positive number of mean member costs (1.0 = one member's cost, K = all K members), got 0.
+    """
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not (
+            math.isfinite(budget) and budget > 0):
+        raise ValueError(
+            f"{param} must be None or a positive number of mean member costs (1.0 = one member's "
+            f"cost, K = all K members), got {budget!r}.")
+    return float(budget)
+
+
+def budget_limit(budget, member_costs):
+    """The most a budget allows, in the unit of ``member_costs``: ``budget x mean(member_costs)``.
+
+    Example:
+        >>> budget_limit(2.0, [1.0, 1.0, 4.0])
+        4.0
+    """
+    return float(budget * np.mean(np.asarray(member_costs, dtype="float64")))

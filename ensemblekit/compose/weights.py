@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 import numpy as np
 from scipy import optimize, special
@@ -71,13 +73,105 @@ def optimize_weights(models, x_val, y_val, metric="nll"):
     return special.softmax(best)
 
 
+def _check_steps(steps, param):
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"{param} must be a positive integer, got {steps!r}.")
+    return int(steps)
+
+
+@dataclasses.dataclass
+class GreedySelection:
+    """The result of :func:`greedy_selection`.
+
+    Attributes:
+        chosen: member indices in the order they were added, with repeats
+            (the best prefix of the greedy run).
+        counts: ``(K,)`` int array, how often each member was chosen; the
+            selected ensemble weights its members by these counts.
+        score: loss of the chosen members' averaged probabilities.
+    """
+
+    chosen: list
+    counts: np.ndarray
+    score: float
+
+
+def greedy_selection(probs, y, loss, steps=None, costs=None, limit=None):
+    """Forward ensemble selection with replacement (Caruana et al., 2004), optionally under a cost limit.
+
+    Caruana, Niculescu-Mizil, Crew & Ksikes, "Ensemble Selection from
+    Libraries of Models", ICML 2004. Starting from the empty ensemble, each
+    step adds the member (possibly one already chosen) whose addition gives the
+    lowest ``loss`` of the averaged probabilities; ties go to the lower index.
+    After ``steps`` steps the prefix with the lowest loss is returned, so extra
+    steps never hurt. With ``costs`` and ``limit``, a member's cost is paid the
+    first time it is chosen (repeats are free), and only members whose cost
+    still fits ``limit`` are candidates.
+
+    Args:
+        probs: ``(n, K, classes)`` member probabilities on validation data.
+        y: ``(n,)`` integer labels.
+        loss: ``loss(probs, y)`` of ``(n, classes)`` probabilities, lower is
+            better (e.g. :func:`metric_loss`).
+        steps: greedy steps (default ``2 * K``).
+        costs: ``None`` or ``(K,)`` positive costs of the members.
+        limit: ``None`` (no limit) or the most the chosen members may cost in
+            total, in the unit of ``costs``.
+
+    Returns:
+        A :class:`GreedySelection` (``chosen``, ``counts``, ``score``).
+
+    Example:
+        >>> y = np.array([0, 1])
+        >>> probs = np.array([[[0.7, 0.3], [0.55, 0.45], [0.99, 0.01]],   # sample 0, members 0-2
+        ...                   [[0.4, 0.6], [0.2, 0.8], [0.01, 0.99]]])     # sample 1
+        >>> best = greedy_selection(probs, y, metric_loss("nll"))
+        >>> np.flatnonzero(best.counts).tolist(), round(best.score, 3)   # member 2 alone
+        ([2], 0.01)
+        >>> cheap = greedy_selection(probs, y, metric_loss("nll"), costs=[1, 1, 4], limit=2)
+        >>> np.flatnonzero(cheap.counts).tolist(), round(cheap.score, 3)  # member 2 does not fit
+        ([0, 1], 0.41)
+    """
+    count = probs.shape[1]
+    steps = _check_steps(2 * count if steps is None else steps, "steps")
+    costs, limit = _check_costs(count, costs, limit)
+    running, counts = np.zeros_like(probs[:, 0]), np.zeros(count, dtype="int64")
+    chosen, scores, paid = [], [], 0.0
+    for step in range(1, steps + 1):
+        candidates = [k for k in range(count) if counts[k] or paid + costs[k] <= limit]
+        losses = [loss((running + probs[:, k]) / step, y) for k in candidates]
+        best = candidates[int(np.argmin(losses))]
+        paid += 0.0 if counts[best] else costs[best]
+        counts[best] += 1
+        chosen.append(best)
+        scores.append(min(losses))
+        running += probs[:, best]
+    chosen = chosen[: int(np.argmin(scores)) + 1]
+    return GreedySelection(chosen, np.bincount(chosen, minlength=count), float(min(scores)))
+
+
+def _check_costs(count, costs, limit):
+    """``(costs, limit)`` as a ``(K,)`` array and a float (zeros and infinity when there is no limit)."""
+    if limit is None:
+        return np.zeros(count), np.inf
+    if costs is None:
+        raise ValueError("limit needs costs: one cost per member.")
+    costs = np.asarray(costs, dtype="float64")
+    if costs.shape != (count,):
+        raise ValueError(f"costs has shape {costs.shape} but there are {count} members.")
+    if costs.min() > limit * (1 + 1e-9):
+        raise ValueError(f"no member fits limit={limit:g}: the cheapest costs {costs.min():g}.")
+    return costs, float(limit) * (1 + 1e-9)  # budget x mean cost may round just below the sum it allows
+
+
 def select(models, x_val, y_val, size=None, metric="nll"):
     """Greedy forward ensemble selection with replacement (Caruana et al., 2004).
 
     Starting from the empty ensemble, each step adds the member (possibly one
     already chosen) whose addition gives the best validation ``metric`` of the
     averaged probabilities. After ``size`` steps (default ``2 * K``) the prefix
-    with the best score is returned, so extra steps never hurt.
+    with the best score is returned, so extra steps never hurt. The selection
+    itself is :func:`greedy_selection` (no cost limit).
 
     Args:
         models: list of members.
@@ -99,20 +193,8 @@ def select(models, x_val, y_val, size=None, metric="nll"):
     """
     loss = metric_loss(metric)
     _, log_probs, y = validation_log_probs(models, x_val, y_val, "select", min_count=1)
-    probs = np.exp(log_probs)
-    count = probs.shape[1]
-    size = 2 * count if size is None else size
-    if not isinstance(size, (int, np.integer)) or size < 1:
-        raise ValueError(f"size must be a positive integer, got {size!r}.")
-    running = np.zeros_like(probs[:, 0])
-    chosen, scores = [], []
-    for step in range(1, size + 1):
-        candidates = [loss((running + probs[:, k]) / step, y) for k in range(count)]
-        best = int(np.argmin(candidates))
-        chosen.append(best)
-        scores.append(candidates[best])
-        running += probs[:, best]
-    return chosen[: int(np.argmin(scores)) + 1]
+    size = None if size is None else _check_steps(size, "size")
+    return greedy_selection(np.exp(log_probs), y, loss, size).chosen
 
 
 def fit_temperature(log_probs, y):

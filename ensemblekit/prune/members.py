@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import numbers
 
 import keras
 import numpy as np
 
 from ensemblekit._graph import is_container
 from ensemblekit._io import load_members
-from ensemblekit._validate import check_choice
-from ensemblekit.compose.weights import metric_loss, validation_log_probs
-from ensemblekit.costs import model_costs
+from ensemblekit.compose.weights import greedy_selection, metric_loss, validation_log_probs
+from ensemblekit.costs import COST_UNITS, budget_limit, check_budget, model_costs
+
 
 @dataclasses.dataclass
 class MemberSelection:
@@ -22,7 +21,9 @@ class MemberSelection:
         indices: kept member indices (ascending).
         weights: weight of each kept member (selection counts, normalised).
         cost: cost of each member (in the unit of ``cost=``), all members.
-        used: fraction of the full ensemble's cost the kept members use.
+        used: total cost of the kept members in units of the members' mean
+            cost, the unit of ``budget`` (``used <= budget``; K = all K members).
+        budget: the budget the selection ran under (``K / 2`` when ``budget=None``).
         score: validation ``metric`` of the kept, weighted ensemble.
         full_score: validation ``metric`` of all members averaged equally.
         model: the kept members as one model (``ek.ensemble(..., "weighted")``),
@@ -33,6 +34,7 @@ class MemberSelection:
     weights: list
     cost: list
     used: float
+    budget: float
     score: float
     full_score: float
     model: keras.Model
@@ -50,88 +52,75 @@ def _member_models(ensemble_or_models):
     return load_members(ensemble_or_models, min_count=2, what="members()")
 
 
-def _check_budget(budget):
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not 0 < budget <= 1:
-        raise ValueError(f"budget must be a fraction of the full ensemble's cost in (0, 1], got {budget!r}.")
-    return float(budget)
+def _check_cheapest_fits(models, costs, budget, given, cost):
+    """A one-line error, with numbers, when even the cheapest member exceeds the budget."""
+    mean, cheapest, limit = costs.mean(), int(np.argmin(costs)), budget_limit(budget, costs)
+    if costs[cheapest] <= limit * (1 + 1e-9):
+        return
+    unit = f" {COST_UNITS[cost]}" if isinstance(cost, str) else ""
+    setting = f"budget={given:g}" if given is not None else f"budget=None (half of {len(models)} members)"
+    raise ValueError(
+        f"{setting} allows {budget:g} x the members' mean cost of {mean:g}{unit} = {limit:g}{unit}, "
+        f"but the cheapest member, member {cheapest} ({models[cheapest].name!r}), costs "
+        f"{costs[cheapest]:g}{unit}: budget must be at least {costs[cheapest] / mean:.3g}.")
 
 
-def _greedy(probs, y, costs, limit, loss, steps):
-    """Caruana's forward selection with replacement, only adding members that fit ``limit``."""
-    count = probs.shape[1]
-    running = np.zeros_like(probs[:, 0])
-    chosen, scores, used, paid = [], [], set(), 0.0
-    for step in range(1, steps + 1):
-        candidates = [k for k in range(count) if k in used or paid + costs[k] <= limit]
-        if not candidates:
-            break
-        losses = [loss((running + probs[:, k]) / step, y) for k in candidates]
-        best = candidates[int(np.argmin(losses))]
-        if best not in used:
-            used.add(best)
-            paid += costs[best]
-        chosen.append(best)
-        scores.append(min(losses))
-        running += probs[:, best]
-    return chosen[: int(np.argmin(scores)) + 1], float(min(scores))
-
-
-def members(ensemble_or_models, x_val, y_val, budget=0.5, cost="params", metric="nll", steps=None):
+def members(ensemble_or_models, x_val, y_val, budget=None, cost="params", metric="nll", steps=None):
     """Keep the ensemble members that best fit a cost budget (Caruana et al., 2004).
 
-    Greedy forward selection with replacement on validation data: each step
-    adds the member (possibly one already kept, which costs nothing more) whose
-    addition gives the best ``metric`` of the averaged probabilities, among the
-    members whose cost still fits the budget; the best prefix is kept.
+    Greedy forward selection with replacement on validation data
+    (:func:`ensemblekit.compose.weights.greedy_selection`): each step adds the
+    member (possibly one already kept, which costs nothing more) whose addition
+    gives the best ``metric`` of the averaged probabilities, among the members
+    whose cost still fits the budget; the best prefix is kept.
 
     Args:
         ensemble_or_models: an ``ek.ensemble(...)`` model (its nested members
             are used) or a list of members (models or paths).
         x_val, y_val: validation data the members were not trained on.
-        budget: fraction of the full ensemble's total cost the kept members
-            may use, in ``(0, 1]``.
-        cost: ``"params"``, ``"macs"`` (per sample), ``"latency"`` (measured
-            at batch 256 on this device) or one positive number per member.
+        budget: the most the kept members may cost together, in units of the
+            members' mean cost (``1.0`` = one member's cost, ``K`` = all K
+            members; the one meaning of budgets, see :mod:`ensemblekit.costs`).
+            ``None`` (default): half of the full ensemble, ``K / 2``.
+        cost: ``"params"``, ``"macs"`` (per sample), ``"latency"`` or one
+            positive number per member. Latency is the one meaning of
+            :mod:`ensemblekit.costs`: median seconds per call on a batch of 256
+            of each member compiled by ``ek.compile_for_inference``, the members
+            timed round-robin on this device.
         metric: ``"nll"``, ``"brier"``, ``"accuracy"`` or ``"ece"``.
         steps: greedy steps (default ``2 * K``).
 
     Returns:
-        A :class:`MemberSelection` (``indices``, ``weights``, ``model``, scores, costs).
+        A :class:`MemberSelection` (``indices``, ``weights``, ``model``,
+        ``used`` and ``budget`` in mean member costs, scores, costs).
 
     Example:
         >>> import keras, numpy as np
         >>> ms = [keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]) for _ in range(3)]
-        >>> kept = members(ms, np.random.rand(20, 4), np.arange(20) % 3, budget=0.7)
-        >>> len(kept.indices) <= 2
+        >>> kept = members(ms, np.random.rand(20, 4), np.arange(20) % 3, budget=2.0)
+        >>> len(kept.indices) <= 2 and kept.used <= 2.0
         True
     """
     from ensemblekit.compose.ensemble import ensemble
 
     models = _member_models(ensemble_or_models)
-    budget = _check_budget(budget)
+    given = check_budget(budget)
+    budget = len(models) / 2 if given is None else given
     loss = metric_loss(metric)
     costs = model_costs(models, cost)
-    limit = budget * costs.sum()
-    if costs.min() > limit:
-        cheapest = int(np.argmin(costs))
-        raise ValueError(
-            f"budget={budget:g} allows a cost of {limit:g} but the cheapest member (member {cheapest}, "
-            f"{models[cheapest].name!r}) costs {costs[cheapest]:g} {cost if isinstance(cost, str) else ''}."
-        )
+    _check_cheapest_fits(models, costs, budget, given, cost)
     member_set, log_probs, y = validation_log_probs(models, x_val, y_val, "members()")
     probs = np.exp(log_probs)
-    steps = 2 * len(models) if steps is None else steps
-    if not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}.")
-    chosen, score = _greedy(probs, y, costs, limit, loss, steps)
-    counts = np.bincount(chosen, minlength=len(models))
-    indices = [int(i) for i in np.flatnonzero(counts)]
-    weights = [float(counts[i] / counts.sum()) for i in indices]
+    selection = greedy_selection(probs, y, loss, steps, costs=costs, limit=budget_limit(budget, costs))
+    indices = [int(i) for i in np.flatnonzero(selection.counts)]
+    weights = [float(selection.counts[i] / selection.counts.sum()) for i in indices]
     kept = [member_set.models[i] for i in indices]
     model = kept[0] if len(kept) == 1 else ensemble(
         kept, "weighted", weights=weights, output_kind=[member_set.kinds[i] for i in indices])
-    return MemberSelection(indices, weights, costs.tolist(), float(costs[indices].sum() / costs.sum()),
-                           score, float(loss(probs.mean(axis=1), y)), model)
+    return MemberSelection(
+        indices=indices, weights=weights, cost=costs.tolist(),
+        used=float(costs[indices].sum() / costs.mean()), budget=budget, score=selection.score,
+        full_score=float(loss(probs.mean(axis=1), y)), model=model)
 
 
 __all__ = ["MemberSelection", "members"]

@@ -23,12 +23,16 @@ class WeightRef:
         layer_path: path of the owning leaf layer.
         layer: the owning leaf layer.
         variable: the ``keras.Variable``.
+        slot: the variable's position among its layer's weights. Models are
+            matched by layer order, layer type and slot, never by variable
+            names, which Keras numbers per process (``variable`` vs ``variable_18``).
     """
 
     path: str
     layer_path: str
     layer: keras.layers.Layer
     variable: keras.Variable
+    slot: int = 0
 
     @property
     def name(self):
@@ -92,8 +96,8 @@ def weight_refs(model):
     """
     refs = []
     for layer_path, layer in iter_layers(model):
-        for variable in layer.weights:
-            refs.append(WeightRef(f"{layer_path}/{variable.name}", layer_path, layer, variable))
+        for slot, variable in enumerate(layer.weights):
+            refs.append(WeightRef(f"{layer_path}/{variable.name}", layer_path, layer, variable, slot))
     return refs
 
 
@@ -121,9 +125,10 @@ def set_arrays(model, arrays):
 def architecture_differences(models, labels=None):
     """List every incompatibility between the weights of ``models`` and model 0.
 
-    Weights are matched by position (independently built models have different
-    auto-generated layer names), and each difference names the weight path in
-    both models and both shapes.
+    Weights are matched by position, layer type and slot within the layer, not
+    by name (independently built models have different auto-generated layer
+    and variable names), and each difference names the weight path in both
+    models and both shapes.
 
     Returns:
         A list of one-line strings; empty when all models are compatible.
@@ -140,7 +145,7 @@ def architecture_differences(models, labels=None):
                 problems.append(f"{label}: extra weight {ref.path!r} {ref.shape} not in {labels[0]}")
             elif ref is None:
                 problems.append(f"{label}: missing weight for {labels[0]}'s {ref0.path!r} {ref0.shape}")
-            elif ref.shape != ref0.shape or type(ref.layer) is not type(ref0.layer) or ref.name != ref0.name:
+            elif ref.shape != ref0.shape or type(ref.layer) is not type(ref0.layer) or ref.slot != ref0.slot:
                 problems.append(
                     f"{label}: {ref.path!r} {type(ref.layer).__name__} {ref.shape} vs "
                     f"{labels[0]}'s {ref0.path!r} {type(ref0.layer).__name__} {ref0.shape}"

@@ -51,3 +51,28 @@ def test_functional_graph_and_subclassed_error():
 
     with pytest.raises(ValueError, match="has no functional graph"):
         _graph.functional_graph(Sub())
+
+
+def test_architectures_match_by_structure_not_by_numbered_variable_names():
+    """Keras numbers unnamed variables per process (``variable``, ``variable_18``): not a difference."""
+    import keras
+
+    from ensemblekit._graph import architecture_differences
+
+    class Scale(keras.layers.Layer):
+        def build(self, input_shape):
+            self.add_weight(shape=(input_shape[-1],), initializer="ones")  # auto-named
+
+        def call(self, x):
+            return x * self.weights[0]
+
+    def model():
+        inputs = keras.Input((3,))
+        return keras.Model(inputs, keras.layers.Dense(2)(Scale()(inputs)))
+
+    a, b = model(), model()
+    names = [w.name for w in a.layers[1].weights] + [w.name for w in b.layers[1].weights]
+    assert architecture_differences([a, b]) == [], names
+    inputs = keras.Input((3,))
+    wider = keras.Model(inputs, keras.layers.Dense(4)(Scale()(inputs)))
+    assert architecture_differences([a, wider])

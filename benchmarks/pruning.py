@@ -31,7 +31,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import ensemblekit as ek  # noqa: E402
-from ensemblekit.bench.throughput import device_info, time_paths  # noqa: E402
+from ensemblekit._timing import time_paths  # noqa: E402
+from ensemblekit.bench.throughput import device_info  # noqa: E402
+from ensemblekit.costs import count_params, macs  # noqa: E402
 from ensemblekit.datasets import load_mnist1d  # noqa: E402
 from ensemblekit.prune import (  # noqa: E402
     PolynomialDecay,
@@ -41,7 +43,7 @@ from ensemblekit.prune import (  # noqa: E402
     members,
     strip,
 )
-from ensemblekit.prune.report import count_params, macs, zipped_size  # noqa: E402
+from ensemblekit.prune.report import zipped_size  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 L = keras.layers

@@ -21,31 +21,51 @@ from ensemblekit.merge.permutation import permutation_spec
 METHODS = ("weight_matching", "activation_matching")
 
 
-def _unit_major(array, axis, tile, size):
-    """Move ``axis`` (length ``tile * size``) to the front as ``(size, -1)``."""
-    moved = np.moveaxis(array, axis, 0)
+def _unit_major(array, axis, units):
+    """The slices of ``array`` along ``axis`` at ``units`` (``(tile, size)`` indices) as ``(size, -1)``."""
+    tile, size = units.shape
+    moved = np.moveaxis(np.take(array, units.ravel(), axis=axis), axis, 0)
     moved = moved.reshape((tile, size) + moved.shape[1:])
     return np.swapaxes(moved, 0, 1).reshape(size, -1)
 
 
-def _tiled_index(perm, tile):
-    size = len(perm)
-    return (np.arange(tile)[:, None] * size + perm[None, :]).ravel()
+def _axis_index(spec, index, axis, length, perms):
+    """Where each position along ``axis`` of weight ``index`` reads from under ``perms``."""
+    order = np.arange(length)
+    for entry_axis, group, _ in spec.axes[index]:
+        if entry_axis == axis:
+            units = spec.unit_positions(index, axis, group)
+            order[units.ravel()] = units[:, perms[group]].ravel()
+    return order
 
 
 def permute_arrays(arrays, spec, perms, skip=None):
     """Apply ``perms`` (``{group: index array}``) to ``arrays`` along the spec's axes.
 
     Args:
+        arrays: weight arrays in ``weight_refs`` order.
+        spec: the ``PermutationSpec``.
+        perms: ``{group: perm}``; unit ``i`` after is unit ``perm[i]`` before.
         skip: optional ``(weight index, axis)`` left unpermuted (weight matching's
             "all other groups" view).
+
+    Returns:
+        The permuted arrays (the others shared with ``arrays``).
+
+    Example:
+        >>> import keras, numpy as np
+        >>> from ensemblekit.merge.permutation import permutation_spec
+        >>> m = keras.Sequential([keras.Input((1,)), keras.layers.Dense(3), keras.layers.Dense(1)])
+        >>> arrays = [np.array([[0., 1., 2.]]), np.zeros(3), np.ones((3, 1)), np.zeros(1)]
+        >>> permute_arrays(arrays, permutation_spec(m), {0: np.array([2, 0, 1])})[0]
+        array([[2., 0., 1.]])
     """
     permuted = list(arrays)
     for index, entries in spec.axes.items():
         array = arrays[index]
-        for axis, group, tile in entries:
+        for axis in dict.fromkeys(entry[0] for entry in entries):
             if (index, axis) != skip:
-                array = np.take(array, _tiled_index(perms[group], tile), axis=axis)
+                array = np.take(array, _axis_index(spec, index, axis, array.shape[axis], perms), axis=axis)
         permuted[index] = array
     return permuted
 
@@ -72,10 +92,10 @@ def weight_matching(spec, reference, other, seed=0, max_iter=100):
         for group in rng.permutation(sorted(spec.sizes)):
             size = spec.sizes[group]
             cost = np.zeros((size, size))
-            for index, axis, tile in members[group]:
+            for index, axis, _ in members[group]:
                 current = permute_arrays(other, spec, perms, skip=(index, axis))[index]
-                cost += _unit_major(reference[index], axis, tile, size) @ \
-                    _unit_major(current, axis, tile, size).T
+                units = spec.unit_positions(index, axis, group)
+                cost += _unit_major(reference[index], axis, units) @ _unit_major(current, axis, units).T
             new = linear_sum_assignment(cost, maximize=True)[1]
             rows = np.arange(size)
             if cost[rows, new].sum() > cost[rows, perms[group]].sum() + 1e-12 * abs(cost).sum():
@@ -119,7 +139,10 @@ def align(models, reference=0, method="weight_matching", x=None, seed=0, max_ite
     """Permute every model's hidden units to line up with the reference model.
 
     The permutation groups (which axes of which weights move together) come
-    from the functional graph (``ensemblekit.merge.permutation``). The outputs
+    from the channel-coupling graph shared with ``prune.channels``
+    (``ensemblekit.merge.permutation``): Dense, Conv1D/2D/3D(Transpose),
+    Depthwise/SeparableConv, Embedding, BatchNormalization/LayerNormalization,
+    residual ``Add``-like merges, ``Concatenate`` and ``Flatten``. The outputs
     of every aligned model equal the input model's up to float rounding; only
     the order of hidden units changes, which makes a following ``merge``
     meaningful for independently trained models.

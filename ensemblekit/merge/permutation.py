@@ -1,45 +1,25 @@
-"""Which axes of which weights share a permutation, derived from the functional graph.
+"""Which axes of which weights share a permutation, read off the channel-coupling graph.
 
-Permuting the hidden units of a layer (and, consistently, the input axis of
-every layer that reads them) leaves the network's function unchanged. This
-module finds those groups automatically by propagating a "channel group" along
-the last axis of every tensor of a Keras functional model:
-
-- ``Dense``/``Conv*D`` open a new group on their output units (kernel's last
-  axis, bias); the next layer's kernel input axis joins it.
-- ``BatchNormalization``/``LayerNormalization`` (last axis) carry the group
-  into their parameters; activations, dropout, pooling and padding pass it on.
-- ``Add``/``Average``/``Multiply``/... join the groups of their inputs
-  (residual connections share one permutation).
-- ``Flatten`` after a conv tiles the channel group over the spatial positions.
-- Groups reaching a model output or a model input are never permuted.
-
-This replaces the hand-written per-architecture specs of the Git Re-Basin code
-(Ainsworth et al., 2022, Sec. 3 and App. A).
+Permuting the hidden units of a layer (and, consistently, every weight axis
+that reads them) leaves the network's function unchanged. The groups of units
+that must move together are the coupled channel groups of
+``ensemblekit._channels`` (DepGraph, Fang et al., 2023): Dense/Conv/
+SeparableConv/Embedding units, carried through BN/LN, depthwise convolutions,
+activations, pooling and padding, united by residual ``Add``-like merges,
+joined by ``Concatenate`` and tiled by ``Flatten``. Groups reaching a model
+input or output are never permuted. This replaces the hand-written
+per-architecture specs of Git Re-Basin (Ainsworth et al., 2022, Sec. 3 and
+App. A).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
-import keras
+import numpy as np
 
-from ensemblekit._graph import graph_operations, own_nodes, weight_refs
-
-L = keras.layers
-PASS_THROUGH = (
-    L.Activation, L.ReLU, L.LeakyReLU, L.ELU, L.Softmax, L.Dropout, L.SpatialDropout1D,
-    L.SpatialDropout2D, L.SpatialDropout3D, L.GaussianNoise, L.GaussianDropout, L.AlphaDropout,
-    L.ActivityRegularization, L.Identity, L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D,
-    L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D, L.GlobalAveragePooling1D,
-    L.GlobalAveragePooling2D, L.GlobalAveragePooling3D, L.GlobalMaxPooling1D,
-    L.GlobalMaxPooling2D, L.GlobalMaxPooling3D, L.ZeroPadding1D, L.ZeroPadding2D,
-    L.ZeroPadding3D, L.Cropping1D, L.Cropping2D, L.Cropping3D, L.UpSampling1D, L.UpSampling2D,
-    L.UpSampling3D,
-)
-JOINING = (L.Add, L.Subtract, L.Average, L.Maximum, L.Minimum, L.Multiply)
-CONVS = (L.Conv1D, L.Conv2D, L.Conv3D)
+from ensemblekit._channels import channel_graph
+from ensemblekit._graph import weight_refs
 
 
 @dataclasses.dataclass
@@ -48,128 +28,59 @@ class PermutationSpec:
 
     Attributes:
         sizes: ``{group: number of units}``.
-        axes: ``{weight index: [(axis, group, tile), ...]}``; the axis has
-            length ``tile * sizes[group]`` and unit ``c`` of spatial slot ``s`` is
-            index ``s * size + c`` (channels-last flattening).
+        axes: ``{weight index: [(axis, group, tile), ...]}``: ``group``
+            occurs ``tile`` times along ``axis`` (``tile > 1`` after a
+            ``Flatten``).
         sources: ``{group: [layers whose outputs carry it untiled]}`` (for
             activation matching).
+        positions: ``{(weight index, axis, group): (tile, size) index array}``:
+            where unit ``c`` of occurrence ``s`` lies along the axis; without an
+            entry it is ``s * size + c`` (one group, channels-last flattening).
+
+    Example:
+        >>> import keras
+        >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(2)])
+        >>> permutation_spec(m).weights_of(0)
+        [(0, 1, 1), (1, 0, 1), (2, 0, 1)]
     """
 
     sizes: dict
     axes: dict
     sources: dict
+    positions: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def weights_of(self, group):
         """``[(weight index, axis, tile)]`` for every weight axis in ``group``."""
         return [(w, axis, tile) for w, entries in self.axes.items()
                 for axis, g, tile in entries if g == group]
 
-
-class _Groups:
-    """Union-find over channel groups, with the 'fixed' (never permuted) mark."""
-
-    def __init__(self):
-        self.parent, self.size, self.fixed = {}, {}, set()
-
-    def new(self, size):
-        group = len(self.parent)
-        self.parent[group], self.size[group] = group, size
-        return group
-
-    def find(self, group):
-        while self.parent[group] != group:
-            group = self.parent[group]
-        return group
-
-    def join(self, channels, layer):
-        """Join the channel groups feeding ``layer``; returns the joint one (or ``None``)."""
-        if any(c is None for c in channels):
-            for c in channels:
-                if c is not None:
-                    self.fixed.add(self.find(c[0]))
-            return None
-        if len({c[1] for c in channels}) > 1:
-            raise _unsupported(layer, "its inputs flatten channels differently")
-        root = self.find(channels[0][0])
-        for group, _ in channels[1:]:
-            other = self.find(group)
-            if other != root:
-                self.parent[other] = root
-                if other in self.fixed:
-                    self.fixed.add(root)
-        return (root, channels[0][1])
+    def unit_positions(self, index, axis, group):
+        """``(tile, size)`` indices of ``group``'s units along ``axis`` of weight ``index``."""
+        if (index, axis, group) in self.positions:
+            return self.positions[(index, axis, group)]
+        tile = next(t for a, g, t in self.axes[index] if (a, g) == (axis, group))
+        size = self.sizes[group]
+        return np.arange(tile)[:, None] * size + np.arange(size)[None, :]
 
 
 def _unsupported(layer, why):
-    return ValueError(
-        f"align cannot permute through layer {layer.name!r} ({type(layer).__name__}): {why}."
-    )
+    return ValueError(f"align cannot permute through layer {layer.name!r} "
+                      f"({type(layer).__name__}): {why}.")
 
 
-def _channels_last(layer):
-    if getattr(layer, "data_format", "channels_last") != "channels_last":
-        raise _unsupported(layer, "only data_format='channels_last' is supported")
-
-
-def _normalized_axis(layer):
-    axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
-    rank = len(layer.input.shape)
-    return [a % rank for a in axis] == [rank - 1]
-
-
-def _propagate(layer, channels, groups, weight_axes):
-    """The channel group of ``layer``'s output; records its weights' axes in ``weight_axes``."""
-    variables = layer.weights
-    incoming = channels[0] if channels else None
-    if isinstance(layer, L.Dense) or isinstance(layer, CONVS):
-        if isinstance(layer, CONVS):
-            _channels_last(layer)
-            if getattr(layer, "groups", 1) != 1:
-                raise _unsupported(layer, "grouped convolutions are not supported")
-        kernel_rank = len(layer.kernel.shape)
-        out = groups.new(layer.kernel.shape[-1])
-        if incoming is not None:
-            if isinstance(layer, CONVS) and incoming[1] != 1:
-                raise _unsupported(layer, "its input channels are tiled by a Flatten")
-            weight_axes[id(layer.kernel)] = [(kernel_rank - 2, *incoming)]
-        weight_axes.setdefault(id(layer.kernel), []).append((kernel_rank - 1, out, 1))
-        if layer.bias is not None:
-            weight_axes[id(layer.bias)] = [(0, out, 1)]
-        return (out, 1), layer
-    if isinstance(layer, (L.BatchNormalization, L.LayerNormalization)):
-        if not _normalized_axis(layer):
-            raise _unsupported(layer, "only normalization over the last axis is supported")
-        for variable in variables:
-            if incoming is not None:
-                weight_axes[id(variable)] = [(0, *incoming)]
-        return incoming, None
-    if isinstance(layer, L.Embedding):
-        out = groups.new(layer.embeddings.shape[-1])
-        weight_axes[id(layer.embeddings)] = [(1, out, 1)]
-        return (out, 1), layer
-    if isinstance(layer, L.Flatten):
-        if incoming is None:
-            return None, None
-        _channels_last(layer)
-        spatial = math.prod(layer.input.shape[1:-1])
-        return (incoming[0], incoming[1] * spatial), None
-    if isinstance(layer, PASS_THROUGH):
-        if isinstance(layer, L.Softmax) and not _normalized_axis(layer):
-            raise _unsupported(layer, "softmax over an axis other than the last")
-        if hasattr(layer, "data_format"):
-            _channels_last(layer)
-        return incoming, None
-    if isinstance(layer, JOINING):
-        return groups.join(channels, layer), None
-    if all(c is None for c in channels):
-        return None, None  # e.g. Rescaling/Normalization on the raw input: nothing to permute
-    raise _unsupported(layer, "it is not a layer whose units can be permuted (supported: Dense, "
-                       "Conv1D/2D/3D, BatchNormalization, LayerNormalization, Embedding, Flatten, "
-                       "Add/Average/Multiply/..., activations, dropout, pooling, padding)")
+def _check_permutable(graph):
+    """ValueError naming the first nested model, or layer that fixes a group of units."""
+    nested = graph.records("nested")
+    if nested:
+        raise _unsupported(nested[0].layer, "nested models are not supported; build one flat model")
+    for root in graph.openers():
+        fixed = graph.fixed(root)
+        if fixed is not None and fixed.layer is not None:
+            raise _unsupported(fixed.layer, fixed.why)
 
 
 def permutation_spec(model):
-    """Derive the permutation groups of ``model`` from its functional graph.
+    """Derive the permutation groups of ``model`` from its channel-coupling graph.
 
     Args:
         model: a functional or ``Sequential`` Keras model (no nested models,
@@ -188,42 +99,27 @@ def permutation_spec(model):
         >>> list(spec.sizes.values()), spec.axes
         ([8], {0: [(1, 0, 1)], 1: [(0, 0, 1)], 2: [(0, 0, 1)]})
     """
-    groups, weight_axes, channel_of, sources = _Groups(), {}, {}, {}
-    calls = own_nodes(model)
-    for layer, parents in graph_operations(model):
-        if isinstance(layer, keras.Model):
-            raise _unsupported(layer, "nested models are not supported; build one flat model")
-        if len(calls.get(id(layer), ())) > 1:
-            raise _unsupported(layer, "it is called more than once (shared layer)")
-        if isinstance(layer, L.InputLayer):
-            channel_of[id(layer)] = None
-            continue
-        channels = [channel_of[id(parent)] for parent in parents]
-        channel_of[id(layer)], source = _propagate(layer, channels, groups, weight_axes)
-        if source is not None:
-            sources.setdefault(channel_of[id(layer)][0], []).append(source)
-    for tensor in model.outputs:
-        channel = channel_of[id(tensor._keras_history.operation)]
-        if channel is not None:
-            groups.fixed.add(groups.find(channel[0]))
-    return _collect(model, groups, weight_axes, sources)
+    graph = channel_graph(model)
+    _check_permutable(graph)
+    live = [root for root in graph.roots() if graph.fixed(root) is None]
+    number = {root: i for i, root in enumerate(live)}
+    index_of = {id(ref.variable): i for i, ref in enumerate(weight_refs(model))}
+    axes, positions = {}, {}
+    for record in graph.records():
+        for weight in record.weights:
+            layout = record.layout(weight.side)
+            index = index_of[id(weight.variable)]
+            for root in dict.fromkeys(graph.find(g) for g in layout):
+                if root not in number:
+                    continue
+                units = graph.unit_positions(layout, root)
+                axes.setdefault(index, []).append((weight.axis, number[root], len(units)))
+                if len(layout) != len(units):  # other groups share the axis (Concatenate)
+                    positions[(index, weight.axis, number[root])] = units
+    sources = {number[root]: layers for root, layers in graph.openers().items() if root in number}
+    sizes = {number[root]: graph.size(root) for root in live}
+    return PermutationSpec(sizes=sizes, axes=dict(sorted(axes.items())), sources=sources,
+                           positions=positions)
 
 
-def _collect(model, groups, weight_axes, sources):
-    """Resolve joined groups, drop fixed ones, index by weight position."""
-    live = {g for g in groups.parent if groups.find(g) == g and g not in groups.fixed}
-    renumber = {g: i for i, g in enumerate(sorted(live))}
-    axes = {}
-    for index, ref in enumerate(weight_refs(model)):
-        entries = [(axis, renumber[groups.find(g)], tile)
-                   for axis, g, tile in weight_axes.get(id(ref.variable), [])
-                   if groups.find(g) in live]
-        if entries:
-            axes[index] = entries
-    merged_sources = {}
-    for group, layers in sources.items():
-        root = groups.find(group)
-        if root in live:
-            merged_sources.setdefault(renumber[root], []).extend(layers)
-    sizes = {renumber[g]: groups.size[g] for g in live}
-    return PermutationSpec(sizes=sizes, axes=axes, sources=merged_sources)
+__all__ = ["PermutationSpec", "permutation_spec"]

@@ -19,7 +19,7 @@ Example:
     99
 """
 
-from ensemblekit.prune.channels import channels
+from ensemblekit.prune.channels import ChannelGroup, ChannelReport, channels
 from ensemblekit.prune.magnitude import (
     ConstantSparsity,
     PolynomialDecay,
@@ -31,6 +31,8 @@ from ensemblekit.prune.members import members
 from ensemblekit.prune.report import report
 
 __all__ = [
+    "ChannelGroup",
+    "ChannelReport",
     "ConstantSparsity",
     "PolynomialDecay",
     "PruningCallback",

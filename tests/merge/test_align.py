@@ -9,10 +9,10 @@ from tests.conftest import make_mlp
 L = keras.layers
 
 
-def _randomize(model, seed):
+def _randomize(model, seed, scale=0.5):
     rng = np.random.default_rng(seed)
     for variable in model.weights:
-        value = rng.normal(scale=0.5, size=variable.shape)
+        value = rng.normal(scale=scale, size=variable.shape)
         if "variance" in variable.path:
             value = np.abs(value) + 0.5
         variable.assign(value.astype("float32"))
@@ -30,14 +30,43 @@ def _cnn(seed):
     return _randomize(keras.Model(inputs, L.Dense(3)(h)), seed)
 
 
+def _depthwise_cnn(seed):
+    """Depthwise, separable and transposed convolutions, a last-axis Concatenate, then Flatten."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((6, 6, 2))
+    h = L.Conv2D(6, 3, padding="same", name="stem")(inputs)
+    h = L.ReLU()(L.BatchNormalization()(L.DepthwiseConv2D(3, padding="same", name="dw")(h)))
+    a = L.SeparableConv2D(4, 3, padding="same", name="sep")(h)
+    b = L.Conv2DTranspose(3, 3, padding="same", name="up")(h)
+    h = L.Flatten()(L.MaxPooling2D(3)(L.Concatenate()([a, b])))
+    return _randomize(keras.Model(inputs, L.Dense(3)(L.Activation("tanh")(h))), seed, scale=0.3)
+
+
+def _embedding_model(seed):
+    keras.utils.set_random_seed(seed)
+    tokens = keras.Input((5,), dtype="int32")
+    h = L.Embedding(12, 8, name="emb")(tokens)
+    h = L.Add()([h, L.Dense(8, activation="relu")(L.LayerNormalization()(h))])
+    return _randomize(keras.Model(tokens, L.Dense(3)(L.GlobalAveragePooling1D()(h))), seed)
+
+
+def _inputs(shape):
+    rng = np.random.default_rng(0)
+    if shape == "tokens":
+        return rng.integers(0, 12, size=(64, 5))
+    return rng.normal(size=(64,) + shape).astype("float32")
+
+
 @pytest.mark.parametrize("build,shape", [
     (lambda s: _randomize(make_mlp(s, hidden=32), s), (8,)),
     (_cnn, (16, 1)),
+    (_depthwise_cnn, (6, 6, 2)),
+    (_embedding_model, "tokens"),
 ])
 @pytest.mark.parametrize("method", ["weight_matching", "activation_matching"])
 def test_aligned_models_predict_exactly_like_the_originals(build, shape, method):
     models = [build(0), build(1), build(2)]
-    x = np.random.default_rng(0).normal(size=(64,) + shape).astype("float32")
+    x = _inputs(shape)
     aligned, perms = align(models, method=method, x=x, return_permutations=True)
     assert aligned[0] is models[0]
     for original, moved in zip(models, aligned, strict=True):
@@ -112,3 +141,28 @@ def test_align_accepts_members_loaded_from_keras_files_and_used_elsewhere(tmp_pa
     np.testing.assert_allclose(aligned[1].predict(x, verbose=0), models[1].predict(x, verbose=0),
                                atol=1e-5, rtol=0)
 
+
+
+def test_depthwise_kernels_are_permuted_with_their_input_channels():
+    reference, other = _depthwise_cnn(0), _depthwise_cnn(1)
+    aligned, perms = align([reference, other], return_permutations=True)
+    spec = permutation_spec(reference)
+    stem = next(g for g, layers in spec.sources.items() if [layer.name for layer in layers] == ["stem"])
+    perm = perms[1][stem]
+    assert not np.array_equal(perm, np.arange(6))
+    np.testing.assert_array_equal(aligned[1].get_layer("dw").get_weights()[0],
+                                  other.get_layer("dw").get_weights()[0][:, :, perm, :])
+    x = _inputs((6, 6, 2))
+    np.testing.assert_allclose(aligned[1].predict(x, verbose=0), other.predict(x, verbose=0), atol=1e-5)
+
+
+def test_align_and_prune_channels_see_the_same_groups_of_a_residual_model():
+    from ensemblekit.prune import channels
+    from tests.prune.conftest import make_residual_cnn
+
+    model = make_residual_cnn(width=8)
+    spec = permutation_spec(model)
+    _, report = channels(model, 0.5, return_report=True)
+    permuted = sorted((spec.sizes[g], [layer.name for layer in spec.sources[g]]) for g in spec.sizes)
+    pruned = sorted((g.size, g.layers) for g in report.groups if g.reason is None)
+    assert permuted == pruned == [(8, ["conv_a", "conv_b"]), (16, ["conv_c"]), (16, ["hidden"])]

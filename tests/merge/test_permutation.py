@@ -1,4 +1,5 @@
 import keras
+import numpy as np
 import pytest
 
 from ensemblekit.merge.permutation import permutation_spec
@@ -45,3 +46,38 @@ def test_unsupported_layer_in_the_path_is_named():
 def test_layers_before_any_permutable_unit_are_fine():
     model = keras.Sequential([keras.Input((4,)), L.Rescaling(0.5), L.Dense(8), L.Dense(2)])
     assert list(permutation_spec(model).sizes.values()) == [8]
+
+
+def test_concatenate_places_each_group_at_its_offset():
+    inputs = keras.Input((4,))
+    a, b = L.Dense(3, name="a")(inputs), L.Dense(2, name="b")(inputs)
+    model = keras.Model(inputs, L.Dense(2, name="out")(L.Concatenate()([a, b])))
+    spec = permutation_spec(model)
+    assert spec.sizes == {0: 3, 1: 2}
+    assert spec.axes[4] == [(0, 0, 1), (0, 1, 1)]  # out's kernel reads both groups
+    np.testing.assert_array_equal(spec.unit_positions(4, 0, 0), [[0, 1, 2]])
+    np.testing.assert_array_equal(spec.unit_positions(4, 0, 1), [[3, 4]])
+    assert [layer.name for layer in spec.sources[1]] == ["b"]
+
+
+def test_depthwise_kernel_moves_with_its_input_group():
+    inputs = keras.Input((6, 6, 2))
+    h = L.DepthwiseConv2D(3, padding="same")(L.Conv2D(4, 3, padding="same")(inputs))
+    spec = permutation_spec(keras.Model(inputs, L.Dense(2)(L.GlobalAveragePooling2D()(h))))
+    assert spec.sizes == {0: 4}
+    assert spec.axes[2] == [(2, 0, 1)] and spec.axes[3] == [(0, 0, 1)]  # depthwise kernel, bias
+    assert [type(layer).__name__ for layer in spec.sources[0]] == ["Conv2D"]
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda x: keras.Sequential([L.Dense(3)], name="inner")(L.Dense(4)(x)),
+     r"layer 'inner' \(Sequential\): nested models are not supported"),
+    (lambda x: L.Conv1D(4, 1, groups=2, name="grouped")(L.Dense(4)(x)),
+     r"layer 'grouped' \(Conv1D\): grouped convolutions are not supported"),
+    (lambda x: L.Dense(3)(L.Softmax(axis=1, name="sm")(L.Dense(4)(x))),
+     r"layer 'sm' \(Softmax\): softmax over an axis other than the last"),
+])
+def test_layers_that_stop_a_permutation_are_named(build, message):
+    inputs = keras.Input((3, 4))
+    with pytest.raises(ValueError, match="align cannot permute through " + message):
+        permutation_spec(keras.Model(inputs, build(inputs)))

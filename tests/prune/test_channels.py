@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import ensemblekit as ek
+from ensemblekit.costs import macs
 from ensemblekit.prune import channels
-from ensemblekit.prune.report import macs
 from tests.conftest import make_mlp
 from tests.prune.conftest import (
     accuracy,
@@ -18,12 +18,12 @@ from tests.prune.conftest import (
 X40 = np.random.default_rng(0).normal(size=(16, 40, 1)).astype("float32")
 
 
-def group(model, layer_name):
-    return next(g for g in model.pruned_groups_ if layer_name in g.layers)
+def group(report, layer_name):
+    return next(g for g in report.groups if layer_name in g.layers)
 
 
-def removed(model, layer_name):
-    g = group(model, layer_name)
+def removed(report, layer_name):
+    g = group(report, layer_name)
     return np.setdiff1d(np.arange(g.size), g.indices)
 
 
@@ -36,32 +36,35 @@ def test_ratio_zero_returns_identical_outputs():
 
 def test_residual_add_couples_channels_and_output_size_never_changes():
     model = randomize_bn(make_residual_cnn(width=8))
-    pruned = channels(model, ratio=0.5)
+    pruned, report = channels(model, ratio=0.5, return_report=True)
     assert pruned.get_layer("conv_a").filters == pruned.get_layer("conv_b").filters == 4
-    assert group(pruned, "conv_a").layers == ["conv_a", "conv_b"]
+    assert group(report, "conv_a").layers == ["conv_a", "conv_b"]
     assert pruned.get_layer("conv_c").filters == 8 and pruned.get_layer("hidden").units == 8
     assert pruned.get_layer("bn_b").get_weights()[0].shape == (4,)
     assert pruned.output_shape == model.output_shape == (None, 10)
-    assert group(pruned, "logits").reason == "model output"
+    assert group(report, "logits").reason == "model output"
+    assert not hasattr(pruned, "pruned_groups_")
+    assert str(report) == report.summary() == (
+        "4 channel groups: 3 pruned (40 -> 20 channels), 1 kept whole (model output: 1)")
 
 
 def test_pruned_model_equals_original_with_removed_channels_cut_from_consumers():
     """Slicing is exact: zeroing what consumers read from removed channels gives the same outputs."""
     model = randomize_bn(make_residual_cnn(width=8))
-    pruned = channels(model, ratio=0.5)
+    pruned, report = channels(model, ratio=0.5, return_report=True)
     cut = keras.models.clone_model(model)
     cut.set_weights(model.get_weights())
     for consumer in ("conv_b", "conv_c"):  # both read the residual group
         weights = cut.get_layer(consumer).get_weights()
-        weights[0][:, removed(pruned, "conv_a"), :] = 0.0
+        weights[0][:, removed(report, "conv_a"), :] = 0.0
         cut.get_layer(consumer).set_weights(weights)
     hidden = cut.get_layer("hidden").get_weights()
     positions = cut.get_layer("flatten").output.shape[-1] // 16
-    rows = (np.arange(positions)[:, None] * 16 + removed(pruned, "conv_c")[None, :]).ravel()
+    rows = (np.arange(positions)[:, None] * 16 + removed(report, "conv_c")[None, :]).ravel()
     hidden[0][rows, :] = 0.0
     cut.get_layer("hidden").set_weights(hidden)
     logits = cut.get_layer("logits").get_weights()
-    logits[0][removed(pruned, "hidden"), :] = 0.0
+    logits[0][removed(report, "hidden"), :] = 0.0
     cut.get_layer("logits").set_weights(logits)
     np.testing.assert_allclose(pruned.predict(X40, verbose=0), cut.predict(X40, verbose=0), atol=1e-5)
 
@@ -75,17 +78,60 @@ def test_depthwise_and_separable_convolutions_are_sliced_consistently():
     h = keras.layers.SeparableConv2D(8, 3, padding="same", name="sep")(h)
     h = keras.layers.GlobalAveragePooling2D(name="gap")(h)
     model = randomize_bn(keras.Model(inputs, keras.layers.Dense(3, name="out")(h)))
-    pruned = channels(model, ratio=0.5)
+    pruned, report = channels(model, ratio=0.5, return_report=True)
     assert pruned.get_layer("stem").filters == 4 and pruned.get_layer("sep").filters == 4
     cut = keras.models.clone_model(model)
     cut.set_weights(model.get_weights())
     sep = cut.get_layer("sep").get_weights()
-    sep[1][:, :, removed(pruned, "stem"), :] = 0.0
+    sep[1][:, :, removed(report, "stem"), :] = 0.0
     cut.get_layer("sep").set_weights(sep)
     out = cut.get_layer("out").get_weights()
-    out[0][removed(pruned, "sep"), :] = 0.0
+    out[0][removed(report, "sep"), :] = 0.0
     cut.get_layer("out").set_weights(out)
     x = np.random.default_rng(1).normal(size=(4, 8, 8, 3)).astype("float32")
+    np.testing.assert_allclose(pruned.predict(x, verbose=0), cut.predict(x, verbose=0), atol=1e-5)
+
+
+def _zero_reads(model, report, reads):
+    """A copy of ``model`` whose ``reads`` (consumer, axis, producer) ignore the removed channels."""
+    cut = keras.models.clone_model(model)
+    cut.set_weights(model.get_weights())
+    for consumer, axis, producer in reads:
+        weights = cut.get_layer(consumer).get_weights()
+        index = [slice(None)] * weights[0].ndim
+        index[axis] = removed(report, producer)
+        weights[0][tuple(index)] = 0.0
+        cut.get_layer(consumer).set_weights(weights)
+    return cut
+
+
+def test_embedding_features_are_pruned_with_the_layers_that_read_them():
+    keras.utils.set_random_seed(0)
+    tokens = keras.Input((5,), dtype="int32")
+    h = keras.layers.Embedding(12, 8, name="emb")(tokens)
+    h = keras.layers.GlobalAveragePooling1D()(keras.layers.Conv1D(6, 3, padding="same", name="conv")(h))
+    model = keras.Model(tokens, keras.layers.Dense(3, name="out")(h))
+    pruned, report = channels(model, 0.5, return_report=True)
+    assert pruned.get_layer("emb").output_dim == 4 and pruned.get_layer("conv").filters == 3
+    assert pruned.get_layer("emb").get_weights()[0].shape == (12, 4)
+    cut = _zero_reads(model, report, [("conv", 1, "emb"), ("out", 0, "conv")])
+    x = np.random.default_rng(0).integers(0, 12, size=(6, 5))
+    np.testing.assert_allclose(pruned.predict(x, verbose=0), cut.predict(x, verbose=0), atol=1e-5)
+
+
+def test_transposed_convolutions_lose_filters_on_their_output_axis():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5, 5, 2))
+    h = keras.layers.Conv2DTranspose(6, 3, strides=2, name="up")(inputs)
+    h = keras.layers.ReLU()(keras.layers.BatchNormalization(name="bn")(h))
+    h = keras.layers.Conv2DTranspose(4, 3, padding="same", name="up2")(h)
+    h = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, name="down")(h))
+    model = randomize_bn(keras.Model(inputs, keras.layers.Dense(3, name="out")(h)))
+    pruned, report = channels(model, 0.5, return_report=True)
+    assert pruned.get_layer("up").get_weights()[0].shape == (3, 3, 3, 2)
+    assert pruned.get_layer("up2").get_weights()[0].shape == (3, 3, 2, 3)
+    cut = _zero_reads(model, report, [("up2", 3, "up"), ("down", 2, "up2"), ("out", 0, "down")])
+    x = np.random.default_rng(1).normal(size=(4, 5, 5, 2)).astype("float32")
     np.testing.assert_allclose(pruned.predict(x, verbose=0), cut.predict(x, verbose=0), atol=1e-5)
 
 
@@ -110,15 +156,17 @@ def test_bn_scale_l1_and_taylor_rank_channels():
         weights[0] = gamma
         model.get_layer(name).set_weights(weights)
     with pytest.warns(UserWarning, match=r"no BatchNormalization scale on the groups of \['hidden'\]"):
-        by_gamma = channels(model, 0.5, importance="bn_scale")
+        _, by_gamma = channels(model, 0.5, importance="bn_scale", return_report=True)
     assert group(by_gamma, "conv_a").indices == [1, 3, 5, 7]
     dense = make_mlp(0)
     kernel, bias = dense.get_layer("hidden").get_weights()
     kernel[:, :8] *= 1e-3
     dense.get_layer("hidden").set_weights([kernel, bias])
     for importance in ("l1", "l2"):
-        assert group(channels(dense, 0.5, importance=importance), "hidden").indices == list(range(8, 16))
-    taylor = channels(dense, 0.5, importance="taylor", x=np.random.default_rng(0).normal(size=(64, 8)))
+        _, report = channels(dense, 0.5, importance=importance, return_report=True)
+        assert group(report, "hidden").indices == list(range(8, 16))
+    _, taylor = channels(dense, 0.5, importance="taylor", x=np.random.default_rng(0).normal(size=(64, 8)),
+                         return_report=True)
     assert group(taylor, "hidden").kept == 8
     assert len(set(group(taylor, "hidden").indices) & set(range(8, 16))) >= 6
 
@@ -144,8 +192,8 @@ def test_nested_members_of_an_ensemble_are_each_pruned():
     x = np.random.default_rng(0).normal(size=(10, 8)).astype("float32")
     np.testing.assert_allclose(channels(ensemble, 0.0).predict(x, verbose=0), ensemble.predict(x, verbose=0),
                                atol=1e-7)
-    pruned = channels(ensemble, 0.5)
-    hidden = [g for g in pruned.pruned_groups_ if g.layers == ["hidden"]]
+    pruned, report = channels(ensemble, 0.5, return_report=True)
+    hidden = [g for g in report.groups if g.layers == ["hidden"]]
     assert [g.kept for g in hidden] == [8, 8]
     assert pruned.count_params() < ensemble.count_params()
     assert pruned.predict(x, verbose=0).shape == (10, 3)
@@ -160,7 +208,7 @@ def test_unsupported_layer_leaves_its_group_whole_with_a_warning_or_raises():
     with pytest.warns(UserWarning, match="left unpruned.*'unit_norm' \\(UnitNormalization\\)"):
         pruned = channels(model, 0.5)
     assert pruned.get_layer("h").units == 8 and pruned.get_layer("h2").units == 4
-    with pytest.raises(ValueError, match="'unit_norm' \\(UnitNormalization\\) cannot be pruned through"):
+    with pytest.raises(ValueError, match="'unit_norm' \\(UnitNormalization\\) cannot be pruned or permuted through"):
         channels(model, 0.5, on_unsupported="raise")
 
 
@@ -202,7 +250,8 @@ def test_packed_models_are_pruned_member_by_member_and_stay_packed():
     packed = pack([randomize_bn(make_residual_cnn(seed=s, width=8), seed=s) for s in (0, 1)])
     np.testing.assert_allclose(channels(packed, 0.0).predict(X40, verbose=0), packed.predict(X40, verbose=0),
                                atol=1e-6)
-    pruned = channels(packed, 0.5)
+    pruned, report = channels(packed, 0.5, return_report=True)
+    assert [g.kept for g in report.groups if g.layers == ["conv_a", "conv_b"]] == [4, 4]  # one per member
     assert any(isinstance(layer, PackedOutput) for layer in pruned.layers)
     members = unpack(pruned)
     assert [m.get_layer("conv_a").filters for m in members] == [4, 4]

@@ -72,9 +72,11 @@ SPATIAL = _layer_types(
     "UpSampling1D", "UpSampling2D", "UpSampling3D", "SpatialDropout1D", "SpatialDropout2D",
     "SpatialDropout3D",
 )
+SPATIAL_DROPOUT = _layer_types("SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D")
 MERGES = _layer_types("Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum")
 CONCATS = _layer_types("Concatenate")
 FLATTENS = _layer_types("Flatten")
+UNKNOWN_KIND = "it is not a layer kind the channel graph knows"
 OPENERS = ("producer", "separable", "embedding")  # kinds whose output is a new group
 SUPPORTED = ("Dense, Conv1D/2D/3D(Transpose), DepthwiseConv, SeparableConv, BatchNormalization, "
              "LayerNormalization, Embedding, Flatten, Concatenate, Add/Average/Multiply/..., "
@@ -125,7 +127,7 @@ def _classify(layer, input_shapes):
         if rank and any(d is None for d in input_shapes[0][1:-1]):
             return None, "its spatial dimensions are unknown"
         return "flatten", None
-    return None, f"it is not a layer kind the channel graph knows (supported: {SUPPORTED})"
+    return None, f"{UNKNOWN_KIND} (supported: {SUPPORTED})"
 
 
 def layer_kind(layer, input_shapes):

@@ -17,6 +17,7 @@ import json
 import keras
 import numpy as np
 
+from ensemblekit._channels import SPATIAL_DROPOUT, UNKNOWN_KIND, layer_kind, unsupported_reason
 from ensemblekit._graph import (
     check_same_architecture,
     graph_operations,
@@ -41,14 +42,8 @@ from ensemblekit.pack.layers import (
 )
 
 L = keras.layers
-_ELEMENTWISE = (L.Activation, L.ReLU, L.LeakyReLU, L.ELU, L.Softmax, L.Dropout, L.GaussianNoise,
-                L.GaussianDropout, L.AlphaDropout, L.Identity)
-_SPATIAL_DROPOUT = (L.SpatialDropout1D, L.SpatialDropout2D)
-_MERGES = (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum)
-_CHANNELWISE = (L.MaxPooling1D, L.MaxPooling2D, L.AveragePooling1D, L.AveragePooling2D,
-                L.GlobalAveragePooling1D, L.GlobalAveragePooling2D, L.GlobalMaxPooling1D,
-                L.GlobalMaxPooling2D, L.ZeroPadding1D, L.ZeroPadding2D, L.Cropping1D, L.Cropping2D,
-                L.UpSampling1D, L.UpSampling2D)
+# Kinds of ``_channels.layer_kind`` a packed model carries without grouped weights.
+_CARRIED_KINDS = ("elementwise", "spatial", "merge", "concat", "flatten")
 _SUPPORTED = ("Dense, Conv1D, Conv2D, BatchNormalization, LayerNormalization, Flatten, "
               "Concatenate, Add/Subtract/Multiply/Average/Maximum/Minimum, activations, dropout, "
               "pooling, padding, cropping, up-sampling")
@@ -191,57 +186,70 @@ def _unsupported(layer, label, reason=None):
     )
 
 
+def _member_shapes(layer_inputs):
+    """The shapes the member layer saw: the packed tensors' shapes without the member axis."""
+    return [tuple(t.shape[:-2]) + tuple(t.shape[-1:]) if has_members else tuple(t.shape)
+            for t, has_members in layer_inputs]
+
+
 def _packed_layer(layer, layer_inputs, num_members, lowering, label):
-    """The packed counterpart of member layer ``layer`` (all members' configs are equal)."""
+    """The packed counterpart of member layer ``layer`` (all members' configs are equal).
+
+    What a layer does to the channel axis comes from the one table of layer kinds
+    (``ensemblekit._channels.layer_kind``); each kind has one packed form.
+    """
+    shapes = _member_shapes(layer_inputs)
+    kind = layer_kind(layer, shapes)
+    if kind is None:
+        reason = unsupported_reason(layer, shapes)
+        known = not reason.startswith(UNKNOWN_KIND)
+        raise _unsupported(layer, label, f"cannot be packed: {reason}" if known else None)
     shared = not any(has_members for _, has_members in layer_inputs)
-    config = layer.get_config()
     common = dict(num_members=num_members, shared_input=shared, name=layer.name)
-    if getattr(layer, "data_format", "channels_last") != "channels_last":
-        raise _unsupported(layer, label, "uses data_format='channels_first'; pack needs channels_last")
-    if type(layer) is L.Dense:
-        return GroupedDense(config["units"], activation=config["activation"], use_bias=config["use_bias"],
-                            lowering=POLICY.for_layer("dense", lowering),
-                            **common)
-    if type(layer) in (L.Conv1D, L.Conv2D):
-        if config.get("groups", 1) != 1 or config["padding"] == "causal":
-            raise _unsupported(layer, label, "uses groups != 1 or causal padding; pack needs groups=1 "
-                                             "and 'valid'/'same' padding")
-        rank = 1 if type(layer) is L.Conv1D else 2
-        return GroupedConv(rank, config["filters"], config["kernel_size"], strides=config["strides"],
-                           padding=config["padding"], dilation_rate=config["dilation_rate"],
-                           activation=config["activation"], use_bias=config["use_bias"],
-                           lowering=POLICY.for_layer("conv", lowering), **common)
-    if type(layer) in (L.BatchNormalization, L.LayerNormalization):
-        rank = len(layer_inputs[0][0].shape) - (0 if shared else 1)
-        axis = config["axis"] if isinstance(config["axis"], int) else (
-            config["axis"][0] if len(config["axis"]) == 1 else None)
-        if axis not in (-1, rank - 1) or config.get("renorm") or config.get("synchronized"):
-            raise _unsupported(layer, label, f"normalizes axis {config['axis']!r}; pack supports the "
-                                             "last (channel) axis only, without renorm")
-        norm = dict(epsilon=config["epsilon"], center=config["center"], scale=config["scale"], **common)
-        if type(layer) is L.BatchNormalization:
-            return GroupedBatchNormalization(**norm)
-        return GroupedLayerNormalization(rms_scaling=config.get("rms_scaling", False), **norm)
-    if layer.weights:
+    if kind == "producer":
+        return _grouped_producer(layer, common, lowering, label)
+    if kind == "norm":
+        return _grouped_norm(layer, common, label)
+    if layer.weights or kind not in _CARRIED_KINDS:
         raise _unsupported(layer, label)
-    carried = type(layer).from_config(config)
+    config = layer.get_config()
     if shared:
-        return carried
-    if isinstance(layer, L.Softmax) and config.get("axis", -1) not in (-1, [-1]):
-        raise _unsupported(layer, label, "uses an axis other than -1")
-    if isinstance(layer, _ELEMENTWISE + _MERGES):
-        return carried
-    if isinstance(layer, _SPATIAL_DROPOUT):
-        return L.Identity(name=layer.name)
-    if isinstance(layer, L.Concatenate):
-        rank = len(layer_inputs[0][0].shape) - (1 if layer_inputs[0][1] else 0)
+        return type(layer).from_config(config)
+    if kind == "spatial" and isinstance(layer, SPATIAL_DROPOUT):
+        return L.Identity(name=layer.name)  # identity at inference; per-member masks would differ
+    if kind == "spatial":
+        return MemberChannels(type(layer).from_config(config), num_members=num_members, name=layer.name)
+    if kind == "concat":
+        rank = len(shapes[0])
         axis = config["axis"] % rank
         return L.Concatenate(axis=-1 if axis == rank - 1 else axis, name=layer.name)
-    if isinstance(layer, L.Flatten):
+    if kind == "flatten":
         return MemberFlatten(name=layer.name)
-    if isinstance(layer, _CHANNELWISE):
-        return MemberChannels(carried, num_members=num_members, name=layer.name)
-    raise _unsupported(layer, label)
+    return type(layer).from_config(config)  # elementwise layers and merges act per member already
+
+
+def _grouped_producer(layer, common, lowering, label):
+    config = layer.get_config()
+    if type(layer) is L.Dense:
+        return GroupedDense(config["units"], activation=config["activation"], use_bias=config["use_bias"],
+                            lowering=POLICY.for_layer("dense", lowering), **common)
+    if type(layer) not in (L.Conv1D, L.Conv2D) or config["padding"] == "causal":
+        raise _unsupported(layer, label)
+    rank = 1 if type(layer) is L.Conv1D else 2
+    return GroupedConv(rank, config["filters"], config["kernel_size"], strides=config["strides"],
+                       padding=config["padding"], dilation_rate=config["dilation_rate"],
+                       activation=config["activation"], use_bias=config["use_bias"],
+                       lowering=POLICY.for_layer("conv", lowering), **common)
+
+
+def _grouped_norm(layer, common, label):
+    config = layer.get_config()
+    if config.get("renorm") or config.get("synchronized"):
+        raise _unsupported(layer, label, "uses renorm or synchronized statistics; pack supports neither")
+    norm = dict(epsilon=config["epsilon"], center=config["center"], scale=config["scale"], **common)
+    if type(layer) is L.BatchNormalization:
+        return GroupedBatchNormalization(**norm)
+    return GroupedLayerNormalization(rms_scaling=config.get("rms_scaling", False), **norm)
 
 
 def _apply(packed_layer, layer, layer_inputs, num_members):

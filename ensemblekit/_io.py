@@ -53,12 +53,31 @@ def load_model(path, safe_mode=True, label="model"):
     return model
 
 
+def single_output(model):
+    """``model`` with a one-element list output (Keras 2 ``.h5`` files load so) as a single output.
+
+    Returns ``model`` itself when its output is already one tensor (or it has
+    no functional graph); otherwise a functional model over the same layers and
+    weights whose output is that one tensor.
+
+    Example:
+        >>> inputs = keras.Input((4,))
+        >>> listed = keras.Model(inputs, [keras.layers.Dense(3)(inputs)])
+        >>> type(listed.output).__name__, type(single_output(listed).output).__name__
+        ('list', 'KerasTensor')
+    """
+    outputs = getattr(model, "_outputs_struct", None)
+    if isinstance(outputs, (list, tuple)) and len(outputs) == 1 and not isinstance(model, keras.Sequential):
+        return keras.Model(model.inputs, model.outputs[0], name=model.name)
+    return model
+
+
 def load_member(member, index, safe_mode=True):
-    """Return member ``index`` as a ``keras.Model``, loading it if it is a path."""
+    """Return member ``index`` as a single-output ``keras.Model``, loading it if it is a path."""
     if isinstance(member, keras.Model):
-        return member
+        return single_output(member)
     if isinstance(member, (str, os.PathLike)):
-        return load_model(member, safe_mode=safe_mode, label=member_label(index))
+        return single_output(load_model(member, safe_mode=safe_mode, label=member_label(index)))
     raise TypeError(
         f"{member_label(index)} is a {type(member).__name__}; expected a keras.Model "
         "or a path to a .keras/.h5 file."

@@ -66,3 +66,26 @@ def test_predict_pads_to_one_batch_shape_and_matches_keras_predict():
     # Every trace saw full batches of 8 (model.predict alone would trace a 5-row batch
     # first, then retrace for a generic batch size).
     assert traced_rows and set(traced_rows) == {8}
+
+
+def test_keras2_style_single_element_list_output_is_one_output(tmp_path):
+    """Keras 2 ``.h5`` files of functional models load with a one-element list output."""
+    import keras
+    import numpy as np
+
+    import ensemblekit as ek
+
+    inputs = keras.Input((4,))
+    listed = keras.Model(inputs, [keras.layers.Dense(3)(inputs)])
+    path = tmp_path / "keras2_style.h5"
+    listed.save(path)
+    assert isinstance(keras.saving.load_model(path, compile=False).output, list)
+    x = np.ones((2, 4), "float32")
+    expected = np.asarray(listed.predict(x, verbose=0))
+    for members in ([path, path], [listed, listed]):
+        np.testing.assert_allclose(ek.ensemble(members, "logit_mean").predict(x, verbose=0),
+                                   ek.ensemble([keras.Model(inputs, listed.outputs[0])] * 2,
+                                               "logit_mean").predict(x, verbose=0), atol=1e-6)
+    stacked = ek.stack([path, path], np.ones((20, 4), "float32"), np.arange(20) % 3, cv=2, epochs=1)
+    assert stacked.predict(x, verbose=0).shape == (2, 3)
+    assert ek.merge([path, path]).predict(x, verbose=0).shape == expected.shape[-2:]

@@ -8,9 +8,9 @@ Example:
     (1, 3)
 """
 
-from ensemblekit import deploy, merge, pack, prune
+from ensemblekit import advise, deploy, merge, pack, prune
 from ensemblekit._outputs import detect_output_kind
-from ensemblekit.advise import Advice, advise
+from ensemblekit.advise import Advice
 from ensemblekit.compose import (
     calibrate,
     ensemble,
@@ -26,8 +26,8 @@ from ensemblekit.merge import align, reset_bn
 from ensemblekit.metrics import evaluate, pareto
 from ensemblekit.pack import unpack
 
-# ``ek.merge`` and ``ek.pack`` are the packages, callable as their main function
-# (``ek.merge(models, "ties")``), so ``import ensemblekit.merge.core`` still works.
+# ``ek.advise``, ``ek.merge`` and ``ek.pack`` are the packages, callable as their main
+# function (``ek.merge(models, "ties")``), so ``import ensemblekit.merge.core`` still works.
 
 __version__ = "0.1.0"
 

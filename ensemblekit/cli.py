@@ -20,7 +20,7 @@ COMMAND_MODULES = [
     "ensemblekit.merge.cli",
     "ensemblekit.bench.cli",
     "ensemblekit.prune.cli",
-    "ensemblekit.advise",
+    "ensemblekit.advise.cli",
 ]
 
 

@@ -19,7 +19,7 @@ def _api_table_names():
     """First-column names of the table under ``## API``: ``ek.x``, ``ek.prune.y``, ..."""
     section = README.split("\n## API\n", 1)[1].split("\n## ", 1)[0]
     return {match for row in section.splitlines() if row.startswith("| `ek.")
-            for match in re.findall(r"^\| `(ek(?:\.\w+)+)", row)}
+            for match in re.findall(r"`(ek(?:\.\w+)+)", row.split("|")[1])}
 
 
 def test_readme_has_a_runnable_quickstart():
@@ -44,7 +44,9 @@ def test_api_table_lists_every_public_name():
     listed = _api_table_names()
     expected = ({f"ek.{name}" for name in ek.__all__}
                 | {f"ek.prune.{name}" for name in ek.prune.__all__}
-                | {f"ek.deploy.{name}" for name in ek.deploy.__all__})
+                | {f"ek.deploy.{name}" for name in ek.deploy.__all__}
+                | {f"ek.merge.{name}" for name in ek.merge.__all__}
+                | {f"ek.pack.{name}" for name in ek.pack.__all__})
     assert not expected - listed, f"missing from the README's API table: {sorted(expected - listed)}"
     assert not listed - expected, f"not public, yet in the API table: {sorted(listed - expected)}"
 

@@ -8,18 +8,23 @@ Member sets (members trained here, each with its own seed):
    (heterogeneous: weight-space compositions do not apply);
 3. ``digits_mlp``: K MLPs on scikit-learn's 8x8 digits.
 
-Every composition of the library that applies is built from the members
-(``COMPOSITIONS``; the others are listed with the reason they were skipped).
-Validation data (held out from member training) fits everything that learns
-from data: weights, stacking, selection, member pruning, calibration. Test data
-gives every reported number: accuracy, NLL, Brier score, ECE (``ensemblekit.metrics``),
+Every composition of the library that applies is built from the members: the
+entries of ``ensemblekit.compositions`` (the one registry, shared with
+``ek.advise`` and the demo) under this benchmark's labels (``COMPOSITIONS``;
+the others are listed with the reason they were skipped). Validation data
+(held out from member training) fits everything that learns from data:
+weights, stacking, selection, member pruning, calibration. Test data gives
+every reported number: accuracy, NLL, Brier score, ECE (``ensemblekit.metrics``),
 plus parameters, MACs per sample (``costs.macs``) and samples/s at batch
 256 through ``compile_for_inference``, all compositions of a member set timed
 round-robin in one ``_timing.time_paths`` call. The Pareto front of
 throughput vs accuracy comes from ``ek.pareto``.
 
-Same seed, same accuracy numbers: members, folds and heads are seeded and TF's
-CPU kernels are deterministic for these models (tested on a tiny configuration).
+Same seed, same accuracy numbers on one machine and backend: the run is inside
+``demo.deterministic`` (seeds, TensorFlow op determinism), each member is seeded
+before it is built and before it is trained, and folds, heads and fine-tunes
+are seeded (tested on a tiny configuration). Other CPUs, thread counts or
+library versions can train other members (see ``ensemblekit.demo``).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import time
 import keras
 import numpy as np
 
-from ensemblekit import metrics
+from ensemblekit import compositions, demo, metrics
 from ensemblekit._timing import batch_seconds
 from ensemblekit.bench.throughput import device_info, write_json_and_markdown
 
@@ -49,13 +54,29 @@ QUICK_SETTINGS = {  # --quick (on QUICK_SETS): well under a minute
     "validation": 300, "digits_validation": 200, "head_epochs": 1, "finetune_epochs": 1,
     "stack_epochs": 10, "cv": 2, "repeats": 3, "target_s": 0.02, "jit_compile": False,
 }
-ENSEMBLE_METHODS = ("mean", "logit_mean", "geometric", "vote")
 PRUNE_RATIO = 0.3
-MEMBER_BUDGET = 0.5
-
-
-class Skip(Exception):
-    """A composition that does not apply to a member set (the message says why)."""
+# prune.members keeps at most this fraction of the full ensemble's cost: a budget of
+# MEMBER_FRACTION x K in the one meaning of budgets (units of the members' mean cost).
+MEMBER_FRACTION = 0.5
+# The benchmark's label -> the registry's name (ensemblekit.compositions), in the report's order.
+COMPOSITIONS = {
+    "best member": "best_member",
+    "ensemble mean": "ensemble_mean",
+    "ensemble logit_mean": "ensemble_logit_mean",
+    "ensemble geometric": "ensemble_geometric",
+    "ensemble vote": "ensemble_vote",
+    "weighted (optimize_weights)": "weighted",
+    "stack (logistic)": "stack_logistic",
+    "fuse (concat, new head)": "fuse_concat",
+    "select (Caruana)": "greedy",
+    "linear soup (merge)": "soup",
+    "align + merge": "aligned_soup",
+    "packed (ek.pack mean)": "packed_mean",
+    f"pruned channels({PRUNE_RATIO}) + ensemble mean": "pruned_channels",
+    f"prune.members (budget {MEMBER_FRACTION})": "pruned_members",
+    "calibrate(ensemble mean)": "calibrated_mean",
+}
+Skip = compositions.Skip  # a composition that does not apply to a member set (the message says why)
 
 
 # -- members -----------------------------------------------------------------------------------
@@ -104,160 +125,41 @@ def load_data(member_set, settings):
     return {"train": train, "val": (x[-held_out:], y[-held_out:]), "test": test}
 
 
-def _fit(model, x, y, epochs):
-    model.fit(x, y, epochs=epochs, batch_size=64, verbose=0)
-    return model
-
-
 def train_members(member_set, data, settings, seed=0):
     """Train the members of ``member_set`` (member ``i`` gets seed ``seed + i``)."""
-    from ensemblekit import demo
-
     x, y = data["train"]
     count, epochs = settings["members"], settings["epochs"]
     if member_set == "mnist1d_cnn":
         return demo.train_members(x, y, count=count, epochs=epochs, seed=seed, verbose=0)
     if member_set == "mnist1d_mixed":
-        return [_fit(make_mlp(seed), x, y, epochs),
+        return [demo.fit_seeded(make_mlp(seed), x, y, epochs, seed),
                 *demo.train_members(x, y, count=1, epochs=epochs, seed=seed + 1, verbose=0),
-                _fit(make_gru(seed + 2), x, y, epochs)]
+                demo.fit_seeded(make_gru(seed + 2), x, y, epochs, seed + 2)]
     if member_set == "digits_mlp":
-        return [_fit(make_mlp(seed + i, (8, 8, 1), hidden=64), x, y, settings["digits_epochs"])
+        return [demo.fit_seeded(make_mlp(seed + i, (8, 8, 1), hidden=64), x, y, settings["digits_epochs"], seed + i)
                 for i in range(count)]
     raise ValueError(f"Unknown member set {member_set!r}; expected one of {', '.join(MEMBER_SETS)}.")
 
 
-# -- compositions: each returns [{"composition", "model", "note"}] or raises Skip ---------------
+# -- compositions: entries of ensemblekit.compositions ------------------------------------------
 
-class Context:
-    """What the compositions of one member set are built from."""
+def make_context(members, data, settings, seed):
+    """The :class:`ensemblekit.compositions.Context` of one member set, with this benchmark's settings.
 
-    def __init__(self, members, data, settings, seed):
-        self.members, self.data, self.settings, self.seed = members, data, settings, seed
-
-    def one_architecture(self, what):
-        from ensemblekit._graph import architecture_differences
-
-        differences = architecture_differences(self.members, [m.name for m in self.members])
-        if differences:
-            raise Skip(f"{what} needs members of one architecture; {differences[0]}")
-
-
-def _best_member(ctx):
-    x_val, y_val = ctx.data["val"]
-    scores = [metrics.evaluate(m, x_val, y_val)["accuracy"] for m in ctx.members]
-    best = ctx.members[int(np.argmax(scores))]
-    return [dict(composition="best member", model=best, note=f"{best.name}, chosen on validation")]
-
-
-def _output_ensembles(ctx):
-    import ensemblekit as ek
-
-    return [dict(composition=f"ensemble {method}", model=ek.ensemble(ctx.members, method), note="")
-            for method in ENSEMBLE_METHODS]
-
-
-def _weighted(ctx):
-    import ensemblekit as ek
-
-    weights = ek.optimize_weights(ctx.members, *ctx.data["val"])
-    return [dict(composition="weighted (optimize_weights)", note="weights " + _fmt(weights),
-                 model=ek.ensemble(ctx.members, "weighted", weights=weights))]
-
-
-def _stacked(ctx):
-    import ensemblekit as ek
-
-    model = ek.stack(ctx.members, *ctx.data["val"], meta="logistic", cv=ctx.settings["cv"],
-                     epochs=ctx.settings["stack_epochs"], seed=ctx.seed, verbose=0)
-    return [dict(composition="stack (logistic)", model=model, note=f"cv={ctx.settings['cv']} on validation")]
-
-
-def _fused(ctx):
-    import ensemblekit as ek
-
-    keras.utils.set_random_seed(ctx.seed)
-    model = ek.fuse(ctx.members, taps=-2, fusion="concat")
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
-    _fit(model, *ctx.data["train"], ctx.settings["head_epochs"])
-    return [dict(composition="fuse (concat, new head)", model=model,
-                 note=f"head trained {ctx.settings['head_epochs']} epochs on frozen penultimate features")]
-
-
-def _selected(ctx):
-    import ensemblekit as ek
-
-    counts = np.bincount(ek.select(ctx.members, *ctx.data["val"]), minlength=len(ctx.members))
-    return [dict(composition="select (Caruana)", note=f"counts {counts.tolist()}",
-                 model=ek.ensemble(ctx.members, "weighted", weights=counts.tolist()))]
-
-
-def _soup(ctx):
-    import ensemblekit as ek
-
-    ctx.one_architecture("a linear soup")
-    return [dict(composition="linear soup (merge)", model=ek.merge(ctx.members, "linear"),
-                 note="independently trained members, not aligned")]
-
-
-def _aligned_merge(ctx):
-    import ensemblekit as ek
-
-    ctx.one_architecture("align + merge")
-    merged = ek.merge(ek.align(ctx.members, seed=ctx.seed), "linear")
-    has_bn = any(isinstance(layer, keras.layers.BatchNormalization) for layer in merged.layers)
-    if has_bn:
-        ek.reset_bn(merged, ctx.data["train"][0])
-    return [dict(composition="align + merge", model=merged,
-                 note="weight matching" + (" + reset_bn" if has_bn else "; no BatchNorm, so no reset_bn"))]
-
-
-def _packed(ctx):
-    import ensemblekit as ek
-
-    ctx.one_architecture("ek.pack")
-    return [dict(composition="packed (ek.pack mean)", model=ek.pack(ctx.members, "mean"), note="")]
-
-
-def _pruned_channels(ctx):
-    import ensemblekit as ek
-
-    pruned = []
-    for member in ctx.members:
-        small = ek.prune.channels(member, ratio=PRUNE_RATIO, on_unsupported="warn")
-        keras.utils.set_random_seed(ctx.seed)
-        pruned.append(_fit(_compile(small, 1e-3), *ctx.data["train"], ctx.settings["finetune_epochs"]))
-    return [dict(composition=f"pruned channels({PRUNE_RATIO}) + ensemble mean",
-                 model=ek.ensemble(pruned, "mean"),
-                 note=f"each member pruned, fine-tuned {ctx.settings['finetune_epochs']} epochs")]
-
-
-def _pruned_members(ctx):
-    import ensemblekit as ek
-
-    kept = ek.prune.members(ctx.members, *ctx.data["val"], budget=MEMBER_BUDGET)
-    return [dict(composition=f"prune.members (budget {MEMBER_BUDGET})", model=kept.model,
-                 note=f"kept {kept.indices}, weights {_fmt(kept.weights)}")]
-
-
-def _calibrated(ctx):
-    import ensemblekit as ek
-
-    model = ek.calibrate(ek.ensemble(ctx.members, "mean"), *ctx.data["val"])
-    return [dict(composition="calibrate(ensemble mean)", model=model,
-                 note=f"T = {float(model.layers[-1].temperature):.3f}")]
-
-
-COMPOSITIONS = {
-    "best member": _best_member, "output ensembles": _output_ensembles, "weighted": _weighted,
-    "stack": _stacked, "fuse": _fused, "select": _selected, "linear soup": _soup,
-    "align + merge": _aligned_merge, "pack": _packed, "prune.channels": _pruned_channels,
-    "prune.members": _pruned_members, "calibrate": _calibrated,
-}
-
-
-def _fmt(values):
-    return "[" + ", ".join(f"{float(v):.2f}" for v in values) + "]"
+    Example:
+        >>> import keras, numpy as np
+        >>> ms = [make_mlp(0, (4,), hidden=8), make_mlp(1, (4,), hidden=8)]
+        >>> xy = (np.zeros((20, 4)), np.arange(20) % 10)
+        >>> ctx = make_context(ms, {"train": xy, "val": xy, "test": xy}, QUICK_SETTINGS, seed=0)
+        >>> ctx.budget, ctx.settings["fuse_epochs"], ctx.settings["best_member_metric"]
+        (1.0, 1, 'accuracy')
+    """
+    return compositions.Context(
+        members, *data["val"], x_train=data["train"][0], y_train=data["train"][1],
+        budget=MEMBER_FRACTION * len(members), seed=seed, fit_data="validation split", bn_data="train",
+        settings={"best_member_metric": "accuracy", "stack_cv": settings["cv"],
+                  "stack_epochs": settings["stack_epochs"], "fuse_epochs": settings["head_epochs"],
+                  "finetune_epochs": settings["finetune_epochs"], "prune_ratio": PRUNE_RATIO})
 
 
 # -- measuring -----------------------------------------------------------------------------------
@@ -303,6 +205,25 @@ def _checks(members, rows, probs):
     return checks
 
 
+def _build_and_score(members, data, settings, seed, verbose):
+    """Every composition of ``COMPOSITIONS`` built and scored on the test data (or skipped)."""
+    from ensemblekit.costs import macs
+
+    x_test, y_test = data["test"]
+    ctx = make_context(members, data, settings, seed)
+    progress = keras.utils.Progbar(len(COMPOSITIONS), unit_name="composition", verbose=verbose)
+    rows, skipped, probs, compiled = [], [], {}, {}
+    for label, _, built in compositions.build_each(COMPOSITIONS, ctx):
+        if isinstance(built, Skip):
+            skipped.append(dict(composition=label, reason=str(built)))
+        else:
+            compiled[label], scores, probs[label] = _evaluate(built.model, x_test, y_test, settings)
+            rows.append(dict(composition=label, note=built.note, **scores,
+                             params=int(built.model.count_params()), macs=int(macs(built.model))))
+        progress.add(1)
+    return rows, skipped, probs, compiled
+
+
 def run_member_set(member_set, settings, seed=0, measure_throughput=True, verbose=1):
     """Train one member set, build every composition, score and time them.
 
@@ -315,24 +236,11 @@ def run_member_set(member_set, settings, seed=0, measure_throughput=True, verbos
     from ensemblekit.costs import macs
 
     start = time.perf_counter()
-    data = load_data(member_set, settings)
-    members = train_members(member_set, data, settings, seed)
-    x_test, y_test = data["test"]
-    ctx = Context(members, data, settings, seed)
-    progress = keras.utils.Progbar(len(COMPOSITIONS), unit_name="composition", verbose=verbose)
-    rows, skipped, probs, compiled = [], [], {}, {}
-    for name, build in COMPOSITIONS.items():
-        try:
-            built = build(ctx)
-        except Skip as reason:
-            skipped.append(dict(composition=name, reason=str(reason)))
-            built = []
-        for row in built:
-            label, model = row["composition"], row.pop("model")
-            compiled[label], scores, probs[label] = _evaluate(model, x_test, y_test, settings)
-            row.update(scores, params=int(model.count_params()), macs=int(macs(model)))
-            rows.append(row)
-        progress.add(1)
+    with demo.deterministic(seed):  # training and fitting; the timing below runs as usual
+        data = load_data(member_set, settings)
+        members = train_members(member_set, data, settings, seed)
+        x_test, y_test = data["test"]
+        rows, skipped, probs, compiled = _build_and_score(members, data, settings, seed, verbose)
     speeds = _throughputs(compiled, x_test, settings) if measure_throughput else {}
     for row in rows:
         row["throughput"] = speeds.get(row["composition"])

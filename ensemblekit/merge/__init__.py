@@ -13,10 +13,11 @@ Example:
 
 from ensemblekit._callable import make_callable
 from ensemblekit.merge.align import align
+from ensemblekit.merge.barrier import LossBarrier, loss_barrier
 from ensemblekit.merge.bn import reset_bn
 from ensemblekit.merge.core import MergeReport, merge
 from ensemblekit.merge.methods import METHODS
 
-__all__ = ["METHODS", "MergeReport", "align", "merge", "reset_bn"]
+__all__ = ["METHODS", "LossBarrier", "MergeReport", "align", "loss_barrier", "merge", "reset_bn"]
 
 make_callable(__name__, merge)

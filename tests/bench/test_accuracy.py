@@ -172,6 +172,7 @@ def test_same_seed_gives_the_same_accuracy_numbers(tiny_run):
 
 
 def test_heterogeneous_members_skip_weight_space_compositions_with_the_reason():
+    from ensemblekit import compositions
     from ensemblekit.bench import accuracy
     from ensemblekit.demo import make_cnn
 
@@ -179,12 +180,33 @@ def test_heterogeneous_members_skip_weight_space_compositions_with_the_reason():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(60, 40, 1)).astype("float32")
     data = {"train": (x, np.arange(60) % 10), "val": (x, np.arange(60) % 10), "test": (x, np.arange(60) % 10)}
-    ctx = accuracy.Context(members, data, accuracy.QUICK_SETTINGS, seed=0)
-    for name in ("linear soup", "align + merge", "pack"):
-        with pytest.raises(accuracy.Skip, match=r"needs members of one architecture; cnn_1: .* vs mlp_0's"):
-            accuracy.COMPOSITIONS[name](ctx)
-    [row] = accuracy.COMPOSITIONS["prune.members"](ctx)
-    assert row["model"].output_shape == (None, 10)
+    ctx = accuracy.make_context(members, data, accuracy.QUICK_SETTINGS, seed=0)
+    for label in ("linear soup (merge)", "align + merge", "packed (ek.pack mean)"):
+        with pytest.raises(accuracy.Skip, match=r"^members differ in architecture: member 1 \('cnn_1'\): .* vs "
+                                                 r"member 0 \('mlp_0'\)'s"):
+            compositions.build(accuracy.COMPOSITIONS[label], ctx)
+    # prune.members runs under half the ensemble's cost: 1.5 mean member costs for 3 members.
+    assert ctx.budget == 1.5
+    built = compositions.build(accuracy.COMPOSITIONS["prune.members (budget 0.5)"], ctx)
+    assert built.model.output_shape == (None, 10)
+    costs = ctx.member_costs()
+    assert costs[built.used].sum() <= 0.5 * costs.sum() + 1e-9
+
+
+def test_every_label_names_a_registry_entry_and_best_member_is_chosen_by_accuracy():
+    from ensemblekit import compositions
+    from ensemblekit.bench import accuracy
+
+    assert set(accuracy.COMPOSITIONS.values()) <= set(compositions.REGISTRY)
+    assert len(set(accuracy.COMPOSITIONS.values())) == len(accuracy.COMPOSITIONS)
+    members = [accuracy.make_mlp(i, (4,), hidden=8) for i in range(3)]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(90, 4)).astype("float32")
+    data = {"train": (x, np.arange(90) % 10), "val": (x, np.arange(90) % 10), "test": (x, np.arange(90) % 10)}
+    ctx = accuracy.make_context(members, data, accuracy.QUICK_SETTINGS, seed=0)
+    best = compositions.build("best_member", ctx)
+    scores = [ek.evaluate(m, x, np.arange(90) % 10)["accuracy"] for m in members]
+    assert best.used == [int(np.argmax(scores))] and best.note.endswith("best validation-split accuracy")
 
 
 def test_run_rejects_unknown_sets_and_settings():

@@ -1,4 +1,4 @@
-"""ensemblekit.advise: ``ek.advise``, the merge-or-ensemble advisor, and ``ensemblekit advise``."""
+"""ensemblekit.advise.core: ``ek.advise``, the merge-or-ensemble advisor, built on the compositions registry."""
 
 import json
 
@@ -7,31 +7,19 @@ import numpy as np
 import pytest
 
 import ensemblekit as ek
-from ensemblekit.advise import MERGES, ROW_KEYS, TOLERANCE, _recommend, split_indices
-from ensemblekit.cli import main
-from tests.conftest import save_all, train_mlp
+from ensemblekit import compositions
+from ensemblekit.advise import CANDIDATES, MERGES, ROW_KEYS, TOLERANCE, split_indices
+from tests.advise.conftest import toy
+from tests.conftest import train_mlp
 
 ENSEMBLE_KINDS = ("ensemble", "ensemble_calibrated", "weighted", "greedy", "packed", "pruned_subset")
 
 
-def toy(n, seed):
-    """``toy_data``'s labelling rule (3 classes from two thresholds) on ``n`` fresh samples."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 8)).astype("float32")
-    return x, (x[:, 0] > 0).astype("int64") + (x[:, 1] > 0.5).astype("int64")
-
-
 @pytest.fixture(scope="module")
-def data():
-    return toy(400, 0), toy(400, 1)
-
-
-@pytest.fixture(scope="module")
-def independent(data):
+def independent(data, members):
     """Three MLPs from different initialisations, and their advice with no budget."""
-    (x, y), (xv, yv) = data
-    models = [train_mlp(seed, x, y, epochs=5, learning_rate=1e-2) for seed in range(3)]
-    return models, ek.advise(models, xv, yv, budget=None, verbose=0)
+    _, (xv, yv) = data
+    return members, ek.advise(members, xv, yv, budget=None, verbose=0)
 
 
 @pytest.fixture(scope="module")
@@ -138,28 +126,6 @@ def test_independent_members_ensemble_beats_soup_and_alignment_lowers_the_barrie
     assert all(row["within_budget"] for row in advice.rows if row["nll"] is not None)
 
 
-def _row(name, nll, accuracy, cost_ratio, within=True):
-    return {"name": name, "nll": nll, "accuracy": accuracy, "cost_ratio": cost_ratio, "within_budget": within}
-
-
-def test_recommendation_prefers_the_cheaper_candidate_only_within_tolerance():
-    close = [_row("soup", 0.4028, 0.90, 1.0), _row("ensemble", 0.400, 0.91, 3.0)]
-    name, reason = _recommend(close, "nll", None, "params", {})
-    assert name == "soup"
-    assert "within 0.7% of ensemble" in reason and "1/3 the cost" in reason
-    far = [_row("soup", 0.420, 0.90, 1.0), _row("ensemble", 0.400, 0.91, 3.0)]
-    name, reason = _recommend(far, "nll", None, "params", {})
-    assert name == "ensemble" and "5.0% worse, beyond the 1% tolerance" in reason
-    assert _recommend(far, "accuracy", None, "params", {})[0] == "ensemble"  # 1 point > 0.5
-    near = [_row("soup", 0.5, 0.907, 1.0), _row("ensemble", 0.4, 0.910, 3.0)]
-    assert _recommend(near, "accuracy", None, "params", {})[0] == "soup"  # 0.3 point < 0.5
-    over = [_row("soup", 0.420, 0.90, 1.0), _row("ensemble", 0.400, 0.91, 3.0, within=False)]
-    name, reason = _recommend(over, "nll", 1.0, "params", {})
-    assert name == "soup" and "ensemble would reach NLL 0.4000 but costs 3.00x" in reason
-    name, reason = _recommend([_row("soup", 0.4, 0.9, 1.0, within=False)], "nll", 0.5, "params", {})
-    assert name is None and "no candidate fits the budget of 0.5x" in reason
-
-
 def test_budget_one_never_recommends_a_costlier_candidate(fine_tunes, data):
     _, models, advice = fine_tunes
     for row in advice.rows:
@@ -238,26 +204,6 @@ def test_latency_cost_times_every_candidate(data, independent):
     assert rows[advice.recommendation]["cost_ratio"] <= 1.5 * 1.1
 
 
-def test_cli_writes_table_and_json(tmp_path, capsys, independent, data):
-    models, _ = independent
-    _, (xv, yv) = data
-    paths = save_all(models[:2], tmp_path)
-    np.savez(tmp_path / "val.npz", x_val=xv[:200], y_val=yv[:200])
-    args = ["advise", *map(str, paths), "--data", str(tmp_path / "val.npz"), "--budget", "1", "-q",
-            "--json", str(tmp_path / "advice.json")]
-    assert main(args) == 0
-    out = capsys.readouterr().out
-    written = json.loads((tmp_path / "advice.json").read_text())
-    assert f"recommendation: {written['recommendation']}" in out
-    assert written["budget"] == 1.0 and written["score_size"] == 100 and len(written["rows"]) == 10
-    # Sequential members loaded from .keras files still get aligned (align sees fresh clones).
-    assert next(r for r in written["rows"] if r["name"] == "aligned_soup")["nll"] is not None
-    assert main(["advise", *map(str, paths), "--data", "nope.csv"]) == 2
-    assert "--data must be mnist1d, digits or an .npz file" in capsys.readouterr().err
-    assert main(["advise", str(paths[0]), "--data", str(tmp_path / "val.npz")]) == 2
-    assert "advise needs at least 2 members" in capsys.readouterr().err
-
-
 def test_metric_accuracy_scores_the_same_rows(independent, data):
     _, (xv, yv) = data
     models, by_nll = independent
@@ -266,3 +212,27 @@ def test_metric_accuracy_scores_the_same_rows(independent, data):
     best = max(r["accuracy"] for r in by_accuracy.rows if r["nll"] is not None)
     assert rows[by_accuracy.recommendation]["accuracy"] > best - TOLERANCE["accuracy"]
     assert _rows(by_nll)["ensemble"]["nll"] == pytest.approx(rows["ensemble"]["nll"])
+
+
+def test_candidates_are_registry_entries_with_the_registry_kind(independent):
+    _, advice = independent
+    assert [row["name"] for row in advice.rows] == list(CANDIDATES)
+    for row in advice.rows:
+        assert row["kind"] == compositions.get(CANDIDATES[row["name"]]).kind, row["name"]
+    assert MERGES == ("soup", "aligned_soup", "ties")
+
+
+def test_barriers_are_merge_loss_barrier_on_the_score_half(data, independent):
+    from ensemblekit.merge import align, loss_barrier
+
+    _, (xv, yv) = data
+    models, advice = independent
+    _, score = split_indices(len(xv), seed=0)
+    for k in (1, 2):
+        plain = loss_barrier(models[0], models[k], xv[score], yv[score])
+        entry = advice.barriers[f"0-{k}"]
+        assert entry["barrier"] == pytest.approx(plain.barrier, abs=1e-9)
+        assert entry["path_nll"] == pytest.approx(plain.path, abs=1e-9)
+    aligned = align(models, reference=0, seed=0)
+    matched = loss_barrier(aligned[0], aligned[2], xv[score], yv[score])
+    assert advice.barriers["0-2"]["aligned_barrier"] == pytest.approx(matched.barrier, abs=1e-6)

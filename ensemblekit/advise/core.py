@@ -1,0 +1,368 @@
+"""``ek.advise``: split the data, measure barriers, build and score every candidate, cost them, recommend.
+
+The candidates are entries of :mod:`ensemblekit.compositions` (the one registry
+of compositions), under the advisor's own names (:data:`CANDIDATES`); costs come
+from :mod:`ensemblekit.costs`, loss barriers from ``ensemblekit.merge.loss_barrier``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import keras
+import numpy as np
+
+from ensemblekit import compositions, metrics
+from ensemblekit._io import load_model
+from ensemblekit._validate import check_choice, check_labels
+from ensemblekit.advise.recommend import recommend
+from ensemblekit.advise.table import format_table
+from ensemblekit.compose._members import Members, _shapes_compatible
+from ensemblekit.costs import COSTS, check_budget, latencies, macs
+from ensemblekit.merge.barrier import POINTS, loss_barrier
+
+METRICS = ("nll", "accuracy")
+PATH_T = POINTS
+# Latencies within 10% over the budget count as within it: repeated timings of
+# one model on a shared CPU differ by that much (README, throughput section).
+LATENCY_NOISE = 0.10
+# The advisor's candidates: its name -> the registry's name (ensemblekit.compositions).
+CANDIDATES = {
+    "best_member": "best_member",
+    "soup": "soup",
+    "aligned_soup": "aligned_soup",
+    "ties": "ties",
+    "ensemble": "ensemble_logit_mean",
+    "ensemble_calibrated": "calibrated_logit_mean",
+    "weighted": "weighted",
+    "greedy": "greedy",
+    "packed": "packed_logit_mean",
+    "pruned_subset": "pruned_members",
+}
+MERGES = tuple(name for name, entry in CANDIDATES.items() if compositions.get(entry).kind == "merge")
+ROW_KEYS = ("name", "kind", "accuracy", "nll", "brier", "ece", "params", "macs", "latency_ms",
+            "cost_ratio", "within_budget", "note")
+
+
+@dataclasses.dataclass
+class Advice:
+    """What :func:`advise` measured and what it recommends.
+
+    Attributes:
+        recommendation: name of the recommended candidate (a row's ``name``), or
+            ``None`` when no candidate fits the budget.
+        reason: one paragraph quoting the numbers behind the choice.
+        rows: one dict per candidate: ``name``, ``kind`` (``"member"``, ``"merge"``,
+            ``"ensemble"``), ``accuracy``, ``nll``, ``brier``, ``ece`` (score half;
+            ``None`` when skipped), ``params``, ``macs`` (per sample),
+            ``latency_ms`` (batch 256, only for ``cost="latency"``), ``cost_ratio``
+            (cost / one member's cost), ``within_budget``, ``note`` (what it is, or
+            why it was skipped).
+        barriers: ``{"0-k": {...}}`` per member pair: ``t``, ``path_nll``,
+            ``barrier`` and, when alignment worked, ``aligned_path_nll`` and
+            ``aligned_barrier`` (nats, score-half NLL); empty when merges are impossible.
+        notes: advisor-wide remarks (e.g. why weight-space merges were skipped).
+        budget, cost, metric, seed: the settings used.
+        fit_size, score_size: samples in the fit and score halves.
+        models: ``{name: keras.Model}`` of every built candidate (not in ``to_dict``).
+
+    Example:
+        >>> import keras, numpy as np
+        >>> import ensemblekit as ek
+        >>> ms = [keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]) for _ in range(2)]
+        >>> advice = ek.advise(ms, np.random.rand(20, 4), np.arange(20) % 3, verbose=0)
+        >>> isinstance(advice, ek.Advice), advice.recommendation in advice.models
+        (True, True)
+        >>> [row["name"] for row in advice.to_dict()["rows"]][:3]
+        ['best_member', 'soup', 'aligned_soup']
+    """
+
+    recommendation: str | None
+    reason: str
+    rows: list
+    barriers: dict
+    notes: list
+    budget: float | None
+    cost: str
+    metric: str
+    seed: int
+    fit_size: int
+    score_size: int
+    models: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def to_dict(self):
+        """Everything but the models, as plain JSON-serialisable Python values."""
+        fields = [f.name for f in dataclasses.fields(self) if f.name != "models"]
+        return json.loads(json.dumps({name: getattr(self, name) for name in fields}))
+
+    def __str__(self):
+        return format_table(self)
+
+
+def split_indices(n_samples, seed=0):
+    """Deterministic ``(fit, score)`` index halves of ``range(n_samples)``.
+
+    Args:
+        n_samples: how many validation samples there are (at least 4).
+        seed: seed of the shuffle.
+
+    Returns:
+        Two sorted ``int`` arrays; the fit half has ``n_samples // 2`` entries.
+
+    Example:
+        >>> fit, score = split_indices(6, seed=0)
+        >>> len(fit), len(score), sorted([*fit, *score]) == list(range(6))
+        (3, 3, True)
+    """
+    if n_samples < 4:
+        raise ValueError(f"x_val has {n_samples} samples; advise needs at least 4 (half to fit, half to score).")
+    order = np.random.default_rng(seed).permutation(n_samples)
+    half = n_samples // 2
+    return np.sort(order[:half]), np.sort(order[half:])
+
+
+def advise(models, x_val, y_val, budget=None, cost="params", metric="nll", base=None, verbose=1,
+           seed=0):
+    """Measure merging and ensembling options on held-out data and recommend one.
+
+    ``(x_val, y_val)`` is split (seeded, :func:`split_indices`) into a *fit*
+    half and a *score* half. Everything fitted — the best member's choice, the
+    calibration temperature, ensemble weights, greedy and budgeted selection,
+    BatchNorm statistics of merged models — uses the fit half only; every
+    reported metric and loss barrier is measured on the score half, so the
+    candidates that learn from validation data are not flattered by it.
+
+    Candidates (entries of ``ensemblekit.compositions``; skipped with a stated
+    reason where they do not apply): ``best_member``; ``soup``
+    (``ek.merge(..., "linear")``); ``aligned_soup`` (``ek.align`` to member 0,
+    then average); ``ties`` (needs ``base``); ``ensemble`` (``"logit_mean"``);
+    ``ensemble_calibrated`` (``ek.calibrate``); ``weighted``
+    (``ek.optimize_weights``); ``greedy`` (``ek.select``); ``packed``
+    (``ek.pack``, the ensemble as one wide model); ``pruned_subset``
+    (``ek.prune.members`` under the budget). Merges need members of one
+    architecture; merged models with BatchNorm get ``ek.reset_bn`` on the fit half.
+
+    The loss barrier between member 0 and member k is
+    ``ensemblekit.merge.loss_barrier`` on the score half:
+    ``max_t [L(θ_t) - ((1-t) L(θ_0) + t L(θ_k))]`` over ``t = 0, .25, .5, .75, 1``
+    with ``θ_t = ek.merge([m0, mk], "linear", weights=[1-t, t])`` (Frankle et
+    al., 2020; Ainsworth et al., 2022 after weight matching); near 0 means the
+    two sit in one basin and averaging them works. With BatchNorm, every point of
+    the path (endpoints included) gets ``ek.reset_bn`` on the fit half.
+
+    The recommendation is the best candidate by ``metric`` among those within
+    ``budget``; when a cheaper one is within the tolerance (0.5 accuracy point,
+    or 1% relative NLL) of it, the cheaper one is recommended and the reason
+    says so.
+
+    Args:
+        models: list of at least two members (``keras.Model`` or ``.keras``/``.h5`` paths),
+            classifiers with one input and a ``(batch, classes)`` output.
+        x_val, y_val: held-out data the members were not trained on (at least 4 samples;
+            labels as integers or one-hot).
+        budget: ``None`` (no limit) or how many single-member costs may be spent
+            (``1.0`` = one member, the mean of the members' costs; the one meaning
+            of budgets, ``ensemblekit.costs``).
+        cost: ``"params"``, ``"macs"`` (per sample) or ``"latency"`` (batch 256 through
+            ``ek.compile_for_inference``, timed round-robin on this device; within 10%
+            over the budget counts as within, timing noise).
+        metric: ``"nll"`` or ``"accuracy"``: what "best" means.
+        base: the model the members were fine-tuned from (model or path); enables ``ties``.
+        verbose: 1 shows a progress bar and prints the table; 0 is silent.
+        seed: seed of the fit/score split (and of weight matching).
+
+    Returns:
+        An :class:`Advice` (``recommendation``, ``reason``, ``rows``, ``barriers``,
+        ``to_dict()``; ``str(advice)`` is the table).
+
+    Example:
+        >>> import keras, numpy as np
+        >>> import ensemblekit as ek
+        >>> make = lambda s: (keras.utils.set_random_seed(s), keras.Sequential(
+        ...     [keras.Input((4,)), keras.layers.Dense(8, "relu"), keras.layers.Dense(3)]))[1]
+        >>> x, y = np.random.default_rng(0).normal(size=(40, 4)), np.arange(40) % 3
+        >>> advice = ek.advise([make(0), make(1)], x, y, budget=1.0, verbose=0)
+        >>> [row["cost_ratio"] <= 1.0 for row in advice.rows if row["name"] == advice.recommendation]
+        [True]
+    """
+    budget = check_budget(budget)
+    check_choice(cost, COSTS, "cost")
+    check_choice(metric, METRICS, "metric")
+    if verbose not in (0, 1):
+        raise ValueError(f"verbose must be 0 or 1, got {verbose!r}.")
+    setup = _setup(models, x_val, y_val, base, budget, metric, seed)
+    ctx = setup.ctx
+    steps = (len(ctx.models) - 1) * (ctx.architecture_difference is None) + len(CANDIDATES) + (cost == "latency")
+    progress = keras.utils.Progbar(steps, verbose=verbose, unit_name="step")
+    barriers = _barriers(setup, progress)
+    candidates = []
+    for name in list(CANDIDATES)[:-1]:  # pruned_subset comes last: it needs the members' costs
+        candidates.append(_candidate(setup, name))
+        progress.add(1)
+    timed = _measure_latencies(setup, candidates, progress) if cost == "latency" else None
+    ctx.cost = _member_costs(setup, cost, timed)
+    candidates.append(_candidate(setup, "pruned_subset"))
+    if timed is not None and candidates[-1].model is not None:
+        timed.update(_time_models({"pruned_subset": candidates[-1].model}, setup.x_score))
+    progress.add(1)
+    rows = [_row(setup, c, cost, budget, timed) for c in candidates]
+    recommendation, reason = recommend(rows, metric, budget, cost, barriers)
+    advice = Advice(recommendation, reason, rows, barriers, setup.notes, budget, cost, metric, seed,
+                    len(ctx.y_fit), len(setup.y_score),
+                    {c.name: c.model for c in candidates if c.model is not None})
+    if verbose:
+        print(advice)
+    return advice
+
+
+# --- setup: validation, split, member predictions -------------------------------------------
+
+@dataclasses.dataclass
+class _Setup:
+    ctx: compositions.Context  # members, fit half, base, budget, metric: what candidates are built from
+    x_score: np.ndarray
+    y_score: np.ndarray
+    score_probs: np.ndarray  # (n_score, K, classes)
+    notes: list
+    member_params: np.ndarray
+    member_macs: np.ndarray
+
+
+def _check_x(x_val, members):
+    try:
+        x = np.asarray(x_val, dtype="float32")
+    except (TypeError, ValueError):
+        raise TypeError(f"x_val must be a numeric array, got {type(x_val).__name__}.") from None
+    if x.ndim < 2 or not _shapes_compatible(x.shape[1:], members.input_shape):
+        raise ValueError(
+            f"x_val has shape {x.shape} but {members.labels[0]} expects input shape "
+            f"{(None, *members.input_shape)}.")
+    return x
+
+
+def _load_base(base):
+    if base is None or isinstance(base, keras.Model):
+        return base
+    if isinstance(base, (str, bytes)) or hasattr(base, "__fspath__"):
+        return load_model(base, label="base")
+    raise TypeError(f"base must be a keras.Model or a path to a .keras/.h5 file, got {type(base).__name__}.")
+
+
+def _setup(models, x_val, y_val, base, budget, metric, seed):
+    members = Members(models, min_count=2, what="advise")
+    base = _load_base(base)
+    x = _check_x(x_val, members)
+    y = check_labels(y_val, len(x), members.num_classes, param="y_val")
+    fit, score = split_indices(len(x), seed)
+    ctx = compositions.Context(
+        members.models, x[fit], y[fit], base=base, budget=budget, metric=metric, seed=seed,
+        output_kind=members.kinds, fit_data="fit half", bn_data="fit", model_prefix="advise_",
+        skip_errors=(ValueError,))  # an unsupported layer, a nested BatchNorm, ...: a skipped row
+    notes = [f"weight-space merges skipped: {ctx.architecture_difference}"] if ctx.architecture_difference else []
+    score_probs = np.stack([compositions.call_probs(m, x[score], kind)
+                            for m, kind in zip(members.models, members.kinds)], axis=1)
+    return _Setup(ctx, x[score], y[score], score_probs, notes,
+                  np.array([m.count_params() for m in members.models], dtype="float64"),
+                  np.array([macs(m) for m in members.models], dtype="float64"))
+
+
+# --- loss barriers ------------------------------------------------------------------------------
+
+def _barriers(setup, progress):
+    """Barriers from member 0 to each member on the score half, plain and after ``ek.align``."""
+    ctx = setup.ctx
+    if ctx.architecture_difference is not None:
+        return {}
+    try:
+        aligned, align_reason = ctx.aligned(), None
+    except compositions.Skip as reason:
+        aligned, align_reason = None, str(reason)
+        setup.notes.append(align_reason)
+    bn_data = ctx.x_fit if ctx.has_bn else None
+    barriers = {}
+    for k in range(1, len(ctx.models)):
+        plain = loss_barrier(ctx.models[0], ctx.models[k], setup.x_score, setup.y_score, PATH_T, bn_data,
+                             output_kind=ctx.kinds[0])
+        entry = {"t": list(PATH_T), "path_nll": plain.path, "barrier": plain.barrier,
+                 "aligned_path_nll": None, "aligned_barrier": None, "note": align_reason or ""}
+        if aligned is not None:
+            matched = loss_barrier(aligned[0], aligned[k], setup.x_score, setup.y_score, PATH_T, bn_data,
+                                   output_kind=ctx.kinds[0])
+            entry.update(aligned_path_nll=matched.path, aligned_barrier=matched.barrier)
+        barriers[f"0-{k}"] = entry
+        progress.add(1)
+    return barriers
+
+
+# --- candidates ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Candidate:
+    name: str
+    kind: str
+    model: keras.Model | None = None
+    probs: np.ndarray | None = None  # score half
+    used: list | None = None  # member indices whose cost it pays (None: cost of `model` itself)
+    note: str = ""
+
+
+def _candidate(setup, name):
+    """Candidate ``name`` built from the registry and scored on the score half (or skipped)."""
+    entry = compositions.get(CANDIDATES[name])
+    try:
+        built = compositions.build(entry.name, setup.ctx)
+    except compositions.Skip as reason:
+        return _Candidate(name, entry.kind, note=f"skipped: {reason}")
+    if name == "best_member":
+        probs = setup.score_probs[:, built.used[0]]
+    else:
+        probs = compositions.call_probs(built.model, setup.x_score)
+    return _Candidate(name, entry.kind, built.model, probs, built.used, built.note)
+
+
+# --- costs --------------------------------------------------------------------------------------
+
+def _member_costs(setup, cost, timed):
+    if cost == "params":
+        return setup.member_params
+    if cost == "macs":
+        return setup.member_macs
+    return np.array([timed[f"member {k}"] for k in range(len(setup.ctx.models))], dtype="float64")
+
+
+def _time_models(models, x_score):
+    """Milliseconds per batch of 256 of each model (``ensemblekit.costs.latencies``)."""
+    return {name: seconds * 1e3 for name, seconds in latencies(models, x_score).items()}
+
+
+def _measure_latencies(setup, candidates, progress):
+    models = {f"member {k}": m for k, m in enumerate(setup.ctx.models)}
+    models.update({c.name: c.model for c in candidates if c.model is not None and c.name != "best_member"})
+    timed = _time_models(models, setup.x_score)
+    best = candidates[0]
+    if best.model is not None:
+        timed["best_member"] = timed[f"member {best.used[0]}"]
+    progress.add(1)
+    return timed
+
+
+def _row(setup, candidate, cost, budget, timed):
+    row = dict.fromkeys(ROW_KEYS)
+    row.update(name=candidate.name, kind=candidate.kind, note=candidate.note, within_budget=False)
+    if candidate.probs is None:
+        return row
+    row.update(metrics.score_probs(candidate.probs, setup.y_score))
+    if candidate.used is None:
+        row["params"], row["macs"] = int(candidate.model.count_params()), int(macs(candidate.model))
+    else:
+        row["params"] = int(setup.member_params[candidate.used].sum())
+        row["macs"] = int(setup.member_macs[candidate.used].sum())
+    if timed is not None:
+        row["latency_ms"] = timed[candidate.name]
+    unit = _member_costs(setup, cost, timed).mean()
+    value = row["latency_ms"] if cost == "latency" else row[cost]
+    row["cost_ratio"] = float(value / unit) if unit > 0 else float("nan")
+    slack = 1 + LATENCY_NOISE if cost == "latency" else 1 + 1e-9
+    row["within_budget"] = budget is None or row["cost_ratio"] <= budget * slack
+    return row

@@ -1,0 +1,592 @@
+"""The one registry of every composition: what it is, when it applies, how it is built.
+
+``ek.advise``, the accuracy benchmark (``ensemblekit bench accuracy``) and
+``ensemblekit demo`` all read :data:`REGISTRY`; each picks the compositions it
+shows by name, gives them its own labels, and adds its own settings (the
+demo's fusion epochs, the advisor's budget). Like mergekit's
+``merge_methods/registry.py`` and scikit-learn's estimator lists, the registry
+is data: one :class:`Composition` per entry with its ``name``, ``kind``, a
+``note``, the requirements it ``requires`` (each a named check with the reason
+it fails, :data:`REQUIREMENTS`) and a ``builder`` from a :class:`Context`
+(members + data) to a :class:`Built` model, or a :class:`Skip` that says why not.
+
+Kinds (:data:`KINDS`): ``"member"`` (one member as it is), ``"ensemble"``
+(the members' outputs combined: fixed rules, learned weights or selection,
+calibration, packing, member pruning), ``"trained"`` (a new trained part:
+stacking's meta-learner, a fusion head, pruned and fine-tuned members),
+``"merge"`` (weight space: one model with one member's cost).
+
+Example:
+    >>> import keras, numpy as np
+    >>> from ensemblekit import compositions
+    >>> compositions.names("merge")
+    ['soup', 'aligned_soup', 'ties']
+    >>> compositions.REGISTRY["ties"].requires
+    ('one_architecture', 'base')
+    >>> make = lambda s: (keras.utils.set_random_seed(s),
+    ...     keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]))[1]
+    >>> x, y = np.random.default_rng(0).normal(size=(30, 4)), np.arange(30) % 3
+    >>> ctx = compositions.Context([make(0), make(1)], x, y)
+    >>> compositions.build("ensemble_mean", ctx).model.output_shape
+    (None, 3)
+    >>> compositions.build("ties", ctx)
+    Traceback (most recent call last):
+    ...
+    ensemblekit.compositions.Skip: needs base= (task vectors are differences from a base model)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import keras
+import numpy as np
+
+from ensemblekit import metrics
+from ensemblekit._graph import architecture_differences
+from ensemblekit._validate import check_choice, check_labels
+from ensemblekit.compose._members import Members
+from ensemblekit.merge.barrier import has_batchnorm
+
+KINDS = ("member", "ensemble", "trained", "merge")
+SETTINGS = {
+    "best_member_metric": None,  # what "best member" is chosen by (None: the context's metric)
+    "min_weight": 1e-3,  # optimize_weights entries below this count as zero (the member is dropped)
+    "ties_density": 0.2,
+    "stack_cv": 5,
+    "stack_epochs": 100,
+    "fuse_epochs": 5,  # epochs of the fusion head on the training data
+    "prune_ratio": 0.3,  # ek.prune.channels ratio of each member
+    "finetune_epochs": 3,  # epochs of each channel-pruned member on the training data
+    "batch_size": 64,  # batch of the trained parts
+}
+
+
+class Skip(Exception):
+    """A composition that does not apply to these members or this data; the message says why.
+
+    Example:
+        >>> str(Skip("no budget given"))
+        'no budget given'
+    """
+
+
+@dataclasses.dataclass
+class Built:
+    """A built composition.
+
+    Attributes:
+        model: the composition as one ``keras.Model``.
+        note: one line: what it is, with what was fitted (weights, temperature, kept members).
+        used: indices of the members whose cost it pays (an ensemble of them),
+            or ``None`` when its cost is the model's own (merges, stacking, fusion).
+
+    Example:
+        >>> Built(keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)]), "a note", [0]).used
+        [0]
+    """
+
+    model: keras.Model
+    note: str
+    used: list | None = None
+
+
+def call_probs(model, x, output_kind=None, batch_size=256):
+    """Probabilities (float64) of ``model`` on ``x`` by direct calls in inference mode.
+
+    Not ``model.predict``: that traces a new ``tf.function`` for every fresh
+    model (about 0.2 s each, with retracing warnings), and the advisor scores a
+    dozen throwaway merged models.
+
+    Example:
+        >>> m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
+        >>> call_probs(m, np.zeros((3, 2), "float32")).tolist()
+        [[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]]
+    """
+    outputs = [keras.ops.convert_to_numpy(model(x[i:i + batch_size], training=False))
+               for i in range(0, len(x), batch_size)]
+    return metrics.as_probs(np.concatenate(outputs), model, output_kind)
+
+
+class Context:
+    """What compositions are built from: the members, the data they may learn from, the settings.
+
+    Args:
+        members: at least two classifiers (``keras.Model`` or paths) with one input
+            and a ``(batch, classes)`` output.
+        x_fit, y_fit: held-out data that everything learned fits on (weights,
+            selection, stacking, calibration, which member is best).
+        x_train, y_train: the members' training data, for compositions that
+            train a new part (fusion head, fine-tuning after channel pruning).
+        base: the model the members were fine-tuned from (for TIES).
+        budget: the most ``pruned_members`` may cost, in units of the members'
+            mean cost (``1.0`` = one member, K = all; see :mod:`ensemblekit.costs`).
+        cost: ``"params"``, ``"macs"``, ``"latency"`` or one cost per member.
+        metric: ``"nll"`` or ``"accuracy"`` (or ``"brier"``, ``"ece"``): what the
+            learned compositions optimise.
+        seed: seed of alignment, stacking folds and every trained part.
+        output_kind: what the members output (``None``: detected per member).
+        fit_data: how notes name ``(x_fit, y_fit)``, e.g. ``"fit half"``.
+        bn_data: ``"fit"`` or ``"train"``: which inputs merged models with
+            BatchNorm get ``ek.reset_bn`` on.
+        settings: overrides of :data:`SETTINGS` (e.g. ``{"fuse_epochs": 1}``).
+        model_prefix: names built models ``<prefix><composition name>`` (default: Keras's).
+        skip_errors: exception types that turn into a :class:`Skip` with their
+            first line (the advisor skips, e.g., a merge of an unsupported layer).
+
+    Example:
+        >>> ms = [keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]) for _ in range(2)]
+        >>> ctx = Context(ms, np.zeros((6, 4)), np.arange(6) % 3, settings={"fuse_epochs": 1})
+        >>> ctx.settings["fuse_epochs"], ctx.architecture_difference is None
+        (1, True)
+    """
+
+    def __init__(self, members, x_fit, y_fit, *, x_train=None, y_train=None, base=None, budget=None,
+                 cost="params", metric="nll", seed=0, output_kind=None, fit_data="validation split",
+                 bn_data="fit", settings=None, model_prefix=None, skip_errors=()):
+        self.members = Members(members, output_kind, min_count=2, what="compositions")
+        self.x_fit = np.asarray(x_fit, dtype="float32")
+        self.y_fit = check_labels(y_fit, len(self.x_fit), self.members.num_classes, param="y_fit")
+        self.x_train, self.y_train = x_train, y_train
+        self.base, self.budget, self.cost, self.metric, self.seed = base, budget, cost, metric, seed
+        self.fit_data = fit_data
+        check_choice(bn_data, ("fit", "train"), "bn_data")
+        self.bn_data = bn_data
+        unknown = sorted(set(settings or {}) - set(SETTINGS))
+        if unknown:
+            raise ValueError(f"Unknown setting {unknown[0]!r}; expected one of {', '.join(SETTINGS)}.")
+        self.settings = {**SETTINGS, **(settings or {})}
+        self.model_prefix, self.skip_errors = model_prefix, tuple(skip_errors)
+        self._built, self._cache = {}, {}
+
+    @property
+    def models(self):
+        return self.members.models
+
+    @property
+    def kinds(self):
+        return self.members.kinds
+
+    @property
+    def labels(self):
+        return self.members.labels
+
+    def _once(self, key, compute):
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+    @property
+    def architecture_difference(self):
+        """``None``, or why weight-space compositions cannot apply: the first weight that differs."""
+        def compute():
+            differences = architecture_differences(self.models, self.labels)
+            if not differences:
+                return None
+            more = f" (+{len(differences) - 1} more)" if len(differences) > 1 else ""
+            return f"members differ in architecture: {differences[0]}{more}"
+        return self._once("architecture", compute)
+
+    @property
+    def has_bn(self):
+        return self._once("has_bn", lambda: any(has_batchnorm(m) for m in self.models))
+
+    def fit_probs(self):
+        """The members' probabilities on ``x_fit``, ``(n, K, classes)`` (computed once)."""
+        return self._once("fit_probs", lambda: np.stack(
+            [call_probs(m, self.x_fit, k) for m, k in zip(self.models, self.kinds)], axis=1))
+
+    def set_fit_probs(self, probs):
+        """Use ``probs`` (``(n, K, classes)`` on ``x_fit``) instead of computing them."""
+        self._cache["fit_probs"] = np.asarray(probs)
+
+    def aligned(self):
+        """``ek.align(members, reference=0, seed=seed)``, computed once; a :class:`Skip` if it fails."""
+        def compute():
+            from ensemblekit.merge import align
+
+            try:
+                return align(self.models, reference=0, seed=self.seed)
+            except ValueError as error:
+                return Skip(f"align failed: {error}")
+        result = self._once("aligned", compute)
+        if isinstance(result, Skip):
+            raise result
+        return result
+
+    def member_costs(self):
+        """One cost per member in the unit of ``cost`` (``ensemblekit.costs.model_costs``)."""
+        from ensemblekit.costs import model_costs
+
+        return self._once("costs", lambda: model_costs(self.models, self.cost))
+
+    def model_name(self, name):
+        return None if self.model_prefix is None else f"{self.model_prefix}{name}"
+
+    @property
+    def bn_phrase(self):
+        return f"the {self.fit_data}" if self.bn_data == "fit" else "the training data"
+
+    def reset_bn(self, model):
+        """``ek.reset_bn`` on ``bn_data`` when the members hold BatchNorm; ``model`` back."""
+        if self.has_bn:
+            from ensemblekit.merge import reset_bn
+
+            reset_bn(model, self.x_fit if self.bn_data == "fit" else self.x_train)
+        return model
+
+    def built(self, name):
+        """:func:`build` of ``name`` on this context, once: later calls return the same result."""
+        if name not in self._built:
+            try:
+                self._built[name] = get(name).build(self)
+            except Skip as reason:
+                self._built[name] = reason
+            except self.skip_errors as error:
+                self._built[name] = Skip(str(error).splitlines()[0] if str(error) else type(error).__name__)
+        result = self._built[name]
+        if isinstance(result, Skip):
+            raise result
+        return result
+
+
+# -- requirements: when a composition applies, and the reason when it does not ------------------
+
+def _needs_budget(ctx):
+    return "no budget given" if ctx.budget is None else None
+
+
+def _needs_one_output_kind(ctx):
+    return "members mix logit and probability outputs" if len(set(ctx.kinds)) > 1 else None
+
+
+REQUIREMENTS = {
+    "one_architecture": lambda ctx: ctx.architecture_difference,
+    "one_output_kind": _needs_one_output_kind,
+    "base": lambda ctx: None if ctx.base is not None else
+    "needs base= (task vectors are differences from a base model)",
+    "budget": _needs_budget,
+    "training_data": lambda ctx: None if ctx.x_train is not None and ctx.y_train is not None else
+    "needs the members' training data (x_train, y_train) to train its new part",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Composition:
+    """One registry entry: a named way to turn the members into one model.
+
+    Attributes:
+        name: the registry key.
+        kind: one of :data:`KINDS`.
+        builder: ``builder(ctx) -> Built``; raises :class:`Skip` when it does not apply.
+        requires: names in :data:`REQUIREMENTS`, checked in order before building.
+        note: one line: what it is.
+
+    Example:
+        >>> REGISTRY["soup"].kind, REGISTRY["soup"].note
+        ('merge', 'uniform average of the weights (ek.merge "linear")')
+    """
+
+    name: str
+    kind: str
+    builder: Callable
+    requires: tuple = ()
+    note: str = ""
+
+    def why_not(self, ctx):
+        """The reason this composition does not apply to ``ctx`` (first failed requirement), or ``None``."""
+        for requirement in self.requires:
+            reason = REQUIREMENTS[requirement](ctx)
+            if reason:
+                return reason
+        return None
+
+    def build(self, ctx):
+        """The :class:`Built` composition of ``ctx``'s members; :class:`Skip` if it does not apply."""
+        reason = self.why_not(ctx)
+        if reason:
+            raise Skip(reason)
+        return self.builder(ctx)
+
+
+# -- builders ---------------------------------------------------------------------------------------
+
+ENSEMBLE_METHODS = ("mean", "logit_mean", "geometric", "vote")
+ENSEMBLE_NOTES = {
+    "mean": "mean of the probabilities",
+    "logit_mean": "softmax of the mean logits",
+    "geometric": "normalised geometric mean of the probabilities",
+    "vote": "majority vote (ties broken by the mean probability)",
+}
+
+
+def _all(ctx):
+    return list(range(len(ctx.models)))
+
+
+def _best_member(ctx):
+    from ensemblekit.compose.weights import metric_loss
+
+    metric = ctx.settings["best_member_metric"] or ctx.metric
+    loss = metric_loss(metric)
+    probs = ctx.fit_probs()
+    k = int(np.argmin([loss(probs[:, i], ctx.y_fit) for i in range(len(ctx.models))]))
+    fit = ctx.fit_data.replace(" ", "-")
+    return Built(ctx.models[k], f"{ctx.labels[k]}, best {fit} {metric}", [k])
+
+
+def _output_ensemble(method):
+    def build(ctx):
+        from ensemblekit.compose import ensemble
+
+        model = ensemble(ctx.models, method, output_kind=ctx.kinds, name=ctx.model_name(f"ensemble_{method}"))
+        return Built(model, ENSEMBLE_NOTES[method], _all(ctx))
+    return build
+
+
+def _calibrated(method):
+    def build(ctx):
+        from ensemblekit.compose import calibrate
+
+        try:
+            source = ctx.built(f"ensemble_{method}")
+        except Skip:
+            raise Skip("the ensemble could not be built") from None
+        model = calibrate(source.model, ctx.x_fit, ctx.y_fit, name=ctx.model_name(f"calibrated_{method}"))
+        temperature = float(model.layers[-1].temperature)
+        return Built(model, f"ensemble, temperature {temperature:.3g} fitted on the {ctx.fit_data}", source.used)
+    return build
+
+
+def _subset_ensemble(ctx, weights, name):
+    """The members with a nonzero weight as one weighted ensemble (one member: that member)."""
+    from ensemblekit.compose import ensemble
+
+    indices = [int(i) for i in np.flatnonzero(weights)]
+    if len(indices) == 1:
+        return ctx.models[indices[0]], indices
+    model = ensemble([ctx.models[i] for i in indices], "weighted", weights=[weights[i] for i in indices],
+                     output_kind=[ctx.kinds[i] for i in indices], name=ctx.model_name(name))
+    return model, indices
+
+
+def _weighted(ctx):
+    from ensemblekit.compose import optimize_weights
+
+    minimum = ctx.settings["min_weight"]
+    weights = optimize_weights(ctx.models, ctx.x_fit, ctx.y_fit, metric=ctx.metric)
+    # Members the optimiser all but switched off are dropped: they would cost without contributing.
+    weights = np.where(weights < minimum, 0.0, weights)
+    weights = weights / weights.sum()
+    model, indices = _subset_ensemble(ctx, weights, "weighted")
+    shown = ", ".join(f"{i}: {weights[i]:.3g}" for i in indices)
+    dropped = f"; weights < {minimum:g} dropped" if len(indices) < len(weights) else ""
+    return Built(model, f"mean of probabilities, member weights {{{shown}}} fitted on the "
+                        f"{ctx.fit_data}{dropped}", indices)
+
+
+def _greedy(ctx):
+    from ensemblekit.compose import select
+
+    chosen = select(ctx.models, ctx.x_fit, ctx.y_fit, metric=ctx.metric)
+    counts = np.bincount(chosen, minlength=len(ctx.models))
+    model, indices = _subset_ensemble(ctx, counts, "greedy")
+    kept = ", ".join(f"{i}" + (f" x{counts[i]}" if counts[i] > 1 else "") for i in indices)
+    return Built(model, f"members {kept} chosen greedily on the {ctx.fit_data} (mean of probabilities)",
+                 indices)
+
+
+def _stack_logistic(ctx):
+    from ensemblekit.compose import stack
+
+    cv = ctx.settings["stack_cv"]
+    model = stack(ctx.models, ctx.x_fit, ctx.y_fit, meta="logistic", cv=cv, epochs=ctx.settings["stack_epochs"],
+                  output_kind=ctx.kinds, seed=ctx.seed, name=ctx.model_name("stack_logistic"), verbose=0)
+    return Built(model, f"logistic meta-learner on the members' log-probabilities, cv={cv} on the "
+                        f"{ctx.fit_data}")
+
+
+def _fit(ctx, model, epochs):
+    model.fit(ctx.x_train, ctx.y_train, epochs=epochs, batch_size=ctx.settings["batch_size"], verbose=0)
+    return model
+
+
+def _fuse_concat(ctx):
+    from ensemblekit.compose import fuse
+
+    epochs = ctx.settings["fuse_epochs"]
+    keras.utils.set_random_seed(ctx.seed)
+    model = fuse(ctx.models, taps=-2, fusion="concat", name=ctx.model_name("fuse_concat"))
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+    return Built(_fit(ctx, model, epochs), f"head trained {epochs} epochs on frozen penultimate features")
+
+
+def _pruned_channels(ctx):
+    from ensemblekit.compose import ensemble
+    from ensemblekit.prune import channels
+
+    ratio, epochs = ctx.settings["prune_ratio"], ctx.settings["finetune_epochs"]
+    pruned = []
+    for member, kind in zip(ctx.models, ctx.kinds):
+        small = channels(member, ratio=ratio, on_unsupported="warn")
+        keras.utils.set_random_seed(ctx.seed)
+        small.compile(optimizer=keras.optimizers.Adam(1e-3),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=kind == "logits"))
+        pruned.append(_fit(ctx, small, epochs))
+    model = ensemble(pruned, "mean", output_kind=ctx.kinds, name=ctx.model_name("pruned_channels"))
+    return Built(model, f"each member pruned ({ratio:g} of its channels), fine-tuned {epochs} epochs")
+
+
+def _merged(ctx, name, models, method, **params):
+    from ensemblekit.merge import merge
+
+    model = ctx.reset_bn(merge(models, method, name=ctx.model_name(name), **params))
+    what = {"linear": "uniform average of the weights",
+            "ties": f"TIES from base (density {params.get('density', 0):g})"}[method]
+    bn = f"; BatchNorm statistics reset on {ctx.bn_phrase}" if ctx.has_bn else ""
+    return Built(model, what + bn)
+
+
+def _soup(ctx):
+    return _merged(ctx, "soup", ctx.models, "linear")
+
+
+def _aligned_soup(ctx):
+    built = _merged(ctx, "aligned_soup", ctx.aligned(), "linear")
+    built.note = "weight matching to member 0, then " + built.note
+    return built
+
+
+def _ties(ctx):
+    return _merged(ctx, "ties", ctx.models, "ties", base=ctx.base, density=ctx.settings["ties_density"])
+
+
+def _packed(reduce):
+    def build(ctx):
+        from ensemblekit.pack import pack
+
+        model = pack(ctx.models, reduce=reduce, output_kind=ctx.kinds[0], name=ctx.model_name(f"packed_{reduce}"))
+        return Built(model, "the ensemble as one wide model (same outputs; its own latency)", _all(ctx))
+    return build
+
+
+def _pruned_members(ctx):
+    from ensemblekit.prune import members as prune_members
+
+    count = len(ctx.models)
+    if ctx.budget >= count:
+        raise Skip(f"budget {ctx.budget:g} covers all {count} members")
+    try:
+        kept = prune_members(ctx.models, ctx.x_fit, ctx.y_fit, budget=ctx.budget, cost=ctx.member_costs(),
+                             metric=ctx.metric)
+    except ValueError as error:
+        raise Skip(str(error).splitlines()[0]) from None
+    weights = "/".join(f"{w:.2f}" for w in kept.weights)
+    return Built(kept.model, f"members {', '.join(map(str, kept.indices))} (weights {weights}) kept under "
+                             f"the budget, chosen on the {ctx.fit_data}", kept.indices)
+
+
+def _entries():
+    def entry(name, kind, builder, requires=(), note=""):
+        return Composition(name, kind, builder, tuple(requires), note)
+
+    yield entry("best_member", "member", _best_member, note="the member with the best fit-data metric")
+    for method in ENSEMBLE_METHODS:
+        yield entry(f"ensemble_{method}", "ensemble", _output_ensemble(method),
+                    note=f"ek.ensemble(members, {method!r}): {ENSEMBLE_NOTES[method]}")
+    for method in ("mean", "logit_mean"):
+        yield entry(f"calibrated_{method}", "ensemble", _calibrated(method),
+                    note=f"ek.calibrate(ensemble_{method}): one temperature fitted on the fit data")
+    yield entry("weighted", "ensemble", _weighted, note="ek.optimize_weights: member weights fitted on the fit data")
+    yield entry("greedy", "ensemble", _greedy, note="ek.select: Caruana's greedy selection with replacement")
+    for reduce in ("mean", "logit_mean"):
+        yield entry(f"packed_{reduce}", "ensemble", _packed(reduce), ("one_architecture", "one_output_kind"),
+                    f"ek.pack(members, {reduce!r}): ensemble_{reduce} as one wide model")
+    yield entry("pruned_members", "ensemble", _pruned_members, ("budget",),
+                "ek.prune.members: the members that best fit the budget")
+    yield entry("stack_logistic", "trained", _stack_logistic,
+                note="ek.stack(meta='logistic'): a meta-learner over the members' log-probabilities")
+    yield entry("fuse_concat", "trained", _fuse_concat, ("training_data",),
+                "ek.fuse(taps=-2, fusion='concat'): a new head on the frozen penultimate features")
+    yield entry("pruned_channels", "trained", _pruned_channels, ("training_data",),
+                "ek.prune.channels on each member, fine-tuned, then ensemble_mean")
+    yield entry("soup", "merge", _soup, ("one_architecture",), 'uniform average of the weights (ek.merge "linear")')
+    yield entry("aligned_soup", "merge", _aligned_soup, ("one_architecture",),
+                "ek.align to member 0 (weight matching), then the uniform average")
+    yield entry("ties", "merge", _ties, ("one_architecture", "base"), "TIES-merging of task vectors from base")
+
+
+REGISTRY = {entry.name: entry for entry in _entries()}
+
+
+def get(name):
+    """The :class:`Composition` named ``name``; a ``ValueError`` listing the names otherwise.
+
+    Example:
+        >>> get("greedy").kind
+        'ensemble'
+        >>> get("soop")
+        Traceback (most recent call last):
+        ...
+        ValueError: Unknown composition 'soop'; expected one of best_member, ensemble_mean, ...
+    """
+    if name not in REGISTRY:
+        raise ValueError(f"Unknown composition {name!r}; expected one of {', '.join(REGISTRY)}.")
+    return REGISTRY[name]
+
+
+def names(kind=None):
+    """Registry names in order, all or of one ``kind`` (see :data:`KINDS`).
+
+    Example:
+        >>> names("trained")
+        ['stack_logistic', 'fuse_concat', 'pruned_channels']
+    """
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"Unknown kind {kind!r}; expected one of {', '.join(KINDS)}.")
+    return [name for name, entry in REGISTRY.items() if kind is None or entry.kind == kind]
+
+
+def build(name, ctx):
+    """Build composition ``name`` on ``ctx`` (once per context): a :class:`Built`, or raise :class:`Skip`.
+
+    Example:
+        >>> ms = [keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]) for _ in range(2)]
+        >>> ctx = Context(ms, np.zeros((6, 4)), np.arange(6) % 3)
+        >>> build("pruned_members", ctx)
+        Traceback (most recent call last):
+        ...
+        ensemblekit.compositions.Skip: no budget given
+    """
+    get(name)
+    return ctx.built(name)
+
+
+def build_each(selection, ctx):
+    """Build every composition of ``selection`` in order: yields ``(label, entry, Built or Skip)``.
+
+    Args:
+        selection: ``{label: registry name}`` (a consumer's own labels) or a list
+            of registry names (labels = names).
+        ctx: a :class:`Context`.
+
+    Example:
+        >>> ms = [keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]) for _ in range(2)]
+        >>> ctx = Context(ms, np.zeros((6, 4)), np.arange(6) % 3)
+        >>> [(label, type(result).__name__) for label, _, result in
+        ...  build_each({"mean": "ensemble_mean", "TIES": "ties"}, ctx)]
+        [('mean', 'Built'), ('TIES', 'Skip')]
+    """
+    pairs = selection.items() if isinstance(selection, dict) else [(name, name) for name in selection]
+    entries = [(label, get(name)) for label, name in pairs]
+    for label, entry in entries:
+        try:
+            result = ctx.built(entry.name)
+        except Skip as reason:
+            result = reason
+        yield label, entry, result
+
+
+__all__ = ["KINDS", "REGISTRY", "REQUIREMENTS", "SETTINGS", "Built", "Composition", "Context", "Skip",
+           "build", "build_each", "call_probs", "get", "names"]

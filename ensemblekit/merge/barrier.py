@@ -1,0 +1,132 @@
+"""The loss barrier on the linear path between two models: can they be averaged?
+
+For models ``A`` and ``B`` of one architecture, the path ``θ_t = (1-t) θ_A + t θ_B``
+is built with ``merge([A, B], "linear", weights=[1-t, t])`` at a few points
+``t``; the barrier is how far the loss along it rises above the straight line
+between the endpoints' losses (Frankle et al., 2020, "Linear Mode
+Connectivity and the Lottery Ticket Hypothesis", Def. 1; Ainsworth et al.,
+2022, "Git Re-Basin", Sec. 2, after weight matching):
+
+    barrier = max_t [L(θ_t) - ((1-t) L(θ_A) + t L(θ_B))]
+
+with ``L`` the mean negative log-likelihood (nats) on ``(x, y)``. Near 0: the
+two sit in one basin and averaging their weights works; large: align first
+(``ek.align``) or ensemble their outputs instead.
+"""
+
+from __future__ import annotations
+
+import math
+import typing
+
+import keras
+import numpy as np
+
+from ensemblekit import metrics
+from ensemblekit._graph import iter_layers
+from ensemblekit._outputs import as_probs, detect_output_kind
+from ensemblekit._validate import check_labels
+
+POINTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+class LossBarrier(typing.NamedTuple):
+    """What :func:`loss_barrier` measured: ``barrier`` (nats), and ``t`` and ``path`` (NLL at each ``t``)."""
+
+    barrier: float
+    t: tuple
+    path: list
+
+
+def has_batchnorm(model):
+    """Whether ``model`` (nested models included) holds a ``BatchNormalization`` layer.
+
+    Example:
+        >>> has_batchnorm(keras.Sequential([keras.Input((2,)), keras.layers.BatchNormalization()]))
+        True
+    """
+    return any(isinstance(layer, keras.layers.BatchNormalization) for _, layer in iter_layers(model))
+
+
+def _check_points(points):
+    try:
+        values = tuple(float(t) for t in points)
+    except (TypeError, ValueError):
+        raise TypeError(f"points must be a sequence of numbers in [0, 1], got {points!r}.") from None
+    if (len(values) < 3 or values[0] != 0.0 or values[-1] != 1.0 or list(values) != sorted(set(values))
+            or not all(math.isfinite(t) for t in values)):
+        raise ValueError(
+            f"points must rise strictly from 0 to 1 with at least one point between, got {points!r}.")
+    return values
+
+
+def _nll(model, x, y, kind, batch_size):
+    """Mean NLL of ``model`` on ``(x, y)`` by direct calls in inference mode (no ``predict`` retracing)."""
+    outputs = [keras.ops.convert_to_numpy(model(x[i:i + batch_size], training=False))
+               for i in range(0, len(x), batch_size)]
+    return metrics.nll(as_probs(np.concatenate(outputs), model, kind), y)
+
+
+def loss_barrier(model_a, model_b, x, y, points=POINTS, reset_bn_data=None, output_kind=None,
+                 batch_size=256):
+    """The loss barrier (nats) between two models on ``(x, y)``, and the NLL along the path.
+
+    Each point ``t`` of ``points`` is the model
+    ``merge([model_a, model_b], "linear", weights=[1-t, t])``; its mean NLL on
+    ``(x, y)`` is one entry of ``path``. The barrier is
+    ``max_t [path(t) - ((1-t) path(0) + t path(1))]`` (Frankle et al., 2020).
+    Two copies of one model have barrier 0; independently trained models
+    usually have a positive one, which ``ek.align`` lowers.
+
+    Args:
+        model_a, model_b: classifiers of one architecture (``(batch, classes)`` output).
+        x, y: data to measure the loss on (labels as integers or one-hot); use
+            held-out data.
+        points: the ``t`` values, rising from 0 to 1 with at least one between.
+        reset_bn_data: inputs for ``ek.reset_bn``. When given and the models hold
+            BatchNorm, every point — the endpoints too — gets its statistics
+            recomputed on it, so the path compares models whose statistics were
+            computed alike (averaged running statistics do not describe averaged
+            weights). Ignored for models without BatchNorm.
+        output_kind: ``"logits"``/``"probs"`` (default: detected from ``model_a``).
+        batch_size: samples per forward pass.
+
+    Returns:
+        A :class:`LossBarrier` ``(barrier, t, path)``.
+
+    Example:
+        >>> import keras, numpy as np
+        >>> from ensemblekit.merge import loss_barrier
+        >>> keras.utils.set_random_seed(0)
+        >>> a = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, "relu"), keras.layers.Dense(3)])
+        >>> b = keras.models.clone_model(a)
+        >>> x, y = np.random.default_rng(0).normal(size=(32, 4)), np.arange(32) % 3
+        >>> result = loss_barrier(a, a, x, y)
+        >>> abs(result.barrier) < 1e-6, result.t
+        (True, (0.0, 0.25, 0.5, 0.75, 1.0))
+        >>> loss_barrier(a, b, x, y).barrier > 0  # two different initialisations
+        True
+    """
+    from ensemblekit.merge.bn import reset_bn
+    from ensemblekit.merge.core import merge
+
+    t_values = _check_points(points)
+    x = np.asarray(x, dtype="float32")
+    kind = output_kind or detect_output_kind(model_a)
+    num_classes = model_a.output_shape[-1]
+    labels = check_labels(y, len(x), num_classes, param="y")
+    reset = reset_bn_data is not None and has_batchnorm(model_a)
+    path = []
+    for t in t_values:
+        if not reset and t in (0.0, 1.0):
+            model = model_a if t == 0.0 else model_b
+        else:
+            model = merge([model_a, model_b], "linear", weights=[1 - t, t], name="barrier_point")
+            if reset:
+                reset_bn(model, reset_bn_data)
+        path.append(_nll(model, x, labels, kind, batch_size))
+    barrier = max(loss - ((1 - t) * path[0] + t * path[-1]) for t, loss in zip(t_values, path))
+    return LossBarrier(float(barrier), t_values, path)
+
+
+__all__ = ["POINTS", "LossBarrier", "has_batchnorm", "loss_barrier"]

@@ -1,0 +1,93 @@
+"""ensemblekit.merge.barrier: the loss barrier on the linear path between two models."""
+
+import keras
+import numpy as np
+import pytest
+
+from ensemblekit import metrics
+from ensemblekit.merge import align, loss_barrier, merge
+from tests.conftest import make_mlp, train_mlp
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from ensemblekit.datasets import load_digits
+
+    return load_digits(seed=0)
+
+
+@pytest.fixture(scope="module")
+def digit_members(digits):
+    """Two MLPs trained independently (different seeds) on scikit-learn's digits."""
+    (x, y), _ = digits
+    return [train_mlp(seed, x, y, epochs=15, learning_rate=3e-3, input_shape=(8, 8, 1), classes=10, hidden=32)
+            for seed in (0, 1)]
+
+
+def _nll(model, x, y):
+    return metrics.nll(metrics.as_probs(np.asarray(model(x, training=False)), model), y)
+
+
+def test_a_model_against_itself_has_barrier_zero(toy_data):
+    x, y = toy_data
+    model = train_mlp(0, x, y, epochs=3, learning_rate=1e-2)
+    result = loss_barrier(model, model, x, y)
+    assert abs(result.barrier) < 1e-6
+    assert result.t == (0.0, 0.25, 0.5, 0.75, 1.0) and len(result.path) == 5
+    assert max(result.path) - min(result.path) < 1e-6
+    assert result.path[0] == pytest.approx(_nll(model, x, y), abs=1e-6)
+
+
+def test_independent_members_on_digits_have_a_positive_barrier_that_alignment_lowers(digits, digit_members):
+    _, (x_test, y_test) = digits
+    first, second = digit_members
+    plain = loss_barrier(first, second, x_test, y_test)
+    assert plain.barrier > 0.1  # measured 0.44 nats (0.05 after align): two basins
+    assert plain.path[0] == pytest.approx(_nll(first, x_test, y_test), abs=1e-6)
+    assert plain.path[-1] == pytest.approx(_nll(second, x_test, y_test), abs=1e-6)
+    # the definition, point by point
+    for t, loss in zip(plain.t, plain.path):
+        middle = merge([first, second], "linear", weights=[1 - t, t])
+        assert loss == pytest.approx(_nll(middle, x_test, y_test), abs=1e-6), t
+    expected = max(loss - ((1 - t) * plain.path[0] + t * plain.path[-1]) for t, loss in zip(plain.t, plain.path))
+    assert plain.barrier == pytest.approx(expected, abs=1e-12)
+    aligned = align([first, second], reference=0)
+    assert loss_barrier(*aligned, x_test, y_test).barrier < plain.barrier
+
+
+def test_batchnorm_copies_with_reset_have_barrier_zero_and_every_point_is_reset(toy_data):
+    x, y = toy_data
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16), keras.layers.BatchNormalization(),
+                              keras.layers.ReLU(), keras.layers.Dense(3)])
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=2, verbose=0)
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    result = loss_barrier(model, copy, x, y, reset_bn_data=x)
+    assert abs(result.barrier) < 1e-6
+    # Endpoints are reset too: their NLL is the reset model's, not the member's running statistics'.
+    from ensemblekit.merge import reset_bn
+
+    reset = keras.models.clone_model(model)
+    reset.set_weights(model.get_weights())
+    assert result.path[0] == pytest.approx(_nll(reset_bn(reset, x), x, y), abs=1e-6)
+
+
+def test_custom_points_and_one_hot_labels(toy_data):
+    x, y = toy_data
+    a, b = make_mlp(0), make_mlp(1)
+    result = loss_barrier(a, b, x, np.eye(3)[y], points=[0, 0.5, 1])
+    assert result.t == (0.0, 0.5, 1.0) and len(result.path) == 3
+    assert result.barrier == pytest.approx(loss_barrier(a, b, x, y, points=(0, 0.5, 1)).barrier, abs=1e-12)
+
+
+@pytest.mark.parametrize("points", [(0, 1), (0.25, 0.5, 1), (0, 0.5, 0.5, 1), (0, 0.7, 0.3, 1), (0, 0.5, 2)])
+def test_bad_points_are_one_line_errors(points, toy_data):
+    x, y = toy_data
+    with pytest.raises(ValueError, match=r"points must rise strictly from 0 to 1 with at least one point between"):
+        loss_barrier(make_mlp(0), make_mlp(1), x, y, points=points)
+    with pytest.raises(TypeError, match="points must be a sequence of numbers"):
+        loss_barrier(make_mlp(0), make_mlp(1), x, y, points="abc")
+    with pytest.raises(ValueError, match="y has 199 labels but x has 200 samples"):
+        loss_barrier(make_mlp(0), make_mlp(1), x, y[:-1])

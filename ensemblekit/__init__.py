@@ -21,6 +21,7 @@ from ensemblekit.compose import (
     unfreeze,
 )
 from ensemblekit.deploy import export, serve
+from ensemblekit.distill import DistillReport, distill
 from ensemblekit.inference import compile_for_inference
 from ensemblekit.merge import align, reset_bn
 from ensemblekit.metrics import evaluate, pareto
@@ -39,6 +40,8 @@ __all__ = [
     "compile_for_inference",
     "deploy",
     "detect_output_kind",
+    "distill",
+    "DistillReport",
     "ensemble",
     "evaluate",
     "export",

@@ -16,6 +16,7 @@ import sys
 
 COMMAND_MODULES = [
     "ensemblekit.demo",
+    "ensemblekit.distill",
     "ensemblekit.deploy.cli",
     "ensemblekit.merge.cli",
     "ensemblekit.bench.cli",

@@ -62,3 +62,47 @@ def load_digits(test_size=0.3, seed=0):
     order = np.random.default_rng(seed).permutation(len(x))
     cut = int(len(x) * (1 - test_size))
     return (x[order[:cut]], y[order[:cut]]), (x[order[cut:]], y[order[cut:]])
+
+
+def load_data_spec(spec, input_shape=None, split="test", option="--data"):
+    """``(x, y)`` named on a command line: ``"mnist1d"``, ``"digits"`` or an ``.npz`` file.
+
+    Args:
+        spec: ``"mnist1d"``/``"digits"`` (that split of the dataset) or a path to
+            an ``.npz`` holding ``x_val``/``y_val`` (``split="test"``) or
+            ``x_train``/``y_train`` (``split="train"``), or plain ``x``/``y``.
+        input_shape: the models' input shape without the batch axis; ``x`` is
+            reshaped to it when only the layout differs (mnist1d's ``(n, 40, 1)``
+            for a ``(40,)`` model).
+        split: ``"train"`` or ``"test"``.
+        option: how errors name the command-line option.
+
+    Returns:
+        ``(x, y)`` numpy arrays.
+
+    Example:
+        >>> x, y = load_data_spec("digits", (64,))
+        >>> x.shape[1:], len(x) == len(y)
+        ((64,), True)
+    """
+    if spec in ("mnist1d", "digits"):
+        train, test = load_mnist1d() if spec == "mnist1d" else load_digits()
+        x, y = train if split == "train" else test
+    elif str(spec).endswith(".npz"):
+        try:
+            arrays = np.load(spec)
+        except OSError as error:
+            raise ValueError(f"{option}: could not read {spec!r}: {error}") from None
+        named = ("x_train", "y_train") if split == "train" else ("x_val", "y_val")
+        keys = named if named[0] in arrays else ("x", "y")
+        if not all(k in arrays for k in keys):
+            raise ValueError(f"{option}: {spec!r} needs arrays {named[0]} and {named[1]} (or x and y); "
+                             f"has {sorted(arrays)}.")
+        x, y = arrays[keys[0]], arrays[keys[1]]
+    else:
+        raise ValueError(f"{option} must be mnist1d, digits or an .npz file, got {spec!r}.")
+    if input_shape is not None and None not in input_shape and x.shape[1:] != tuple(input_shape) and \
+            int(np.prod(x.shape[1:])) == int(np.prod(input_shape)):
+        x = x.reshape((len(x), *input_shape))
+    return x, y
+

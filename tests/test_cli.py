@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Each sub-command and options its --help must list (and the parser must accept).
 HELP_OPTIONS = {
-    (): ["demo", "serve", "merge", "bench", "prune", "advise"],
+    (): ["demo", "serve", "merge", "bench", "prune", "advise", "distill"],
+    ("distill",): ["--student", "--data", "--output", "--temperature", "--alpha", "--epochs", "--width"],
     ("advise",): ["--data", "--budget", "--cost", "--metric", "--base", "--json"],
     ("demo",): ["--members", "--epochs", "--seed", "--json", "--quiet"],
     ("serve",): ["--name", "--host", "--port", "--max-batch", "--max-wait-ms", "--max-body-bytes"],
@@ -40,6 +41,7 @@ VALID_ARGS = {
     "prune channels": ["prune", "channels", "m.keras", "o.keras"],
     "prune report": ["prune", "report", "a.keras", "b.keras"],
     "advise": ["advise", "a.keras", "b.keras", "--data", "digits"],
+    "distill": ["distill", "t.keras", "--student", "s.keras", "--data", "digits", "-o", "o.keras"],
 }
 
 
@@ -170,3 +172,22 @@ def test_console_error_has_no_traceback(tmp_path):
     ours = [line for line in result.stderr.splitlines() if line.startswith("ensemblekit")]
     assert ours == [f"ensemblekit prune: error: File exists: {str(tmp_path / 'file.txt')!r}"], \
         result.stderr
+
+
+def test_distill_command_writes_a_trained_student(tmp_path, capsys):
+    import keras
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x_train=rng.normal(size=(40, 8)).astype("float32"),
+             y_train=rng.integers(0, 3, 40))
+    for seed in range(2):
+        make_mlp(seed).save(tmp_path / f"t{seed}.keras")
+    make_mlp(5).save(tmp_path / "student.keras")
+    out = tmp_path / "out.keras"
+    status = cli.main(["distill", str(tmp_path / "t0.keras"), str(tmp_path / "t1.keras"),
+                       "--student", str(tmp_path / "student.keras"), "--data", str(tmp_path / "data.npz"),
+                       "-o", str(out), "--epochs", "2", "--quiet"])
+    assert status == 0 and "student written to" in capsys.readouterr().out
+    trained = keras.saving.load_model(out)
+    assert not np.allclose(trained.get_weights()[0], make_mlp(5).get_weights()[0])

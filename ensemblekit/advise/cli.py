@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-
 from ensemblekit.advise.core import METRICS, advise
 from ensemblekit.costs import COSTS
+from ensemblekit.datasets import load_data_spec
 
 
 def register_cli(subparsers):
@@ -37,34 +36,12 @@ def register_cli(subparsers):
     parser.set_defaults(run=_run_cli)
 
 
-def _cli_data(spec, input_shape):
-    if spec in ("mnist1d", "digits"):
-        from ensemblekit.datasets import load_digits, load_mnist1d
-
-        _, (x, y) = load_mnist1d() if spec == "mnist1d" else load_digits()
-    elif spec.endswith(".npz"):
-        try:
-            arrays = np.load(spec)
-        except OSError as error:
-            raise ValueError(f"--data: could not read {spec!r}: {error}") from None
-        keys = ("x_val", "y_val") if "x_val" in arrays else ("x", "y")
-        if not all(k in arrays for k in keys):
-            raise ValueError(f"--data: {spec!r} needs arrays x_val and y_val (or x and y); has {sorted(arrays)}.")
-        x, y = arrays[keys[0]], arrays[keys[1]]
-    else:
-        raise ValueError(f"--data must be mnist1d, digits or an .npz file, got {spec!r}.")
-    if None not in input_shape and x.shape[1:] != tuple(input_shape) and \
-            int(np.prod(x.shape[1:])) == int(np.prod(input_shape)):
-        x = x.reshape((len(x), *input_shape))  # e.g. mnist1d (n, 40, 1) for a (40,) member
-    return x, y
-
-
 def _run_cli(args):
     from ensemblekit._graph import model_input_shape
     from ensemblekit._io import load_members
 
     models = load_members(args.models, min_count=2, what="advise")
-    x, y = _cli_data(args.data, model_input_shape(models[0]))
+    x, y = load_data_spec(args.data, model_input_shape(models[0]))
     advice = advise(models, x, y, budget=args.budget, cost=args.cost, metric=args.metric,
                     base=args.base, verbose=0 if args.quiet else 1, seed=args.seed)
     if args.quiet:

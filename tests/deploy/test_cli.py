@@ -72,5 +72,5 @@ def test_serve_command_reports_a_bad_model_file(tmp_path):
         capture_output=True, text=True, timeout=120, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
     )
     assert result.returncode == 2
-    assert "ensemblekit serve: error:" in result.stderr and "could not load" in result.stderr
+    assert "ensemblekit serve: error:" in result.stderr and "not a valid .keras archive" in result.stderr
     assert "Traceback" not in result.stderr

@@ -60,6 +60,8 @@ SETTINGS = {
     "prune_ratio": 0.3,  # ek.prune.channels ratio of each member
     "finetune_epochs": 3,  # epochs of each channel-pruned member on the training data
     "batch_size": 64,  # batch of the trained parts
+    "distill_epochs": 10,  # epochs of the distilled student on the training inputs
+    "distill_temperature": 3.0,
 }
 
 
@@ -269,6 +271,8 @@ REQUIREMENTS = {
     "budget": _needs_budget,
     "training_data": lambda ctx: None if ctx.x_train is not None and ctx.y_train is not None else
     "needs the members' training data (x_train, y_train) to train its new part",
+    "training_inputs": lambda ctx: None if ctx.x_train is not None else
+    "needs training inputs (x_train; labels optional) to train the student",
 }
 
 
@@ -438,6 +442,22 @@ def _pruned_channels(ctx):
     return Built(model, f"each member pruned ({ratio:g} of its channels), fine-tuned {epochs} epochs")
 
 
+def _distilled_student(ctx):
+    from ensemblekit.distill import distill
+
+    best = ctx.built("best_member")
+    teacher = ctx.built("ensemble_mean").model
+    epochs, temperature = ctx.settings["distill_epochs"], ctx.settings["distill_temperature"]
+    student, report = distill(teacher, best.model, ctx.x_train, ctx.y_train, temperature=temperature,
+                              epochs=epochs, batch_size=ctx.settings["batch_size"], seed=ctx.seed,
+                              verbose=0)
+    student.name = ctx.model_name("distilled_student")
+    labels = "labels and soft targets" if ctx.y_train is not None else "soft targets only"
+    return Built(student, f"member {best.used[0]}'s architecture and weights, distilled from ensemble_mean "
+                          f"({epochs} epochs on {len(ctx.x_train)} training inputs, {labels}, "
+                          f"T={temperature:g}; training took {report.seconds:.1f} s)")
+
+
 def _merged(ctx, name, models, method, **params):
     from ensemblekit.merge import merge
 
@@ -511,6 +531,8 @@ def _entries():
                 "ek.fuse(taps=-2, fusion='concat'): a new head on the frozen penultimate features")
     yield entry("pruned_channels", "trained", _pruned_channels, ("training_data",),
                 "ek.prune.channels on each member, fine-tuned, then ensemble_mean")
+    yield entry("distilled_student", "trained", _distilled_student, ("training_inputs",),
+                "ek.distill: the best member's architecture trained on ensemble_mean's soft targets")
     yield entry("soup", "merge", _soup, ("one_architecture",), 'uniform average of the weights (ek.merge "linear")')
     yield entry("aligned_soup", "merge", _aligned_soup, ("one_architecture",),
                 "ek.align to member 0 (weight matching), then the uniform average")

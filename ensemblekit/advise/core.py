@@ -38,6 +38,7 @@ CANDIDATES = {
     "weighted": "weighted",
     "greedy": "greedy",
     "packed": "packed_logit_mean",
+    "distilled_student": "distilled_student",
     "pruned_subset": "pruned_members",
 }
 MERGES = tuple(name for name, entry in CANDIDATES.items() if compositions.get(entry).kind == "merge")
@@ -123,7 +124,7 @@ def split_indices(n_samples, seed=0):
 
 
 def advise(models, x_val, y_val, budget=None, cost="params", metric="nll", base=None, verbose=1,
-           seed=0):
+           seed=0, x_train=None, y_train=None):
     """Measure merging and ensembling options on held-out data and recommend one.
 
     ``(x_val, y_val)`` is split (seeded, :func:`split_indices`) into a *fit*
@@ -139,8 +140,10 @@ def advise(models, x_val, y_val, budget=None, cost="params", metric="nll", base=
     then average); ``ties`` (needs ``base``); ``ensemble`` (``"logit_mean"``);
     ``ensemble_calibrated`` (``ek.calibrate``); ``weighted``
     (``ek.optimize_weights``); ``greedy`` (``ek.select``); ``packed``
-    (``ek.pack``, the ensemble as one wide model); ``pruned_subset``
-    (``ek.prune.members`` under the budget). Merges need members of one
+    (``ek.pack``, the ensemble as one wide model); ``distilled_student``
+    (``ek.distill``: the best member's architecture trained on the mean
+    ensemble's soft targets; needs ``x_train``; its training time is in its
+    note); ``pruned_subset`` (``ek.prune.members`` under the budget). Merges need members of one
     architecture; merged models with BatchNorm get ``ek.reset_bn`` on the fit half.
 
     The loss barrier between member 0 and member k is
@@ -171,6 +174,8 @@ def advise(models, x_val, y_val, budget=None, cost="params", metric="nll", base=
         base: the model the members were fine-tuned from (model or path); enables ``ties``.
         verbose: 1 shows a progress bar and prints the table; 0 is silent.
         seed: seed of the fit/score split (and of weight matching).
+        x_train, y_train: the members' training inputs (labels optional), for the
+            ``distilled_student`` candidate; without them it is skipped.
 
     Returns:
         An :class:`Advice` (``recommendation``, ``reason``, ``rows``, ``barriers``,
@@ -191,7 +196,7 @@ def advise(models, x_val, y_val, budget=None, cost="params", metric="nll", base=
     check_choice(metric, METRICS, "metric")
     if verbose not in (0, 1):
         raise ValueError(f"verbose must be 0 or 1, got {verbose!r}.")
-    setup = _setup(models, x_val, y_val, base, budget, metric, seed)
+    setup = _setup(models, x_val, y_val, base, budget, metric, seed, x_train, y_train)
     ctx = setup.ctx
     steps = (len(ctx.models) - 1) * (ctx.architecture_difference is None) + len(CANDIDATES) + (cost == "latency")
     progress = keras.utils.Progbar(steps, verbose=verbose, unit_name="step")
@@ -249,7 +254,7 @@ def _load_base(base):
     raise TypeError(f"base must be a keras.Model or a path to a .keras/.h5 file, got {type(base).__name__}.")
 
 
-def _setup(models, x_val, y_val, base, budget, metric, seed):
+def _setup(models, x_val, y_val, base, budget, metric, seed, x_train=None, y_train=None):
     members = Members(models, min_count=2, what="advise")
     base = _load_base(base)
     x = _check_x(x_val, members)
@@ -257,6 +262,9 @@ def _setup(models, x_val, y_val, base, budget, metric, seed):
     fit, score = split_indices(len(x), seed)
     ctx = compositions.Context(
         members.models, x[fit], y[fit], base=base, budget=budget, metric=metric, seed=seed,
+        x_train=None if x_train is None else np.asarray(x_train, dtype="float32"),
+        y_train=None if y_train is None else check_labels(y_train, len(x_train), members.num_classes,
+                                                          param="y_train"),
         output_kind=members.kinds, fit_data="fit half", bn_data="fit", model_prefix="advise_",
         skip_errors=(ValueError,))  # an unsupported layer, a nested BatchNorm, ...: a skipped row
     notes = [f"weight-space merges skipped: {ctx.architecture_difference}"] if ctx.architecture_difference else []

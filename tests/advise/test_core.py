@@ -236,3 +236,15 @@ def test_barriers_are_merge_loss_barrier_on_the_score_half(data, independent):
     aligned = align(models, reference=0, seed=0)
     matched = loss_barrier(aligned[0], aligned[2], xv[score], yv[score])
     assert advice.barriers["0-2"]["aligned_barrier"] == pytest.approx(matched.barrier, abs=1e-6)
+
+
+def test_distilled_student_is_a_candidate_with_its_training_cost_stated(data, members):
+    (x, y), (x_val, y_val) = data
+    without = {row["name"]: row for row in ek.advise(members, x_val, y_val, verbose=0).rows}
+    assert without["distilled_student"]["note"].startswith("skipped: needs training inputs")
+    advice = ek.advise(members, x_val, y_val, budget=1.0, verbose=0, x_train=x, y_train=y)
+    row = _rows(advice)["distilled_student"]
+    assert row["cost_ratio"] == 1.0 and row["within_budget"]
+    assert "distilled from ensemble_mean" in row["note"] and "training took" in row["note"]
+    best = _rows(advice)["best_member"]
+    assert row["nll"] < best["nll"]  # soft targets of 3 members teach the single model something

@@ -209,7 +209,7 @@ class Context:
             from ensemblekit.merge import align
 
             try:
-                return align(self.models, reference=0, seed=self.seed)
+                return align(self.models, reference=0, seed=self.seed, verbose=0)
             except ValueError as error:
                 return Skip(f"align failed: {error}")
         result = self._once("aligned", compute)

@@ -54,6 +54,14 @@ class DistillReport:
         temperature, alpha: the loss settings used (``alpha`` is 0 when ``y`` is None).
         student_params, teacher_params: parameter counts.
         seconds: wall-clock seconds of training (teacher caching included).
+
+    Example:
+        >>> import keras, numpy as np
+        >>> x, y = np.random.default_rng(0).normal(size=(32, 4)).astype("float32"), np.arange(32) % 3
+        >>> member = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        >>> _, report = distill(member, member, x, y, epochs=2, verbose=0)
+        >>> sorted(report.history)[:2], report.teacher_cached
+        (['distillation_loss', 'loss'], True)
     """
 
     history: dict

@@ -10,13 +10,19 @@ coupled channels are joined with a union-find:
 - every tensor gets a *layout*: its channel axis as a list of channel
   *groups*, one segment per group;
 - a Dense/Conv/SeparableConv/Embedding layer opens a new group (its
-  units/filters); depthwise convolutions, normalization, element-wise and
-  spatial layers pass the layout on;
-- ``Add``-like merges unite their inputs' groups position by position (a
-  residual block's channels move together), ``Concatenate`` on the last axis
+  units/filters); depthwise convolutions, normalization, element-wise,
+  spatial, size-1 ``Reshape``, per-channel scale (``LayerScale``) and
+  constant (``Normalization``, ``Rescaling``) layers pass the layout on;
+- ``Add``-like merges (layers or ``keras.ops``) unite their inputs' groups
+  position by position (a residual block's channels move together; a
+  squeeze-and-excitation gate ``(batch, 1, 1, C)`` moves with the
+  ``(batch, H, W, C)`` tensor it scales), ``Concatenate`` on the last axis
   joins layouts, ``Flatten`` repeats the layout once per spatial position;
-- groups touching the model's input or output, a nested model's boundary or
-  a layer the table does not know are *fixed* (kept whole), with the reason.
+- a nested functional model is walked through with its inputs' layouts
+  (DepGraph sees through modules the same way), so its groups couple with
+  the outer model's;
+- groups touching the model's input or output, or a layer the table does
+  not know, are *fixed* (kept whole), with the reason.
 
 Every layer's record says which axes of which weight variables carry which
 layout, so ``prune.channels`` slices and ``merge.align`` permutes (Git
@@ -26,31 +32,47 @@ Re-Basin, Ainsworth et al., 2022, Sec. 3 and App. A) from the same facts.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 
 import keras
 import numpy as np
 
-from ensemblekit._graph import graph_nodes, is_container
+from ensemblekit._graph import graph_nodes, is_container, own_nodes
 
 
 def _layer_types(*names):
     return tuple(getattr(keras.layers, name) for name in names if hasattr(keras.layers, name))
 
 
+def _keras_src_types(module, *names):
+    """Classes Keras does not export as layers: applications' own layers, ``keras.ops`` operations."""
+    try:
+        source = importlib.import_module(f"keras.src.{module}")
+    except ImportError:  # pragma: no cover - a Keras without that module
+        return ()
+    return tuple(getattr(source, name) for name in names if isinstance(getattr(source, name, None), type))
+
+
 # One table of layer kinds. Each kind is one way a layer treats the channel axis.
 KINDS = {
     "producer": "Dense/Conv*D/Conv*DTranspose: opens a new group (its units/filters) on its output",
-    "depthwise": "DepthwiseConv (depth_multiplier 1): per-channel kernel, passes the layout on",
+    "depthwise": "DepthwiseConv (depth_multiplier 1) or a Conv with groups == input channels == "
+                 "filters (ConvNeXt): per-channel kernel, passes the layout on",
     "separable": "SeparableConv (depth_multiplier 1): depthwise on the input, opens a new group",
     "norm": "BatchNormalization/LayerNormalization over the last axis: per-channel parameters",
     "embedding": "Embedding: opens a new group on its feature (last) axis",
-    "elementwise": "acts element by element (or, like Softmax, symmetrically over the channels)",
+    "elementwise": "acts element by element (or, like Softmax, symmetrically over the channels); "
+                   "keras.ops element-wise operations with a scalar constant; StochasticDepth",
+    "reshape": "Reshape keeping the last (channel) axis, adding/removing size-1 axes before it",
+    "scale": "per-channel multiplier weights on the last axis (ConvNeXt's LayerScale: x * gamma)",
+    "constant": "per-channel or scalar constants (Normalization over the last axis, Rescaling)",
     "spatial": "acts per channel over the spatial axes (pooling, padding, cropping, upsampling)",
-    "merge": "Add/Subtract/Multiply/Average/Maximum/Minimum: unites its inputs' groups",
+    "merge": "Add/Subtract/Multiply/Average/Maximum/Minimum (layers or keras.ops on two tensors): "
+             "unites its inputs' groups position by position; a (batch, 1, 1, C) gate broadcasts",
     "concat": "Concatenate: joins the layouts on the last axis, unites them on another axis",
     "flatten": "Flatten: repeats the layout once per spatial position",
-    "nested": "a nested keras.Model: its boundary is fixed (it is walked on its own)",
+    "nested": "a nested functional/Sequential model called once: walked through with its inputs' layouts",
 }
 PRODUCERS = _layer_types("Dense", "Conv1D", "Conv2D", "Conv3D")
 TRANSPOSED = _layer_types("Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose")
@@ -61,7 +83,21 @@ EMBEDDINGS = _layer_types("Embedding")
 ELEMENTWISE = _layer_types(
     "Activation", "ReLU", "LeakyReLU", "ELU", "Softmax", "Dropout", "GaussianNoise",
     "GaussianDropout", "AlphaDropout", "ActivityRegularization", "Identity",
+) + _keras_src_types("applications.convnext", "StochasticDepth")  # identity at inference
+# keras.ops on a KerasTensor (``x + 3.0``, ``ops.relu(x)``) are operations of the functional graph
+ELEMENTWISE_OPS = _keras_src_types(
+    "ops.nn", "Relu", "Relu6", "Sigmoid", "HardSigmoid", "Silu", "HardSilu", "Gelu", "Elu", "Selu",
+    "Celu", "LeakyRelu", "Softplus", "Softsign", "LogSigmoid", "TanhShrink", "HardTanh", "SoftShrink",
+    "HardShrink", "SparsePlus", "Squareplus", "SparseSigmoid", "Threshold",
+) + _keras_src_types(
+    "ops.numpy", "Abs", "Absolute", "Negative", "Square", "Sqrt", "Exp", "Log", "Log1p", "Expm1",
+    "Tanh", "Sin", "Cos", "Clip", "Reciprocal", "Sign", "Floor", "Ceil", "Round",
 )
+BINARY_OPS = _keras_src_types("ops.numpy", "Add", "Subtract", "Multiply", "Divide", "TrueDivide",
+                              "Maximum", "Minimum", "Power")
+RESHAPES = _layer_types("Reshape")
+SCALES = _keras_src_types("applications.convnext", "LayerScale")
+CONSTANTS = _layer_types("Normalization", "Rescaling")
 SPATIAL = _layer_types(
     "MaxPooling1D", "MaxPooling2D", "MaxPooling3D", "AveragePooling1D", "AveragePooling2D",
     "AveragePooling3D", "GlobalAveragePooling1D", "GlobalAveragePooling2D",
@@ -78,9 +114,12 @@ CONCATS = _layer_types("Concatenate")
 FLATTENS = _layer_types("Flatten")
 UNKNOWN_KIND = "it is not a layer kind the channel graph knows"
 OPENERS = ("producer", "separable", "embedding")  # kinds whose output is a new group
+# kinds whose output carries their (first) input's layout unchanged
+PASSING = ("depthwise", "norm", "elementwise", "spatial", "reshape", "scale", "constant")
 SUPPORTED = ("Dense, Conv1D/2D/3D(Transpose), DepthwiseConv, SeparableConv, BatchNormalization, "
              "LayerNormalization, Embedding, Flatten, Concatenate, Add/Average/Multiply/..., "
-             "activations, dropout, pooling, padding")
+             "activations, dropout, pooling, padding, size-1 Reshape, LayerScale, Normalization, "
+             "Rescaling, element-wise keras.ops, nested functional/Sequential models")
 
 
 def _last_axis(axis, rank):
@@ -93,22 +132,56 @@ def _plain(layer):
             and not getattr(layer, "lora_enabled", False))
 
 
+def _has_graph(model):
+    return isinstance(model, keras.Sequential) or hasattr(model, "operations")
+
+
+def _is_depthwise_conv(layer, input_shapes):
+    """A Conv with ``groups == input channels == filters``: one filter per input channel."""
+    channels = input_shapes[0][-1] if input_shapes else None
+    return layer.groups == channels == getattr(layer, "filters", None)
+
+
+def _reshape_kind(layer, shape):
+    """``("reshape", None)`` if ``layer`` keeps the last axis and only adds/removes size-1 axes."""
+    out = tuple(layer.compute_output_shape(shape))
+    if (len(shape) > 1 and len(out) > 1 and shape[-1] is not None and out[-1] == shape[-1]
+            and all(d == 1 for d in shape[1:-1] + out[1:-1])):
+        return "reshape", None
+    return None, ("only a Reshape that keeps the last (channel) axis and adds or removes size-1 "
+                  "axes before it is supported")
+
+
+def _constant_kind(layer, rank):
+    if isinstance(layer, keras.layers.Normalization) and layer.axis and not _last_axis(layer.axis, rank):
+        return None, "only normalization over the last axis is supported"
+    return "constant", None
+
+
 def _classify(layer, input_shapes):
     """``(kind, None)`` or ``(None, why the channels cannot pass through layer)``."""
     if is_container(layer):
+        if not _has_graph(layer):
+            return None, "a subclassed model has no functional graph to follow"
         return "nested", None
     if getattr(layer, "data_format", "channels_last") != "channels_last":
         return None, "only data_format='channels_last' is supported"
     if not _plain(layer):
         return None, "quantized or LoRA-enabled layers are not supported"
     rank = len(input_shapes[0]) if input_shapes else 0
+    if isinstance(layer, BINARY_OPS):  # with one tensor the other operand is a constant
+        return ("merge" if len(input_shapes) > 1 else "elementwise"), None
+    if isinstance(layer, ELEMENTWISE_OPS):
+        return "elementwise", None
     if isinstance(layer, PRODUCERS + TRANSPOSED):
-        if getattr(layer, "groups", 1) != 1:
-            return None, "grouped convolutions are not supported"
-        return "producer", None
+        if getattr(layer, "groups", 1) == 1:
+            return "producer", None
+        if _is_depthwise_conv(layer, input_shapes):
+            return "depthwise", None
+        return None, "grouped convolutions are not supported (unless groups == input channels == filters)"
     if isinstance(layer, DEPTHWISE + SEPARABLE):
         if layer.depth_multiplier != 1:
-            return None, "depth_multiplier != 1 is not supported"
+            return None, "depth_multiplier != 1 is not supported (output channel c*M+m reads input channel c)"
         return ("depthwise" if isinstance(layer, DEPTHWISE) else "separable"), None
     if isinstance(layer, NORMS):
         if not _last_axis(layer.axis, rank):
@@ -118,9 +191,13 @@ def _classify(layer, input_shapes):
         return "embedding", None
     if isinstance(layer, keras.layers.Softmax) and not _last_axis(layer.axis, rank):
         return None, "softmax over an axis other than the last is not supported"
+    if isinstance(layer, RESHAPES) and rank:
+        return _reshape_kind(layer, input_shapes[0])
+    if isinstance(layer, CONSTANTS):
+        return _constant_kind(layer, rank)
     # spatial before elementwise: SpatialDropout subclasses Dropout
     for kind, types in (("spatial", SPATIAL), ("elementwise", ELEMENTWISE), ("merge", MERGES),
-                        ("concat", CONCATS)):
+                        ("concat", CONCATS), ("scale", SCALES)):
         if isinstance(layer, types):
             return kind, None
     if isinstance(layer, FLATTENS):
@@ -134,22 +211,26 @@ def layer_kind(layer, input_shapes):
     """How ``layer`` treats the channel axis: one of ``KINDS``, or ``None`` if channels cannot pass.
 
     Args:
-        layer: a Keras layer (or nested ``keras.Model``).
+        layer: a Keras layer, a ``keras.ops`` operation of a functional graph,
+            or a nested ``keras.Model``.
         input_shapes: the shapes of its inputs, batch axis included
             (``[tuple(t.shape) for t in input_tensors]``).
 
     Returns:
         ``"producer"``, ``"depthwise"``, ``"separable"``, ``"norm"``,
-        ``"embedding"``, ``"elementwise"``, ``"spatial"``, ``"merge"``,
-        ``"concat"``, ``"flatten"``, ``"nested"`` or ``None``
-        (``unsupported_reason`` says why).
+        ``"embedding"``, ``"elementwise"``, ``"reshape"``, ``"scale"``,
+        ``"constant"``, ``"spatial"``, ``"merge"``, ``"concat"``,
+        ``"flatten"``, ``"nested"`` or ``None`` (``unsupported_reason`` says
+        why). A ``"constant"`` layer or an element-wise operation whose
+        per-channel constants are not weights (``Rescaling([...])``,
+        ``x * np.array([...])``) still keeps its channels whole in the graph.
 
     Example:
         >>> import keras
         >>> layer_kind(keras.layers.Dense(4), [(None, 3)])
         'producer'
-        >>> layer_kind(keras.layers.MaxPooling1D(), [(None, 8, 3)])
-        'spatial'
+        >>> layer_kind(keras.layers.Reshape((1, 1, 3)), [(None, 3)])
+        'reshape'
         >>> print(layer_kind(keras.layers.Conv1D(4, 3, groups=2), [(None, 8, 2)]))
         None
     """
@@ -161,12 +242,27 @@ def unsupported_reason(layer, input_shapes):
 
     Example:
         >>> import keras
-        >>> unsupported_reason(keras.layers.Reshape((2, 2)), [(None, 4)])[:43]
+        >>> unsupported_reason(keras.layers.UnitNormalization(), [(None, 4)])[:43]
         'it is not a layer kind the channel graph kn'
         >>> print(unsupported_reason(keras.layers.ReLU(), [(None, 4)]))
         None
     """
     return _classify(layer, input_shapes)[1]
+
+
+def _held_constants(layer, node):
+    """Why ``layer``'s per-channel constants cannot be sliced (they are not weights), or ``None``."""
+    if isinstance(layer, keras.layers.Rescaling):
+        values = (layer.scale, layer.offset)
+    elif isinstance(layer, keras.layers.Normalization):
+        values = (layer.input_mean, layer.input_variance)
+    elif node is not None and not isinstance(layer, keras.layers.Layer):
+        values = [a for a in node.arguments.args if not isinstance(a, keras.KerasTensor)]
+    else:
+        return None
+    if any(value is not None and np.size(value) > 1 for value in values):
+        return "its per-channel constants are held in its config or call, not in weights"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,8 +367,9 @@ def _weight_axes(layer, kind):
         in_axis, out_axis = (rank - 1, rank - 2) if isinstance(layer, TRANSPOSED) else (rank - 2, rank - 1)
         axes = [WeightAxis(layer.kernel, in_axis, "in"), WeightAxis(layer.kernel, out_axis, "out")]
         return axes + ([WeightAxis(layer.bias, 0, "out")] if layer.bias is not None else [])
-    if kind == "depthwise":
-        axes = [WeightAxis(layer.kernel, len(layer.kernel.shape) - 2, "in")]
+    if kind == "depthwise":  # DepthwiseConv kernel (..., C, 1); grouped Conv kernel (..., 1, C)
+        rank = len(layer.kernel.shape)
+        axes = [WeightAxis(layer.kernel, rank - 1 if isinstance(layer, PRODUCERS) else rank - 2, "in")]
         return axes + ([WeightAxis(layer.bias, 0, "in")] if layer.bias is not None else [])
     if kind == "separable":
         rank = len(layer.pointwise_kernel.shape)
@@ -280,8 +377,10 @@ def _weight_axes(layer, kind):
                 WeightAxis(layer.pointwise_kernel, rank - 2, "in"),
                 WeightAxis(layer.pointwise_kernel, rank - 1, "out")]
         return axes + ([WeightAxis(layer.bias, 0, "out")] if layer.bias is not None else [])
-    if kind == "norm":
+    if kind in ("norm", "scale"):
         return [WeightAxis(variable, 0, "in") for variable in layer.weights]
+    if kind == "constant" and getattr(layer, "axis", None):  # Normalization's adapted mean/variance
+        return [WeightAxis(variable, 0, "in") for variable in layer.weights if len(variable.shape) == 1]
     if kind == "embedding":
         return [WeightAxis(layer.embeddings, 1, "out")]
     return []
@@ -296,10 +395,13 @@ class ChannelGraph:
 
     Built by :func:`channel_graph`. Group ids in layouts are the ids given when
     a group was opened; ``find`` maps them to the root of their coupled set.
+    Nested functional/``Sequential`` models are walked through: their layers
+    get records of their own, their tensors layouts of their own.
 
     Attributes:
         model: the analysed model.
-        layers: ``{id(layer): LayerChannels}`` in execution order.
+        layers: ``{id(layer): LayerChannels}`` in execution order (a nested
+            model's record comes before its layers' records).
         layouts: ``{id(tensor): layout}`` of every KerasTensor of the graph.
     """
 
@@ -307,45 +409,77 @@ class ChannelGraph:
         self.model = model
         self._groups = _Groups()
         self.layouts, self.layers = {}, {}
-        inputs, outputs, nodes = graph_nodes(model)
-        for tensor in inputs:
-            self.layouts[id(tensor)] = [self._groups.new(_channel_count(tensor), Fixed("model input"))]
-        for layer, input_tensors, output_tensors in nodes:
-            if id(layer) in self.layers:
-                raise ValueError(
-                    f"Model {model.name!r}: layer {layer.name!r} ({type(layer).__name__}) is called "
-                    "more than once (a shared layer); its channels cannot be followed."
-                )
-            self._visit(layer, input_tensors, output_tensors)
+        self._nested_outputs = {}  # id(tensor) -> the nested model that returned it
+        outputs = self._walk(model, None)
         for tensor in outputs:
             self._groups.fix(self.layouts[id(tensor)], Fixed("model output"))
 
-    def _visit(self, layer, input_tensors, output_tensors):
+    def _walk(self, model, input_layouts):
+        """Give every tensor of ``model``'s graph a layout; return its output tensors."""
+        inputs, outputs, nodes = graph_nodes(model)
+        if input_layouts is not None and len(input_layouts) != len(inputs):
+            raise ValueError(f"Model {self.model.name!r}: nested model {model.name!r} is called with "
+                             f"{len(input_layouts)} tensors but has {len(inputs)} inputs.")
+        calls = own_nodes(model)
+        for i, tensor in enumerate(inputs):
+            self.layouts[id(tensor)] = (list(input_layouts[i]) if input_layouts is not None else
+                                        [self._groups.new(_channel_count(tensor), Fixed("model input"))])
+        for layer, input_tensors, output_tensors in nodes:
+            if id(layer) in self.layers:
+                what = "nested model" if is_container(layer) else "layer"
+                raise ValueError(
+                    f"Model {self.model.name!r}: {what} {layer.name!r} ({type(layer).__name__}) is called "
+                    "more than once (shared); its channels cannot be followed. Call it once, or build "
+                    "one model per use."
+                )
+            node = calls.get(id(layer), [None])[0]
+            self._visit(layer, node, input_tensors, output_tensors)
+        return outputs
+
+    def _visit(self, layer, node, input_tensors, output_tensors):
         kind, why = _classify(layer, [tuple(t.shape) for t in input_tensors])
         in_layouts = [self.layouts[id(t)] for t in input_tensors]
-        out = None
         if kind == "nested":
-            why = None
-        elif kind is not None and len(output_tensors) != 1:
+            self._visit_nested(layer, in_layouts, output_tensors)
+            return
+        out = None
+        if kind is not None and len(output_tensors) != 1:
             why = "it has several outputs"
         elif kind is not None:
-            out, why = self._propagate(layer, kind, in_layouts, input_tensors, output_tensors[0])
+            out, why = self._propagate(layer, kind, node, in_layouts, input_tensors, output_tensors[0])
         if out is not None:
             outs = [out]
         else:
-            if kind == "nested":
-                fixed = Fixed(f"nested model boundary ({layer.name!r})")
-            else:
-                kind, fixed = None, Fixed(f"layer {layer.name!r} ({type(layer).__name__}) cannot be "
-                                          f"pruned or permuted through: {why}", layer, why)
-            self._groups.fix([g for layout in in_layouts for g in layout], fixed)
+            kind, fixed = None, Fixed(f"layer {layer.name!r} ({type(layer).__name__}) cannot be "
+                                      f"pruned or permuted through: {why}", layer, why)
+            for tensor, layout in zip(input_tensors, in_layouts, strict=True):
+                self._groups.fix(layout, self._reader_of_nested_output(tensor, layer) or fixed)
             outs = [[self._groups.new(_channel_count(t), fixed)] for t in output_tensors]
         for tensor, layout in zip(output_tensors, outs, strict=True):
             self.layouts[id(tensor)] = layout
         weights = _weight_axes(layer, kind)
         self.layers[id(layer)] = LayerChannels(layer, kind, in_layouts, outs[0] if outs else [], weights)
 
-    def _propagate(self, layer, kind, in_layouts, input_tensors, output_tensor):
+    def _visit_nested(self, model, in_layouts, output_tensors):
+        """Walk a nested model's own graph with the layouts of the tensors it is called on."""
+        record = LayerChannels(model, "nested", in_layouts, [], [])
+        self.layers[id(model)] = record  # before its layers: execution order
+        inner_outputs = self._walk(model, in_layouts)
+        outs = [self.layouts[id(t)] for t in inner_outputs]
+        for tensor, layout in zip(output_tensors, outs, strict=True):
+            self.layouts[id(tensor)] = layout
+            self._nested_outputs[id(tensor)] = model
+        record.output = outs[0] if outs else []
+
+    def _reader_of_nested_output(self, tensor, layer):
+        """A nested model's output read by a layer the graph cannot follow (an ensemble's combiner)
+        is kept whole as that model's output, like a model output, not as a blocked group."""
+        model = self._nested_outputs.get(id(tensor))
+        if model is None:
+            return None
+        return Fixed(f"nested model output: {model.name!r}, read by {layer.name!r}")
+
+    def _propagate(self, layer, kind, node, in_layouts, input_tensors, output_tensor):
         """``(output layout, None)`` or ``(None, why channels cannot pass)``."""
         if kind in OPENERS:
             if kind == "embedding":  # its input's last axis holds token positions, not channels
@@ -354,21 +488,41 @@ class ChannelGraph:
             return [self._groups.new(output_tensor.shape[-1])], None
         if not in_layouts:
             return None, "it has no inputs"
+        held = _held_constants(layer, node)
+        if held is not None:
+            return None, held
         first = in_layouts[0]
-        if kind in ("depthwise", "norm", "elementwise", "spatial"):
+        if kind in PASSING:
+            before, after = _channel_count(input_tensors[0]), _channel_count(output_tensor)
+            if before != after:
+                return None, f"it changes the number of channels ({before} -> {after})"
             return list(first), None
         if kind == "flatten":
             return list(first) * math.prod(input_tensors[0].shape[1:-1]), None
         if kind == "concat" and _last_axis(layer.axis, len(input_tensors[0].shape)):
             return [g for layout in in_layouts for g in layout], None
-        # merges, and concatenation along another axis, share channels position by position
-        sizes = [[self._groups.sizes[g] for g in layout] for layout in in_layouts]
-        if any(s != sizes[0] for s in sizes):
+        return self._unite(layer, in_layouts, input_tensors, output_tensor)
+
+    def _unite(self, layer, in_layouts, input_tensors, output_tensor):
+        """Merges (and concatenation along another axis) share channels position by position.
+
+        An input with one channel broadcast over the others (a scalar gate) is
+        kept whole; a ``(batch, 1, 1, C)`` squeeze-and-excitation gate has
+        ``C`` channels and is united with the ``(batch, H, W, C)`` input.
+        """
+        channels = _channel_count(output_tensor)
+        broadcast = [channels != 1 and _channel_count(t) == 1 for t in input_tensors]
+        for layout, spread in zip(in_layouts, broadcast, strict=True):
+            if spread:
+                self._groups.fix(layout, Fixed(f"broadcast over the channels by {layer.name!r}"))
+        layouts = [layout for layout, spread in zip(in_layouts, broadcast, strict=True) if not spread]
+        sizes = [[self._groups.sizes[g] for g in layout] for layout in layouts]
+        if not layouts or any(s != sizes[0] for s in sizes):
             return None, f"its inputs' channel layouts differ (group sizes {sizes})"
-        for layout in in_layouts[1:]:
-            for a, b in zip(first, layout, strict=True):
+        for layout in layouts[1:]:
+            for a, b in zip(layouts[0], layout, strict=True):
                 self._groups.union(a, b)
-        return list(first), None
+        return list(layouts[0]), None
 
     def find(self, group):
         """The root of ``group``'s coupled set."""
@@ -427,14 +581,16 @@ def channel_graph(model):
 
     Args:
         model: a functional or ``Sequential`` Keras model (``channels_last``).
-            Nested models are kept whole at their boundary (kind ``"nested"``).
+            Nested functional/``Sequential`` models (a base model called
+            inside a transfer-learning model, ConvNeXt's stem) are walked
+            through: their layers' records point at their own variables.
 
     Returns:
         A :class:`ChannelGraph`.
 
     Raises:
-        ValueError: for a model without a functional graph, or a layer called
-            more than once (naming the layer).
+        ValueError: for a model without a functional graph, or a layer or
+            nested model called more than once (naming it and its class).
 
     Example:
         >>> import keras

@@ -6,8 +6,12 @@ import pytest
 
 from ensemblekit import _channels
 from ensemblekit._channels import _Groups, channel_graph, layer_kind, unsupported_reason
+from ensemblekit._graph import weight_refs
+from ensemblekit.merge.permutation import permutation_spec
 
 L = keras.layers
+LayerScale = keras.src.applications.convnext.LayerScale
+StochasticDepth = keras.src.applications.convnext.StochasticDepth
 
 
 def record(graph, name):
@@ -36,6 +40,19 @@ def roots(graph, layout):
     (L.Concatenate(), [(None, 4), (None, 2)], "concat"),
     (L.Flatten(), [(None, 5, 4)], "flatten"),
     (keras.Sequential([L.Dense(2)]), [(None, 4)], "nested"),
+    (L.Reshape((1, 1, 4)), [(None, 4)], "reshape"),
+    (L.Reshape((4,)), [(None, 1, 1, 4)], "reshape"),
+    (L.Reshape((-1, 1, 4)), [(None, 1, 4)], "reshape"),
+    (LayerScale(1e-6, 4), [(None, 3, 3, 4)], "scale"),
+    (L.Normalization(), [(None, 5, 3)], "constant"),
+    (L.Normalization(axis=None), [(None, 5, 3)], "constant"),
+    (L.Rescaling(1 / 255.0, offset=-1.0), [(None, 5, 3)], "constant"),
+    (StochasticDepth(0.1), [(None, 3, 3, 4)], "elementwise"),
+    (L.Activation("hard_swish"), [(None, 4)], "elementwise"),
+    (L.Activation("gelu"), [(None, 4)], "elementwise"),
+    (L.Activation("swish"), [(None, 4)], "elementwise"),
+    (L.Conv2D(4, 7, groups=4), [(None, 9, 9, 4)], "depthwise"),
+    (L.GlobalAveragePooling2D(keepdims=True), [(None, 5, 5, 4)], "spatial"),
 ])
 def test_kind_table(layer, shapes, kind):
     assert layer_kind(layer, shapes) == kind
@@ -50,8 +67,12 @@ def test_kind_table(layer, shapes, kind):
     (L.LayerNormalization(axis=[1, 2]), [(None, 5, 2)], "over the last axis"),
     (L.Softmax(axis=1), [(None, 5, 2)], "softmax over an axis"),
     (L.Flatten(), [(None, None, 4)], "spatial dimensions are unknown"),
-    (L.Reshape((2, 2)), [(None, 4)], "not a layer kind the channel graph knows"),
-    (L.UnitNormalization(), [(None, 4)], "not a layer kind"),
+    (L.Reshape((2, 2)), [(None, 4)], "keeps the last (channel) axis"),
+    (L.Reshape((4, 4)), [(None, 2, 2, 4)], "adds or removes size-1 axes"),
+    (L.Normalization(axis=1), [(None, 5, 3)], "over the last axis"),
+    (L.Conv2D(8, 3, groups=4), [(None, 5, 5, 4)], "groups == input channels == filters"),
+    (L.DepthwiseConv2D(3, depth_multiplier=2), [(None, 5, 5, 2)], "c*M+m reads input channel c"),
+    (L.UnitNormalization(), [(None, 4)], "not a layer kind the channel graph knows"),
 ])
 def test_kind_table_says_why_a_layer_cannot_pass_channels(layer, shapes, why):
     assert layer_kind(layer, shapes) is None
@@ -70,10 +91,13 @@ def test_lora_layers_cannot_pass_channels():
 def test_every_kind_is_documented_and_the_class_tuples_do_not_overlap():
     tuples = [_channels.PRODUCERS + _channels.TRANSPOSED, _channels.DEPTHWISE, _channels.SEPARABLE,
               _channels.NORMS, _channels.EMBEDDINGS, _channels.ELEMENTWISE, _channels.SPATIAL,
-              _channels.MERGES, _channels.CONCATS, _channels.FLATTENS]
+              _channels.MERGES, _channels.CONCATS, _channels.FLATTENS, _channels.ELEMENTWISE_OPS,
+              _channels.BINARY_OPS, _channels.RESHAPES, _channels.SCALES, _channels.CONSTANTS]
     classes = [cls for types in tuples for cls in types]
     assert len(classes) == len(set(classes))
-    assert set(_channels.OPENERS) < set(_channels.KINDS)
+    assert set(_channels.OPENERS) < set(_channels.KINDS) and set(_channels.PASSING) < set(_channels.KINDS)
+    assert {"reshape", "scale", "constant"} <= set(_channels.KINDS)  # names pack relies on
+    assert all(types for types in tuples)
     assert all("\n" not in text and text for text in _channels.KINDS.values())
 
 
@@ -151,14 +175,17 @@ def test_fixed_groups_say_why():
     u = L.Dense(6, name="u")(skip)
     u = L.UnitNormalization(name="unit_norm")(u)
     member = keras.Sequential([keras.Input((6,)), L.Dense(3, name="inner")], name="member")
-    graph = channel_graph(keras.Model(inputs, [member(u), L.Dense(2, name="out2")(skip)]))
+    graph = channel_graph(keras.Model(inputs, [L.UnitNormalization(name="combine")(member(u)),
+                                               L.Dense(2, name="out2")(skip)]))
     assert graph.fixed(record(graph, "h").input[0]).text == "model input"
     assert graph.fixed(record(graph, "h").output[0]) is None  # h, r share it; it reaches no output
     fixed = graph.fixed(record(graph, "u").output[0])
     assert fixed.layer is graph.model.get_layer("unit_norm")
     assert fixed.text.startswith("layer 'unit_norm' (UnitNormalization) cannot be pruned or permuted")
     assert graph.fixed(record(graph, "member").input[0]) == fixed  # first reason wins
-    assert graph.fixed(record(graph, "member").output[0]).text == "nested model boundary ('member')"
+    # a nested model's output read by a layer the graph cannot follow stays whole like a model output
+    member_output = graph.fixed(record(graph, "member").output[0])
+    assert member_output == _channels.Fixed("nested model output: 'member', read by 'combine'")
     assert graph.fixed(record(graph, "out2").output[0]).text == "model output"
     assert record(graph, "member").kind == "nested" and record(graph, "unit_norm").kind is None
 
@@ -183,3 +210,133 @@ def test_shared_layer_and_subclassed_model_errors_name_them():
 
     with pytest.raises(ValueError, match="has no functional graph"):
         channel_graph(Sub(name="sub"))
+
+
+def squeeze_excite_model(gate_channels=8):
+    """conv -> squeeze-and-excitation (GAP, size-1 Reshape, two 1x1 convs, hard sigmoid by keras.ops) -> conv."""
+    inputs = keras.Input((6, 6, 3))
+    h = L.Conv2D(8, 3, padding="same", name="expand")(inputs)
+    s = L.Reshape((1, 1, 8), name="se_reshape")(L.GlobalAveragePooling2D(name="squeeze")(h))
+    s = L.Conv2D(2, 1, activation="relu", name="se_reduce")(s)
+    s = L.Conv2D(gate_channels, 1, name="se_expand")(s)
+    s = L.ReLU(6.0, name="relu6")(s + 3.0) * (1.0 / 6.0)
+    h = L.Multiply(name="se_excite")([h, s])
+    return keras.Model(inputs, L.Dense(3, name="out")(L.GlobalAveragePooling2D(keepdims=False)(h)))
+
+
+def test_squeeze_excitation_gate_is_united_with_the_tensor_it_scales():
+    graph = channel_graph(squeeze_excite_model())
+    expand = roots(graph, record(graph, "expand").output)
+    assert roots(graph, record(graph, "se_reshape").output) == expand  # (C,) -> (1, 1, C) keeps the group
+    assert roots(graph, record(graph, "se_expand").output) == expand  # (batch, 1, 1, 8) gate x (batch, 6, 6, 8)
+    assert roots(graph, record(graph, "se_excite").output) == expand
+    assert graph.fixed(expand[0]) is None and graph.fixed(record(graph, "se_reduce").output[0]) is None
+    ops = [r for r in graph.records() if not isinstance(r.layer, L.Layer)]
+    assert [(type(r.layer).__name__, r.kind) for r in ops] == [("Add", "elementwise"), ("Multiply", "elementwise")]
+    assert {graph.size(r): [layer.name for layer in ls] for r, ls in graph.openers().items()} == {
+        8: ["expand", "se_expand"], 2: ["se_reduce"], 3: ["out"]}
+
+
+def test_a_one_channel_gate_broadcasts_and_is_kept_whole():
+    graph = channel_graph(squeeze_excite_model(gate_channels=1))
+    expand = roots(graph, record(graph, "expand").output)
+    assert graph.fixed(expand[0]) is None
+    assert roots(graph, record(graph, "se_excite").output) == expand
+    assert graph.fixed(record(graph, "se_expand").output[0]) == _channels.Fixed("broadcast over the channels by 'se_excite'")
+
+
+def test_scale_and_constant_layers_carry_their_per_channel_weights():
+    inputs = keras.Input((4, 4, 3))
+    h = L.Conv2D(6, 3, name="conv")(L.Rescaling(1 / 255.0, name="rescale")(inputs))
+    h = L.Normalization(name="norm")(h)
+    h = LayerScale(0.5, 6, name="scale")(h)
+    h = StochasticDepth(0.2, name="drop_path")(h)
+    h = L.Rescaling(2.0, offset=1.0, name="scalar_rescale")(h)
+    graph = channel_graph(keras.Model(inputs, L.Dense(2)(L.Flatten()(h))))
+    conv = roots(graph, record(graph, "conv").output)
+    for name in ("norm", "scale", "drop_path", "scalar_rescale"):
+        assert roots(graph, record(graph, name).output) == conv
+    assert graph.fixed(conv[0]) is None
+    norm, scale = record(graph, "norm"), record(graph, "scale")
+    assert (norm.kind, scale.kind) == ("constant", "scale")
+    assert [(w.variable.name, w.axis, w.side) for w in norm.weights] == [("mean", 0, "in"), ("variance", 0, "in")]
+    assert [(w.variable is scale.layer.gamma, w.axis, w.side) for w in scale.weights] == [(True, 0, "in")]
+
+
+@pytest.mark.parametrize("constant", [
+    lambda h: L.Rescaling([1.0, 2.0, 3.0, 4.0], name="constant")(h),
+    lambda h: L.Normalization(mean=[0.0] * 4, variance=[1.0] * 4, name="constant")(h),
+    lambda h: h * np.arange(1, 5, dtype="float32"),
+])
+def test_per_channel_constants_outside_the_weights_keep_their_group_whole(constant):
+    inputs = keras.Input((4,))
+    h = L.Dense(4, name="h")(inputs)
+    graph = channel_graph(keras.Model(inputs, L.Dense(2, name="out")(constant(h))))
+    fixed = graph.fixed(record(graph, "h").output[0])
+    assert fixed is not None and "per-channel constants are held in its config or call" in fixed.why
+
+
+def test_grouped_conv_with_one_filter_per_channel_is_depthwise():
+    inputs = keras.Input((6, 6, 3))
+    h = L.Conv2D(8, 1, name="pw")(inputs)
+    h = L.Conv2D(8, 3, padding="same", groups=8, name="dw")(h)
+    graph = channel_graph(keras.Model(inputs, L.Dense(2)(L.GlobalAveragePooling2D()(h))))
+    dw = record(graph, "dw")
+    assert dw.kind == "depthwise" and roots(graph, dw.output) == roots(graph, record(graph, "pw").output)
+    assert [(w.variable.name, w.axis, tuple(w.variable.shape)) for w in dw.weights] == [
+        ("kernel", 3, (3, 3, 1, 8)), ("bias", 0, (8,))]
+
+
+def transfer_model():
+    """The keras.io recipe in small: a functional base (with a nested Sequential) called in a new model."""
+    x = keras.Input((6, 6, 3))
+    block = keras.Sequential([L.LayerNormalization(name="block_ln"), L.Conv2D(8, 1, name="block_conv")],
+                             name="block")
+    h = block(L.Conv2D(4, 3, name="stem")(x))
+    base = keras.Model(x, L.ReLU(name="base_relu")(h), name="base")
+    inputs = keras.Input((6, 6, 3))
+    features = L.GlobalAveragePooling2D(name="pool")(base(inputs, training=False))
+    return keras.Model(inputs, L.Dense(3, name="head")(features), name="transfer"), base, block
+
+
+def test_nested_models_are_walked_through_and_their_weights_point_at_nested_variables():
+    model, base, block = transfer_model()
+    graph = channel_graph(model)
+    stem, conv = base.get_layer("stem"), block.get_layer("block_conv")
+    assert [type(r.layer).__name__ for r in graph.records()][:4] == ["Functional", "Conv2D", "Sequential",
+                                                                     "LayerNormalization"]
+    conv_record = graph.layers[id(conv)]
+    assert conv_record.input == graph.layers[id(stem)].output  # the stem's group crosses into `block`
+    assert graph.fixed(graph.layers[id(stem)].output[0]) is None
+    # the base's last group reaches the outer head through pooling: prunable, not a boundary
+    assert roots(graph, record(graph, "head").input) == roots(graph, conv_record.output)
+    assert graph.fixed(conv_record.output[0]) is None
+    assert [w.variable for w in conv_record.weights] == [conv.kernel, conv.kernel, conv.bias]
+    assert record(graph, "base").kind == "nested" and record(graph, "base").output == conv_record.output
+    spec = permutation_spec(model, nested=True)
+    paths = [ref.path for ref in weight_refs(model)]
+    carried = {paths[index] for group in spec.sizes for index, _, _ in spec.weights_of(group)}
+    assert carried == {"base/stem/kernel", "base/stem/bias", "base/block/block_ln/gamma",
+                       "base/block/block_ln/beta", "base/block/block_conv/kernel",
+                       "base/block/block_conv/bias", "head/kernel"}
+    with pytest.raises(ValueError, match=r"Model 'transfer': align cannot permute through layer 'base' "
+                                         r"\(Functional\): nested models are not supported unless"):
+        permutation_spec(model)
+
+
+def test_a_nested_model_called_twice_is_named_in_the_error():
+    inputs = keras.Input((4,))
+    inner = keras.Sequential([keras.Input((4,)), L.Dense(4)], name="inner")
+    model = keras.Model(inputs, inner(inner(inputs)), name="twice")
+    with pytest.raises(ValueError, match=r"Model 'twice': nested model 'inner' \(Sequential\) is called more "
+                                         r"than once"):
+        channel_graph(model)
+
+
+def test_keras_ops_on_two_tensors_unite_like_merge_layers():
+    inputs = keras.Input((4,))
+    a, b = L.Dense(4, name="a")(inputs), L.Dense(4, name="b")(inputs)
+    h = keras.ops.relu(keras.ops.maximum(a, b))
+    graph = channel_graph(keras.Model(inputs, L.Dense(2, name="out")(h)))
+    assert graph.find(record(graph, "a").output[0]) == graph.find(record(graph, "b").output[0])
+    assert [r.kind for r in graph.records() if not isinstance(r.layer, L.Layer)] == ["merge", "elementwise"]

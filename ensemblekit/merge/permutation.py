@@ -5,9 +5,11 @@ that reads them) leaves the network's function unchanged. The groups of units
 that must move together are the coupled channel groups of
 ``ensemblekit._channels`` (DepGraph, Fang et al., 2023): Dense/Conv/
 SeparableConv/Embedding units, carried through BN/LN, depthwise convolutions,
-activations, pooling and padding, united by residual ``Add``-like merges,
-joined by ``Concatenate`` and tiled by ``Flatten``. Groups reaching a model
-input or output are never permuted. This replaces the hand-written
+activations, pooling, padding, size-1 ``Reshape``, ``LayerScale`` and
+``Normalization``, united by residual ``Add``-like merges and
+squeeze-and-excitation gates, joined by ``Concatenate`` and tiled by
+``Flatten``; with ``nested=True``, followed through nested models. Groups
+reaching a model input or output are never permuted. This replaces the hand-written
 per-architecture specs of Git Re-Basin (Ainsworth et al., 2022, Sec. 3 and
 App. A).
 """
@@ -63,34 +65,42 @@ class PermutationSpec:
         return np.arange(tile)[:, None] * size + np.arange(size)[None, :]
 
 
-def _unsupported(layer, why):
-    return ValueError(f"align cannot permute through layer {layer.name!r} "
+def _unsupported(model, layer, why):
+    return ValueError(f"Model {model.name!r}: align cannot permute through layer {layer.name!r} "
                       f"({type(layer).__name__}): {why}.")
 
 
-def _check_permutable(graph):
-    """ValueError naming the first nested model, or layer that fixes a group of units."""
-    nested = graph.records("nested")
-    if nested:
-        raise _unsupported(nested[0].layer, "nested models are not supported; build one flat model")
+def _check_permutable(graph, nested):
+    """ValueError naming the first nested model (unless ``nested``), or layer that fixes a group of units."""
+    inner = graph.records("nested")
+    if inner and not nested:
+        raise _unsupported(graph.model, inner[0].layer, "nested models are not supported unless "
+                           "permutation_spec(model, nested=True); or build one flat model")
     for root in graph.openers():
         fixed = graph.fixed(root)
         if fixed is not None and fixed.layer is not None:
-            raise _unsupported(fixed.layer, fixed.why)
+            raise _unsupported(graph.model, fixed.layer, fixed.why)
 
 
-def permutation_spec(model):
+def permutation_spec(model, nested=False):
     """Derive the permutation groups of ``model`` from its channel-coupling graph.
 
     Args:
-        model: a functional or ``Sequential`` Keras model (no nested models,
-            each layer called once).
+        model: a functional or ``Sequential`` Keras model (each layer called once).
+        nested: follow the units through nested functional/``Sequential``
+            models (a transfer-learning base, ConvNeXt's stem), whose
+            weight axes then point at the nested layers' variables
+            (``weight_refs`` lists them), and ``sources`` may hold nested
+            layers. ``False`` (the default, what ``align`` asks for while its
+            activation matching finds layers by name in the outer model)
+            raises a ``ValueError`` naming the first nested model.
 
     Returns:
         A ``PermutationSpec`` over the indices of ``weight_refs(model)``.
 
     Raises:
-        ValueError: naming a layer the permutation cannot pass through.
+        ValueError: naming the model and a layer (and its class) the
+            permutation cannot pass through.
 
     Example:
         >>> import keras
@@ -100,7 +110,7 @@ def permutation_spec(model):
         ([8], {0: [(1, 0, 1)], 1: [(0, 0, 1)], 2: [(0, 0, 1)]})
     """
     graph = channel_graph(model)
-    _check_permutable(graph)
+    _check_permutable(graph, nested)
     live = [root for root in graph.roots() if graph.fixed(root) is None]
     number = {root: i for i, root in enumerate(live)}
     index_of = {id(ref.variable): i for i, ref in enumerate(weight_refs(model))}

@@ -4,12 +4,15 @@ Which channels are coupled comes from the channel-coupling graph shared with
 ``merge.align`` (``ensemblekit._channels``, after DepGraph: Fang et al., 2023,
 "DepGraph: Towards Any Structural Pruning"): a Dense/Conv/SeparableConv/
 Embedding layer opens a group (its units/filters/features); BN, LN,
-activations, Dropout, pooling, padding and depthwise convolutions carry it;
-``Add``-like merges unite groups (a residual block's channels are removed
+activations, Dropout, pooling, padding, depthwise convolutions, size-1
+``Reshape``, ``LayerScale`` and ``Normalization`` carry it; ``Add``-like
+merges (layers or ``keras.ops``) unite groups (a residual block's channels,
+and a squeeze-and-excitation gate with the tensor it scales, are removed
 together); ``Concatenate`` joins layouts; ``Flatten`` repeats the layout once
-per spatial position, so the Dense after it loses the matching rows. Groups
-touching the model's input or output, a nested model's boundary, or a layer
-the graph cannot follow are kept whole.
+per spatial position, so the Dense after it loses the matching rows. Nested
+functional/``Sequential`` models (a transfer-learning base, ConvNeXt's
+blocks) are walked through and given back nested. Groups touching the
+model's input or output, or a layer the graph cannot follow, are kept whole.
 
 Within each prunable group, channels are ranked by an importance score summed
 over the layers that produce it (each layer's scores divided by their mean):
@@ -19,9 +22,9 @@ layers on the group (Liu et al., 2017, "Network Slimming"), ``"taylor"`` the
 first-order Taylor estimate (sum over the filter of weight x gradient)^2
 accumulated over batches (Molchanov et al., 2019, "Importance Estimation for
 Neural Network Pruning"). The model is rebuilt with
-``keras.models.clone_model``: layers with fewer units/filters come from their
-edited config, and every weight axis the graph records is sliced to the kept
-channels.
+``keras.models.clone_model`` (nested models on inputs of their new width):
+layers with fewer units/filters come from their edited config, and every
+weight axis the graph records is sliced to the kept channels.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import keras
 import numpy as np
 
 from ensemblekit._channels import OPENERS, channel_graph
-from ensemblekit._graph import is_container
+from ensemblekit._graph import graph_nodes
 from ensemblekit._io import predict
 from ensemblekit._validate import check_choice
 
@@ -236,26 +239,54 @@ def _sliced_weights(graph, record, kept):
     return sliced
 
 
-def _rebuild(graph, kept, nested):
-    """Clone the model with edited layer configs, then copy the sliced weights in."""
+def _resized_config(layer, record, graph, kept):
+    """``layer``'s config with the channel counts it stores set to the channels kept."""
+    config = layer.get_config()
+    if record is None or record.kind is None:
+        return config
+    if record.kind in OPENERS:
+        key = next(k for k in SIZE_KEYS if k in config)
+        config[key] = len(graph.positions(record.output, kept))
+    elif record.kind == "depthwise" and config.get("groups", 1) != 1:  # Conv(groups=C, filters=C)
+        config["filters"] = config["groups"] = len(graph.positions(record.input, kept))
+    elif record.kind == "scale" and "projection_dim" in config:  # ConvNeXt's LayerScale
+        config["projection_dim"] = len(graph.positions(record.input, kept))
+    elif record.kind == "reshape" and config["target_shape"][-1] != -1:
+        config["target_shape"] = (*config["target_shape"][:-1], len(graph.positions(record.output, kept)))
+    return config
+
+
+def _pruned_inputs(graph, model, kept):
+    """New ``keras.Input``s for nested ``model``: its inputs' shapes with the channels kept."""
+    inputs = []
+    for tensor in graph_nodes(model)[0]:
+        channels = len(graph.positions(graph.layouts[id(tensor)], kept))
+        inputs.append(keras.Input(batch_shape=(*tensor.shape[:-1], channels), dtype=tensor.dtype,
+                                  name=tensor._keras_history.operation.name))
+    if isinstance(model, keras.Sequential):
+        return inputs[0]
+    return keras.tree.pack_sequence_as(model.input, inputs)
+
+
+def _rebuild(graph, kept):
+    """Clone the model (nested models too) with edited layer configs, then copy the sliced weights in."""
     new_layers = {}
 
     def clone_layer(layer):
-        if id(layer) in nested:
-            new_layers[id(layer)] = nested[id(layer)]
-            return nested[id(layer)]
-        config = layer.get_config()
         record = graph.layers.get(id(layer))
-        if record is not None and record.kind in OPENERS:
-            key = next(k for k in SIZE_KEYS if k in config)
-            config[key] = len(graph.positions(record.output, kept))
-        new_layers[id(layer)] = layer.__class__.from_config(config)
+        if record is not None and record.kind == "nested":  # rebuilt nested, on inputs of its new width
+            return keras.models.clone_model(layer, input_tensors=_pruned_inputs(graph, layer, kept),
+                                            clone_function=clone_layer)
+        new_layers[id(layer)] = layer.__class__.from_config(_resized_config(layer, record, graph, kept))
         return new_layers[id(layer)]
 
     rebuilt = keras.models.clone_model(graph.model, clone_function=clone_layer)
     for record in graph.records():
-        if record.kind != "nested" and record.layer.weights:
-            new_layers[id(record.layer)].set_weights(_sliced_weights(graph, record, kept))
+        if record.kind != "nested" and getattr(record.layer, "weights", None):
+            new_layer = new_layers[id(record.layer)]
+            new_layer.set_weights(_sliced_weights(graph, record, kept))
+            if hasattr(new_layer, "finalize_state"):  # Normalization caches mean/variance as tensors
+                new_layer.finalize_state()
     return rebuilt
 
 
@@ -281,13 +312,7 @@ def _report_groups(graph, openers, kept, on_unsupported):
 
 
 def _prune(model, ratio, importance, x, y, round_to, global_ranking, on_unsupported):
-    """``(pruned model, [ChannelGroup])``; nested models are pruned on their own first."""
-    nested, nested_groups = {}, []
-    for layer in model.layers:
-        if is_container(layer):
-            nested[id(layer)], groups = _prune(layer, ratio, importance, x, y, round_to,
-                                               global_ranking, on_unsupported)
-            nested_groups += groups
+    """``(pruned model, [ChannelGroup])``; nested models are walked through and rebuilt nested."""
     graph = channel_graph(model)
     openers = graph.openers()
     prunable = {root: layers for root, layers in openers.items() if graph.fixed(root) is None}
@@ -300,7 +325,7 @@ def _prune(model, ratio, importance, x, y, round_to, global_ranking, on_unsuppor
             f"{sorted(layer.name for root in fallback for layer in prunable[root])}; ranked them by 'l1'.",
             stacklevel=3,
         )
-    return _rebuild(graph, kept, nested), groups + nested_groups
+    return _rebuild(graph, kept), groups
 
 
 def _check_ratio(ratio):
@@ -317,10 +342,13 @@ def channels(model, ratio=0.5, importance="l1", x=None, y=None, round_to=None,
 
     Args:
         model: a functional or Sequential Keras model (``channels_last``). Nested
-            models (e.g. members of ``ek.ensemble``) are each pruned on their own;
-            a packed model (``ek.pack``) is unpacked, each member's channels are
-            pruned on their own (same counts for all members) and it is packed
-            again; subclassed models have no graph and get a ``ValueError``.
+            functional/Sequential models (members of ``ek.ensemble``, the
+            base of a transfer-learning model) are walked through as part of
+            one graph and come back nested, with sliced layers; one called
+            more than once gets a ``ValueError``. A packed model (``ek.pack``)
+            is unpacked, each member's channels are pruned on their own (same
+            counts for all members) and it is packed again; subclassed models
+            have no graph and get a ``ValueError``.
         ratio: fraction of channels removed per group, in ``[0, 1)``; ``0``
             returns a model with identical outputs.
         importance: ``"l1"``, ``"l2"``, ``"bn_scale"`` (groups without a

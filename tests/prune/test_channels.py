@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 
 import ensemblekit as ek
+from ensemblekit._channels import channel_graph
+from ensemblekit._graph import weight_refs
 from ensemblekit.costs import macs
 from ensemblekit.prune import channels
+from ensemblekit.prune.channels import _rebuild
 from tests.conftest import make_mlp
 from tests.prune.conftest import (
     accuracy,
@@ -15,6 +18,9 @@ from tests.prune.conftest import (
     randomize_bn,
 )
 
+L = keras.layers
+LayerScale = keras.src.applications.convnext.LayerScale
+StochasticDepth = keras.src.applications.convnext.StochasticDepth
 X40 = np.random.default_rng(0).normal(size=(16, 40, 1)).astype("float32")
 
 
@@ -259,3 +265,136 @@ def test_packed_models_are_pruned_member_by_member_and_stay_packed():
     np.testing.assert_allclose(pruned.predict(X40, verbose=0), expected, atol=1e-5)
     with pytest.raises(ValueError, match="packed .*global_ranking"):
         channels(packed, 0.5, global_ranking=True)
+
+
+
+def randomize_vectors(model, seed=0):
+    """Non-trivial values for every 1-D float weight (biases, norms, scales, means, variances)."""
+    rng = np.random.default_rng(seed)
+    for ref in weight_refs(model):
+        if len(ref.shape) == 1 and ref.is_float:
+            positive = any(key in ref.name for key in ("variance", "gamma")) or isinstance(ref.layer, LayerScale)
+            ref.assign(rng.uniform(0.5, 1.5, ref.shape) if positive else rng.uniform(-0.5, 0.5, ref.shape))
+            if hasattr(ref.layer, "finalize_state"):  # Normalization caches its mean and variance
+                ref.layer.finalize_state()
+    return model
+
+
+def make_squeeze_excite(seed=0):
+    """MobileNetV3/EfficientNet-style block: conv, SE gate (size-1 Reshape, hard sigmoid by keras.ops)."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((6, 6, 3))
+    h = L.ReLU()(L.BatchNormalization(name="bn")(L.Conv2D(8, 3, padding="same", name="expand")(inputs)))
+    s = L.Reshape((1, 1, 8), name="se_reshape")(L.GlobalAveragePooling2D()(h))
+    s = L.Conv2D(4, 1, activation="relu", name="se_reduce")(s)
+    s = L.ReLU(6.0)(L.Conv2D(8, 1, name="se_expand")(s) + 3.0) * (1.0 / 6.0)
+    h = L.Multiply(name="se_excite")([h, s])
+    return randomize_vectors(keras.Model(inputs, L.Dense(3, name="out")(L.GlobalAveragePooling2D()(h))))
+
+
+def make_modern_blocks(seed=0):
+    """Every new kind at once: Rescaling/Normalization, a ConvNeXt block (grouped conv, LN, LayerScale,
+    StochasticDepth, residual by keras.ops), an SE gate, a nested Sequential and a hard-swish head."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((8, 8, 3))
+    h = L.Normalization(name="norm_in")(L.Rescaling(1 / 255.0)(inputs))
+    h = L.Normalization(name="norm_mid")(L.Conv2D(8, 3, padding="same", name="stem")(h))
+    r = L.LayerNormalization(name="ln")(L.Conv2D(8, 3, padding="same", groups=8, name="dw")(h))
+    r = L.Dense(8, name="pw2")(L.Dense(16, activation="gelu", name="pw1")(r))
+    h = h + StochasticDepth(0.1, name="drop_path")(LayerScale(0.5, 8, name="layer_scale")(r))
+    s = L.Reshape((1, 1, 8), name="se_reshape")(L.GlobalAveragePooling2D()(h))
+    s = L.Conv2D(8, 1, activation="sigmoid", name="se_expand")(L.Conv2D(4, 1, name="se_reduce")(s))
+    h = L.Multiply(name="se_excite")([h, s])
+    down = keras.Sequential([L.BatchNormalization(name="down_bn"), L.Conv2D(12, 2, strides=2, name="down_conv")],
+                            name="down")
+    h = L.GlobalAveragePooling2D(keepdims=True)(down(h))
+    h = L.Flatten()(L.Conv2D(10, 1, activation="hard_swish", name="head_conv")(h))
+    return randomize_vectors(keras.Model(inputs, L.Dense(3, name="out")(h), name="modern"))
+
+
+def test_squeeze_excitation_gate_is_pruned_with_the_channels_it_scales():
+    model = make_squeeze_excite()
+    pruned, report = channels(model, 0.5, return_report=True)
+    assert group(report, "expand").layers == ["expand", "se_expand"]
+    assert pruned.get_layer("se_reshape").target_shape == (1, 1, 4)
+    assert pruned.get_layer("se_expand").filters == 4 and pruned.get_layer("se_reduce").filters == 2
+    cut = _zero_reads(model, report, [("se_reduce", 2, "expand"), ("se_expand", 2, "se_reduce"), ("out", 0, "expand")])
+    x = np.random.default_rng(0).normal(size=(4, 6, 6, 3)).astype("float32")
+    np.testing.assert_allclose(pruned.predict(x, verbose=0), cut.predict(x, verbose=0), atol=1e-5)
+
+
+def test_every_coupled_axis_moves_together_through_the_new_kinds():
+    """Rebuilding with each prunable group's channels permuted (not cut) must keep the outputs: a weight
+    axis the graph missed, or a layer sliced on the wrong side, would scramble them."""
+    model = make_modern_blocks()
+    graph = channel_graph(model)
+    rng = np.random.default_rng(0)
+    shuffled = {root: rng.permutation(graph.size(root)) for root in graph.roots() if graph.fixed(root) is None}
+    assert sorted(graph.size(root) for root in shuffled) == [4, 8, 10, 12, 16]  # se_reduce, stem, head, down, pw1
+    x = np.random.default_rng(1).uniform(0, 255, size=(3, 8, 8, 3)).astype("float32")
+    expected = keras.ops.convert_to_numpy(model(x, training=False))
+    permuted = keras.ops.convert_to_numpy(_rebuild(graph, shuffled)(x, training=False))
+    np.testing.assert_allclose(permuted, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_new_kinds_are_resized_and_the_nested_sequential_rebuilt(tmp_path):
+    model = make_modern_blocks()
+    pruned = channels(model, 0.5)
+    assert (pruned.get_layer("dw").filters, pruned.get_layer("dw").groups) == (4, 4)
+    assert pruned.get_layer("layer_scale").projection_dim == 4
+    assert [w.shape for w in pruned.get_layer("norm_mid").get_weights()] == [(4,), (4,), ()]
+    assert [w.shape for w in pruned.get_layer("norm_in").get_weights()] == [(3,), (3,), ()]  # model input
+    down = pruned.get_layer("down")
+    assert isinstance(down, keras.Sequential) and down.get_layer("down_conv").get_weights()[0].shape == (2, 2, 4, 6)
+    x = np.random.default_rng(1).uniform(0, 255, size=(3, 8, 8, 3)).astype("float32")
+    pruned.save(tmp_path / "modern.keras")
+    loaded = keras.saving.load_model(tmp_path / "modern.keras", safe_mode=True)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), pruned.predict(x, verbose=0), atol=1e-6)
+    np.testing.assert_array_equal(channels(model, 0.0).predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def make_transfer(seed=0):
+    """The keras.io transfer-learning recipe in small: a base (with a nested Sequential) inside a new model."""
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((6, 6, 3))
+    block = keras.Sequential([L.BatchNormalization(name="block_bn"), L.Conv2D(8, 1, name="block_conv")],
+                             name="block")
+    base = keras.Model(x, L.ReLU()(block(L.Conv2D(6, 3, name="stem")(x))), name="base")
+    inputs = keras.Input((6, 6, 3))
+    features = L.GlobalAveragePooling2D()(base(inputs, training=False))
+    return randomize_vectors(keras.Model(inputs, L.Dense(3, name="head")(features), name="transfer"))
+
+
+def test_a_nested_base_is_pruned_through_and_given_back_nested():
+    model = make_transfer()
+    pruned, report = channels(model, 0.5, return_report=True)
+    base = pruned.get_layer("base")
+    assert isinstance(base, keras.Model) and isinstance(base.get_layer("block"), keras.Sequential)
+    assert base.get_layer("stem").filters == 3 and base.get_layer("block").get_layer("block_conv").filters == 4
+    assert pruned.get_layer("head").get_weights()[0].shape == (4, 3)
+    assert base.get_layer("block").get_layer("block_bn").get_weights()[0].shape == (3,)
+    cut = keras.models.clone_model(model)
+    cut.set_weights(model.get_weights())
+    for consumer, producer in (("block_conv", "stem"), ("head", "block_conv")):
+        layer = cut.get_layer("base").get_layer("block").get_layer(consumer) if consumer == "block_conv" \
+            else cut.get_layer(consumer)
+        weights = layer.get_weights()
+        weights[0][..., removed(report, producer), :] = 0.0
+        layer.set_weights(weights)
+    x = np.random.default_rng(0).normal(size=(4, 6, 6, 3)).astype("float32")
+    np.testing.assert_allclose(pruned.predict(x, verbose=0), cut.predict(x, verbose=0), atol=1e-5)
+
+
+def test_unsupported_and_shared_nested_layers_get_a_warning_or_one_error():
+    inputs = keras.Input((6, 6, 3))
+    h = L.Conv2D(4, 3, name="conv")(inputs)
+    h = L.DepthwiseConv2D(3, depth_multiplier=2, name="dw_x2")(h)
+    model = keras.Model(inputs, L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(4, 1, name="pw")(h))))
+    with pytest.warns(UserWarning, match=r"left unpruned conv \(4 channels\): layer 'dw_x2' \(DepthwiseConv2D\) "
+                                         r"cannot be pruned or permuted through: depth_multiplier != 1"):
+        pruned = channels(model, 0.5)
+    assert pruned.get_layer("conv").filters == 4 and pruned.get_layer("pw").filters == 2
+    inner = keras.Sequential([keras.Input((4,)), L.Dense(4)], name="inner")
+    x = keras.Input((4,))
+    with pytest.raises(ValueError, match=r"nested model 'inner' \(Sequential\) is called more than once"):
+        channels(keras.Model(x, inner(inner(x))), 0.5)

@@ -8,6 +8,12 @@ each caller gets back exactly its own rows. Unlike a fixed timeout, the batcher
 waits only for requests it knows are on their way (see
 :meth:`MicroBatcher.arriving`), so a lone client pays no waiting time, while
 requests that pile up during a model call form the next batch.
+
+As in TensorFlow Serving's batching parameters, every batch is padded with zero
+rows up to the next of ``allowed_batch_sizes`` (the padding rows are dropped
+from the answers), so the model only ever sees a fixed set of batch shapes,
+each compiled once; at most ``max_enqueued`` requests wait, and the one after
+them is refused at once (:class:`QueueFull`) rather than left waiting without bound.
 """
 
 from __future__ import annotations
@@ -20,6 +26,33 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 
+class QueueFull(RuntimeError):
+    """The batcher already holds ``max_enqueued`` waiting requests; try again later."""
+
+
+def default_batch_sizes(max_batch):
+    """Powers of two below ``max_batch``, then ``max_batch``: ``8 -> (1, 2, 4, 8)``, ``6 -> (1, 2, 4, 6)``."""
+    sizes = [1 << k for k in range(max_batch.bit_length()) if 1 << k < max_batch]
+    return (*sizes, max_batch)
+
+
+def _allowed_sizes(allowed_batch_sizes, max_batch):
+    if allowed_batch_sizes is None:
+        return default_batch_sizes(max_batch)
+    sizes = tuple(allowed_batch_sizes)
+    if (not sizes or not all(isinstance(s, int) and s >= 1 for s in sizes)
+            or list(sizes) != sorted(set(sizes))):
+        raise ValueError(
+            f"allowed_batch_sizes is {allowed_batch_sizes!r}; it must be increasing integers >= 1."
+        )
+    if sizes[-1] != max_batch:
+        raise ValueError(
+            f"allowed_batch_sizes ends with {sizes[-1]} but max_batch is {max_batch}; "
+            "the largest allowed batch size must equal max_batch."
+        )
+    return sizes
+
+
 class MicroBatcher:
     """Gather concurrent ``predict`` calls into batched calls of ``predict_fn``.
 
@@ -30,12 +63,21 @@ class MicroBatcher:
     Args:
         predict_fn: maps an array of shape ``(n, ...)`` to an array with ``n`` rows.
         max_batch: most rows in one call; ``1`` turns batching off. A single
-            request with more rows than this runs alone, unsplit.
+            request with more rows than this is split into calls of ``max_batch`` rows.
         max_wait_ms: the longest the first request of a batch waits for others;
             it waits only while other requests are :meth:`arriving`.
+        allowed_batch_sizes: increasing batch sizes ending with ``max_batch``;
+            each call is padded with zero rows up to the next one (default:
+            :func:`default_batch_sizes`, powers of two).
+        max_enqueued: most requests waiting for a call; one more raises
+            :class:`QueueFull` at once (default ``8 * max_batch``).
+        timeout_ms: a request not answered within this raises ``TimeoutError``
+            (``None``: no limit); its rows are dropped if they are still queued.
+        on_call: optional ``fn(rows, padding_rows)`` called after each model call.
 
     Attributes:
-        batch_sizes: rows of each model call so far (the last 10,000 calls).
+        batch_sizes: rows of each model call so far, padding not counted (the last 10,000 calls).
+        padding_rows: zero rows added to reach an allowed batch size, in all.
 
     Example:
         >>> import asyncio, numpy as np
@@ -49,15 +91,26 @@ class MicroBatcher:
         ([0, 2, 4, 6], [4])
     """
 
-    def __init__(self, predict_fn, max_batch=64, max_wait_ms=5.0):
+    def __init__(self, predict_fn, max_batch=64, max_wait_ms=5.0, allowed_batch_sizes=None,
+                 max_enqueued=None, timeout_ms=None, on_call=None):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch is {max_batch!r}; it must be an integer >= 1.")
         if not max_wait_ms >= 0:
             raise ValueError(f"max_wait_ms is {max_wait_ms!r}; it must be a number >= 0.")
+        max_enqueued = 8 * max_batch if max_enqueued is None else max_enqueued
+        if not isinstance(max_enqueued, int) or max_enqueued < 1:
+            raise ValueError(f"max_enqueued is {max_enqueued!r}; it must be an integer >= 1.")
+        if timeout_ms is not None and not timeout_ms > 0:
+            raise ValueError(f"timeout_ms is {timeout_ms!r}; it must be a number > 0 or None.")
         self.predict_fn = predict_fn
         self.max_batch = max_batch
         self.max_wait_ms = max_wait_ms
+        self.allowed_batch_sizes = _allowed_sizes(allowed_batch_sizes, max_batch)
+        self.max_enqueued = max_enqueued
+        self.timeout_ms = timeout_ms
+        self.on_call = on_call
         self.batch_sizes = []
+        self.padding_rows = 0
         self._queue = None
         self._task = None
         self._executor = None
@@ -73,9 +126,15 @@ class MicroBatcher:
         finally:
             self._arriving -= 1
 
+    @property
+    def queue_depth(self):
+        """Requests waiting for a model call."""
+        waiting = self._queue.qsize() if self._queue is not None else 0
+        return waiting + (self._carry is not None)
+
     async def start(self):
         """Start the gathering task on the running event loop."""
-        self._queue = asyncio.Queue()
+        self._queue = asyncio.Queue(maxsize=self.max_enqueued)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ensemblekit-model")
         self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -109,12 +168,47 @@ class MicroBatcher:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def predict(self, rows):
-        """Queue ``rows`` (shape ``(n, ...)``) and return the model's ``n`` output rows."""
+        """Queue ``rows`` (shape ``(n, ...)``) and return the model's ``n`` output rows.
+
+        Raises:
+            QueueFull: ``max_enqueued`` requests are already waiting.
+            TimeoutError: no answer within ``timeout_ms``.
+        """
         if self._task is None:
             raise RuntimeError("MicroBatcher.predict called before start().")
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put((rows, future))
-        return await future
+        try:
+            self._queue.put_nowait((rows, future))
+        except asyncio.QueueFull:
+            raise QueueFull(
+                f"{self.max_enqueued} requests are already waiting (max_enqueued); try again later."
+            ) from None
+        if self.timeout_ms is None:
+            return await future
+        try:
+            # wait_for cancels the future on timeout, so a still-queued request is skipped.
+            return await asyncio.wait_for(future, self.timeout_ms / 1000)
+        except TimeoutError:
+            raise TimeoutError(f"no answer within {self.timeout_ms:g} ms (timeout_ms).") from None
+
+    def padded_size(self, n_rows):
+        """The allowed batch size a call of ``n_rows`` rows (at most ``max_batch``) is padded to."""
+        return next(size for size in self.allowed_batch_sizes if size >= n_rows)
+
+    def _predict_padded(self, stacked):
+        """Run ``predict_fn`` in calls of allowed sizes only; the answer has ``len(stacked)`` rows."""
+        outputs = []
+        for start in range(0, len(stacked), self.max_batch):
+            chunk = stacked[start:start + self.max_batch]
+            padding = self.padded_size(len(chunk)) - len(chunk)
+            if padding:
+                chunk = np.concatenate([chunk, np.zeros((padding, *chunk.shape[1:]), chunk.dtype)])
+            outputs.append(np.asarray(self.predict_fn(chunk))[:len(chunk) - padding])
+            self.batch_sizes = [*self.batch_sizes[-9999:], len(chunk) - padding]
+            self.padding_rows += padding
+            if self.on_call is not None:
+                self.on_call(len(chunk) - padding, padding)
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
     async def _next_request(self, timeout):
         if self._carry is not None:
@@ -139,6 +233,8 @@ class MicroBatcher:
                 request = await self._next_request(max(remaining, 0))
             except (TimeoutError, asyncio.QueueEmpty):
                 break
+            if request[1].cancelled():  # timed out while queued
+                continue
             if n_rows + len(request[0]) > self.max_batch:
                 self._carry = request  # starts the next batch
                 break
@@ -154,9 +250,8 @@ class MicroBatcher:
             if not batch:
                 continue
             stacked = np.concatenate([rows for rows, _ in batch], axis=0)
-            self.batch_sizes = [*self.batch_sizes[-9999:], len(stacked)]
             try:
-                outputs = await loop.run_in_executor(self._executor, self.predict_fn, stacked)
+                outputs = await loop.run_in_executor(self._executor, self._predict_padded, stacked)
             except Exception as error:  # noqa: BLE001 - every caller of this batch gets it
                 for _, future in batch:
                     if not future.done():

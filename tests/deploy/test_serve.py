@@ -2,7 +2,9 @@
 
 import inspect
 import json
+import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import keras
@@ -11,6 +13,7 @@ import pytest
 
 import ensemblekit as ek
 from ensemblekit.deploy import running, serve
+from ensemblekit.deploy.serve import ServedModel
 from tests.conftest import make_mlp
 
 httpx = pytest.importorskip("httpx", reason='needs pip install "ensemblekit[serve]"')
@@ -208,3 +211,178 @@ def test_missing_serving_stack_names_the_extra(model, monkeypatch):
     monkeypatch.setitem(sys.modules, "fastapi", None)
     with pytest.raises(ImportError, match=r'fastapi.*pip install "ensemblekit\[serve\]"'):
         serve(model, port=0, block=False)
+
+
+class _GatedModel(ServedModel):
+    """A served model whose warm-up and predict calls wait for events the test sets."""
+
+    def __init__(self, model, name, warm=True, predict_delay_s=0.0):
+        super().__init__(model, name=name)
+        self.warmed = threading.Event()
+        if warm:
+            self.warmed.set()
+        self.predict_delay_s = predict_delay_s
+
+    def warm_up(self, batch_sizes):
+        self.warmed.wait(60)
+        super().warm_up(batch_sizes)
+
+    def predict(self, rows):
+        time.sleep(self.predict_delay_s)
+        return super().predict(rows)
+
+
+def _post_concurrently(url, bodies, timeout=60):
+    """POST each body from its own thread at once; the replies in order."""
+    barrier = threading.Barrier(len(bodies))
+
+    def one(body):
+        with httpx.Client(timeout=timeout) as client:
+            barrier.wait(timeout=timeout)
+            return client.post(url, json=body)
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(one, bodies))
+
+
+def test_status_is_loading_until_warm_up_then_available(model):
+    gated = _GatedModel(model, "gated", warm=False)
+    with running(gated, wait_ready=False, allowed_batch_sizes=[1, 4, 16], max_batch=16) as service:
+        assert service.states == {"gated": "LOADING"}
+        status = httpx.get(service.model_url, timeout=30).json()["model_version_status"][0]
+        assert status["state"] == "LOADING"
+        assert httpx.get(service.url + "/healthz", timeout=30).status_code == 200
+        early = httpx.post(service.model_url + ":predict", json={"instances": _rows(0, 1).tolist()}, timeout=30)
+        assert early.status_code == 503 and early.headers["retry-after"] == "1"
+        assert "warming up" in early.json()["error"]
+        gated.warmed.set()
+        service.wait_ready(60)
+        status = httpx.get(service.model_url, timeout=30).json()["model_version_status"][0]
+        assert status == {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
+        reply = httpx.post(service.model_url + ":predict", json={"instances": _rows(0, 2).tolist()}, timeout=30)
+        assert reply.status_code == 200
+        metrics = httpx.get(service.url + "/metrics", timeout=30).text
+    assert _metric(metrics, 'ensemblekit_warmup_seconds{model="gated"}') > 0
+
+
+def test_a_failed_warm_up_is_reported_and_predict_refused(model):
+    class Broken(ServedModel):
+        def warm_up(self, batch_sizes):
+            raise RuntimeError("probe exploded")
+
+    with running(Broken(model, name="broken"), wait_ready=False) as service:
+        with pytest.raises(RuntimeError, match="broken: warm-up failed: RuntimeError: probe exploded"):
+            service.wait_ready(60)
+        status = httpx.get(service.model_url, timeout=30).json()["model_version_status"][0]
+        assert status["state"] == "END" and status["status"]["error_code"] == "UNKNOWN"
+        reply = httpx.post(service.model_url + ":predict", json={"instances": _rows(0, 1).tolist()}, timeout=30)
+        assert reply.status_code == 503 and "probe exploded" in reply.json()["error"]
+
+
+def test_a_full_queue_answers_503_with_retry_after_at_once(model):
+    slow = _GatedModel(model, "slow", predict_delay_s=0.5)
+    with running(slow, max_batch=1, max_enqueued=2, max_wait_ms=0) as service:
+        started = time.monotonic()
+        replies = _post_concurrently(service.model_url + ":predict",
+                                     [{"instances": _rows(i, 1).tolist()} for i in range(8)])
+        codes = sorted(r.status_code for r in replies)
+        refused = [r for r in replies if r.status_code == 503]
+        assert codes.count(200) >= 3 and len(refused) >= 1, codes
+        assert set(codes) <= {200, 503}
+        assert all(r.headers["retry-after"] == "1" and "max_enqueued" in r.json()["error"] for r in refused)
+        assert all(r.elapsed.total_seconds() < 0.45 for r in refused)  # refused at once, not after a wait
+        assert time.monotonic() - started < 30
+
+
+def test_a_request_over_timeout_ms_gets_504_and_the_server_keeps_serving(model):
+    slow = _GatedModel(model, "late")
+    with running(slow, timeout_ms=200) as service:
+        slow.predict_delay_s = 1.0
+        reply = httpx.post(service.model_url + ":predict", json={"instances": _rows(0, 1).tolist()}, timeout=30)
+        assert reply.status_code == 504 and "no answer within 200 ms" in reply.json()["error"]
+        slow.predict_delay_s = 0.0
+        time.sleep(1.0)  # let the late call finish
+        x = _rows(1, 2)
+        reply = httpx.post(service.model_url + ":predict", json={"instances": x.tolist()}, timeout=30)
+        assert reply.status_code == 200
+        np.testing.assert_allclose(reply.json()["predictions"], model.predict(x, verbose=0), atol=1e-5)
+
+
+def test_padding_to_allowed_sizes_gives_the_same_rows(model):
+    shapes = []
+
+    class Recording(ServedModel):
+        def predict(self, rows):
+            shapes.append(rows.shape[0])
+            return super().predict(rows)
+
+    recording = Recording(model, name="padded")
+    with running(recording, max_batch=16, allowed_batch_sizes=[1, 8, 16]) as service:
+        assert sorted(set(shapes)) == [1, 8, 16]  # warm-up compiled each allowed size
+        shapes.clear()
+        x = _rows(7, 5)
+        reply = httpx.post(service.model_url + ":predict", json={"instances": x.tolist()}, timeout=30)
+        big = _rows(8, 20)
+        big_reply = httpx.post(service.model_url + ":predict", json={"instances": big.tolist()}, timeout=30)
+        metrics = httpx.get(service.url + "/metrics", timeout=30).text
+    np.testing.assert_allclose(reply.json()["predictions"], model.predict(x, verbose=0), atol=1e-5)
+    np.testing.assert_allclose(big_reply.json()["predictions"], model.predict(big, verbose=0), atol=1e-5)
+    assert shapes == [8, 16, 8]  # 5 -> 8; 20 -> 16 + (4 -> 8)
+    assert _metric(metrics, 'ensemblekit_padding_rows_total{model="padded"}') == 3 + 4
+
+
+def _metric(text, sample):
+    """The value of one sample line of a Prometheus text exposition (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_metrics_move_as_requests_are_made(client, service):
+    predict_ok = 'ensemblekit_requests_total{route="/v1/models/{name}:predict",status="200"}'
+    predict_bad = 'ensemblekit_requests_total{route="/v1/models/{name}:predict",status="400"}'
+    before = client.get("/metrics")
+    assert before.status_code == 200 and before.headers["content-type"].startswith("text/plain")
+    for i in range(3):
+        assert client.post("/v1/models/ens:predict", json={"instances": _rows(i, 2).tolist()}).status_code == 200
+    assert client.post("/v1/models/ens:predict", json={"instances": [[0.0] * 5]}).status_code == 400
+    after = client.get("/metrics").text
+    assert _metric(after, predict_ok) - _metric(before.text, predict_ok) == 3
+    assert _metric(after, predict_bad) - _metric(before.text, predict_bad) == 1
+    rows_sum = 'ensemblekit_batch_rows_sum{model="ens"}'
+    assert _metric(after, rows_sum) - _metric(before.text, rows_sum) == 6
+    count = 'ensemblekit_request_duration_seconds_count{route="/v1/models/{name}:predict"}'
+    assert _metric(after, count) - _metric(before.text, count) == 4
+    for name in ('ensemblekit_queue_depth{model="ens"}', 'ensemblekit_model_load_seconds{model="ens"}',
+                 'ensemblekit_warmup_seconds{model="ens"}', 'ensemblekit_batch_rows_bucket{le="64.0",model="ens"}'):
+        assert any(line.startswith(name + " ") for line in after.splitlines()), name
+
+
+def test_two_servers_in_one_process_keep_their_own_metrics(service, model):
+    with running(model, name="other") as other:
+        httpx.post(other.model_url + ":predict", json={"instances": _rows(0, 1).tolist()}, timeout=30)
+        other_metrics = httpx.get(other.url + "/metrics", timeout=30).text
+    assert 'model="other"' in other_metrics and 'model="ens"' not in other_metrics
+
+
+def test_stop_drains_accepted_requests_then_refuses_connections(model):
+    slow = _GatedModel(model, "drain")
+    service = serve(slow, port=0, block=False, max_batch=1)
+    try:
+        slow.predict_delay_s = 0.3
+        with ThreadPoolExecutor(4) as pool:
+            pending = [pool.submit(httpx.post, service.model_url + ":predict",
+                                   json={"instances": _rows(i, 1).tolist()}, timeout=60) for i in range(4)]
+            deadline = time.monotonic() + 30
+            while service.app.state.batcher.queue_depth < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)  # until all four are accepted: one in the model call, three queued
+            started = time.monotonic()
+            service._server.handle_exit(signal.SIGTERM, None)  # what SIGTERM does
+            replies = [future.result() for future in pending]
+        assert [r.status_code for r in replies] == [200] * 4
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(service.model_url, timeout=5)
+    finally:
+        service.stop()
+    assert time.monotonic() - started < 10

@@ -1,7 +1,7 @@
 """The one timer: every latency and throughput number of ensemblekit is measured here.
 
 One meaning of *latency* throughout the library (``ek.advise(cost="latency")``,
-``ek.prune.members(cost="latency")``, ``ek.prune.report``, the benchmarks):
+``ek.prune.select_members(cost="latency")``, ``ek.prune.report``, the benchmarks):
 the median wall-clock seconds of one call on one batch of ``batch_size`` rows,
 after warm-up (tracing and compilation excluded), with the models timed
 round-robin so a change of machine load hits all of them alike. What is called

@@ -46,7 +46,7 @@ import numpy as np
 from ensemblekit import metrics
 from ensemblekit._graph import architecture_differences
 from ensemblekit._validate import check_choice, check_labels
-from ensemblekit.compose._members import Members
+from ensemblekit.compose._members import MemberSet
 from ensemblekit.merge.barrier import has_batchnorm
 
 KINDS = ("member", "ensemble", "trained", "merge")
@@ -147,7 +147,7 @@ class Context:
     def __init__(self, members, x_fit, y_fit, *, x_train=None, y_train=None, base=None, budget=None,
                  cost="params", metric="nll", seed=0, output_kind=None, fit_data="validation split",
                  bn_data="fit", settings=None, model_prefix=None, skip_errors=()):
-        self.members = Members(members, output_kind, min_count=2, what="compositions")
+        self.members = MemberSet(members, output_kind, min_count=2, what="compositions")
         self.x_fit = np.asarray(x_fit, dtype="float32")
         self.y_fit = check_labels(y_fit, len(self.x_fit), self.members.num_classes, param="y_fit")
         self.x_train, self.y_train = x_train, y_train
@@ -167,8 +167,8 @@ class Context:
         return self.members.models
 
     @property
-    def kinds(self):
-        return self.members.kinds
+    def output_kinds(self):
+        return self.members.output_kinds
 
     @property
     def labels(self):
@@ -197,7 +197,7 @@ class Context:
     def fit_probs(self):
         """The members' probabilities on ``x_fit``, ``(n, K, classes)`` (computed once)."""
         return self._once("fit_probs", lambda: np.stack(
-            [call_probs(m, self.x_fit, k) for m, k in zip(self.models, self.kinds)], axis=1))
+            [call_probs(m, self.x_fit, k) for m, k in zip(self.models, self.output_kinds)], axis=1))
 
     def set_fit_probs(self, probs):
         """Use ``probs`` (``(n, K, classes)`` on ``x_fit``) instead of computing them."""
@@ -260,7 +260,7 @@ def _needs_budget(ctx):
 
 
 def _needs_one_output_kind(ctx):
-    return "members mix logit and probability outputs" if len(set(ctx.kinds)) > 1 else None
+    return "members mix logit and probability outputs" if len(set(ctx.output_kinds)) > 1 else None
 
 
 REQUIREMENTS = {
@@ -344,7 +344,7 @@ def _output_ensemble(method):
     def build(ctx):
         from ensemblekit.compose import ensemble
 
-        model = ensemble(ctx.models, method, output_kind=ctx.kinds, name=ctx.model_name(f"ensemble_{method}"))
+        model = ensemble(ctx.models, method, output_kind=ctx.output_kinds, name=ctx.model_name(f"ensemble_{method}"))
         return Built(model, ENSEMBLE_NOTES[method], _all(ctx))
     return build
 
@@ -371,7 +371,7 @@ def _subset_ensemble(ctx, weights, name):
     if len(indices) == 1:
         return ctx.models[indices[0]], indices
     model = ensemble([ctx.models[i] for i in indices], "weighted", weights=[weights[i] for i in indices],
-                     output_kind=[ctx.kinds[i] for i in indices], name=ctx.model_name(name))
+                     output_kind=[ctx.output_kinds[i] for i in indices], name=ctx.model_name(name))
     return model, indices
 
 
@@ -406,7 +406,7 @@ def _stack_logistic(ctx):
 
     cv = ctx.settings["stack_cv"]
     model = stack(ctx.models, ctx.x_fit, ctx.y_fit, meta="logistic", cv=cv, epochs=ctx.settings["stack_epochs"],
-                  output_kind=ctx.kinds, seed=ctx.seed, name=ctx.model_name("stack_logistic"), verbose=0)
+                  output_kind=ctx.output_kinds, seed=ctx.seed, name=ctx.model_name("stack_logistic"), verbose=0)
     return Built(model, f"logistic meta-learner on the members' log-probabilities, cv={cv} on the "
                         f"{ctx.fit_data}")
 
@@ -432,13 +432,13 @@ def _pruned_channels(ctx):
 
     ratio, epochs = ctx.settings["prune_ratio"], ctx.settings["finetune_epochs"]
     pruned = []
-    for member, kind in zip(ctx.models, ctx.kinds):
+    for member, kind in zip(ctx.models, ctx.output_kinds):
         small = channels(member, ratio=ratio, on_unsupported="warn")
         keras.utils.set_random_seed(ctx.seed)
         small.compile(optimizer=keras.optimizers.Adam(1e-3),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=kind == "logits"))
         pruned.append(_fit(ctx, small, epochs))
-    model = ensemble(pruned, "mean", output_kind=ctx.kinds, name=ctx.model_name("pruned_channels"))
+    model = ensemble(pruned, "mean", output_kind=ctx.output_kinds, name=ctx.model_name("pruned_channels"))
     return Built(model, f"each member pruned ({ratio:g} of its channels), fine-tuned {epochs} epochs")
 
 
@@ -486,19 +486,19 @@ def _packed(reduce):
     def build(ctx):
         from ensemblekit.pack import pack
 
-        model = pack(ctx.models, reduce=reduce, output_kind=ctx.kinds[0], name=ctx.model_name(f"packed_{reduce}"))
+        model = pack(ctx.models, reduce=reduce, output_kind=ctx.output_kinds[0], name=ctx.model_name(f"packed_{reduce}"))
         return Built(model, "the ensemble as one wide model (same outputs; its own latency)", _all(ctx))
     return build
 
 
 def _pruned_members(ctx):
-    from ensemblekit.prune import members as prune_members
+    from ensemblekit.prune import select_members
 
     count = len(ctx.models)
     if ctx.budget >= count:
         raise Skip(f"budget {ctx.budget:g} covers all {count} members")
     try:
-        kept = prune_members(ctx.models, ctx.x_fit, ctx.y_fit, budget=ctx.budget, cost=ctx.member_costs(),
+        kept = select_members(ctx.models, ctx.x_fit, ctx.y_fit, budget=ctx.budget, cost=ctx.member_costs(),
                              metric=ctx.metric)
     except ValueError as error:
         raise Skip(str(error).splitlines()[0]) from None
@@ -524,7 +524,7 @@ def _entries():
         yield entry(f"packed_{reduce}", "ensemble", _packed(reduce), ("one_architecture", "one_output_kind"),
                     f"ek.pack(members, {reduce!r}): ensemble_{reduce} as one wide model")
     yield entry("pruned_members", "ensemble", _pruned_members, ("budget",),
-                "ek.prune.members: the members that best fit the budget")
+                "ek.prune.select_members: the members that best fit the budget")
     yield entry("stack_logistic", "trained", _stack_logistic,
                 note="ek.stack(meta='logistic'): a meta-learner over the members' log-probabilities")
     yield entry("fuse_concat", "trained", _fuse_concat, ("training_data",),

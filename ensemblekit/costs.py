@@ -1,6 +1,6 @@
 """What a model costs to run: parameters, multiply-accumulates (MACs) per sample, latency.
 
-The advisor's budgets, ``ek.prune.members``' budgets, ``ek.prune.report`` and the
+The advisor's budgets, ``ek.prune.select_members``' budgets, ``ek.prune.report`` and the
 benchmarks all count with these functions, so "cost" means the same everywhere:
 
 - ``"params"``: weights of the model (nested members included);
@@ -10,7 +10,7 @@ benchmarks all count with these functions, so "cost" means the same everywhere:
   ``compile_for_inference`` on one batch of 256 rows, the models timed
   round-robin after warm-up (see :mod:`ensemblekit._timing`).
 
-Budgets (``ek.advise(budget=...)``, ``ek.prune.members(budget=...)``) have one
+Budgets (``ek.advise(budget=...)``, ``ek.prune.select_members(budget=...)``) have one
 meaning too: **the most the result may cost, in units of the members' mean
 cost** under the chosen ``cost``. ``1.0`` is one member's cost (the mean over
 the K members), ``K`` is all K members, ``0.5`` half a member. A budget of 2.0

@@ -18,7 +18,7 @@ from ensemblekit._io import load_model
 from ensemblekit._validate import check_choice, check_labels
 from ensemblekit.advise.recommend import recommend
 from ensemblekit.advise.table import format_table
-from ensemblekit.compose._members import Members, _shapes_compatible
+from ensemblekit.compose._members import MemberSet, _shapes_compatible
 from ensemblekit.costs import COSTS, check_budget, latencies, macs
 from ensemblekit.merge.barrier import POINTS, loss_barrier
 
@@ -143,7 +143,7 @@ def advise(models, x_val, y_val, budget=None, cost="params", metric="nll", base=
     (``ek.pack``, the ensemble as one wide model); ``distilled_student``
     (``ek.distill``: the best member's architecture trained on the mean
     ensemble's soft targets; needs ``x_train``; its training time is in its
-    note); ``pruned_subset`` (``ek.prune.members`` under the budget). Merges need members of one
+    note); ``pruned_subset`` (``ek.prune.select_members`` under the budget). Merges need members of one
     architecture; merged models with BatchNorm get ``ek.reset_bn`` on the fit half.
 
     The loss barrier between member 0 and member k is
@@ -255,7 +255,7 @@ def _load_base(base):
 
 
 def _setup(models, x_val, y_val, base, budget, metric, seed, x_train=None, y_train=None):
-    members = Members(models, min_count=2, what="advise")
+    members = MemberSet(models, min_count=2, what="advise")
     base = _load_base(base)
     x = _check_x(x_val, members)
     y = check_labels(y_val, len(x), members.num_classes, param="y_val")
@@ -265,11 +265,11 @@ def _setup(models, x_val, y_val, base, budget, metric, seed, x_train=None, y_tra
         x_train=None if x_train is None else np.asarray(x_train, dtype="float32"),
         y_train=None if y_train is None else check_labels(y_train, len(x_train), members.num_classes,
                                                           param="y_train"),
-        output_kind=members.kinds, fit_data="fit half", bn_data="fit", model_prefix="advise_",
+        output_kind=members.output_kinds, fit_data="fit half", bn_data="fit", model_prefix="advise_",
         skip_errors=(ValueError,))  # an unsupported layer, a nested BatchNorm, ...: a skipped row
     notes = [f"weight-space merges skipped: {ctx.architecture_difference}"] if ctx.architecture_difference else []
     score_probs = np.stack([compositions.call_probs(m, x[score], kind)
-                            for m, kind in zip(members.models, members.kinds)], axis=1)
+                            for m, kind in zip(members.models, members.output_kinds)], axis=1)
     return _Setup(ctx, x[score], y[score], score_probs, notes,
                   np.array([m.count_params() for m in members.models], dtype="float64"),
                   np.array([macs(m) for m in members.models], dtype="float64"))
@@ -291,12 +291,12 @@ def _barriers(setup, progress):
     barriers = {}
     for k in range(1, len(ctx.models)):
         plain = loss_barrier(ctx.models[0], ctx.models[k], setup.x_score, setup.y_score, PATH_T, bn_data,
-                             output_kind=ctx.kinds[0])
+                             output_kind=ctx.output_kinds[0])
         entry = {"t": list(PATH_T), "path_nll": plain.path, "barrier": plain.barrier,
                  "aligned_path_nll": None, "aligned_barrier": None, "note": align_reason or ""}
         if aligned is not None:
             matched = loss_barrier(aligned[0], aligned[k], setup.x_score, setup.y_score, PATH_T, bn_data,
-                                   output_kind=ctx.kinds[0])
+                                   output_kind=ctx.output_kinds[0])
             entry.update(aligned_path_nll=matched.path, aligned_barrier=matched.barrier)
         barriers[f"0-{k}"] = entry
         progress.add(1)

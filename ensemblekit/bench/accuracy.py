@@ -55,7 +55,7 @@ QUICK_SETTINGS = {  # --quick (on QUICK_SETS): well under a minute
     "stack_epochs": 10, "cv": 2, "repeats": 3, "target_s": 0.02, "jit_compile": False,
 }
 PRUNE_RATIO = 0.3
-# prune.members keeps at most this fraction of the full ensemble's cost: a budget of
+# prune.select_members keeps at most this fraction of the full ensemble's cost: a budget of
 # MEMBER_FRACTION x K in the one meaning of budgets (units of the members' mean cost).
 MEMBER_FRACTION = 0.5
 # The benchmark's label -> the registry's name (ensemblekit.compositions), in the report's order.
@@ -73,7 +73,7 @@ COMPOSITIONS = {
     "align + merge": "aligned_soup",
     "packed (ek.pack mean)": "packed_mean",
     f"pruned channels({PRUNE_RATIO}) + ensemble mean": "pruned_channels",
-    f"prune.members (budget {MEMBER_FRACTION})": "pruned_members",
+    f"prune.select_members (budget {MEMBER_FRACTION})": "pruned_members",
     "calibrate(ensemble mean)": "calibrated_mean",
 }
 Skip = compositions.Skip  # a composition that does not apply to a member set (the message says why)

@@ -11,7 +11,7 @@ from ensemblekit._outputs import check_output_kinds, detect_output_kind
 from ensemblekit._validate import member_label
 
 
-class Members:
+class MemberSet:
     """Validated members of one composition: models, kinds and the shared input.
 
     Args:
@@ -32,7 +32,7 @@ class Members:
         self.output_shapes = [self._shape(model_output_shape, i) for i in range(len(self.models))]
         self._check_outputs()
         kinds = check_output_kinds(output_kind, len(self.models))
-        self.kinds = [k or detect_output_kind(m) for k, m in zip(kinds, self.models)]
+        self.output_kinds = [k or detect_output_kind(m) for k, m in zip(kinds, self.models)]
         self.adapters = self._check_adapters(adapters)
         self.input_shape = tuple(input_shape) if input_shape is not None else self.input_shapes[0]
         self._check_inputs()
@@ -128,7 +128,7 @@ class Members:
         from ensemblekit.compose.layers import MemberLogProbs
 
         inputs = self.shared_input()
-        outputs = MemberLogProbs(self.kinds, stack_axis=1, name="member_log_probs")(self.call_all(inputs))
+        outputs = MemberLogProbs(self.output_kinds, stack_axis=1, name="member_log_probs")(self.call_all(inputs))
         return keras.Model(inputs, outputs, name="member_log_probs")
 
     def predict_log_probs(self, x, batch_size=256):

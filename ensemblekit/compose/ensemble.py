@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 
 from ensemblekit._validate import check_choice, check_weights
-from ensemblekit.compose._members import Members
+from ensemblekit.compose._members import MemberSet
 from ensemblekit.compose.layers import COMBINERS
 
 METHODS = tuple(COMBINERS)
@@ -48,12 +48,12 @@ def ensemble(models, method="mean", weights=None, name=None, output_kind=None, a
         (2, 3)
     """
     check_choice(method, METHODS, "method")
-    members = Members(models, output_kind=output_kind, adapters=adapters, input_shape=input_shape,
+    members = MemberSet(models, output_kind=output_kind, adapters=adapters, input_shape=input_shape,
                       safe_mode=safe_mode)
     if method == "weighted" and weights is None:
         raise ValueError("method 'weighted' needs weights=[...], one per member.")
     member_weights = None if weights is None else check_weights(weights, len(members)).tolist()
     inputs = members.shared_input()
-    combiner = COMBINERS[method](members.kinds, member_weights=member_weights, name=f"combine_{method}")
+    combiner = COMBINERS[method](members.output_kinds, member_weights=member_weights, name=f"combine_{method}")
     outputs_tensor = combiner(members.call_all(inputs))
     return keras.Model(inputs, outputs_tensor, name=name or f"ensemble_{method}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 
 from ensemblekit._validate import check_choice
-from ensemblekit.compose._members import Members
+from ensemblekit.compose._members import MemberSet
 from ensemblekit.compose.layers import GatedFusion, PoolFeatures
 
 FUSIONS = ("concat", "gated")
@@ -69,7 +69,7 @@ def fuse(models, taps, fusion="concat", head=None, freeze=True, units=128, num_c
         (2, 3)
     """
     check_choice(fusion, FUSIONS, "fusion")
-    members = Members(models, what="fuse")
+    members = MemberSet(models, what="fuse")
     if isinstance(taps, (str, int)):
         taps = [taps] * len(members)
     taps = list(taps)

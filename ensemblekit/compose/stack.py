@@ -6,7 +6,7 @@ import keras
 import numpy as np
 
 from ensemblekit._validate import check_choice, check_labels
-from ensemblekit.compose._members import Members
+from ensemblekit.compose._members import MemberSet
 from ensemblekit.compose.layers import MemberLogProbs
 
 META_HEADS = ("logistic", "mlp")
@@ -91,9 +91,9 @@ def _refit_out_of_fold(members, x, y, folds, passthrough, member_epochs, batch_s
     """Out-of-fold meta-features from fresh member copies per fold, and copies refit on all of x."""
 
     def refit(rows):
-        return Members([_refit_member(m, k, x[rows], y[rows], member_epochs, batch_size)
-                        for m, k in zip(members.models, members.kinds)],
-                       output_kind=members.kinds, what="stack")
+        return MemberSet([_refit_member(m, k, x[rows], y[rows], member_epochs, batch_size)
+                        for m, k in zip(members.models, members.output_kinds)],
+                       output_kind=members.output_kinds, what="stack")
 
     features = None
     for held_out in folds:
@@ -158,7 +158,7 @@ def stack(models, x, y, meta="logistic", cv=5, passthrough=False, refit_members=
         >>> ek.stack(ms, x, y, cv=2, epochs=2, verbose=0).predict(x[:2], verbose=0).shape
         (2, 3)
     """
-    members = Members(models, output_kind=output_kind, what="stack")
+    members = MemberSet(models, output_kind=output_kind, what="stack")
     x = np.asarray(x)
     y = check_labels(y, x.shape[0], members.num_classes)
     if not isinstance(cv, (int, np.integer)) or cv < 2 or cv > len(x):
@@ -187,7 +187,7 @@ def stack(models, x, y, meta="logistic", cv=5, passthrough=False, refit_members=
     head.name = "meta"
 
     inputs = members.shared_input()
-    meta_input = MemberLogProbs(members.kinds, name="member_log_probs")(members.call_all(inputs))
+    meta_input = MemberLogProbs(members.output_kinds, name="member_log_probs")(members.call_all(inputs))
     if passthrough:
         flat = keras.layers.Flatten(name="passthrough")(inputs)
         meta_input = keras.layers.Concatenate(name="meta_features")([meta_input, flat])

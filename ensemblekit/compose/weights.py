@@ -10,7 +10,7 @@ from scipy import optimize, special
 
 from ensemblekit import metrics
 from ensemblekit._validate import check_choice, check_labels
-from ensemblekit.compose._members import Members
+from ensemblekit.compose._members import MemberSet
 from ensemblekit.compose.layers import TemperatureScaling
 
 SCORED_METRICS = ("nll", "brier", "accuracy", "ece")
@@ -19,9 +19,9 @@ SCORED_METRICS = ("nll", "brier", "accuracy", "ece")
 def validation_log_probs(models, x_val, y_val, what, min_count=2):
     """Validated members, their log-probabilities on ``x_val`` ``(n, K, classes)`` and labels.
 
-    Shared by ``optimize_weights``, ``select`` and ``ensemblekit.prune.members``.
+    Shared by ``optimize_weights``, ``select`` and ``ensemblekit.prune.select_members``.
     """
-    members = Members(models, min_count=min_count, what=what)
+    members = MemberSet(models, min_count=min_count, what=what)
     log_probs = members.predict_log_probs(x_val)
     y = check_labels(y_val, log_probs.shape[0], members.num_classes, param="y_val")
     return members, log_probs, y
@@ -230,8 +230,8 @@ def calibrate(model, x_val, y_val, output_kind=None, name=None):
         >>> cal.layers[-1].temperature > 0
         True
     """
-    members = Members([model], output_kind=output_kind, min_count=1, what="calibrate")
-    model, kind = members.models[0], members.kinds[0]
+    members = MemberSet([model], output_kind=output_kind, min_count=1, what="calibrate")
+    model, kind = members.models[0], members.output_kinds[0]
     log_probs = members.predict_log_probs(x_val)[:, 0]
     y = check_labels(y_val, log_probs.shape[0], members.num_classes, param="y_val")
     temperature = fit_temperature(log_probs, y)

@@ -5,7 +5,7 @@
   fine-tune through (zeros in dense kernels: smaller zipped files, not faster).
 - :func:`channels`: structural pruning that removes filters/units (and every
   channel coupled to them) so the model is physically smaller and faster.
-- :func:`members`: greedy selection of the ensemble members to keep under a budget.
+- :func:`select_members`: greedy selection of the ensemble members to keep under a budget.
 - :func:`report`: parameters, zeros, MACs, zipped size, latency, accuracy before/after.
 
 Example:
@@ -27,7 +27,7 @@ from ensemblekit.prune.magnitude import (
     magnitude,
     strip,
 )
-from ensemblekit.prune.members import members
+from ensemblekit.prune.members import select_members
 from ensemblekit.prune.report import report
 
 __all__ = [
@@ -38,7 +38,7 @@ __all__ = [
     "PruningCallback",
     "channels",
     "magnitude",
-    "members",
+    "select_members",
     "report",
     "strip",
 ]

@@ -15,7 +15,7 @@ from ensemblekit.costs import COST_UNITS, budget_limit, check_budget, model_cost
 
 @dataclasses.dataclass
 class MemberSelection:
-    """The members kept by :func:`members`.
+    """The members kept by :func:`select_members`.
 
     Attributes:
         indices: kept member indices (ascending).
@@ -49,7 +49,7 @@ def _member_models(ensemble_or_models):
                 "ek.ensemble(...) model or a list of members."
             )
         return nested
-    return load_members(ensemble_or_models, min_count=2, what="members()")
+    return load_members(ensemble_or_models, min_count=2, what="select_members()")
 
 
 def _check_cheapest_fits(models, costs, budget, given, cost):
@@ -65,7 +65,7 @@ def _check_cheapest_fits(models, costs, budget, given, cost):
         f"{costs[cheapest]:g}{unit}: budget must be at least {costs[cheapest] / mean:.3g}.")
 
 
-def members(ensemble_or_models, x_val, y_val, budget=None, cost="params", metric="nll", steps=None):
+def select_members(ensemble_or_models, x_val, y_val, budget=None, cost="params", metric="nll", steps=None):
     """Keep the ensemble members that best fit a cost budget (Caruana et al., 2004).
 
     Greedy forward selection with replacement on validation data
@@ -97,7 +97,7 @@ def members(ensemble_or_models, x_val, y_val, budget=None, cost="params", metric
     Example:
         >>> import keras, numpy as np
         >>> ms = [keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]) for _ in range(3)]
-        >>> kept = members(ms, np.random.rand(20, 4), np.arange(20) % 3, budget=2.0)
+        >>> kept = select_members(ms, np.random.rand(20, 4), np.arange(20) % 3, budget=2.0)
         >>> len(kept.indices) <= 2 and kept.used <= 2.0
         True
     """
@@ -109,18 +109,18 @@ def members(ensemble_or_models, x_val, y_val, budget=None, cost="params", metric
     loss = metric_loss(metric)
     costs = model_costs(models, cost)
     _check_cheapest_fits(models, costs, budget, given, cost)
-    member_set, log_probs, y = validation_log_probs(models, x_val, y_val, "members()")
+    member_set, log_probs, y = validation_log_probs(models, x_val, y_val, "select_members()")
     probs = np.exp(log_probs)
     selection = greedy_selection(probs, y, loss, steps, costs=costs, limit=budget_limit(budget, costs))
     indices = [int(i) for i in np.flatnonzero(selection.counts)]
     weights = [float(selection.counts[i] / selection.counts.sum()) for i in indices]
     kept = [member_set.models[i] for i in indices]
     model = kept[0] if len(kept) == 1 else ensemble(
-        kept, "weighted", weights=weights, output_kind=[member_set.kinds[i] for i in indices])
+        kept, "weighted", weights=weights, output_kind=[member_set.output_kinds[i] for i in indices])
     return MemberSelection(
         indices=indices, weights=weights, cost=costs.tolist(),
         used=float(costs[indices].sum() / costs.mean()), budget=budget, score=selection.score,
         full_score=float(loss(probs.mean(axis=1), y)), model=model)
 
 
-__all__ = ["MemberSelection", "members"]
+__all__ = ["MemberSelection", "select_members"]

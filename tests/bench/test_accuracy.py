@@ -119,7 +119,7 @@ def test_tiny_run_has_every_composition_and_packed_equals_the_ensemble(tiny_run)
     expected = {"best member", "ensemble mean", "ensemble logit_mean", "ensemble geometric", "ensemble vote",
                 "weighted (optimize_weights)", "stack (logistic)", "fuse (concat, new head)",
                 "select (Caruana)", "linear soup (merge)", "align + merge", "packed (ek.pack mean)",
-                "pruned channels(0.3) + ensemble mean", "prune.members (budget 0.5)",
+                "pruned channels(0.3) + ensemble mean", "prune.select_members (budget 0.5)",
                 "calibrate(ensemble mean)"}
     assert set(rows) == expected
     packed, mean = rows["packed (ek.pack mean)"], rows["ensemble mean"]
@@ -185,9 +185,9 @@ def test_heterogeneous_members_skip_weight_space_compositions_with_the_reason():
         with pytest.raises(accuracy.Skip, match=r"^members differ in architecture: member 1 \('cnn_1'\): .* vs "
                                                  r"member 0 \('mlp_0'\)'s"):
             compositions.build(accuracy.COMPOSITIONS[label], ctx)
-    # prune.members runs under half the ensemble's cost: 1.5 mean member costs for 3 members.
+    # prune.select_members runs under half the ensemble's cost: 1.5 mean member costs for 3 members.
     assert ctx.budget == 1.5
-    built = compositions.build(accuracy.COMPOSITIONS["prune.members (budget 0.5)"], ctx)
+    built = compositions.build(accuracy.COMPOSITIONS["prune.select_members (budget 0.5)"], ctx)
     assert built.model.output_shape == (None, 10)
     costs = ctx.member_costs()
     assert costs[built.used].sum() <= 0.5 * costs.sum() + 1e-9

@@ -1,6 +1,8 @@
 """Ensemble throughput, every path side by side: ``python -m benchmarks.throughput [--quick]``.
 
 Writes benchmarks/results/throughput.{json,md,png} (``--quick``: throughput_quick.*).
+``--workloads mobilenetv2`` times K=4 MobileNetV2 members, ``ek.pack`` vs ``ek.ensemble``
+(each through ``compile_for_inference``) at batch 1/32/256, into throughput_mobilenetv2.*.
 The harness lives in ``ensemblekit.bench.throughput``; ``ensemblekit bench throughput``
 runs the same thing.
 """

@@ -277,3 +277,85 @@ def graph_nodes(model):
              for node in _nodes_in_order(model) if not node.is_input]
     graph_model = _graph_model(model)
     return list(graph_model.inputs), list(graph_model.outputs), nodes
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatNode:
+    """One call of a leaf operation in a model whose nested models are expanded in place.
+
+    Attributes:
+        operation: the layer (or ``keras.ops`` operation) called, the model's own object.
+        node: the Keras call node (its ``arguments`` hold constants and keyword arguments).
+        inputs: the input tensors, in ``node.input_tensors`` order, as seen from the
+            outermost graph: a nested model's input is the tensor its call received.
+        outputs: the output tensors.
+        path: the names of the nested models the call lies in, outermost first
+            (``()`` for the model's own layers).
+    """
+
+    operation: object
+    node: object
+    inputs: list
+    outputs: list
+    path: tuple = ()
+
+    def arguments(self, values):
+        """The call's ``(args, kwargs)`` with input tensor ``t`` replaced by ``values[id(t)]``."""
+        return self.node.arguments.fill_in(
+            {id(own): values[id(seen)] for own, seen in zip(self.node.input_tensors, self.inputs)}
+        )
+
+
+def flat_nodes(model):
+    """The call nodes of ``model`` with every nested functional/Sequential model expanded in place.
+
+    The ``graph_nodes`` of a model seen as one flat graph: a nested model's call
+    is replaced by the calls of its own layers (the same layer objects), its
+    inputs are the tensors the call received and its outputs stand for the
+    call's outputs. ``pack`` rebuilds a member from it; ``iter_layers`` lists the
+    same leaf layers in ``model.layers`` order.
+
+    Returns:
+        ``(inputs, outputs, nodes)``: the model's input and output KerasTensors
+        (outputs as the inner tensors that compute them) and a list of
+        :class:`FlatNode` in execution order; input layers are not listed.
+
+    Raises:
+        ValueError: a model (or nested model) without a functional graph.
+
+    Example:
+        >>> import keras
+        >>> inner = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")], name="inner")
+        >>> x = keras.Input((3,))
+        >>> outer = keras.Model(x, keras.layers.Dense(1, name="top")(inner(x)))
+        >>> [(node.operation.name, node.path) for node in flat_nodes(outer)[2]]
+        [('d', ('inner',)), ('top', ())]
+    """
+    seen_as = {}  # id(tensor) -> the tensor that stands for it in the flat graph
+    nodes = []
+    _expand(model, (), seen_as, nodes)
+    graph_model = _graph_model(model)
+    outputs = [seen_as.get(id(t), t) for t in graph_model.outputs]
+    return list(graph_model.inputs), outputs, nodes
+
+
+def _expand(model, path, seen_as, nodes):
+    for node in _nodes_in_order(model):
+        if node.is_input:
+            continue
+        operation = node.operation
+        inputs = [seen_as.get(id(t), t) for t in node.input_tensors]
+        if not is_container(operation):
+            nodes.append(FlatNode(operation, node, inputs, list(node.outputs), path))
+            continue
+        inner = _graph_model(operation)
+        if len(inner.inputs) != len(inputs):
+            raise ValueError(
+                f"Model {model.name!r}: nested model {operation.name!r} is called with "
+                f"{len(inputs)} tensors but has {len(inner.inputs)} inputs."
+            )
+        for inner_input, outer_input in zip(inner.inputs, inputs, strict=True):
+            seen_as[id(inner_input)] = outer_input
+        _expand(operation, (*path, operation.name), seen_as, nodes)
+        for outer_output, inner_output in zip(node.outputs, inner.outputs, strict=True):
+            seen_as[id(outer_output)] = seen_as.get(id(inner_output), inner_output)

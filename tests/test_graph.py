@@ -76,3 +76,37 @@ def test_architectures_match_by_structure_not_by_numbered_variable_names():
     inputs = keras.Input((3,))
     wider = keras.Model(inputs, keras.layers.Dense(4)(Scale()(inputs)))
     assert architecture_differences([a, wider])
+
+
+def test_flat_nodes_expand_nested_models_in_place_with_the_same_layers():
+    inner = make_mlp(0, name="inner")
+    block = keras.Sequential([keras.layers.Dense(3, name="d")], name="block")
+    inputs = keras.Input((8,))
+    hidden = inner(inputs)
+    outer = keras.Model(inputs, keras.layers.Add(name="sum")([block(hidden), hidden + 1.0]), name="outer")
+    model_inputs, outputs, nodes = _graph.flat_nodes(outer)
+    names = [(node.operation.name, node.path) for node in nodes]
+    assert [n for n in names if n[0] in ("hidden", "out", "d", "sum")] == [
+        ("hidden", ("inner",)), ("out", ("inner",)), ("d", ("block",)), ("sum", ())]
+    leaves = {id(layer) for _, layer in _graph.iter_layers(outer)}
+    assert {id(node.operation) for node in nodes if isinstance(node.operation, keras.layers.Layer)} == leaves
+    produced = {id(t): node for node in nodes for t in node.outputs}
+    first = next(node for node in nodes if node.path == ("inner",))
+    assert first.inputs[0] is model_inputs[0]  # the nested model's input is the tensor it was called on
+    add = nodes[-1]
+    assert [produced[id(t)].operation.name for t in add.inputs][0] == "d"
+    plus_one = produced[id(add.inputs[1])]
+    assert produced[id(plus_one.inputs[0])].operation.name == "out"  # the nested output stands for the call
+    assert outputs[0] is add.outputs[0]
+    args, _ = plus_one.arguments({id(plus_one.inputs[0]): "h"})
+    assert args == ("h", 1.0)  # the call's constants kept, its tensors replaced
+
+
+def test_flat_nodes_reject_a_nested_model_without_graph():
+    class Sub(keras.Model):
+        def call(self, x):
+            return x
+
+    inputs = keras.Input((3,))
+    with pytest.raises(ValueError, match="has no functional graph"):
+        _graph.flat_nodes(keras.Model(inputs, Sub()(inputs)))

@@ -3,7 +3,11 @@
 For K members of a workload (an MLP, a Conv1D CNN on mnist1d-shaped input and
 a Conv2D CNN on 32x32x3 input) and each batch size, every path runs on the
 same inputs; warm-up calls (tracing, XLA compilation) are excluded and the
-reported time is the median of ``repeats`` timed repeats. Paths:
+reported time is the median of ``repeats`` timed repeats. The
+``keras.applications`` workloads (``mobilenetv2``: K=4 MobileNetV2 members by
+default, run only when asked with ``--workloads``) time the compiled paths
+``ensemble``/``pack`` with and without XLA and ``member_xla``, and the report
+puts packed and ensemble side by side. Paths:
 
 1. ``predict_loop``: ``model.predict`` per member, then the mean (what the seeds do);
 2. ``tf_function_loop``: a Python loop of member calls inside one ``tf.function``;
@@ -43,13 +47,26 @@ WORKLOADS = {
     "mlp": (40, 1),
     "cnn1d": (40, 1),
     "cnn2d": (32, 32, 3),
+    "mobilenetv2": (32, 32, 3),
 }
+DEFAULT_WORKLOADS = ("mlp", "cnn1d", "cnn2d")
+# keras.applications members (weights=None, 10 classes, logits): name -> constructor name.
+APPLICATIONS = {"mobilenetv2": "MobileNetV2"}
+# Default member counts per workload (``members=None``).
+DEFAULT_MEMBERS = {"mobilenetv2": (4,)}
+# Paths timed for keras.applications members (the loops of K calls and both forced
+# lowerings take minutes to trace for a real architecture; they add nothing to the comparison).
+APPLICATION_PATHS = ("ensemble", "ensemble_xla", "pack", "pack_xla", "member_xla")
 
 
 def build_member(workload, seed):
-    """One member of ``workload``: ``"mlp"``, ``"cnn1d"`` or ``"cnn2d"`` (10 classes, logits)."""
+    """One member of ``workload`` (``WORKLOADS``; 10 classes, logits)."""
     keras.utils.set_random_seed(seed)
     shape = WORKLOADS[workload]
+    if workload in APPLICATIONS:
+        constructor = getattr(keras.applications, APPLICATIONS[workload])
+        model = constructor(weights=None, input_shape=shape, classes=10, classifier_activation=None)
+        return keras.Model(model.inputs, model.outputs, name=f"{workload}_{seed}")
     if workload == "mlp":
         layers = [L.Flatten(), L.Dense(256, activation="relu"), L.Dense(256, activation="relu")]
     elif workload == "cnn1d":
@@ -149,8 +166,13 @@ def matmul_chain_function(models, x):
     return lambda: compiled(x)
 
 
-def path_functions(models, x):
-    """``{path: fn}`` where ``fn()`` runs that path on ``x`` and returns numpy probabilities."""
+def path_functions(models, x, paths=None):
+    """``{path: fn}`` where ``fn()`` runs that path on ``x`` and returns numpy probabilities.
+
+    ``paths`` selects some of them (default: all); only the selected are compiled.
+    """
+    if paths is not None:
+        return _compiled_paths(models, x, paths)
     backend = keras.backend.backend()
 
     def predict_loop():
@@ -165,29 +187,41 @@ def path_functions(models, x):
         loop = tf.function(lambda t: tf.add_n([tf.nn.softmax(m(t, training=False))
                                                for m in models]) / len(models))
         paths["tf_function_loop"] = lambda: loop(x).numpy()
-    compiled = {
-        "ensemble": compile_for_inference(ensemble(models, "mean"), jit_compile=False),
-        "ensemble_xla": compile_for_inference(ensemble(models, "mean"), jit_compile=True),
-        "pack": compile_for_inference(pack(models, "mean"), jit_compile=False),
-        "pack_xla": compile_for_inference(pack(models, "mean"), jit_compile=True),
-        "pack_grouped": compile_for_inference(pack(models, "mean", lowering="grouped"), jit_compile=False),
-        "pack_grouped_xla": compile_for_inference(pack(models, "mean", lowering="grouped"), jit_compile=True),
-        "pack_loop": compile_for_inference(pack(models, "mean", lowering="loop"), jit_compile=False),
-        "pack_loop_xla": compile_for_inference(pack(models, "mean", lowering="loop"), jit_compile=True),
-        "member_xla": compile_for_inference(models[0], jit_compile=True),
-        "soup_xla": compile_for_inference(soup(models), jit_compile=True),
-    }
-    for name, fn in compiled.items():
-        paths[name] = (lambda f: lambda: f(x))(fn)
+    return {**paths, **_compiled_paths(models, x, COMPILED_PATHS)}
+
+
+# The paths that run through ``compile_for_inference``: path -> (model maker, jit_compile).
+COMPILED_PATHS = {
+    "ensemble": (lambda models: ensemble(models, "mean"), False),
+    "ensemble_xla": (lambda models: ensemble(models, "mean"), True),
+    "pack": (lambda models: pack(models, "mean"), False),
+    "pack_xla": (lambda models: pack(models, "mean"), True),
+    "pack_grouped": (lambda models: pack(models, "mean", lowering="grouped"), False),
+    "pack_grouped_xla": (lambda models: pack(models, "mean", lowering="grouped"), True),
+    "pack_loop": (lambda models: pack(models, "mean", lowering="loop"), False),
+    "pack_loop_xla": (lambda models: pack(models, "mean", lowering="loop"), True),
+    "member_xla": (lambda models: models[0], True),
+    "soup_xla": (lambda models: soup(models), True),
+}
+
+
+def _compiled_paths(models, x, names):
+    paths = {}
+    for name in names:
+        make, jit_compile = COMPILED_PATHS[name]
+        paths[name] = (lambda f: lambda: f(x))(compile_for_inference(make(models), jit_compile=jit_compile))
     return paths
 
 
-def run(workloads=tuple(WORKLOADS), members=(2, 4, 8), batches=(1, 32, 256), repeats=5,
+def run(workloads=DEFAULT_WORKLOADS, members=None, batches=(1, 32, 256), repeats=5,
         target_s=0.1, verbose=1):
     """Measure every path for every workload, K and batch size.
 
     The matmul ceiling is timed in the same round-robin as the paths, so each
     row's ``ceiling_fraction`` compares numbers taken under the same load.
+    ``members`` is the member counts K for every workload, or ``{workload: Ks}``,
+    or ``None``: each workload's default (``DEFAULT_MEMBERS``, else 2, 4 and 8).
+    ``keras.applications`` workloads time ``APPLICATION_PATHS``.
 
     Returns:
         A dict with ``"info"`` (device, versions), ``"matmul_gflops"`` (median over
@@ -197,14 +231,17 @@ def run(workloads=tuple(WORKLOADS), members=(2, 4, 8), batches=(1, 32, 256), rep
     """
     info = device_info()
     matmul, matmul_flops = matmul_function()
-    configs = [(w, k, b) for w in workloads for k in members for b in batches]
+    counts = members if isinstance(members, dict) else {
+        w: members or DEFAULT_MEMBERS.get(w, (2, 4, 8)) for w in workloads}
+    configs = [(w, k, b) for w in workloads for k in counts[w] for b in batches]
     progress = keras.utils.Progbar(len(configs), verbose=verbose)
     rows, ceilings = [], []
     for index, (workload, k, batch) in enumerate(configs):
         models = [build_member(workload, seed) for seed in range(k)]
         flops = member_flops(models[0])
         x = np.random.default_rng(index).normal(size=(batch, *WORKLOADS[workload])).astype("float32")
-        functions = {**path_functions(models, x), "matmul": matmul}
+        paths = APPLICATION_PATHS if workload in APPLICATIONS else None
+        functions = {**path_functions(models, x, paths), "matmul": matmul}
         chain = matmul_chain_function(models, x)
         if chain is not None:
             functions["matmuls_only"] = chain
@@ -264,6 +301,27 @@ def targets(result, workload="mlp", members=8):
     return checks
 
 
+def pack_vs_ensemble(result, workloads=None):
+    """Packed vs ensemble, each compiled the same way, per (workload, K, batch).
+
+    Returns:
+        Rows with the samples/s of ``ensemble``, ``pack``, ``ensemble_xla`` and
+        ``pack_xla`` and ``pack_ratio`` / ``pack_xla_ratio`` (packed over ensemble).
+    """
+    table = {}
+    for r in result["results"]:
+        if workloads is None or r["workload"] in workloads:
+            table.setdefault((r["workload"], r["members"], r["batch"]), {})[r["path"]] = r["samples_per_s"]
+    rows = []
+    for (workload, members, batch), rates in table.items():
+        if all(p in rates for p in ("ensemble", "pack", "ensemble_xla", "pack_xla")):
+            rows.append(dict(workload=workload, members=members, batch=batch,
+                             **{p: rates[p] for p in ("ensemble", "pack", "ensemble_xla", "pack_xla")},
+                             pack_ratio=rates["pack"] / rates["ensemble"],
+                             pack_xla_ratio=rates["pack_xla"] / rates["ensemble_xla"]))
+    return rows
+
+
 def to_markdown(result):
     """A Markdown report: device, target checks, and one table row per measurement."""
     info = result["info"]
@@ -283,6 +341,18 @@ def to_markdown(result):
         lines += ["## Targets (K=8 MLP)", "", "| target | measured | met |", "|---|---|---|"]
         lines += [f"| {c['target']} | {c['measured']} | {'yes' if c['met'] else 'NO'} |" for c in checks]
         lines.append("")
+    side_by_side = pack_vs_ensemble(result, workloads=tuple(APPLICATIONS))
+    if side_by_side:
+        lines += ["## Packed vs ensemble (keras.applications members)", "",
+                  "`compile_for_inference(ek.pack(members))` vs `compile_for_inference(ek.ensemble(members))`, "
+                  "timed in the same round-robin.", "",
+                  "| workload | K | batch | ensemble samples/s | pack samples/s | pack / ensemble | "
+                  "ensemble_xla samples/s | pack_xla samples/s | pack_xla / ensemble_xla |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['workload']} | {r['members']} | {r['batch']} | {r['ensemble']:,.0f} | "
+                  f"{r['pack']:,.0f} | {r['pack_ratio']:.2f}x | {r['ensemble_xla']:,.0f} | "
+                  f"{r['pack_xla']:,.0f} | {r['pack_xla_ratio']:.2f}x |" for r in side_by_side]
+        lines.append("")
     lines += ["## All measurements", "",
               "| workload | K | batch | path | samples/s | vs ensemble | GFLOP/s | of ceiling |",
               "|---|---:|---:|---|---:|---:|---:|---:|"]
@@ -294,24 +364,24 @@ def to_markdown(result):
 
 
 def plot(result, path, members=None):
-    """Save a PNG: samples/s vs batch per path, one panel per workload (largest K)."""
+    """Save a PNG: samples/s vs batch per path, one panel per workload (its largest K)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = result["results"]
-    members = members or max(r["members"] for r in rows)
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
     figure, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4), squeeze=False)
     for axis, workload in zip(axes[0], workloads, strict=True):
-        selected = [r for r in rows if r["workload"] == workload and r["members"] == members]
+        k = members or max(r["members"] for r in rows if r["workload"] == workload)
+        selected = [r for r in rows if r["workload"] == workload and r["members"] == k]
         for number, name in enumerate(dict.fromkeys(r["path"] for r in selected)):
             points = sorted((r["batch"], r["samples_per_s"]) for r in selected if r["path"] == name)
             axis.plot(*zip(*points, strict=True), marker="o", label=name, color=plt.cm.tab20(number),
                       linestyle="--" if name.endswith("_xla") else "-")
         axis.set(xscale="log", yscale="log", xlabel="batch size", ylabel="samples/s",
-                 title=f"{workload}, K={members}")
+                 title=f"{workload}, K={k}")
         axis.grid(True, which="both", alpha=0.3)
     axes[0][-1].legend(fontsize=7)
     figure.suptitle(f"{result['info']['device']} ({result['info']['backend']})", fontsize=9)
@@ -354,7 +424,10 @@ def add_arguments(parser):
     parser.add_argument("--quick", action="store_true",
                         help="short run: K=2,8, batches 1,256, MLP and Conv1D, 3 repeats")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the reports")
-    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=None)
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=None,
+                        help=f"default: {' '.join(DEFAULT_WORKLOADS)}; keras.applications members "
+                             f"({', '.join(APPLICATIONS)}: K=4 by default) run only when named; a "
+                             "run of only those writes throughput_<workloads>.*")
     parser.add_argument("--members", nargs="+", type=int, default=None)
     parser.add_argument("--batches", nargs="+", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (median); >= 5 by default")
@@ -363,18 +436,26 @@ def add_arguments(parser):
     return parser
 
 
+def _default_members(workloads, quick):
+    """``{workload: Ks}``: K=4 for keras.applications members, else K=2,8 (quick) or 2,4,8."""
+    return {w: DEFAULT_MEMBERS.get(w, (2, 8) if quick else (2, 4, 8)) for w in workloads}
+
+
 def main(args):
     """Run the benchmark from parsed ``args`` (see ``add_arguments``) and write the reports."""
     quick = args.quick
+    workloads = args.workloads or (("mlp", "cnn1d") if quick else DEFAULT_WORKLOADS)
     result = run(
-        workloads=args.workloads or (("mlp", "cnn1d") if quick else tuple(WORKLOADS)),
-        members=args.members or ((2, 8) if quick else (2, 4, 8)),
+        workloads=workloads,
+        members=args.members or _default_members(workloads, quick),
         batches=args.batches or ((1, 256) if quick else (1, 32, 256)),
         repeats=args.repeats or (3 if quick else 5),
         target_s=0.03 if quick else 0.05,
         verbose=args.verbose,
     )
     stem = "throughput_quick" if quick else "throughput"
+    if all(w in APPLICATIONS for w in workloads):  # keep the main reports of the default workloads
+        stem = "_".join(["throughput", *workloads] + (["quick"] if quick else []))
     for path in write_reports(result, args.out, stem=stem, with_plot=not args.no_plot):
         print(f"wrote {path}")
     for check in targets(result):

@@ -1,9 +1,12 @@
 """``pack`` and ``unpack``: K members of one architecture as ONE wide model, and back.
 
-``pack`` rebuilds the members' shared architecture layer by layer (through
-``_graph.graph_operations``) with the grouped layers of ``ensemblekit.pack.layers``,
-which hold all K members' weights stacked on a member axis. The packed model
-computes every member exactly, so it equals ``ek.ensemble`` of the members.
+``pack`` rebuilds the members' shared architecture call by call (through
+``_graph.flat_nodes``: nested models expanded in place) with the grouped layers
+of ``ensemblekit.pack.layers``, which hold all K members' weights stacked on a
+member axis. The packed model computes every member exactly, so it equals
+``ek.ensemble`` of the members. What each layer does to the channel axis comes
+from the one table of layer kinds (``ensemblekit._channels.layer_kind``); each
+kind has one packed form (``_PACKED_FORMS``).
 
 The idea is the "wide model" view of ensembles in BatchEnsemble (Wen et al.,
 2020, arXiv:2002.06715) without the rank-1 sharing: every member keeps its own
@@ -12,6 +15,7 @@ full weights.
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import keras
@@ -20,7 +24,8 @@ import numpy as np
 from ensemblekit._channels import SPATIAL_DROPOUT, UNKNOWN_KIND, layer_kind, unsupported_reason
 from ensemblekit._graph import (
     check_same_architecture,
-    graph_operations,
+    flat_nodes,
+    iter_layers,
     model_input_shape,
     model_output_shape,
 )
@@ -33,22 +38,28 @@ from ensemblekit.pack.layers import (
     GroupedBatchNormalization,
     GroupedConv,
     GroupedDense,
+    GroupedDepthwiseConv,
     GroupedLayerNormalization,
+    GroupedScale,
+    GroupedSeparableConv,
     MemberBroadcast,
     MemberChannels,
+    MemberConstants,
     MemberFlatten,
     PackedOutput,
+    _finalize,
     _MemberLayer,
 )
 
 L = keras.layers
-# Kinds of ``_channels.layer_kind`` a packed model carries without grouped weights.
-_CARRIED_KINDS = ("elementwise", "spatial", "merge", "concat", "flatten")
-_SUPPORTED = ("Dense, Conv1D, Conv2D, BatchNormalization, LayerNormalization, Flatten, "
-              "Concatenate, Add/Subtract/Multiply/Average/Maximum/Minimum, activations, dropout, "
-              "pooling, padding, cropping, up-sampling")
+_SUPPORTED = ("Dense, Conv1D/Conv2D (groups too), DepthwiseConv1D/2D, SeparableConv1D/2D, "
+              "BatchNormalization, LayerNormalization, Normalization, Rescaling, LayerScale, Reshape, "
+              "Flatten, Concatenate, Add/Subtract/Multiply/Average/Maximum/Minimum, activations, "
+              "dropout, pooling, padding, cropping, up-sampling, nested functional/Sequential models")
 # Config keys that do not change what a layer computes at inference.
 _IGNORED_CONFIG = ("name", "trainable", "dtype", "seed", "rate", "stddev", "noise_shape", "momentum")
+# Element-wise layers that are the identity at inference (per-member random masks would differ).
+_INFERENCE_IDENTITY = ("StochasticDepth",)
 
 
 def pack(models, reduce="mean", output_kind=None, lowering="auto", name=None, safe_mode=True):
@@ -60,7 +71,9 @@ def pack(models, reduce="mean", output_kind=None, lowering="auto", name=None, sa
 
     Args:
         models: list of ``keras.Model`` (Sequential or functional, incl. residual
-            ``Add``/``Concatenate``) or paths to ``.keras``/``.h5`` files, all of one
+            ``Add``/``Concatenate``, squeeze-and-excitation gates and nested
+            functional/Sequential models such as a ``keras.applications`` base
+            inside a new head) or paths to ``.keras``/``.h5`` files, all of one
             architecture, one input, ``(batch, classes)`` output.
         reduce: ``"mean"`` (mean of probabilities, as ``ek.ensemble(models, "mean")``),
             ``"logit_mean"`` (as ``ek.ensemble(models, "logit_mean")``) or ``"none"``
@@ -75,15 +88,17 @@ def pack(models, reduce="mean", output_kind=None, lowering="auto", name=None, sa
 
     Returns:
         A ``keras.Model`` from the shared input to the reduced output; save it as
-        ``.keras`` and load it in ``safe_mode``; ``unpack`` gives the members back.
+        ``.keras`` and load it in ``safe_mode``; ``unpack`` gives the members back
+        (with their nesting).
 
     Raises:
         ValueError: the members differ in architecture, or a layer is not supported
             (the message names the member and the layer).
 
     Limitations: the packed model is for inference (BatchNormalization uses the
-    moving statistics); layers must be channels-last; nested models and layers
-    called twice inside one member are not supported.
+    moving statistics, dropout is off); layers must be channels-last; a layer
+    (or nested model) called twice inside one member is not supported. Nested
+    models are flattened: the packed model has no nested models.
 
     Example:
         >>> import keras, numpy as np
@@ -105,44 +120,78 @@ def pack(models, reduce="mean", output_kind=None, lowering="auto", name=None, sa
     member_kind = check_output_kinds(output_kind, len(models))[0] or detect_output_kind(models[0])
 
     num_members = len(models)
-    tensors, weighted = {}, []
-    for position, (layer, parents) in enumerate(graphs[0]):
-        if isinstance(layer, L.InputLayer):
-            inputs = keras.Input(model_input_shape(models[0]), name=layer.name)
-            tensors[layer.name] = (inputs, False)
-            continue
-        layer_inputs = [tensors[parent.name] for parent in parents]
-        packed_layer = _packed_layer(layer, layer_inputs, num_members, lowering, labels[0])
-        tensors[layer.name] = _apply(packed_layer, layer, layer_inputs, num_members)
-        if layer.weights:
-            packed_layer.set_weights(_stack_weights([g[position][0] for g in graphs], packed_layer))
-            weighted.append(layer.name)
-
-    output, has_members = tensors[graphs[0][-1][0].name]
+    names = _Names()
+    inputs, (output, has_members), holders = _rebuild(graphs, num_members, lowering, labels[0], names)
     if not has_members:
-        output = MemberBroadcast(num_members, name="member_broadcast_output")(output)
+        output = MemberBroadcast(num_members, name=names("member_broadcast_output"))(output)
+    # By position: ``unpack`` walks each rebuilt member's weighted layers in this same order.
+    weighted = [holders[id(layer)].name for _, layer in iter_layers(models[0]) if layer.weights]
     member_configs = [json.dumps(keras.saving.serialize_keras_object(m)) for m in models]
-    reducer = PackedOutput(reduce, member_kind, member_configs, weighted, name=f"packed_output_{reduce}")
+    reducer = PackedOutput(reduce, member_kind, member_configs, weighted,
+                           name=names(f"packed_output_{reduce}"))
     return keras.Model(inputs, reducer(output), name=name or f"packed_{reduce}")
+
+
+class _Names:
+    """Unique layer names for the packed model (nested members' layer names may clash)."""
+
+    def __init__(self):
+        self.used = set()
+
+    def __call__(self, name, path=()):
+        candidates = itertools.chain([name, "_".join((*path, name))],
+                                     (f"{name}_{n}" for n in itertools.count(2)))
+        chosen = next(c for c in candidates if c not in self.used)
+        self.used.add(chosen)
+        return chosen
+
+
+def _rebuild(graphs, num_members, lowering, label, names):
+    """Member 0's flat graph, call by call, with each member layer's packed counterpart.
+
+    Returns:
+        ``(input, (output, has_members), holders)``: ``holders`` maps ``id`` of each
+        member-0 layer to the packed layer holding all members' weights.
+    """
+    member_inputs, member_outputs, nodes = graphs[0]
+    input_layer = member_inputs[0]._keras_history.operation
+    inputs = keras.Input(tuple(member_inputs[0].shape[1:]), name=names(input_layer.name))
+    values = {id(member_inputs[0]): (inputs, False)}
+    holders = {}
+    for position, flat in enumerate(nodes):
+        layers = [graph[2][position].operation for graph in graphs]
+        layer_inputs = [values[id(t)] for t in flat.inputs]
+        name = names(flat.operation.name, flat.path)
+        packed_layer = _packed_layer(layers, layer_inputs, num_members, lowering, label, name)
+        values[id(flat.outputs[0])] = _apply(packed_layer, flat, values, num_members, names)
+        if getattr(layers[0], "weights", None):
+            _load_weights(packed_layer, layers)
+        holders[id(layers[0])] = packed_layer
+    return inputs, values[id(member_outputs[0])], holders
 
 
 def _member_graph(model, label):
     try:
-        graph = graph_operations(model)
-        model_output_shape(model)
+        graph = flat_nodes(model)
+        model_input_shape(model)
+        output_shape = model_output_shape(model)
     except ValueError as error:
         raise ValueError(f"pack: {label}: {error}") from None
-    if len(model_output_shape(model)) != 1:
+    if len(output_shape) != 1:
         raise ValueError(
-            f"pack: {label} outputs shape {(None, *model_output_shape(model))}; members must be "
+            f"pack: {label} outputs shape {(None, *output_shape)}; members must be "
             "classifiers with output (batch, classes)."
         )
-    for layer, _ in graph:
-        if isinstance(layer, keras.Model):
-            raise ValueError(
-                f"pack: {label}, layer {layer.name!r} is a nested model ({type(layer).__name__}); "
-                "pack members whose layers are not nested models."
-            )
+    seen = set()
+    for flat in graph[2]:
+        layer = flat.operation
+        where = f"pack: {label}, layer {layer.name!r} ({type(layer).__name__})"
+        if id(layer) in seen:
+            raise ValueError(f"{where} is called more than once (a shared layer); pack needs one call "
+                             "per layer.")
+        if len(flat.outputs) != 1:
+            raise ValueError(f"{where} has {len(flat.outputs)} outputs; pack supports one.")
+        seen.add(id(layer))
     return graph
 
 
@@ -152,23 +201,38 @@ def _semantic_config(layer):
             and not key.endswith(("_initializer", "_regularizer", "_constraint"))}
 
 
+def _shapes(tensors):
+    return [tuple(t.shape) for t in tensors]
+
+
+def _wiring(flat, producers):
+    """The call's arguments with each input tensor replaced by the position of the call producing it."""
+    return repr(flat.arguments({id(t): ("tensor", producers.get(id(t), -1)) for t in flat.inputs}))
+
+
 def _check_same_layers(graphs, labels):
-    reference = graphs[0]
-    for label, graph in zip(labels[1:], graphs[1:], strict=True):
-        if len(graph) != len(reference):
+    """Same calls in the same order, same configs (constants aside), same wiring and call arguments."""
+    reference = graphs[0][2]
+    producers0 = {id(t): i for i, flat in enumerate(reference) for t in flat.outputs}
+    for label, (_, _, nodes) in zip(labels[1:], graphs[1:], strict=True):
+        if len(nodes) != len(reference):
             raise ValueError(
-                f"pack: {label} has {len(graph)} layers but {labels[0]} has {len(reference)}."
+                f"pack: {label} has {len(nodes)} layers but {labels[0]} has {len(reference)}."
             )
-        for (layer0, parents0), (layer, parents) in zip(reference, graph, strict=True):
+        producers = {id(t): i for i, flat in enumerate(nodes) for t in flat.outputs}
+        for flat0, flat in zip(reference, nodes, strict=True):
+            layer0, layer = flat0.operation, flat.operation
             where = f"{label}, layer {layer.name!r} ({type(layer).__name__})"
-            if type(layer) is not type(layer0) or _semantic_config(layer) != _semantic_config(layer0):
+            constants = layer_kind(layer0, _shapes(flat0.inputs)) == "constant"
+            if type(layer) is not type(layer0) or (
+                    not constants and _semantic_config(layer) != _semantic_config(layer0)):
                 raise ValueError(
                     f"pack: {where} differs from {labels[0]}'s layer {layer0.name!r} "
                     f"({type(layer0).__name__}): {_config_diff(layer0, layer)}."
                 )
-            if [graph.index(next(op for op in graph if op[0] is p)) for p in parents] != [
-                    reference.index(next(op for op in reference if op[0] is p)) for p in parents0]:
-                raise ValueError(f"pack: {where} is wired to different inputs than in {labels[0]}.")
+            if _wiring(flat, producers) != _wiring(flat0, producers0):
+                raise ValueError(f"pack: {where} is called with different inputs or arguments than "
+                                 f"in {labels[0]}.")
 
 
 def _config_diff(layer0, layer):
@@ -192,43 +256,84 @@ def _member_shapes(layer_inputs):
             for t, has_members in layer_inputs]
 
 
-def _packed_layer(layer, layer_inputs, num_members, lowering, label):
-    """The packed counterpart of member layer ``layer`` (all members' configs are equal).
+def _packed_layer(layers, layer_inputs, num_members, lowering, label, name):
+    """The packed counterpart of the K member layers ``layers`` (one call position, equal configs).
 
     What a layer does to the channel axis comes from the one table of layer kinds
     (``ensemblekit._channels.layer_kind``); each kind has one packed form.
     """
+    layer = layers[0]
     shapes = _member_shapes(layer_inputs)
     kind = layer_kind(layer, shapes)
     if kind is None:
         reason = unsupported_reason(layer, shapes)
         known = not reason.startswith(UNKNOWN_KIND)
         raise _unsupported(layer, label, f"cannot be packed: {reason}" if known else None)
-    shared = not any(has_members for _, has_members in layer_inputs)
-    common = dict(num_members=num_members, shared_input=shared, name=layer.name)
-    if kind == "producer":
-        return _grouped_producer(layer, common, lowering, label)
-    if kind == "norm":
-        return _grouped_norm(layer, common, label)
-    if layer.weights or kind not in _CARRIED_KINDS:
+    form = _PACKED_FORMS.get(kind)
+    if form is None:
         raise _unsupported(layer, label)
-    config = layer.get_config()
-    if shared:
-        return type(layer).from_config(config)
-    if kind == "spatial" and isinstance(layer, SPATIAL_DROPOUT):
-        return L.Identity(name=layer.name)  # identity at inference; per-member masks would differ
-    if kind == "spatial":
-        return MemberChannels(type(layer).from_config(config), num_members=num_members, name=layer.name)
-    if kind == "concat":
-        rank = len(shapes[0])
-        axis = config["axis"] % rank
-        return L.Concatenate(axis=-1 if axis == rank - 1 else axis, name=layer.name)
-    if kind == "flatten":
-        return MemberFlatten(name=layer.name)
-    return type(layer).from_config(config)  # elementwise layers and merges act per member already
+    shared = not any(has_members for _, has_members in layer_inputs)
+    common = dict(num_members=num_members, shared_input=shared, name=name)
+    return form(layers, shapes, common, lowering, label)
 
 
-def _grouped_producer(layer, common, lowering, label):
+def _copy(operation, name):
+    """A new instance of a layer or ``keras.ops`` operation with the same config, named ``name``."""
+    config = operation.get_config()
+    if "name" in config or isinstance(operation, L.Layer):
+        config["name"] = name
+    return type(operation).from_config(config)
+
+
+def _carried(layers, shapes, common, lowering, label):
+    """Element-wise layers/ops and merges act per member already (broadcasting in the packed layout)."""
+    layer = layers[0]
+    if getattr(layer, "weights", None):
+        raise _unsupported(layer, label)
+    if type(layer).__name__ in _INFERENCE_IDENTITY and not common["shared_input"]:
+        return L.Identity(name=common["name"])
+    return _copy(layer, common["name"])
+
+
+def _spatial(layers, shapes, common, lowering, label):
+    layer = layers[0]
+    if common["shared_input"]:
+        return _copy(layer, common["name"])
+    if isinstance(layer, SPATIAL_DROPOUT):
+        return L.Identity(name=common["name"])  # identity at inference; per-member masks would differ
+    return MemberChannels(_copy(layer, layer.name), num_members=common["num_members"],
+                          name=common["name"])
+
+
+def _concat(layers, shapes, common, lowering, label):
+    if common["shared_input"]:
+        return _copy(layers[0], common["name"])
+    rank = len(shapes[0])
+    axis = layers[0].get_config()["axis"] % rank
+    return L.Concatenate(axis=-1 if axis == rank - 1 else axis, name=common["name"])
+
+
+def _flatten(layers, shapes, common, lowering, label):
+    if common["shared_input"]:
+        return _copy(layers[0], common["name"])
+    return MemberFlatten(name=common["name"])
+
+
+def _reshape(layers, shapes, common, lowering, label):
+    """A reshape of the axes before the channels: the member axis stays just before them."""
+    layer = layers[0]
+    if common["shared_input"]:
+        return _copy(layer, common["name"])
+    member_output = tuple(layer.compute_output_shape(shapes[0]))
+    if member_output[-1] != shapes[0][-1]:
+        raise _unsupported(layer, label, f"cannot be packed: it reshapes the channel axis "
+                                         f"({shapes[0]} -> {member_output})")
+    leading = tuple(-1 if d is None else d for d in member_output[1:-1])
+    return L.Reshape((*leading, common["num_members"], member_output[-1]), name=common["name"])
+
+
+def _grouped_producer(layers, shapes, common, lowering, label):
+    layer = layers[0]
     config = layer.get_config()
     if type(layer) is L.Dense:
         return GroupedDense(config["units"], activation=config["activation"], use_bias=config["use_bias"],
@@ -236,51 +341,116 @@ def _grouped_producer(layer, common, lowering, label):
     if type(layer) not in (L.Conv1D, L.Conv2D) or config["padding"] == "causal":
         raise _unsupported(layer, label)
     rank = 1 if type(layer) is L.Conv1D else 2
-    return GroupedConv(rank, config["filters"], config["kernel_size"], strides=config["strides"],
+    conv = GroupedConv(rank, config["filters"], config["kernel_size"], strides=config["strides"],
                        padding=config["padding"], dilation_rate=config["dilation_rate"],
-                       activation=config["activation"], use_bias=config["use_bias"],
-                       lowering=POLICY.for_layer("conv", lowering), **common)
+                       groups=config.get("groups", 1), activation=config["activation"],
+                       use_bias=config["use_bias"], lowering=POLICY.for_layer("conv", lowering),
+                       **common)
+    if conv.pointwise:  # a Dense per position: the Dense lowering (einsum or K matmuls, autotuned)
+        conv.lowering = POLICY.for_layer("dense", lowering)
+    return conv
 
 
-def _grouped_norm(layer, common, label):
+def _grouped_depthwise(layers, shapes, common, lowering, label):
+    """Depthwise and separable convolutions (a ``Conv*D`` with ``groups`` is a producer)."""
+    layer = layers[0]
+    if type(layer) in (L.Conv1D, L.Conv2D):
+        return _grouped_producer(layers, shapes, common, lowering, label)
+    config = layer.get_config()
+    rank = {L.DepthwiseConv1D: 1, L.DepthwiseConv2D: 2, L.SeparableConv1D: 1,
+            L.SeparableConv2D: 2}.get(type(layer))
+    if rank is None or config["padding"] == "causal":
+        raise _unsupported(layer, label)
+    conv = dict(strides=config["strides"], padding=config["padding"],
+                dilation_rate=config["dilation_rate"], depth_multiplier=config["depth_multiplier"],
+                activation=config["activation"], use_bias=config["use_bias"], **common)
+    if isinstance(layer, (L.DepthwiseConv1D, L.DepthwiseConv2D)):
+        return GroupedDepthwiseConv(rank, config["kernel_size"], **conv)
+    return GroupedSeparableConv(rank, config["filters"], config["kernel_size"],
+                                lowering=POLICY.for_layer("dense", lowering), **conv)
+
+
+def _grouped_norm(layers, shapes, common, lowering, label):
+    layer = layers[0]
     config = layer.get_config()
     if config.get("renorm") or config.get("synchronized"):
         raise _unsupported(layer, label, "uses renorm or synchronized statistics; pack supports neither")
+    if type(layer) not in (L.BatchNormalization, L.LayerNormalization):
+        raise _unsupported(layer, label)
     norm = dict(epsilon=config["epsilon"], center=config["center"], scale=config["scale"], **common)
     if type(layer) is L.BatchNormalization:
         return GroupedBatchNormalization(**norm)
     return GroupedLayerNormalization(rms_scaling=config.get("rms_scaling", False), **norm)
 
 
-def _apply(packed_layer, layer, layer_inputs, num_members):
-    """Call ``packed_layer``; broadcast shared inputs of merges that also see member tensors."""
+def _grouped_scale(layers, shapes, common, lowering, label):
+    layer = layers[0]
+    if [tuple(w.shape) for w in layer.weights] != [(shapes[0][-1],)]:
+        raise _unsupported(layer, label, f"cannot be packed: a per-channel scale must hold one "
+                                         f"({shapes[0][-1]},) weight, it holds "
+                                         f"{[tuple(w.shape) for w in layer.weights]}")
+    return GroupedScale(**common)
+
+
+def _constants(layers, shapes, common, lowering, label):
+    """One carried copy where the members' constants are equal, else each member's own."""
+    if _same_constants(layers):
+        return _copy(layers[0], common["name"])
+    return MemberConstants([_copy(layer, f"{common['name']}_member_{k}") for k, layer in enumerate(layers)],
+                           **common)
+
+
+def _same_constants(layers):
+    config0, weights0 = repr(_semantic_config(layers[0])), layers[0].get_weights()
+    return all(repr(_semantic_config(layer)) == config0 and all(
+        np.array_equal(a, b) for a, b in zip(layer.get_weights(), weights0, strict=True))
+        for layer in layers[1:])
+
+
+_PACKED_FORMS = {
+    "producer": _grouped_producer,
+    "depthwise": _grouped_depthwise,
+    "separable": _grouped_depthwise,
+    "norm": _grouped_norm,
+    "scale": _grouped_scale,
+    "constant": _constants,
+    "reshape": _reshape,
+    "elementwise": _carried,
+    "merge": _carried,
+    "spatial": _spatial,
+    "concat": _concat,
+    "flatten": _flatten,
+}
+
+
+def _apply(packed_layer, flat, values, num_members, names):
+    """Call ``packed_layer`` with the member call's arguments; returns ``(output, has_members)``.
+
+    Shared inputs of calls that also see member tensors get the member axis
+    (``MemberBroadcast``) so they broadcast per member.
+    """
+    layer_inputs = [values[id(t)] for t in flat.inputs]
     has_members = [flag for _, flag in layer_inputs]
-    tensors = [tensor for tensor, _ in layer_inputs]
+    tensors = {id(t): tensor for t, (tensor, _) in zip(flat.inputs, layer_inputs, strict=True)}
     if any(has_members) and not all(has_members):
-        tensors = [t if flag else MemberBroadcast(num_members, name=f"{layer.name}_broadcast_{i}")(t)
-                   for i, (t, flag) in enumerate(zip(tensors, has_members, strict=True))]
-    output = packed_layer(tensors if len(tensors) > 1 else tensors[0])
+        for i, (t, flag) in enumerate(zip(flat.inputs, has_members, strict=True)):
+            if not flag:
+                broadcast = MemberBroadcast(num_members, name=names(f"{packed_layer.name}_broadcast_{i}"))
+                tensors[id(t)] = broadcast(tensors[id(t)])
+    args, kwargs = flat.arguments(tensors)
+    for key in ("training", "mask"):  # packed models are for inference and carry no masks
+        kwargs.pop(key, None)
+    output = packed_layer(*args, **kwargs)
     return output, isinstance(packed_layer, _MemberLayer) or any(has_members)
 
 
-def _stack_weights(layers, packed_layer):
-    """The K members' weights of one layer, stacked into ``packed_layer``'s variables."""
-    per_member = [layer.get_weights() for layer in layers]
-    stacked = []
-    for position, variable in enumerate(packed_layer.weights):
-        arrays = [weights[position] for weights in per_member]
-        if isinstance(packed_layer, GroupedConv):
-            stacked.append(np.concatenate(arrays, axis=-1))
-        elif isinstance(packed_layer, GroupedDense) and packed_layer.shared_input and position == 0:
-            stacked.append(np.stack(arrays, axis=1))
-        else:
-            stacked.append(np.stack(arrays, axis=0))
-        if stacked[-1].shape != tuple(variable.shape):
-            raise ValueError(
-                f"pack: layer {packed_layer.name!r}: stacked weight {variable.name!r} has shape "
-                f"{stacked[-1].shape}, expected {tuple(variable.shape)}."
-            )
-    return stacked
+def _load_weights(packed_layer, layers):
+    """Give ``packed_layer`` the K member layers' weights (a carried layer: member 0's, all equal)."""
+    if isinstance(packed_layer, _MemberLayer):
+        packed_layer.set_member_weights([layer.get_weights() for layer in layers])
+    else:
+        packed_layer.set_weights(layers[0].get_weights())
+        _finalize(packed_layer)
 
 
 def unpack(packed):
@@ -290,7 +460,8 @@ def unpack(packed):
         packed: a model returned by ``pack`` (or loaded from its ``.keras`` file).
 
     Returns:
-        A list of K ``keras.Model``, each with its original architecture and name.
+        A list of K ``keras.Model``, each with its original architecture
+        (nested models included) and name.
 
     Example:
         >>> import keras, numpy as np
@@ -308,8 +479,12 @@ def unpack(packed):
     members = []
     for index, config in enumerate(record.member_configs):
         member = keras.saving.deserialize_keras_object(json.loads(config))
-        weighted = [layer for layer, _ in graph_operations(member) if layer.weights]
+        # Weighted layers in ``iter_layers`` order (nested models expanded), as ``pack`` recorded them.
+        weighted = [layer for _, layer in iter_layers(member) if layer.weights]
         for layer, packed_name in zip(weighted, record.weighted_layers, strict=True):
-            layer.set_weights(packed.get_layer(packed_name).member_weights(index))
+            holder = packed.get_layer(packed_name)
+            layer.set_weights(holder.member_weights(index) if isinstance(holder, _MemberLayer)
+                              else holder.get_weights())
+            _finalize(layer)
         members.append(member)
     return members

@@ -8,11 +8,17 @@ into channels, so
 * ``GroupedDense``: on the shared input one matmul with the K kernels
   concatenated, ``(in, K*units)``; afterwards an einsum over the stacked kernel
   ``(K, in, units)`` (a batched matmul) or K matmuls;
-* ``GroupedConv`` (Conv1D/Conv2D): on the shared input one convolution with
-  K*filters output channels; afterwards a grouped convolution over
-  ``(..., K*channels)`` or K convolutions;
-* ``GroupedBatchNormalization``/``GroupedLayerNormalization``: per-member
-  ``(K, c)`` parameters;
+* ``GroupedConv`` (Conv1D/Conv2D, ``groups`` too): on the shared input one
+  convolution with K*filters output channels; afterwards a grouped convolution
+  over ``(..., K*channels)`` or K convolutions (a pointwise ``1x1`` one runs as
+  ``GroupedDense``);
+* ``GroupedDepthwiseConv``: ONE depthwise convolution over the ``(..., K*c)``
+  view (member k's output channels stay contiguous); ``GroupedSeparableConv``:
+  that depthwise step, then a grouped pointwise step (as ``GroupedDense``);
+* ``GroupedBatchNormalization``/``GroupedLayerNormalization``/``GroupedScale``:
+  per-member ``(K, c)`` parameters;
+* ``MemberConstants``: each member's own constant layer (``Normalization``,
+  ``Rescaling``) where the members' constants differ;
 * ``MemberChannels``: pooling, padding, cropping and up-sampling run once on
   the ``K*channels`` view; ``MemberFlatten`` flattens per member;
   ``MemberBroadcast`` gives a shared tensor the member axis;
@@ -60,6 +66,38 @@ def _merge_members(x):
     return ops.reshape(x, shape + [int(x.shape[-2]) * int(x.shape[-1])])
 
 
+def _repeat_members(x, num_members):
+    """``(batch, ..., c)`` -> ``(batch, ..., K*c)``: the shared input once per member."""
+    return ops.tile(x, [1] * (len(x.shape) - 1) + [num_members])
+
+
+def _grouped_matmul(inputs, kernel, loop):
+    """``y[..., k, :] = x[..., k, :] @ kernel[k]``: one einsum, or K matmuls with ``loop``."""
+    if loop:
+        return ops.stack([ops.matmul(inputs[..., k, :], kernel[k]) for k in range(kernel.shape[0])],
+                         axis=-2)
+    # Explicit subscripts: TF's einsum runs "...ki,kio->...ko" about 2x slower.
+    lead = "abcdefgh"[:len(inputs.shape) - 2]
+    return ops.einsum(f"{lead}ki,kio->{lead}ko", inputs, kernel)
+
+
+def _conv_output_shape(input_shape, rank, kernel_size, strides, padding, dilation_rate):
+    """The spatial sizes a channels-last convolution gives (``None`` stays unknown)."""
+    spatial = []
+    for size, k, s, d in zip(input_shape[1:1 + rank], kernel_size, strides, dilation_rate, strict=True):
+        if size is None:
+            spatial.append(None)
+        elif padding == "same":
+            spatial.append(math.ceil(size / s))
+        else:
+            spatial.append((size - d * (k - 1) - 1) // s + 1)
+    return tuple(spatial)
+
+
+def _numpy(variable):
+    return keras.ops.convert_to_numpy(variable)
+
+
 class _MemberLayer(keras.layers.Layer):
     """Base of the grouped layers: K members, input with or without the member axis.
 
@@ -91,7 +129,38 @@ class _MemberLayer(keras.layers.Layer):
 
     def member_weights(self, index):
         """Member ``index``'s weights, in the order of the original layer's ``get_weights()``."""
-        raise NotImplementedError
+        return [self._member_slice(position, _numpy(variable), index)
+                for position, variable in enumerate(self.weights)]
+
+    def set_member_weights(self, per_member):
+        """Load the K members' weights (each in its layer's ``get_weights()`` order); the inverse
+        of ``member_weights``."""
+        stacked = []
+        for position, variable in enumerate(self.weights):
+            array = self._stacked(position, [np.asarray(weights[position]) for weights in per_member])
+            if array.shape != tuple(variable.shape):
+                raise ValueError(
+                    f"pack: layer {self.name!r}: stacked weight {variable.name!r} has shape "
+                    f"{array.shape}, expected {tuple(variable.shape)}."
+                )
+            stacked.append(array)
+        self.set_weights(stacked)
+
+    def _stacked(self, position, arrays):
+        """Weight ``position`` of all members as this layer stores it (default: a new axis 0)."""
+        return np.stack(arrays, axis=0)
+
+    def _member_slice(self, position, array, index):
+        """Member ``index``'s part of stored weight ``position`` (the inverse of ``_stacked``)."""
+        return array[index]
+
+    def _use_loop(self, inputs):
+        """Whether a member-axis input runs as K ops (``"loop"``) rather than one grouped op."""
+        if self.lowering != "auto":
+            return self.lowering == "loop"
+        rows = inputs.shape[:-2]
+        known = all(d is not None for d in rows)
+        return POLICY.choose(math.prod(rows) if known else None, self.forced_lowering) == "loop"
 
     def get_config(self):
         config = super().get_config()
@@ -149,35 +218,21 @@ class GroupedDense(_MemberLayer):
         if self.shared_input:
             flat = ops.reshape(self.kernel, (self.kernel.shape[0], self.num_members * self.units))
             outputs = _split_members(ops.matmul(inputs, flat), self.num_members)
-        elif self._use_loop(inputs):
-            outputs = ops.stack(
-                [ops.matmul(inputs[..., k, :], self.kernel[k]) for k in range(self.num_members)], axis=-2
-            )
         else:
-            # Explicit subscripts: TF's einsum runs "...ki,kio->...ko" about 2x slower.
-            lead = "abcdefgh"[:len(inputs.shape) - 2]
-            outputs = ops.einsum(f"{lead}ki,kio->{lead}ko", inputs, self.kernel)
+            outputs = _grouped_matmul(inputs, self.kernel, self._use_loop(inputs))
         if self.use_bias:
             outputs = outputs + self.bias
         return self.activation(outputs)
-
-    def _use_loop(self, inputs):
-        if self.lowering != "auto":
-            return self.lowering == "loop"
-        rows = inputs.shape[:-2]
-        known = all(d is not None for d in rows)
-        return POLICY.choose(math.prod(rows) if known else None, self.forced_lowering) == "loop"
 
     def compute_output_shape(self, input_shape):
         lead = tuple(input_shape[:-1]) if self.shared_input else tuple(input_shape[:-2])
         return (*lead, self.num_members, self.units)
 
-    def member_weights(self, index):
-        kernel = keras.ops.convert_to_numpy(self.kernel)
-        kernel = kernel[:, index] if self.shared_input else kernel[index]
-        if not self.use_bias:
-            return [kernel]
-        return [kernel, keras.ops.convert_to_numpy(self.bias)[index]]
+    def _stacked(self, position, arrays):
+        return np.stack(arrays, axis=1 if self.shared_input and position == 0 else 0)
+
+    def _member_slice(self, position, array, index):
+        return array[:, index] if self.shared_input and position == 0 else array[index]
 
     def get_config(self):
         config = super().get_config()
@@ -188,17 +243,20 @@ class GroupedDense(_MemberLayer):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class GroupedConv(_MemberLayer):
-    """K ``Conv1D``/``Conv2D`` layers in one (channels last).
+    """K ``Conv1D``/``Conv2D`` layers in one (channels last), ``groups`` included.
 
-    The kernel is stored ``(*kernel_size, in, K*filters)``: member k owns output
-    channels ``k*filters:(k+1)*filters``. On the shared input that is one
+    The kernel is stored ``(*kernel_size, in/groups, K*filters)``: member k owns
+    output channels ``k*filters:(k+1)*filters``. On the shared input that is one
     ordinary convolution; on member-axis input ``(..., K, in)`` it is a grouped
-    convolution (``groups=K``) over the ``(..., K*in)`` view, or K convolutions
-    with ``lowering="loop"``.
+    convolution (``K*groups`` groups) over the ``(..., K*in)`` view, or K
+    convolutions with ``lowering="loop"``; a pointwise (``1x1``, stride 1)
+    convolution runs as ``GroupedDense`` does (one einsum or K matmuls; ``pack``
+    gives it the Dense lowering). Members with ``groups > 1`` (ConvNeXt's
+    depthwise ``Conv2D``) see the shared input once per member.
 
     Args:
         rank: 1 or 2.
-        filters, kernel_size, strides, padding, dilation_rate, activation,
+        filters, kernel_size, strides, padding, dilation_rate, groups, activation,
             use_bias: as in the members' ``Conv1D``/``Conv2D``.
 
     Example:
@@ -209,7 +267,7 @@ class GroupedConv(_MemberLayer):
     """
 
     def __init__(self, rank, filters, kernel_size, num_members, strides=1, padding="valid",
-                 dilation_rate=1, activation=None, use_bias=True, **kwargs):
+                 dilation_rate=1, groups=1, activation=None, use_bias=True, **kwargs):
         super().__init__(num_members, **kwargs)
         self.rank = int(rank)
         self.filters = int(filters)
@@ -217,6 +275,7 @@ class GroupedConv(_MemberLayer):
         self.strides = _tuple(strides, self.rank)
         self.padding = padding
         self.dilation_rate = _tuple(dilation_rate, self.rank)
+        self.groups = int(groups)
         self.activation = keras.activations.get(activation)
         self.use_bias = bool(use_bias)
 
@@ -225,8 +284,11 @@ class GroupedConv(_MemberLayer):
         if len(input_shape) != self.rank + 2 + (0 if self.shared_input else 1):
             raise ValueError(f"{self.name}: a {self.rank}D convolution cannot take input {tuple(input_shape)}.")
         channels = int(input_shape[-1])
+        if channels % self.groups or self.filters % self.groups:
+            raise ValueError(f"{self.name}: groups={self.groups} must divide the input channels "
+                             f"({channels}) and filters ({self.filters}).")
         self.kernel = self.add_weight(
-            shape=(*self.kernel_size, channels, self.num_members * self.filters),
+            shape=(*self.kernel_size, channels // self.groups, self.num_members * self.filters),
             initializer="glorot_uniform", name="kernel",
         )
         self.bias = self.add_weight(
@@ -237,9 +299,21 @@ class GroupedConv(_MemberLayer):
         return ops.conv(x, kernel, strides=self.strides, padding=self.padding,
                         dilation_rate=self.dilation_rate)
 
+    @property
+    def pointwise(self):
+        """A ``1x1``, stride-1, ungrouped convolution: a Dense per position and member."""
+        return self.groups == 1 and set(self.kernel_size) == {1} and set(self.strides) == {1}
+
     def call(self, inputs):
-        if self.shared_input:
+        if self.shared_input and self.groups == 1:
             outputs = self._conv(inputs, self.kernel)
+        elif self.shared_input:
+            outputs = self._conv(_repeat_members(inputs, self.num_members), self.kernel)
+        elif self.pointwise:
+            # (in, K*filters) -> (K, in, filters): GroupedDense's einsum or K matmuls (``lowering``)
+            kernel = ops.reshape(self.kernel, (-1, self.num_members, self.filters))
+            outputs = _merge_members(_grouped_matmul(inputs, ops.transpose(kernel, (1, 0, 2)),
+                                                     self._use_loop(inputs)))
         elif self.lowering == "loop":
             outputs = ops.concatenate([
                 self._conv(inputs[..., k, :], self.kernel[..., k * self.filters:(k + 1) * self.filters])
@@ -252,31 +326,278 @@ class GroupedConv(_MemberLayer):
         return self.activation(_split_members(outputs, self.num_members))
 
     def compute_output_shape(self, input_shape):
-        spatial_in = input_shape[1:1 + self.rank]
-        spatial = []
-        for size, k, s, d in zip(spatial_in, self.kernel_size, self.strides, self.dilation_rate, strict=True):
-            if size is None:
-                spatial.append(None)
-            elif self.padding == "same":
-                spatial.append(math.ceil(size / s))
-            else:
-                spatial.append((size - d * (k - 1) - 1) // s + 1)
+        spatial = _conv_output_shape(input_shape, self.rank, self.kernel_size, self.strides,
+                                     self.padding, self.dilation_rate)
         return (input_shape[0], *spatial, self.num_members, self.filters)
 
-    def member_weights(self, index):
-        kernel = keras.ops.convert_to_numpy(self.kernel)[..., index * self.filters:(index + 1) * self.filters]
-        if not self.use_bias:
-            return [kernel]
-        return [kernel, keras.ops.convert_to_numpy(self.bias)[index * self.filters:(index + 1) * self.filters]]
+    def _stacked(self, position, arrays):
+        return np.concatenate(arrays, axis=-1)
+
+    def _member_slice(self, position, array, index):
+        return array[..., index * self.filters:(index + 1) * self.filters]
 
     def get_config(self):
         config = super().get_config()
         config.update(
             rank=self.rank, filters=self.filters, kernel_size=self.kernel_size, strides=self.strides,
-            padding=self.padding, dilation_rate=self.dilation_rate,
+            padding=self.padding, dilation_rate=self.dilation_rate, groups=self.groups,
             activation=keras.activations.serialize(self.activation), use_bias=self.use_bias,
         )
         return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class GroupedDepthwiseConv(_MemberLayer):
+    """K ``DepthwiseConv1D``/``DepthwiseConv2D`` layers as ONE depthwise convolution.
+
+    Member k's ``c`` input channels are channels ``k*c:(k+1)*c`` of the
+    ``(..., K*c)`` view, and a depthwise convolution writes input channel ``i``'s
+    ``depth_multiplier`` outputs at ``i*M:(i+1)*M``, so member k's ``c*M``
+    outputs are contiguous too: the kernel is the members' kernels concatenated
+    on the channel axis, ``(*kernel_size, K*c, M)``, and one op computes all K.
+    The shared input is seen once per member.
+
+    Args:
+        rank: 1 or 2.
+        kernel_size, strides, padding, dilation_rate, depth_multiplier, activation,
+            use_bias: as in the members' depthwise layers.
+
+    Example:
+        >>> import numpy as np
+        >>> layer = GroupedDepthwiseConv(2, 3, num_members=2, padding="same", depth_multiplier=2)
+        >>> tuple(layer(np.ones((1, 8, 8, 2, 3), "float32")).shape)
+        (1, 8, 8, 2, 6)
+    """
+
+    def __init__(self, rank, kernel_size, num_members, strides=1, padding="valid", dilation_rate=1,
+                 depth_multiplier=1, activation=None, use_bias=True, **kwargs):
+        super().__init__(num_members, **kwargs)
+        self.rank = int(rank)
+        self.kernel_size = _tuple(kernel_size, self.rank)
+        self.strides = _tuple(strides, self.rank)
+        self.padding = padding
+        self.dilation_rate = _tuple(dilation_rate, self.rank)
+        self.depth_multiplier = int(depth_multiplier)
+        self.activation = keras.activations.get(activation)
+        self.use_bias = bool(use_bias)
+
+    def build(self, input_shape):
+        self._check_input(input_shape)
+        if len(input_shape) != self.rank + 2 + (0 if self.shared_input else 1):
+            raise ValueError(f"{self.name}: a {self.rank}D depthwise convolution cannot take input "
+                             f"{tuple(input_shape)}.")
+        channels = self.num_members * int(input_shape[-1])
+        self.kernel = self.add_weight(shape=(*self.kernel_size, channels, self.depth_multiplier),
+                                      initializer="glorot_uniform", name="kernel")
+        self.bias = self.add_weight(shape=(channels * self.depth_multiplier,), initializer="zeros",
+                                    name="bias") if self.use_bias else None
+
+    def _depthwise(self, inputs):
+        merged = _repeat_members(inputs, self.num_members) if self.shared_input else _merge_members(inputs)
+        outputs = ops.depthwise_conv(merged, self.kernel, strides=self.strides, padding=self.padding,
+                                     dilation_rate=self.dilation_rate)
+        return outputs
+
+    def call(self, inputs):
+        outputs = self._depthwise(inputs)
+        if self.use_bias:
+            outputs = outputs + self.bias
+        return self.activation(_split_members(outputs, self.num_members))
+
+    def compute_output_shape(self, input_shape):
+        spatial = _conv_output_shape(input_shape, self.rank, self.kernel_size, self.strides,
+                                     self.padding, self.dilation_rate)
+        return (input_shape[0], *spatial, self.num_members, int(input_shape[-1]) * self.depth_multiplier)
+
+    def _stacked(self, position, arrays):
+        return np.concatenate(arrays, axis=-2 if position == 0 else 0)
+
+    def _member_slice(self, position, array, index):
+        size = array.shape[-2 if position == 0 else 0] // self.num_members
+        part = slice(index * size, (index + 1) * size)
+        return array[..., part, :] if position == 0 else array[part]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            rank=self.rank, kernel_size=self.kernel_size, strides=self.strides, padding=self.padding,
+            dilation_rate=self.dilation_rate, depth_multiplier=self.depth_multiplier,
+            activation=keras.activations.serialize(self.activation), use_bias=self.use_bias,
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class GroupedSeparableConv(GroupedDepthwiseConv):
+    """K ``SeparableConv1D``/``SeparableConv2D`` layers: one depthwise conv, then a grouped pointwise step.
+
+    The depthwise step is ``GroupedDepthwiseConv``'s one op; the pointwise
+    ``1x1`` convolution is a per-position Dense per member, run like
+    ``GroupedDense`` on ``(..., K, c*M)``: one einsum over the stacked pointwise
+    kernel ``(K, c*M, filters)`` or K matmuls (``lowering``).
+
+    Args:
+        filters: output channels per member.
+        rank, kernel_size, strides, padding, dilation_rate, depth_multiplier,
+            activation, use_bias: as in the members' separable layers.
+
+    Example:
+        >>> import numpy as np
+        >>> layer = GroupedSeparableConv(2, 5, 3, num_members=2, padding="same")
+        >>> tuple(layer(np.ones((1, 8, 8, 2, 3), "float32")).shape)
+        (1, 8, 8, 2, 5)
+    """
+
+    def __init__(self, rank, filters, kernel_size, num_members, **kwargs):
+        super().__init__(rank, kernel_size, num_members, **kwargs)
+        self.filters = int(filters)
+
+    def build(self, input_shape):
+        self._check_input(input_shape)
+        if len(input_shape) != self.rank + 2 + (0 if self.shared_input else 1):
+            raise ValueError(f"{self.name}: a {self.rank}D separable convolution cannot take input "
+                             f"{tuple(input_shape)}.")
+        channels = int(input_shape[-1])
+        self.depthwise_kernel = self.add_weight(
+            shape=(*self.kernel_size, self.num_members * channels, self.depth_multiplier),
+            initializer="glorot_uniform", name="depthwise_kernel")
+        self.pointwise_kernel = self.add_weight(
+            shape=(self.num_members, channels * self.depth_multiplier, self.filters),
+            initializer="glorot_uniform", name="pointwise_kernel")
+        self.bias = self.add_weight(shape=(self.num_members, self.filters), initializer="zeros",
+                                    name="bias") if self.use_bias else None
+
+    @property
+    def kernel(self):
+        return self.depthwise_kernel
+
+    def call(self, inputs):
+        depthwise = _split_members(self._depthwise(inputs), self.num_members)
+        outputs = _grouped_matmul(depthwise, self.pointwise_kernel, self._use_loop(depthwise))
+        if self.use_bias:
+            outputs = outputs + self.bias
+        return self.activation(outputs)
+
+    def compute_output_shape(self, input_shape):
+        return (*super().compute_output_shape(input_shape)[:-1], self.filters)
+
+    def _stacked(self, position, arrays):
+        if position == 0:
+            return np.concatenate(arrays, axis=-2)
+        if position == 1:  # (1, ..., c*M, filters) -> (K, c*M, filters)
+            return np.stack([a.reshape(a.shape[-2:]) for a in arrays], axis=0)
+        return np.stack(arrays, axis=0)
+
+    def _member_slice(self, position, array, index):
+        if position == 0:
+            return super()._member_slice(0, array, index)
+        if position == 1:
+            return array[index].reshape((1,) * self.rank + array.shape[1:])
+        return array[index]
+
+    def macs_per_sample(self):
+        positions = math.prod(int(d) for d in self.output.shape[1:-2])
+        depthwise = math.prod(int(d) for d in self.depthwise_kernel.shape)
+        return positions * (depthwise + math.prod(int(d) for d in self.pointwise_kernel.shape))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(filters=self.filters)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class GroupedScale(_MemberLayer):
+    """K per-channel multipliers (ConvNeXt's ``LayerScale``: ``x * gamma``) with ``(K, c)`` gamma.
+
+    Example:
+        >>> import numpy as np
+        >>> tuple(GroupedScale(num_members=2)(np.ones((3, 4, 2, 5), "float32")).shape)
+        (3, 4, 2, 5)
+    """
+
+    def build(self, input_shape):
+        self._check_input(input_shape)
+        self.gamma = self.add_weight(shape=(self.num_members, int(input_shape[-1])), initializer="ones",
+                                     name="gamma")
+
+    def call(self, inputs):
+        if self.shared_input:
+            inputs = ops.expand_dims(inputs, -2)
+        return inputs * self.gamma
+
+    def compute_output_shape(self, input_shape):
+        if self.shared_input:
+            return (*input_shape[:-1], self.num_members, input_shape[-1])
+        return tuple(input_shape)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MemberConstants(_MemberLayer):
+    """K members' constant layers (``Normalization``, ``Rescaling``) whose constants differ.
+
+    Each member keeps its own layer (and constants); on the shared input their K
+    outputs are stacked on a new member axis, on member-axis input member k's
+    layer sees member k's slice. Where all members' constants are equal ``pack``
+    carries one copy instead.
+
+    Args:
+        member_layers: the K layers (configs are deserialized when loading).
+
+    Example:
+        >>> import numpy as np
+        >>> layer = MemberConstants([keras.layers.Rescaling(s) for s in (1.0, 2.0)], num_members=2,
+        ...                         shared_input=True)
+        >>> layer(np.ones((1, 3), "float32")).numpy().tolist()
+        [[[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]]]
+    """
+
+    def __init__(self, member_layers, num_members=None, **kwargs):
+        layers = [keras.saving.deserialize_keras_object(layer) if isinstance(layer, dict) else layer
+                  for layer in member_layers]
+        super().__init__(len(layers) if num_members is None else num_members, **kwargs)
+        if len(layers) != self.num_members:
+            raise ValueError(f"{self.name}: {len(layers)} member_layers for {self.num_members} members.")
+        self.member_layers = layers
+
+    def build(self, input_shape):
+        self._check_input(input_shape)
+        member_shape = tuple(input_shape) if self.shared_input else (*input_shape[:-2], input_shape[-1])
+        for layer in self.member_layers:
+            if not layer.built:  # layers deserialized from a saved config come built
+                layer.build(member_shape)
+
+    def call(self, inputs):
+        if self.shared_input:
+            return ops.stack([layer(inputs) for layer in self.member_layers], axis=-2)
+        return ops.stack([layer(inputs[..., k, :]) for k, layer in enumerate(self.member_layers)],
+                         axis=-2)
+
+    def compute_output_shape(self, input_shape):
+        if self.shared_input:
+            return (*input_shape[:-1], self.num_members, input_shape[-1])
+        return tuple(input_shape)
+
+    def member_weights(self, index):
+        return self.member_layers[index].get_weights()
+
+    def set_member_weights(self, per_member):
+        for layer, weights in zip(self.member_layers, per_member, strict=True):
+            layer.set_weights(weights)
+            _finalize(layer)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(member_layers=[keras.saving.serialize_keras_object(layer)
+                                     for layer in self.member_layers])
+        return config
+
+
+def _finalize(layer):
+    """Recompute what a layer derives from its weights (``Normalization``'s mean and variance)."""
+    finalize_state = getattr(layer, "finalize_state", None)
+    if callable(finalize_state):
+        finalize_state()
 
 
 class _GroupedNormalization(_MemberLayer):
@@ -317,10 +638,6 @@ class _GroupedNormalization(_MemberLayer):
         if self.shared_input:
             return (*input_shape[:-1], self.num_members, input_shape[-1])
         return tuple(input_shape)
-
-    def member_weights(self, index):
-        return [keras.ops.convert_to_numpy(getattr(self, name))[index]
-                for name, _ in self.PARAMS if getattr(self, name) is not None]
 
     def get_config(self):
         config = super().get_config()

@@ -88,6 +88,64 @@ def test_smoke_run_writes_json_markdown_and_png(tmp_path):
     assert paths[2].read_bytes()[:4] == b"\x89PNG"
 
 
+def test_selected_paths_are_the_only_ones_compiled():
+    models = [throughput.build_member("mlp", seed) for seed in range(2)]
+    x = np.random.default_rng(0).normal(size=(3, 40, 1)).astype("float32")
+    paths = throughput.path_functions(models, x, paths=("ensemble", "pack"))
+    assert list(paths) == ["ensemble", "pack"]
+    np.testing.assert_allclose(paths["pack"](), paths["ensemble"](), atol=1e-5)
+
+
+def test_mobilenetv2_members_are_logit_classifiers_of_the_workload_shape():
+    member = throughput.build_member("mobilenetv2", 0)
+    assert member.name == "mobilenetv2_0" and tuple(member.input_shape[1:]) == (32, 32, 3)
+    assert tuple(member.output_shape[1:]) == (10,)
+    assert member.layers[-1].get_config()["activation"] == "linear"
+    assert throughput.member_flops(member) > 2 * 1e6  # depthwise and pointwise convolutions counted
+    assert set(throughput.APPLICATION_PATHS) <= set(throughput.COMPILED_PATHS)
+
+
+def _side_by_side_result():
+    rows = []
+    for batch, speedup in ((1, 3.0), (256, 1.5)):
+        for path, rate in (("ensemble", 100.0), ("pack", 100.0 * speedup), ("ensemble_xla", 200.0),
+                           ("pack_xla", 400.0), ("member_xla", 800.0)):
+            rows.append(dict(workload="mobilenetv2", members=4, batch=batch, path=path, samples_per_s=rate,
+                             ratio=rate / 100.0, gflops=1.0, ceiling_gflops=10.0, ceiling_fraction=0.1))
+    return {"info": {"device": "cpu", "device_type": "CPU", "cpu_count": 2, "backend": "tensorflow",
+                     "keras": "3"}, "matmul_gflops": 10.0, "repeats": 3, "results": rows}
+
+
+def test_pack_vs_ensemble_puts_the_ratios_side_by_side():
+    result = _side_by_side_result()
+    rows = throughput.pack_vs_ensemble(result)
+    assert [(r["batch"], r["pack_ratio"], r["pack_xla_ratio"]) for r in rows] == [(1, 3.0, 2.0), (256, 1.5, 2.0)]
+    markdown = throughput.to_markdown(result)
+    assert "## Packed vs ensemble (keras.applications members)" in markdown
+    assert "| mobilenetv2 | 4 | 1 | 100 | 300 | 3.00x | 200 | 400 | 2.00x |" in markdown
+    assert throughput.pack_vs_ensemble(result, workloads=("mlp",)) == []
+
+
+def test_mobilenetv2_workload_defaults_to_four_members_and_its_own_reports(tmp_path, monkeypatch):
+    parser = throughput.add_arguments(argparse.ArgumentParser())
+    calls = {}
+
+    def fake_run(**kwargs):
+        calls.update(kwargs)
+        return _side_by_side_result()
+
+    monkeypatch.setattr(throughput, "run", fake_run)
+    args = parser.parse_args(["--workloads", "mobilenetv2", "--batches", "1", "256", "--out", str(tmp_path),
+                              "--no-plot"])
+    assert throughput.main(args) == 0
+    assert calls["members"] == {"mobilenetv2": (4,)} and calls["batches"] == [1, 256]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["throughput_mobilenetv2.json",
+                                                           "throughput_mobilenetv2.md"]
+    main_defaults = parser.parse_args(["--quick"])
+    assert throughput._default_members(main_defaults.workloads or ("mlp", "cnn1d"), True) == {
+        "mlp": (2, 8), "cnn1d": (2, 8)}
+
+
 def test_cli_registers_bench_throughput():
     parser = argparse.ArgumentParser()
     register_cli(parser.add_subparsers(dest="command"))

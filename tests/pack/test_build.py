@@ -168,14 +168,103 @@ def test_pack_rejects_unsupported_layer_naming_it():
         pack([build(0), build(1)])
 
 
-def test_pack_rejects_nested_model():
-    def build(seed):
-        inner = make_mlp(seed, name=f"inner{seed}")
-        x = keras.Input((8,))
-        return keras.Model(x, inner(x))
+def make_nested(seed):
+    """A base model nested in a new head (the keras.io transfer-learning recipe); the base nests a
+    Sequential block whose layer names clash with the head's."""
+    keras.utils.set_random_seed(seed)
+    block = keras.Sequential([L.Conv2D(4, 3, padding="same", name="conv"), L.BatchNormalization(name="bn")],
+                             name="block")
+    x = keras.Input((8, 8, 3))
+    base = keras.Model(x, L.ReLU(name="relu")(block(L.Rescaling(1 / 255, name="scale")(x))), name="base")
+    inputs = keras.Input((8, 8, 3))
+    h = L.Conv2D(4, 1, name="conv")(base(inputs, training=False))
+    outputs = L.Dense(3, name="dense")(L.GlobalAveragePooling2D(name="pool")(h))
+    return keras.Model(inputs, outputs, name=f"nested_{seed}")
 
-    with pytest.raises(ValueError, match=r"layer 'inner0' is a nested model"):
+
+def test_nested_models_are_flattened_and_unpacked_with_their_nesting(tmp_path):
+    models = randomize_norms([make_nested(seed) for seed in range(2)])
+    x = np.random.default_rng(0).uniform(0, 255, size=(4, 8, 8, 3)).astype("float32")
+    packed = pack(models, "mean")
+    assert not any(isinstance(layer, keras.Model) for layer in packed.layers)
+    np.testing.assert_allclose(packed.predict(x, verbose=0), ensemble(models).predict(x, verbose=0),
+                               atol=1e-5, rtol=0)
+    packed.save(tmp_path / "packed.keras")
+    for original, back in zip(models, unpack(keras.saving.load_model(tmp_path / "packed.keras")),
+                              strict=True):
+        assert [layer.name for layer in back.layers] == [layer.name for layer in original.layers]
+        inner, inner_back = original.get_layer("base").get_layer("block"), back.get_layer("base").get_layer("block")
+        assert isinstance(inner_back, keras.Sequential)
+        for a, b in zip(inner.get_weights(), inner_back.get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)  # by position, although "conv" names two layers
+        for a, b in zip(original.get_weights(), back.get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def make_squeeze_excite(seed, scale=1 / 255):
+    """Rescaling, depthwise on the shared input, an SE gate (Reshape + Multiply), separable conv, ops."""
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((6, 6, 3))
+    h = L.DepthwiseConv2D(3, padding="same")(L.Rescaling(scale)(x))
+    h = L.Conv2D(8, 1, activation="relu")(h)
+    gate = L.Reshape((1, 1, 8))(L.GlobalAveragePooling2D()(h))
+    h = L.Multiply()([h, L.Conv2D(8, 1, activation="sigmoid")(gate)])
+    h = L.SeparableConv2D(6, 3, padding="same")(h)
+    h = keras.ops.add(L.ReLU(6.0)(h + 3.0) * (1.0 / 6.0), h)  # hard-sigmoid ops (MobileNetV3)
+    return keras.Model(x, L.Dense(4)(L.GlobalAveragePooling2D()(h)), name=f"se_{seed}")
+
+
+@pytest.mark.parametrize("scales", [(1 / 255, 1 / 255), (1 / 255, 1 / 127.5)])
+def test_squeeze_excite_blocks_and_input_constants_pack(scales):
+    from ensemblekit.pack import GroupedDepthwiseConv, GroupedSeparableConv, MemberConstants
+
+    models = [make_squeeze_excite(seed, scale) for seed, scale in enumerate(scales)]
+    x = np.random.default_rng(0).uniform(0, 255, size=(3, 6, 6, 3)).astype("float32")
+    packed = pack(models, "logit_mean")
+    np.testing.assert_allclose(packed.predict(x, verbose=0), ensemble(models, "logit_mean").predict(x, verbose=0),
+                               atol=1e-5, rtol=0)
+    kinds = {type(layer) for layer in packed.layers}
+    assert {GroupedDepthwiseConv, GroupedSeparableConv} <= kinds
+    assert (MemberConstants in kinds) == (scales[0] != scales[1])  # equal constants are carried once
+    for original, back in zip(models, unpack(packed), strict=True):
+        assert back.get_config()["layers"][1]["config"]["scale"] == original.layers[1].scale
+        for a, b in zip(original.get_weights(), back.get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_pointwise_convolutions_get_the_dense_lowering():
+    from ensemblekit.pack import GroupedConv
+
+    def build(seed):
+        keras.utils.set_random_seed(seed)
+        x = keras.Input((6, 6, 3))
+        h = L.Conv2D(4, 1, name="pointwise")(L.Conv2D(4, 3, name="spatial")(x))
+        return keras.Model(x, L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(4, 1, name="pw2")(h))))
+
+    convs = {layer.name: layer.lowering for layer in pack([build(0), build(1)]).layers
+             if isinstance(layer, GroupedConv)}
+    assert convs == {"spatial": "loop", "pointwise": "auto", "pw2": "auto"}
+
+
+def test_pack_rejects_a_layer_called_twice():
+    def build(seed):
+        keras.utils.set_random_seed(seed)
+        x = keras.Input((8,))
+        shared = L.Dense(8, name="shared")
+        return keras.Model(x, L.Dense(2)(shared(shared(x))))
+
+    with pytest.raises(ValueError, match=r"layer 'shared' \(Dense\) is called more than once"):
         pack([build(0), build(1)])
+
+
+def test_pack_rejects_different_op_constants():
+    def build(seed, constant):
+        keras.utils.set_random_seed(seed)
+        x = keras.Input((8,))
+        return keras.Model(x, L.Dense(2)(L.Dense(8)(x) + constant))
+
+    with pytest.raises(ValueError, match=r"member 1 .* is called with different inputs or arguments"):
+        pack([build(0, 3.0), build(1, 2.0)])
 
 
 def test_pack_bad_arguments():

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from ensemblekit._graph import check_same_architecture, get_arrays, set_arrays
+from ensemblekit._graph import check_same_architecture, get_arrays, weight_refs
 from ensemblekit._io import load_members, predict
 from ensemblekit._validate import check_choice, member_label
 from ensemblekit.merge.permutation import permutation_spec
@@ -22,11 +22,11 @@ METHODS = ("weight_matching", "activation_matching")
 
 
 def _unit_major(array, axis, units):
-    """The slices of ``array`` along ``axis`` at ``units`` (``(tile, size)`` indices) as ``(size, -1)``."""
+    """The slices of ``array`` along ``axis`` at ``units`` (``(tile, size)`` indices) as float64 ``(size, -1)``."""
     tile, size = units.shape
     moved = np.moveaxis(np.take(array, units.ravel(), axis=axis), axis, 0)
     moved = moved.reshape((tile, size) + moved.shape[1:])
-    return np.swapaxes(moved, 0, 1).reshape(size, -1)
+    return np.swapaxes(moved, 0, 1).reshape(size, -1).astype("float64", copy=False)
 
 
 def _axis_index(spec, index, axis, length, perms):
@@ -39,18 +39,35 @@ def _axis_index(spec, index, axis, length, perms):
     return order
 
 
-def permute_arrays(arrays, spec, perms, skip=None):
-    """Apply ``perms`` (``{group: index array}``) to ``arrays`` along the spec's axes.
+def permute_weight(array, spec, index, perms, skip_axis=None):
+    """Weight ``index`` of the spec with ``perms`` applied along each of its unit axes.
 
     Args:
-        arrays: weight arrays in ``weight_refs`` order.
+        array: the weight's array.
         spec: the ``PermutationSpec``.
+        index: the weight's index in ``weight_refs`` order.
         perms: ``{group: perm}``; unit ``i`` after is unit ``perm[i]`` before.
-        skip: optional ``(weight index, axis)`` left unpermuted (weight matching's
-            "all other groups" view).
+        skip_axis: an axis left as it is (weight matching's view of the other
+            groups while it solves the group on this axis).
 
     Returns:
-        The permuted arrays (the others shared with ``arrays``).
+        The permuted array (``array`` itself when no axis moves).
+
+    Example:
+        >>> import keras, numpy as np
+        >>> from ensemblekit.merge.permutation import permutation_spec
+        >>> m = keras.Sequential([keras.Input((1,)), keras.layers.Dense(3), keras.layers.Dense(1)])
+        >>> permute_weight(np.array([[0., 1., 2.]]), permutation_spec(m), 0, {0: np.array([2, 0, 1])})
+        array([[2., 0., 1.]])
+    """
+    for axis in dict.fromkeys(entry[0] for entry in spec.axes.get(index, ())):
+        if axis != skip_axis:
+            array = np.take(array, _axis_index(spec, index, axis, array.shape[axis], perms), axis=axis)
+    return array
+
+
+def permute_arrays(arrays, spec, perms):
+    """Apply ``perms`` (``{group: index array}``) to ``arrays`` (``weight_refs`` order), one weight at a time.
 
     Example:
         >>> import keras, numpy as np
@@ -60,56 +77,157 @@ def permute_arrays(arrays, spec, perms, skip=None):
         >>> permute_arrays(arrays, permutation_spec(m), {0: np.array([2, 0, 1])})[0]
         array([[2., 0., 1.]])
     """
-    permuted = list(arrays)
-    for index, entries in spec.axes.items():
-        array = arrays[index]
-        for axis in dict.fromkeys(entry[0] for entry in entries):
-            if (index, axis) != skip:
-                array = np.take(array, _axis_index(spec, index, axis, array.shape[axis], perms), axis=axis)
-        permuted[index] = array
-    return permuted
+    return [permute_weight(array, spec, index, perms) for index, array in enumerate(arrays)]
 
 
-def weight_matching(spec, reference, other, seed=0, max_iter=100):
+def group_cost(spec, group, reference, other, perms):
+    """Weight matching's ``(size, size)`` objective for ``group``, all other groups held at ``perms``.
+
+    ``cost[i, j] = Σ_w <unit i of reference w, unit j of P(other w)>`` over the
+    weights ``w`` carrying ``group`` only, each with the other groups'
+    permutations applied along its other axes (Ainsworth et al., 2022, Eq. 3):
+    one term per weight axis, so a sweep reads every weight axis once.
+
+    Args:
+        spec: the ``PermutationSpec``.
+        group: the group solved.
+        reference, other: lists of weight arrays (``weight_refs`` order).
+        perms: ``{group: perm}``, the current permutations of ``other``.
+
+    Returns:
+        A float64 ``(size, size)`` array.
+    """
+    size = spec.sizes[group]
+    cost = np.zeros((size, size))
+    for index, axis, _ in spec.weights_of(group):
+        units = spec.unit_positions(index, axis, group)
+        current = permute_weight(other[index], spec, index, perms, skip_axis=axis)
+        cost += _unit_major(reference[index], axis, units) @ _unit_major(current, axis, units).T
+    return cost
+
+
+def group_cost_change(spec, group, reference, other, before, after):
+    """How :func:`group_cost` changes from permutations ``before`` to ``after``, from the moved units only.
+
+    Each term of the cost is a sum over the positions along the weight's
+    other axes, so only the positions whose source moved contribute to the
+    change: once the assignments settle and a few units move per sweep, a
+    group's cost is kept up to date for a few percent of a recomputation.
+    The other axes are moved one at a time (the cost is linear in each).
+
+    Returns:
+        A float64 ``(size, size)`` array, or ``0.0`` when nothing it reads moved.
+    """
+    change = 0.0
+    for index, axis, _ in spec.weights_of(group):
+        units, shape = spec.unit_positions(index, axis, group), other[index].shape
+        others = [a for a in dict.fromkeys(entry[0] for entry in spec.axes[index]) if a != axis]
+        orders = {a: _axis_index(spec, index, a, shape[a], before) for a in others}
+        for moving in others:
+            new_order = _axis_index(spec, index, moving, shape[moving], after)
+            moved = np.flatnonzero(new_order != orders[moving])
+            if moved.size:
+                rest = other[index]
+                for a in others:
+                    if a != moving:
+                        rest = np.take(rest, orders[a], axis=a)
+                difference = (_unit_major(np.take(rest, new_order[moved], axis=moving), axis, units)
+                              - _unit_major(np.take(rest, orders[moving][moved], axis=moving), axis, units))
+                change = change + (_unit_major(np.take(reference[index], moved, axis=moving), axis, units)
+                                   @ difference.T)
+            orders[moving] = new_order
+    return change
+
+
+def _coupled_groups(spec):
+    """``{group: groups on the other axes of the weights carrying it}``: what its cost depends on."""
+    coupled = {group: set() for group in spec.sizes}
+    for entries in spec.axes.values():
+        for axis, group, _ in entries:
+            coupled[group].update(other for other_axis, other, _ in entries if other_axis != axis)
+    return {group: sorted(groups) for group, groups in coupled.items()}
+
+
+def weight_matching(spec, reference, other, seed=0, max_iter=100, verbose=0):
     """Permutations of ``other``'s units that maximise ``Σ <W_ref, P W_other>`` (Alg. 1).
+
+    Coordinate ascent: each sweep visits the groups in a seeded random order
+    and solves one linear assignment per group on :func:`group_cost`; sweeps
+    stop when no group's assignment improves, or after ``max_iter``. A group
+    none of whose coupled groups changed since it was last solved would get
+    the same cost matrix and assignment again, so it is skipped; the others'
+    cost matrices are updated from the units that moved
+    (:func:`group_cost_change`). Weights stay in their dtype; each term is
+    computed in float64.
 
     Args:
         spec: the ``PermutationSpec`` of the architecture.
         reference, other: lists of weight arrays (``weight_refs`` order).
         seed: order of the sweeps over groups.
         max_iter: at most this many sweeps.
+        verbose: 1 shows a ``keras.utils.Progbar`` per sweep, 0 is quiet.
 
     Returns:
         ``{group: perm}``; unit ``i`` of the aligned model is unit ``perm[i]`` of ``other``.
     """
     rng = np.random.default_rng(seed)
-    reference = [np.asarray(a, dtype="float64") for a in reference]
-    other = [np.asarray(a, dtype="float64") for a in other]
+    reference, other = [np.asarray(a) for a in reference], [np.asarray(a) for a in other]
     perms = {g: np.arange(n) for g, n in spec.sizes.items()}
-    members = {g: spec.weights_of(g) for g in spec.sizes}
-    for _ in range(max_iter):
-        improved = False
-        for group in rng.permutation(sorted(spec.sizes)):
-            size = spec.sizes[group]
-            cost = np.zeros((size, size))
-            for index, axis, _ in members[group]:
-                current = permute_arrays(other, spec, perms, skip=(index, axis))[index]
-                units = spec.unit_positions(index, axis, group)
-                cost += _unit_major(reference[index], axis, units) @ _unit_major(current, axis, units).T
-            new = linear_sum_assignment(cost, maximize=True)[1]
-            rows = np.arange(size)
-            if cost[rows, new].sum() > cost[rows, perms[group]].sum() + 1e-12 * abs(cost).sum():
-                perms[group], improved = new, True
+    coupled, changes, solved_at = _coupled_groups(spec), dict.fromkeys(spec.sizes, 0), {}
+    costs = _CostCache(spec, reference, other)
+    sweep = 0
+    for sweep in range(1, max_iter + 1):
+        if verbose:
+            print(f"Sweep {sweep}/{max_iter}")
+        progress = keras.utils.Progbar(len(spec.sizes), verbose=verbose, unit_name="group")
+        improved = 0
+        for step, group in enumerate(rng.permutation(sorted(spec.sizes)), 1):
+            inputs = [changes[g] for g in coupled[group]]
+            if solved_at.get(group) != inputs:
+                solved_at[group] = inputs
+                if _improve(costs(group, perms), group, perms):
+                    changes[group], improved = changes[group] + 1, improved + 1
+            progress.update(step)
         if not improved:
             break
+    if verbose:
+        print(f"Weight matching: {sweep} sweeps, {sum(changes.values())} assignments improved.")
     return perms
 
 
-def activation_matching(spec, reference_model, other_model, x, batch_size=256):
+def _improve(cost, group, perms):
+    """Solve ``group``'s linear assignment on ``cost``; keep it in ``perms`` if it beats the current one."""
+    new = linear_sum_assignment(cost, maximize=True)[1]
+    rows = np.arange(len(cost))
+    if cost[rows, new].sum() > cost[rows, perms[group]].sum() + 1e-12 * abs(cost).sum():
+        perms[group] = new
+        return True
+    return False
+
+
+class _CostCache:
+    """Each group's cost matrix: computed once, then updated by the units moved since it was read."""
+
+    def __init__(self, spec, reference, other):
+        self.spec, self.reference, self.other = spec, reference, other
+        self.costs, self.read_at = {}, {}
+
+    def __call__(self, group, perms):
+        if group in self.costs:
+            self.costs[group] += group_cost_change(self.spec, group, self.reference, self.other,
+                                                   self.read_at[group], perms)
+        else:
+            self.costs[group] = group_cost(self.spec, group, self.reference, self.other, perms)
+        self.read_at[group] = dict(perms)  # perms' arrays are replaced, never written in place
+        return self.costs[group]
+
+
+def activation_matching(spec, reference_model, other_model, x, batch_size=256, verbose=0):
     """Permutations matching units by the correlation of their activations on ``x`` (Sec. 3.1)."""
     groups = sorted(spec.sizes)
     perms = {}
-    for group in groups:
+    progress = keras.utils.Progbar(len(groups), verbose=verbose, unit_name="group")
+    for step, group in enumerate(groups, 1):
         layers = spec.sources[group]
         cost = np.zeros((spec.sizes[group],) * 2)
         for layer in layers:
@@ -118,6 +236,7 @@ def activation_matching(spec, reference_model, other_model, x, batch_size=256):
             other_features = _features(other_model, other_layer.name, x, batch_size)
             cost += _correlation(ref_features, other_features)
         perms[group] = linear_sum_assignment(cost, maximize=True)[1]
+        progress.update(step)
     return perms
 
 
@@ -135,17 +254,27 @@ def _correlation(a, b):
 
 
 def align(models, reference=0, method="weight_matching", x=None, seed=0, max_iter=100,
-          return_permutations=False, safe_mode=True, verbose=0):
+          return_permutations=False, safe_mode=True, verbose=1):
     """Permute every model's hidden units to line up with the reference model.
 
     The permutation groups (which axes of which weights move together) come
     from the channel-coupling graph shared with ``prune.channels``
-    (``ensemblekit.merge.permutation``): Dense, Conv1D/2D/3D(Transpose),
-    Depthwise/SeparableConv, Embedding, BatchNormalization/LayerNormalization,
-    residual ``Add``-like merges, ``Concatenate`` and ``Flatten``. The outputs
+    (``ensemblekit.merge.permutation``): Dense/Conv/SeparableConv/Embedding
+    units, carried through normalization and depthwise convolutions, united
+    by residual ``Add``-like merges and squeeze-and-excitation gates, joined
+    by ``Concatenate`` and tiled by ``Flatten``. The outputs
     of every aligned model equal the input model's up to float rounding; only
     the order of hidden units changes, which makes a following ``merge``
     meaningful for independently trained models.
+
+    Weight matching reads every weight axis once in its first sweep (a
+    group's objective reads only the weights carrying it); later sweeps solve
+    only the groups whose coupled groups changed and update their objectives
+    from the units that moved. It holds about three members' weights at once
+    (the reference's, the member's and the permuted clone's) and one
+    ``(units, units)`` float64 matrix per group. It follows units into
+    nested models (a transfer-learning base); activation matching, which
+    reads layers of the outer model by name, needs one flat model.
 
     Args:
         models: list of ``keras.Model`` or paths, one architecture.
@@ -154,8 +283,13 @@ def align(models, reference=0, method="weight_matching", x=None, seed=0, max_ite
             or ``"activation_matching"`` (Sec. 3.1; needs ``x``).
         x: inputs for activation matching.
         seed: the random order of weight matching's sweeps.
-        max_iter: at most this many sweeps over the groups.
+        max_iter: at most this many sweeps over the groups (weight matching
+            stops earlier when a sweep improves no group).
         return_permutations: also return ``[{group: perm}]`` per model.
+        safe_mode: passed to ``keras.saving.load_model`` for paths.
+        verbose: 1 names each member aligned and shows a
+            ``keras.utils.Progbar`` over the groups (one per sweep of weight
+            matching), 0 is quiet.
 
     Returns:
         A list of models (the reference unchanged, the others permuted
@@ -166,7 +300,7 @@ def align(models, reference=0, method="weight_matching", x=None, seed=0, max_ite
         >>> from ensemblekit.merge import align, merge
         >>> make = lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, "relu"), keras.layers.Dense(2)])
         >>> a, b = make(), make()
-        >>> aligned = align([a, b])
+        >>> aligned = align([a, b], verbose=0)
         >>> x = np.ones((1, 4), "float32")
         >>> bool(np.allclose(aligned[1].predict(x, verbose=0), b.predict(x, verbose=0), atol=1e-5))
         True
@@ -178,23 +312,29 @@ def align(models, reference=0, method="weight_matching", x=None, seed=0, max_ite
     if method == "activation_matching" and x is None:
         raise ValueError("align method 'activation_matching' needs x= (inputs to correlate units on).")
     check_same_architecture(members, [member_label(i, m) for i, m in enumerate(members)])
-    spec = permutation_spec(members[reference])
+    spec = permutation_spec(members[reference], nested=method == "weight_matching")
     reference_arrays = get_arrays(members[reference])
     aligned, permutations = [], []
-    progress = keras.utils.Progbar(len(members), verbose=verbose, unit_name="model")
     for index, model in enumerate(members):
         if index == reference:
             aligned.append(model)
             permutations.append({g: np.arange(n) for g, n in spec.sizes.items()})
+            continue
+        if verbose:
+            print(f"Aligning {member_label(index, model)} to member {reference}")
+        if method == "weight_matching":
+            perms = weight_matching(spec, reference_arrays, get_arrays(model), seed, max_iter, verbose)
         else:
-            if method == "weight_matching":
-                perms = weight_matching(spec, reference_arrays, get_arrays(model), seed, max_iter)
-            else:
-                perms = activation_matching(spec, members[reference], model, x)
-            clone = keras.models.clone_model(model)
-            clone.name = f"{model.name}_aligned"
-            set_arrays(clone, permute_arrays(get_arrays(model), spec, perms))
-            aligned.append(clone)
-            permutations.append(perms)
-        progress.add(1)
+            perms = activation_matching(spec, members[reference], model, x, verbose=verbose)
+        aligned.append(_permuted_clone(model, spec, perms))
+        permutations.append(perms)
     return (aligned, permutations) if return_permutations else aligned
+
+
+def _permuted_clone(model, spec, perms):
+    """A clone of ``model`` with its weights permuted by ``perms``, written one weight at a time."""
+    clone = keras.models.clone_model(model)
+    clone.name = f"{model.name}_aligned"
+    for index, (source, target) in enumerate(zip(weight_refs(model), weight_refs(clone), strict=True)):
+        target.assign(permute_weight(source.numpy(), spec, index, perms))
+    return clone

@@ -1,12 +1,16 @@
+import importlib
+
 import keras
 import numpy as np
 import pytest
 
+from ensemblekit._graph import get_arrays
 from ensemblekit.merge import align, merge
 from ensemblekit.merge.permutation import permutation_spec
 from tests.conftest import make_mlp
 
 L = keras.layers
+align_module = importlib.import_module("ensemblekit.merge.align")  # ek.merge.align is the function
 
 
 def _randomize(model, seed, scale=0.5):
@@ -143,6 +147,24 @@ def test_align_accepts_members_loaded_from_keras_files_and_used_elsewhere(tmp_pa
 
 
 
+def test_weight_matching_follows_units_into_a_nested_model():
+    def member(seed):
+        keras.utils.set_random_seed(seed)
+        inner = keras.Sequential([keras.Input((8,)), L.Dense(12, activation="relu"),
+                                  L.Dense(6, activation="relu")], name="base")
+        inputs = keras.Input((8,))
+        return _randomize(keras.Model(inputs, L.Dense(3)(inner(inputs))), seed)
+
+    models, x = [member(0), member(1)], _inputs((8,))
+    aligned, perms = align(models, verbose=0, return_permutations=True)
+    assert sorted(len(p) for p in perms[1].values()) == [6, 12]
+    assert all(not np.array_equal(p, np.arange(len(p))) for p in perms[1].values())
+    np.testing.assert_allclose(aligned[1].predict(x, verbose=0), models[1].predict(x, verbose=0), atol=1e-5)
+    # activation matching reads layers by name in the outer model: nested models stay refused
+    with pytest.raises(ValueError, match=r"layer 'base' \(Sequential\): nested models are not supported"):
+        align(models, method="activation_matching", x=x)
+
+
 def test_depthwise_kernels_are_permuted_with_their_input_channels():
     reference, other = _depthwise_cnn(0), _depthwise_cnn(1)
     aligned, perms = align([reference, other], return_permutations=True)
@@ -166,3 +188,124 @@ def test_align_and_prune_channels_see_the_same_groups_of_a_residual_model():
     permuted = sorted((spec.sizes[g], [layer.name for layer in spec.sources[g]]) for g in spec.sizes)
     pruned = sorted((g.size, g.layers) for g in report.groups if g.reason is None)
     assert permuted == pruned == [(8, ["conv_a", "conv_b"]), (16, ["conv_c"]), (16, ["hidden"])]
+
+
+def _deep_mlp(seed, depth=12, width=10):
+    keras.utils.set_random_seed(seed)
+    layers = [L.Dense(width, activation="relu") for _ in range(depth)]
+    return _randomize(keras.Sequential([keras.Input((6,)), *layers, L.Dense(3)]), seed)
+
+
+def test_a_sweep_permutes_each_weight_axis_once_not_the_whole_model_per_group(monkeypatch):
+    reference, other = _deep_mlp(0), _deep_mlp(1)
+    spec = permutation_spec(reference)
+    permuted = []
+    original = align_module.permute_weight
+
+    def counting(array, spec, index, perms, skip_axis=None):
+        permuted.append((index, skip_axis))
+        return original(array, spec, index, perms, skip_axis)
+
+    monkeypatch.setattr(align_module, "permute_weight", counting)
+    align_module.weight_matching(spec, get_arrays(reference), get_arrays(other), max_iter=1)
+    weight_axes = [(index, axis) for index, entries in spec.axes.items() for axis, _, _ in entries]
+    # 12 hidden layers: 11 kernels with 2 unit axes, the first and the output kernel with 1, 12 biases
+    assert len(weight_axes) == 11 * 2 + 2 + 12
+    assert sorted(permuted) == sorted(weight_axes)
+
+
+def test_group_cost_reads_only_the_weights_carrying_the_group():
+    reference, other = _deep_mlp(0), _deep_mlp(1)
+    spec = permutation_spec(reference)
+    ref_arrays, other_arrays = get_arrays(reference), get_arrays(other)
+    rng = np.random.default_rng(0)
+    perms = {g: rng.permutation(n) for g, n in spec.sizes.items()}
+    for group in spec.sizes:
+        carrying = {index for index, _, _ in spec.weights_of(group)}
+        assert len(carrying) == 3 < len(ref_arrays)  # its layer's kernel and bias, the next kernel
+        hidden = [[a if i in carrying else None for i, a in enumerate(arrays)]
+                  for arrays in (ref_arrays, other_arrays)]
+        cost = align_module.group_cost(spec, group, *hidden, perms)
+        # the objective's definition: <reference, other with every group but this one permuted>
+        others_only = {**perms, group: np.arange(spec.sizes[group])}
+        moved = align_module.permute_arrays(other_arrays, spec, others_only)
+        want = sum(ref_arrays[i].astype("float64").T @ moved[i].astype("float64") if axis == 1
+                   else ref_arrays[i].astype("float64").reshape(spec.sizes[group], -1)
+                   @ moved[i].astype("float64").reshape(spec.sizes[group], -1).T
+                   for i, axis, _ in spec.weights_of(group))
+        np.testing.assert_allclose(cost, want, rtol=1e-12, atol=1e-12)
+
+
+def _nan_except(array, axis, keep):
+    """``array`` as float64 with every slice along ``axis`` but ``keep`` set to NaN."""
+    poisoned = np.full(array.shape, np.nan)
+    index = [slice(None)] * array.ndim
+    index[axis] = keep
+    poisoned[tuple(index)] = array[tuple(index)]
+    return poisoned
+
+
+def test_group_cost_change_reads_only_the_moved_units_and_is_exact():
+    reference, other = _deep_mlp(0, depth=4), _deep_mlp(1, depth=4)
+    spec = permutation_spec(reference)
+    ref_arrays, other_arrays = get_arrays(reference), get_arrays(other)
+    rng = np.random.default_rng(0)
+    before = {g: rng.permutation(n) for g, n in spec.sizes.items()}
+    after = {g: p.copy() for g, p in before.items()}
+    for p in after.values():
+        p[[0, 1]] = p[[1, 0]]  # two units of every group swap
+    for group in spec.sizes:
+        change = align_module.group_cost_change(spec, group, ref_arrays, other_arrays, before, after)
+        cost = align_module.group_cost(spec, group, ref_arrays, other_arrays, before)
+        want = align_module.group_cost(spec, group, ref_arrays, other_arrays, after)
+        np.testing.assert_allclose(cost + change, want, rtol=1e-12, atol=1e-12)
+        assert align_module.group_cost_change(spec, group, ref_arrays, other_arrays, after, after) == 0.0
+        # every weight carrying the group, NaN but for the two moved units of its other axis
+        ref_seen, other_seen = list(ref_arrays), list(other_arrays)
+        for index, axis, _ in spec.weights_of(group):
+            for other_axis, other_group, _ in spec.axes[index]:
+                if other_axis != axis:
+                    ref_seen[index] = _nan_except(ref_arrays[index], other_axis, [0, 1])
+                    other_seen[index] = _nan_except(other_arrays[index], other_axis,
+                                                    before[other_group][[0, 1]])
+        seen = align_module.group_cost_change(spec, group, ref_seen, other_seen, before, after)
+        np.testing.assert_array_equal(seen, change)
+
+
+def test_weight_matching_stops_at_a_point_no_group_can_improve():
+    reference, other = _depthwise_cnn(0), _depthwise_cnn(1)
+    spec = permutation_spec(reference)
+    ref_arrays, other_arrays = get_arrays(reference), get_arrays(other)
+    perms = align_module.weight_matching(spec, ref_arrays, other_arrays, seed=3)
+    assert any(not np.array_equal(p, np.arange(len(p))) for p in perms.values())
+    for group in spec.sizes:
+        cost = align_module.group_cost(spec, group, ref_arrays, other_arrays, perms)
+        assert not align_module._improve(cost, group, dict(perms))
+
+
+def test_a_group_is_solved_again_only_after_a_coupled_group_changed(monkeypatch):
+    solved = []
+    original = align_module._improve
+    monkeypatch.setattr(align_module, "_improve",
+                        lambda cost, group, perms: solved.append(group) or original(cost, group, perms))
+    # one group, coupled to none: the second sweep would solve the same assignment again
+    models = [_randomize(make_mlp(s, hidden=8), s) for s in range(2)]
+    spec = permutation_spec(models[0])
+    align_module.weight_matching(spec, get_arrays(models[0]), get_arrays(models[1]))
+    assert solved == [0]
+    # two hidden layers share the middle kernel: each is solved again after the other changed
+    solved.clear()
+    models = [_deep_mlp(s, depth=2) for s in range(2)]
+    spec = permutation_spec(models[0])
+    align_module.weight_matching(spec, get_arrays(models[0]), get_arrays(models[1]))
+    assert sorted(set(solved)) == [0, 1] and len(solved) >= 3
+
+
+def test_verbose_shows_a_progress_bar_per_sweep_and_zero_is_quiet(capsys):
+    models = [_randomize(make_mlp(s, hidden=8), s) for s in range(2)]
+    align(models, verbose=0)
+    assert capsys.readouterr().out == ""
+    align(models)
+    out = capsys.readouterr().out
+    assert "Aligning member 1" in out and "Sweep 1/100" in out and "1/1" in out
+    assert "Weight matching: 2 sweeps" in out

@@ -241,8 +241,36 @@ class GroupedDense(_MemberLayer):
         return config
 
 
+class _WindowedLayer(_MemberLayer):
+    """Shared parts of the grouped convolutions: window geometry, activation, bias, output size."""
+
+    def __init__(self, rank, kernel_size, num_members, strides=1, padding="valid", dilation_rate=1,
+                 activation=None, use_bias=True, **kwargs):
+        super().__init__(num_members, **kwargs)
+        self.rank = int(rank)
+        self.kernel_size = _tuple(kernel_size, self.rank)
+        self.strides = _tuple(strides, self.rank)
+        self.padding = padding
+        self.dilation_rate = _tuple(dilation_rate, self.rank)
+        self.activation = keras.activations.get(activation)
+        self.use_bias = bool(use_bias)
+
+    def _spatial_output(self, input_shape):
+        return _conv_output_shape(input_shape, self.rank, self.kernel_size, self.strides,
+                                  self.padding, self.dilation_rate)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            rank=self.rank, kernel_size=self.kernel_size, strides=self.strides, padding=self.padding,
+            dilation_rate=self.dilation_rate, activation=keras.activations.serialize(self.activation),
+            use_bias=self.use_bias,
+        )
+        return config
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class GroupedConv(_MemberLayer):
+class GroupedConv(_WindowedLayer):
     """K ``Conv1D``/``Conv2D`` layers in one (channels last), ``groups`` included.
 
     The kernel is stored ``(*kernel_size, in/groups, K*filters)``: member k owns
@@ -268,16 +296,10 @@ class GroupedConv(_MemberLayer):
 
     def __init__(self, rank, filters, kernel_size, num_members, strides=1, padding="valid",
                  dilation_rate=1, groups=1, activation=None, use_bias=True, **kwargs):
-        super().__init__(num_members, **kwargs)
-        self.rank = int(rank)
+        super().__init__(rank, kernel_size, num_members, strides=strides, padding=padding,
+                         dilation_rate=dilation_rate, activation=activation, use_bias=use_bias, **kwargs)
         self.filters = int(filters)
-        self.kernel_size = _tuple(kernel_size, self.rank)
-        self.strides = _tuple(strides, self.rank)
-        self.padding = padding
-        self.dilation_rate = _tuple(dilation_rate, self.rank)
         self.groups = int(groups)
-        self.activation = keras.activations.get(activation)
-        self.use_bias = bool(use_bias)
 
     def build(self, input_shape):
         self._check_input(input_shape)
@@ -326,9 +348,7 @@ class GroupedConv(_MemberLayer):
         return self.activation(_split_members(outputs, self.num_members))
 
     def compute_output_shape(self, input_shape):
-        spatial = _conv_output_shape(input_shape, self.rank, self.kernel_size, self.strides,
-                                     self.padding, self.dilation_rate)
-        return (input_shape[0], *spatial, self.num_members, self.filters)
+        return (input_shape[0], *self._spatial_output(input_shape), self.num_members, self.filters)
 
     def _stacked(self, position, arrays):
         return np.concatenate(arrays, axis=-1)
@@ -338,16 +358,12 @@ class GroupedConv(_MemberLayer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            rank=self.rank, filters=self.filters, kernel_size=self.kernel_size, strides=self.strides,
-            padding=self.padding, dilation_rate=self.dilation_rate, groups=self.groups,
-            activation=keras.activations.serialize(self.activation), use_bias=self.use_bias,
-        )
+        config.update(filters=self.filters, groups=self.groups)
         return config
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class GroupedDepthwiseConv(_MemberLayer):
+class GroupedDepthwiseConv(_WindowedLayer):
     """K ``DepthwiseConv1D``/``DepthwiseConv2D`` layers as ONE depthwise convolution.
 
     Member k's ``c`` input channels are channels ``k*c:(k+1)*c`` of the
@@ -371,15 +387,9 @@ class GroupedDepthwiseConv(_MemberLayer):
 
     def __init__(self, rank, kernel_size, num_members, strides=1, padding="valid", dilation_rate=1,
                  depth_multiplier=1, activation=None, use_bias=True, **kwargs):
-        super().__init__(num_members, **kwargs)
-        self.rank = int(rank)
-        self.kernel_size = _tuple(kernel_size, self.rank)
-        self.strides = _tuple(strides, self.rank)
-        self.padding = padding
-        self.dilation_rate = _tuple(dilation_rate, self.rank)
+        super().__init__(rank, kernel_size, num_members, strides=strides, padding=padding,
+                         dilation_rate=dilation_rate, activation=activation, use_bias=use_bias, **kwargs)
         self.depth_multiplier = int(depth_multiplier)
-        self.activation = keras.activations.get(activation)
-        self.use_bias = bool(use_bias)
 
     def build(self, input_shape):
         self._check_input(input_shape)
@@ -405,9 +415,8 @@ class GroupedDepthwiseConv(_MemberLayer):
         return self.activation(_split_members(outputs, self.num_members))
 
     def compute_output_shape(self, input_shape):
-        spatial = _conv_output_shape(input_shape, self.rank, self.kernel_size, self.strides,
-                                     self.padding, self.dilation_rate)
-        return (input_shape[0], *spatial, self.num_members, int(input_shape[-1]) * self.depth_multiplier)
+        return (input_shape[0], *self._spatial_output(input_shape), self.num_members,
+                int(input_shape[-1]) * self.depth_multiplier)
 
     def _stacked(self, position, arrays):
         return np.concatenate(arrays, axis=-2 if position == 0 else 0)
@@ -419,11 +428,7 @@ class GroupedDepthwiseConv(_MemberLayer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            rank=self.rank, kernel_size=self.kernel_size, strides=self.strides, padding=self.padding,
-            dilation_rate=self.dilation_rate, depth_multiplier=self.depth_multiplier,
-            activation=keras.activations.serialize(self.activation), use_bias=self.use_bias,
-        )
+        config.update(depth_multiplier=self.depth_multiplier)
         return config
 
 

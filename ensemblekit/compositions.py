@@ -563,7 +563,7 @@ def names(kind=None):
 
     Example:
         >>> names("trained")
-        ['stack_logistic', 'fuse_concat', 'pruned_channels']
+        ['stack_logistic', 'fuse_concat', 'pruned_channels', 'distilled_student']
     """
     if kind is not None and kind not in KINDS:
         raise ValueError(f"Unknown kind {kind!r}; expected one of {', '.join(KINDS)}.")

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 
+from ensemblekit.advise import CANDIDATES
 from ensemblekit.cli import main
 from tests.conftest import save_all
 
@@ -19,7 +20,7 @@ def test_cli_writes_table_and_json(tmp_path, capsys, members, data):
     out = capsys.readouterr().out
     written = json.loads((tmp_path / "advice.json").read_text())
     assert f"recommendation: {written['recommendation']}" in out
-    assert written["budget"] == 1.0 and written["score_size"] == 100 and len(written["rows"]) == 10
+    assert written["budget"] == 1.0 and written["score_size"] == 100 and len(written["rows"]) == len(CANDIDATES)
     # Sequential members loaded from .keras files still get aligned (align sees fresh clones).
     assert next(r for r in written["rows"] if r["name"] == "aligned_soup")["nll"] is not None
     assert main(["advise", *map(str, paths), "--data", "nope.csv"]) == 2

@@ -36,7 +36,6 @@ from ensemblekit.compose import ensemble
 from ensemblekit.pack import pack
 from ensemblekit.prune import channels
 
-CACHE_CHOICES = ("auto", True, False)
 _TEACHER_KEY = "teacher_log_probs"
 _INPUT_KEY = "inputs"
 
@@ -185,8 +184,7 @@ def _check_settings(temperature, alpha, epochs, batch_size, cache_teacher, init,
     positive(batch_size, "batch_size", integer=True)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"distill: alpha must be a number in [0, 1], got {alpha!r}.")
-    if cache_teacher not in CACHE_CHOICES or isinstance(cache_teacher, int) and not isinstance(
-            cache_teacher, bool):
+    if cache_teacher != "auto" and not isinstance(cache_teacher, bool):
         raise ValueError(f"distill: cache_teacher must be 'auto', True or False, got {cache_teacher!r}.")
     if init not in ("weights", "fresh"):
         raise ValueError(f"distill: init must be 'weights' or 'fresh', got {init!r}.")

@@ -9,7 +9,7 @@ default, run only when asked with ``--workloads``) time the compiled paths
 ``ensemble``/``pack`` with and without XLA and ``member_xla``, and the report
 puts packed and ensemble side by side. Paths:
 
-1. ``predict_loop``: ``model.predict`` per member, then the mean (what the seeds do);
+1. ``predict_loop``: ``model.predict`` per member, then the mean (the loop users write by hand);
 2. ``tf_function_loop``: a Python loop of member calls inside one ``tf.function``;
 3. ``ensemble`` / ``ensemble_xla``: ``ek.ensemble`` through ``ek.compile_for_inference``;
 4. ``pack`` / ``pack_xla``: ``ek.pack`` (``lowering="auto"``), and the two lowerings it picks

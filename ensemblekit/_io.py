@@ -139,13 +139,26 @@ def predict(model, x, batch_size=256):
         >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
         >>> predict(model, np.ones((3, 2), "float32"), batch_size=2).shape
         (3, 1)
+
+    Several inputs (a dict or list of arrays) and several outputs (a dict or
+    list of arrays, returned in the same structure) work the same way.
     """
     x, rows = pad_to_batches(x, batch_size)
-    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0))[:rows]
+    outputs = model.predict(x, batch_size=batch_size, verbose=0)
+    return keras.tree.map_structure(lambda out: np.asarray(out)[:rows], outputs)
 
 
 def pad_to_batches(x, batch_size):
-    """``(x padded with zero rows to a multiple of batch_size, original row count)``."""
+    """``(x padded with zero rows to a multiple of batch_size, original row count)``.
+
+    ``x`` is an array, or a dict/list of arrays with the same number of rows.
+    """
+    if isinstance(x, dict) or (isinstance(x, (list, tuple)) and x and all(hasattr(a, "shape") for a in x)):
+        padded = keras.tree.map_structure(lambda a: pad_to_batches(a, batch_size)[0], x)
+        rows = {len(np.asarray(a)) for a in keras.tree.flatten(x)}
+        if len(rows) != 1:
+            raise ValueError(f"the inputs have different numbers of rows: {sorted(rows)}.")
+        return padded, rows.pop()
     x = np.asarray(x)
     padding = -len(x) % batch_size
     if padding:

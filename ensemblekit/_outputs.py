@@ -1,9 +1,14 @@
-"""Output kinds: what a classifier outputs (logits or probabilities) and conversions between them.
+"""What a model outputs: its task, its output kind (logits or probabilities), and conversions.
 
-Every composition turns member outputs into log-probabilities before combining
-them; every metric turns a model's raw outputs into probabilities. Both read
-the kind from here: detected from the model's last layer, or given with
-``output_kind=`` (one for all members or one per member).
+Tasks: ``"multiclass"`` (softmax over the last axis), ``"binary"`` (one sigmoid
+unit), ``"multilabel"`` (several independent sigmoid units) and
+``"regression"`` (values). Output kinds: ``"probs"`` (after the final softmax
+or sigmoid) or ``"logits"`` (before it). Both are detected from the layer that
+produces each output, or given with ``task=`` / ``output_kind=``.
+
+Every composition turns member outputs into one canonical form per task before
+combining them (``ensemblekit._tasks``); every metric turns a model's raw
+outputs into probabilities. Both read the task and kind from here.
 """
 
 from __future__ import annotations
@@ -13,19 +18,166 @@ import numpy as np
 from keras import ops
 
 OUTPUT_KINDS = ("probs", "logits")
+TASKS = ("multiclass", "binary", "multilabel", "regression")
 _LOG_EPSILON = 1e-12
 
 
-def detect_output_kind(model):
-    """``"probs"`` if ``model`` ends in a softmax, else ``"logits"``.
+def output_layers(model):
+    """The layer producing each of ``model``'s outputs (nested models looked into).
 
-    Looks at the last layer (recursing into a nested final model): a
-    ``Softmax`` layer, an ``Activation("softmax")``, any layer whose
-    ``activation`` is softmax, or a layer that declares ``output_kind``
-    (ensemblekit's combiners, ``TemperatureScaling`` and ``PackedOutput``).
+    Models without a graph (subclassed, unbuilt) give their last layer.
+
+    Example:
+        >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="head")])
+        >>> [layer.name for layer in output_layers(m)]
+        ['head']
+    """
+    outputs = getattr(model, "outputs", None) if isinstance(model, keras.Model) else None
+    if not outputs:
+        layer = model
+        while isinstance(layer, keras.Model) and layer.layers:
+            layer = layer.layers[-1]
+        return [layer]
+    return [_producer(tensor) for tensor in outputs]
+
+
+def _producer(tensor):
+    history = getattr(tensor, "_keras_history", None)
+    if history is None:
+        return None
+    operation, _, index = history
+    while isinstance(operation, keras.Model) and getattr(operation, "outputs", None):
+        operation, _, index = operation.outputs[index]._keras_history
+    return operation
+
+
+def _activation_name(layer):
+    if isinstance(layer, keras.layers.Softmax):
+        return "softmax"
+    activation = getattr(layer, "activation", None)
+    return getattr(activation, "__name__", str(activation))
+
+
+def output_names(model):
+    """The names of ``model``'s outputs: dict keys for dict outputs, else the output layers' names.
+
+    Example:
+        >>> inputs = keras.Input((4,))
+        >>> m = keras.Model(inputs, {"label": keras.layers.Dense(3)(inputs),
+        ...                          "value": keras.layers.Dense(1)(inputs)})
+        >>> output_names(m)
+        ['label', 'value']
+    """
+    struct = getattr(model, "_outputs_struct", None)
+    if isinstance(struct, dict):
+        return [str(key) for key in keras.tree.flatten(_key_tree(struct))]
+    return [getattr(layer, "name", f"output_{i}") for i, layer in enumerate(output_layers(model))]
+
+
+def _key_tree(struct):
+    """``struct`` with every leaf replaced by its key, so flattening gives keys in output order."""
+    return {key: (_key_tree(value) if isinstance(value, dict) else key) for key, value in struct.items()}
+
+
+def detect_task(model, index=0, label=None):
+    """The task of output ``index`` of ``model``, read from the layer that produces it.
+
+    A final softmax means ``"multiclass"``, a sigmoid ``"binary"`` (one unit) or
+    ``"multilabel"`` (several); ensemblekit's own layers declare their task. A
+    linear ``(batch, classes >= 2)`` output is read as multiclass logits (the
+    0.1 behaviour); any other linear output is ambiguous (binary logits?
+    regression?) and raises a ``ValueError`` asking for ``task=``.
+
+    Args:
+        model: a ``keras.Model``.
+        index: which output.
+        label: how errors name the model (default: its name).
+
+    Returns:
+        One of ``TASKS``.
+
+    Example:
+        >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="sigmoid")])
+        >>> detect_task(m)
+        'binary'
+    """
+    layer = output_layers(model)[index]
+    units = _units(model, index)
+    declared = getattr(layer, "task", None)
+    if declared in TASKS:
+        return _sigmoid_task(units) if declared in ("binary", "multilabel") else declared
+    activation = _activation_name(layer)
+    if activation == "softmax":
+        return "multiclass"
+    if activation == "sigmoid":
+        return _sigmoid_task(units)
+    shape = _output_shape(model, index)
+    if len(shape) == 1 and units is not None and units >= 2:
+        return "multiclass"
+    name = label or f"Model {getattr(model, 'name', '?')!r}"
+    layer_name = getattr(layer, "name", "?")
+    output = output_names(model)[index] if isinstance(model, keras.Model) else index
+    raise ValueError(
+        f"{name}: output {output!r} (layer {layer_name!r}, shape {(None, *shape)}) ends without a "
+        "softmax or sigmoid, so its task cannot be told; pass task='binary' or 'multilabel' "
+        "(logits), 'multiclass' (logits) or 'regression'."
+    )
+
+
+def _sigmoid_task(units):
+    return "binary" if units == 1 else "multilabel"
+
+
+def _output_shape(model, index):
+    outputs = getattr(model, "outputs", None)
+    if outputs:
+        return tuple(outputs[index].shape[1:])
+    return ()
+
+
+def _units(model, index):
+    shape = _output_shape(model, index)
+    return shape[-1] if shape else None
+
+
+def check_task(task, names=None):
+    """Normalise ``task=`` (None/"auto", one task, or ``{output name: task}``) to a per-output list.
+
+    ``None`` entries mean "detect". ``names`` are the output names (default: one output).
+
+    Example:
+        >>> check_task("binary")
+        ['binary']
+        >>> check_task({"value": "regression"}, ["label", "value"])
+        [None, 'regression']
+    """
+    names = list(names or ["output"])
+    if isinstance(task, dict):
+        unknown = sorted(set(task) - set(names))
+        if unknown:
+            raise ValueError(f"task names output {unknown[0]!r}, but the outputs are {names}.")
+        tasks = [task.get(name) for name in names]
+    else:
+        tasks = [task] * len(names)
+    for name, value in zip(names, tasks):
+        if value is not None and value != "auto" and value not in TASKS:
+            options = ", ".join(repr(t) for t in ("auto", *TASKS))
+            raise ValueError(f"Unknown task {value!r} for output {name!r}; expected one of {options}.")
+    return [None if value == "auto" else value for value in tasks]
+
+
+def detect_output_kind(model, index=0):
+    """``"probs"`` if ``model``'s output ends in a softmax or sigmoid, else ``"logits"``.
+
+    Looks at the layer producing output ``index`` (recursing into nested
+    models): a ``Softmax`` layer, an ``Activation("softmax")`` or
+    ``"sigmoid"``, any layer whose ``activation`` is one of them, or a layer
+    that declares ``output_kind`` (ensemblekit's combiners,
+    ``TemperatureScaling`` and ``PackedOutput``).
 
     Args:
         model: a ``keras.Model`` (or a layer).
+        index: which output.
 
     Returns:
         ``"probs"`` or ``"logits"``.
@@ -39,17 +191,11 @@ def detect_output_kind(model):
         ...                                         keras.layers.Softmax()]))
         'probs'
     """
-    layer = model
-    while isinstance(layer, keras.Model) and layer.layers:
-        layer = layer.layers[-1]
+    layer = output_layers(model)[index] if isinstance(model, keras.Model) else model
     declared = getattr(layer, "output_kind", None)
     if declared in OUTPUT_KINDS:
         return declared
-    if isinstance(layer, keras.layers.Softmax):
-        return "probs"
-    activation = getattr(layer, "activation", None)
-    name = getattr(activation, "__name__", str(activation))
-    return "probs" if name == "softmax" else "logits"
+    return "probs" if _activation_name(layer) in ("softmax", "sigmoid") else "logits"
 
 
 def check_output_kinds(output_kind, n_members):

@@ -148,6 +148,7 @@ class Context:
                  cost="params", metric="nll", seed=0, output_kind=None, fit_data="validation split",
                  bn_data="fit", settings=None, model_prefix=None, skip_errors=()):
         self.members = MemberSet(members, output_kind, min_count=2, what="compositions")
+        self.members.require_single_classifier()
         self.x_fit = np.asarray(x_fit, dtype="float32")
         self.y_fit = check_labels(y_fit, len(self.x_fit), self.members.num_classes, param="y_fit")
         self.x_train, self.y_train = x_train, y_train

@@ -256,6 +256,7 @@ def _load_base(base):
 
 def _setup(models, x_val, y_val, base, budget, metric, seed, x_train=None, y_train=None):
     members = MemberSet(models, min_count=2, what="advise")
+    members.require_single_classifier()
     base = _load_base(base)
     x = _check_x(x_val, members)
     y = check_labels(y_val, len(x), members.num_classes, param="y_val")

@@ -4,40 +4,63 @@ from __future__ import annotations
 
 import keras
 
+from ensemblekit._tasks import METHODS, MemberReduce, MemberUncertainty, check_method
 from ensemblekit._validate import check_choice, check_weights
 from ensemblekit.compose._members import MemberSet
 from ensemblekit.compose.layers import COMBINERS
 
-METHODS = tuple(COMBINERS)
-
 
 def ensemble(models, method="mean", weights=None, name=None, output_kind=None, adapters=None,
-             input_shape=None, safe_mode=True):
-    """Combine classifiers into one model whose output is the ensemble's probabilities.
+             input_shape=None, safe_mode=True, task=None, uncertainty=False, trim=0.2, threshold=0.5):
+    """Combine members into one model whose output is the ensemble's prediction.
 
     All members run inside ONE functional graph: calling (or ``predict``-ing,
     or XLA-compiling) the result runs every member in a single call.
 
+    Members may be multiclass, binary or multilabel classifiers or regressors,
+    with ``(batch, classes)`` or dense outputs (``(batch, ..., C)``: segmentation
+    maps, sequence tags; combined element-wise along the last axis), and one or
+    several inputs and outputs (matched by name, else by position).
+
     Args:
-        models: list of ``keras.Model`` or paths to ``.keras``/``.h5`` files, each
-            with one input and one ``(batch, classes)`` output.
-        method: ``"mean"`` (average of probabilities), ``"logit_mean"`` (softmax of
-            the mean logits), ``"geometric"`` (normalised geometric mean of
-            probabilities), ``"vote"`` (hard majority, ties broken by the mean
-            probability) or ``"weighted"`` (weighted mean of probabilities; needs
-            ``weights``).
+        models: list of ``keras.Model`` or paths to ``.keras``/``.h5`` files.
+        method: how to combine each output, or ``{output name: method}``.
+            Multiclass, binary, multilabel: ``"mean"`` (average of probabilities),
+            ``"logit_mean"`` (softmax/sigmoid of the mean logits), ``"geometric"``
+            (normalised geometric mean of probabilities — the same function as
+            ``"logit_mean"``), ``"vote"`` (hard majority — argmax, or probability
+            above ``threshold`` — ties broken by the mean probability) or
+            ``"weighted"`` (weighted mean of probabilities; needs ``weights``).
+            Regression: ``"mean"``, ``"weighted"``, ``"median"`` or
+            ``"trimmed_mean"`` (cuts ``trim`` of the members from each end).
         weights: optional non-negative per-member weights (normalised to sum to
-            one); they weight any method.
+            one); they weight every method but ``"median"`` and ``"trimmed_mean"``.
         name: name of the returned model (default ``"ensemble_<method>"``).
-        output_kind: what the members output: ``None`` detects a final softmax,
-            ``"logits"``/``"probs"`` says it for all, or give one per member.
+        output_kind: what the classifier members output: ``None`` detects a final
+            softmax/sigmoid, ``"logits"``/``"probs"`` says it for all, or give one per member.
         adapters: optional list with one Keras layer (or ``None``) per member that
             maps the shared input to the member's input (e.g. ``Resizing``).
         input_shape: the shared input shape (default: member 0's).
         safe_mode: used when loading members from files.
+        task: ``None``/``"auto"`` detects each output's task from its last layer
+            (softmax: ``"multiclass"``; one sigmoid unit: ``"binary"``; several:
+            ``"multilabel"``; a linear ``(batch, classes)`` output: multiclass
+            logits; any other linear output must be told), or say
+            ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"regression"``
+            (one for all outputs, or ``{output name: task}``).
+        uncertainty: also output what the members' spread says: the output becomes
+            ``{"prediction", "predictive_entropy", "expected_entropy",
+            "mutual_information", "disagreement"}`` for classifiers and
+            ``{"prediction", "std"}`` for regressors (see
+            ``ensemblekit._tasks.member_uncertainty``); several outputs give keys
+            ``NAME`` and ``NAME_<key>``.
+        trim: fraction of members cut from each end by ``"trimmed_mean"``.
+        threshold: probability above which a member votes "yes" (binary/multilabel ``"vote"``).
 
     Returns:
-        A ``keras.Model`` mapping the shared input to ``(batch, classes)`` probabilities.
+        A ``keras.Model`` on the members' inputs. One output: the combined
+        prediction (probabilities for classifiers, values for regressors);
+        several outputs: ``{name: prediction}``; with ``uncertainty`` a dict as above.
 
     Example:
         >>> import keras, numpy as np
@@ -46,14 +69,63 @@ def ensemble(models, method="mean", weights=None, name=None, output_kind=None, a
         >>> model = ek.ensemble(members, method="mean")
         >>> model.predict(np.zeros((2, 4)), verbose=0).shape
         (2, 3)
+        >>> regressors = [keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)]) for _ in range(3)]
+        >>> out = ek.ensemble(regressors, "median", task="regression", uncertainty=True)
+        >>> sorted(out.predict(np.zeros((2, 4)), verbose=0))
+        ['prediction', 'std']
     """
-    check_choice(method, METHODS, "method")
     members = MemberSet(models, output_kind=output_kind, adapters=adapters, input_shape=input_shape,
-                      safe_mode=safe_mode)
-    if method == "weighted" and weights is None:
+                        safe_mode=safe_mode, task=task)
+    methods = _methods(method, members)
+    if "weighted" in methods and weights is None:
         raise ValueError("method 'weighted' needs weights=[...], one per member.")
     member_weights = None if weights is None else check_weights(weights, len(members)).tolist()
+    if member_weights is not None and {"median", "trimmed_mean"} & set(methods):
+        raise ValueError("weights do not apply to methods 'median' and 'trimmed_mean'; use 'weighted'.")
     inputs = members.shared_input()
-    combiner = COMBINERS[method](members.output_kinds, member_weights=member_weights, name=f"combine_{method}")
-    outputs_tensor = combiner(members.call_all(inputs))
-    return keras.Model(inputs, outputs_tensor, name=name or f"ensemble_{method}")
+    per_member = members.call_outputs(inputs)
+    outputs = {}
+    for j, (output, task, method_j) in enumerate(zip(members.output_names, members.tasks, methods)):
+        member_outputs = [outs[j] for outs in per_member]
+        kinds = members.kinds_by_output[j]
+        suffix = "" if len(members.output_names) == 1 else f"_{output}"
+        key = "prediction" if len(members.output_names) == 1 else output
+        outputs[key] = _combiner(task, method_j, kinds, member_weights, trim, threshold,
+                                 f"combine_{method_j}{suffix}")(member_outputs)
+        if uncertainty:
+            spread = MemberUncertainty(task, kinds, member_weights, threshold=threshold,
+                                       name=f"uncertainty{suffix}")(member_outputs)
+            prefix = "" if len(members.output_names) == 1 else f"{output}_"
+            outputs.update({f"{prefix}{k}": v for k, v in spread.items()})
+    if len(outputs) == 1:
+        outputs = next(iter(outputs.values()))
+    label = method if isinstance(method, str) else "mixed"
+    return keras.Model(inputs, outputs, name=name or f"ensemble_{label}")
+
+
+def _methods(method, members):
+    """One method per output, checked against that output's task."""
+    names = members.output_names
+    if isinstance(method, dict):
+        unknown = sorted(set(method) - set(names))
+        if unknown:
+            raise ValueError(f"method names output {unknown[0]!r}, but the outputs are {names}.")
+        missing = [n for n in names if n not in method]
+        if missing:
+            raise ValueError(f"method gives no method for output {missing[0]!r}; outputs: {names}.")
+        methods = [method[n] for n in names]
+    else:
+        methods = [method] * len(names)
+    for output, task, value in zip(names, members.tasks, methods):
+        all_methods = sorted({m for task_methods in METHODS.values() for m in task_methods})
+        if value not in all_methods:
+            check_choice(value, METHODS[task], "method")
+        check_method(value, task, f"output {output!r}")
+    return methods
+
+
+def _combiner(task, method, kinds, member_weights, trim, threshold, name):
+    """ensemblekit's multiclass combiner layers (as in 0.1), ``MemberReduce`` for every other task."""
+    if task == "multiclass":
+        return COMBINERS[method](kinds, member_weights=member_weights, name=name)
+    return MemberReduce(task, method, kinds, member_weights, trim=trim, threshold=threshold, name=name)

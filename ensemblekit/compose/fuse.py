@@ -70,6 +70,7 @@ def fuse(models, taps, fusion="concat", head=None, freeze=True, units=128, num_c
     """
     check_choice(fusion, FUSIONS, "fusion")
     members = MemberSet(models, what="fuse")
+    members.require_single_classifier()
     if isinstance(taps, (str, int)):
         taps = [taps] * len(members)
     taps = list(taps)

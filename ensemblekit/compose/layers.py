@@ -13,12 +13,13 @@ import keras
 from keras import ops
 
 from ensemblekit._outputs import to_log_probs
+from ensemblekit._tasks import canonical
 
 PACKAGE = "ensemblekit"
 
 
 class Combiner(keras.layers.Layer):
-    """Base class: combine K member outputs of shape ``(batch, classes)``.
+    """Base class: combine K multiclass member outputs ``(batch, ..., classes)`` (over the last axis).
 
     Args:
         kinds: per member, ``"logits"`` or ``"probs"`` (what the member outputs).
@@ -45,10 +46,10 @@ class Combiner(keras.layers.Layer):
             )
         first = tuple(input_shape[0])
         for index, shape in enumerate(input_shape):
-            if len(shape) != 2 or tuple(shape)[1:] != first[1:]:
+            if len(shape) < 2 or tuple(shape)[1:] != first[1:]:
                 raise ValueError(
                     f"{self.name}: member {index} outputs shape {tuple(shape)}; every member must "
-                    f"output (batch, classes) = {first}."
+                    f"output (batch, ..., classes) = {first}."
                 )
 
     def _weights_or_uniform(self):
@@ -56,6 +57,7 @@ class Combiner(keras.layers.Layer):
         return self.member_weights or [1.0 / count] * count
 
     def call(self, inputs):
+        inputs = [ops.cast(x, "float32") for x in inputs]  # combine in float32 under mixed precision
         log_probs = [to_log_probs(x, kind) for x, kind in zip(inputs, self.kinds)]
         return self.combine(log_probs, self._weights_or_uniform())
 
@@ -148,6 +150,62 @@ class TemperatureScaling(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(temperature=self.temperature, kind=self.kind)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class PlattScaling(keras.layers.Layer):
+    """``sigmoid(a · logit(p) + b)``: Platt scaling of a binary (or multilabel) classifier's output.
+
+    Args:
+        slope, bias: fitted by ``ensemblekit.calibrate`` (``task="binary"``).
+        kind: ``"probs"`` or ``"logits"``, what the wrapped model outputs.
+    """
+
+    output_kind = "probs"
+    task = "binary"
+
+    def __init__(self, slope=1.0, bias=0.0, kind="probs", **kwargs):
+        super().__init__(**kwargs)
+        self.slope, self.bias, self.kind = float(slope), float(bias), kind
+
+    def call(self, inputs):
+        return ops.sigmoid(self.slope * canonical(inputs, "binary", self.kind) + self.bias)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(slope=self.slope, bias=self.bias, kind=self.kind)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class StdScaling(keras.layers.Layer):
+    """``s · std``: variance scaling of a regression ensemble's standard deviation.
+
+    Args:
+        scale: positive float, fitted by ``ensemblekit.calibrate`` (``task="regression"``).
+    """
+
+    task = "regression"
+
+    def __init__(self, scale=1.0, **kwargs):
+        super().__init__(**kwargs)
+        if not scale > 0:
+            raise ValueError(f"scale must be positive, got {scale}.")
+        self.scale = float(scale)
+
+    def call(self, inputs):
+        return inputs * self.scale
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(scale=self.scale)
         return config
 
 

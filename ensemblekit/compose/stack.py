@@ -159,6 +159,7 @@ def stack(models, x, y, meta="logistic", cv=5, passthrough=False, refit_members=
         (2, 3)
     """
     members = MemberSet(models, output_kind=output_kind, what="stack")
+    members.require_single_classifier()
     x = np.asarray(x)
     y = check_labels(y, x.shape[0], members.num_classes)
     if not isinstance(cv, (int, np.integer)) or cv < 2 or cv > len(x):

@@ -9,11 +9,56 @@ import numpy as np
 from scipy import optimize, special
 
 from ensemblekit import metrics
+from ensemblekit._io import load_members, predict
+from ensemblekit._outputs import output_names
 from ensemblekit._validate import check_choice, check_labels
 from ensemblekit.compose._members import MemberSet
-from ensemblekit.compose.layers import TemperatureScaling
+from ensemblekit.compose.layers import PlattScaling, StdScaling, TemperatureScaling
 
 SCORED_METRICS = ("nll", "brier", "accuracy", "ece")
+REGRESSION_METRICS = {"mse": lambda v, y: float(np.mean((v - y) ** 2)),
+                      "mae": lambda v, y: float(np.mean(np.abs(v - y)))}
+
+
+def validation_predictions(models, x_val, y_val, what, min_count=2, task=None):
+    """Validated members, their predictions on ``x_val`` ``(n, K, ...)``, targets and the task.
+
+    Multiclass: probabilities and integer labels. Binary: two-class
+    probabilities ``[1 - p, p]`` and 0/1 labels, so every classification metric
+    applies. Regression: values and targets of the output's shape. Multilabel
+    and several outputs are refused with one clear error.
+    """
+    members = MemberSet(models, min_count=min_count, what=what, task=task)
+    if not members.single_io:
+        raise ValueError(f"{what} supports members with one input and one output; {members.labels[0]} "
+                         f"has inputs {members.input_names} and outputs {members.output_names}.")
+    if members.task == "multilabel":
+        raise ValueError(f"{what} does not support multilabel members yet ({members.labels[0]}); "
+                         "use ek.ensemble(..., 'mean') or fit one binary ensemble per label.")
+    stacked = members.predict_stacked(x_val)
+    if members.task == "regression":
+        y = np.asarray(y_val, dtype="float64").reshape(stacked.shape[0], *stacked.shape[2:]) \
+            if np.size(y_val) == stacked.shape[0] * int(np.prod(stacked.shape[2:])) else None
+        if y is None:
+            raise ValueError(f"y_val has shape {np.shape(y_val)} but the members output "
+                             f"(None, {', '.join(map(str, stacked.shape[2:]))}) on {stacked.shape[0]} samples.")
+        return members, stacked, y, "regression"
+    if members.task == "binary":
+        p = special.expit(stacked[..., 0])
+        probs = np.stack([1.0 - p, p], axis=-1)
+        return members, probs, check_labels(y_val, len(probs), 2, param="y_val"), "binary"
+    y = check_labels(y_val, stacked.shape[0], members.num_classes, param="y_val")
+    return members, np.exp(stacked), y, "multiclass"
+
+
+def task_loss(metric, task):
+    """``loss(predictions, y)`` (lower is better) for ``metric`` (``None``: NLL, or MSE for regression)."""
+    if task == "regression":
+        metric = metric or "mse"
+        check_choice(metric, tuple(REGRESSION_METRICS), "metric for regression")
+        return metric, REGRESSION_METRICS[metric]
+    metric = metric or "nll"
+    return metric, metric_loss(metric)
 
 
 def validation_log_probs(models, x_val, y_val, what, min_count=2):
@@ -34,7 +79,7 @@ def metric_loss(metric):
     return (lambda p, y: -fn(p, y)) if metric in metrics.HIGHER_IS_BETTER else fn
 
 
-def optimize_weights(models, x_val, y_val, metric="nll"):
+def optimize_weights(models, x_val, y_val, metric=None, task=None):
     """Find the member weights (on the simplex) that minimise ``metric`` on validation data.
 
     The weighted mean of member probabilities is scored; weights are
@@ -45,7 +90,10 @@ def optimize_weights(models, x_val, y_val, metric="nll"):
     Args:
         models: list of members (models or paths).
         x_val, y_val: validation data the members were not trained on.
-        metric: ``"nll"`` (default), ``"brier"``, ``"accuracy"`` or ``"ece"``.
+        metric: ``"nll"`` (default for classifiers), ``"brier"``, ``"accuracy"``
+            or ``"ece"``; for regression ``"mse"`` (default) or ``"mae"``.
+        task: the members' task as in ``ek.ensemble`` (``None`` detects it);
+            multiclass, binary and regression are supported.
 
     Returns:
         ``np.ndarray`` of shape ``(K,)``, non-negative, summing to one; pass it
@@ -59,15 +107,14 @@ def optimize_weights(models, x_val, y_val, metric="nll"):
         >>> bool(np.isclose(w.sum(), 1.0))
         True
     """
-    loss = metric_loss(metric)
-    _, log_probs, y = validation_log_probs(models, x_val, y_val, "optimize_weights")
-    probs = np.exp(log_probs)
+    _, probs, y, task = validation_predictions(models, x_val, y_val, "optimize_weights", task=task)
+    metric, loss = task_loss(metric, task)
 
     def objective(theta):
-        return loss(np.einsum("k,nkc->nc", special.softmax(theta), probs), y)
+        return loss(np.einsum("k,nk...->n...", special.softmax(theta), probs), y)
 
     theta0 = np.zeros(probs.shape[1])
-    smooth = metric in ("nll", "brier")
+    smooth = metric in ("nll", "brier", "mse")
     result = optimize.minimize(objective, theta0, method="L-BFGS-B" if smooth else "Nelder-Mead")
     best = result.x if objective(result.x) <= objective(theta0) else theta0
     return special.softmax(best)
@@ -164,7 +211,7 @@ def _check_costs(count, costs, limit):
     return costs, float(limit) * (1 + 1e-9)  # budget x mean cost may round just below the sum it allows
 
 
-def select(models, x_val, y_val, size=None, metric="nll"):
+def select(models, x_val, y_val, size=None, metric=None, task=None):
     """Greedy forward ensemble selection with replacement (Caruana et al., 2004).
 
     Starting from the empty ensemble, each step adds the member (possibly one
@@ -177,7 +224,10 @@ def select(models, x_val, y_val, size=None, metric="nll"):
         models: list of members.
         x_val, y_val: validation data.
         size: number of greedy steps.
-        metric: ``"nll"``, ``"brier"``, ``"accuracy"`` or ``"ece"``.
+        metric: ``"nll"`` (default for classifiers), ``"brier"``, ``"accuracy"``
+            or ``"ece"``; for regression ``"mse"`` (default) or ``"mae"``.
+        task: the members' task as in ``ek.ensemble`` (``None`` detects it);
+            multiclass, binary and regression are supported.
 
     Returns:
         ``list[int]`` of member indices, with repeats; weights of the selected
@@ -191,10 +241,10 @@ def select(models, x_val, y_val, size=None, metric="nll"):
         >>> 1 <= len(chosen) <= 4
         True
     """
-    loss = metric_loss(metric)
-    _, log_probs, y = validation_log_probs(models, x_val, y_val, "select", min_count=1)
+    _, probs, y, task = validation_predictions(models, x_val, y_val, "select", min_count=1, task=task)
+    _, loss = task_loss(metric, task)
     size = None if size is None else _check_steps(size, "size")
-    return greedy_selection(np.exp(log_probs), y, loss, size).chosen
+    return greedy_selection(probs, y, loss, size).chosen
 
 
 def fit_temperature(log_probs, y):
@@ -208,19 +258,55 @@ def fit_temperature(log_probs, y):
     return float(np.exp(result.x))
 
 
-def calibrate(model, x_val, y_val, output_kind=None, name=None):
-    """Temperature scaling (Guo et al., 2017): fit one ``T`` on validation NLL.
+def fit_platt(logits, y):
+    """``(a, b)`` minimising the Bernoulli NLL of ``sigmoid(a · logits + b)`` (Platt, 1999)."""
+
+    def objective(params):
+        z = params[0] * logits + params[1]
+        return float(np.mean(np.logaddexp(0.0, z) - y * z))
+
+    result = optimize.minimize(objective, np.array([1.0, 0.0]), method="L-BFGS-B")
+    best = result.x if objective(result.x) <= objective(np.array([1.0, 0.0])) else np.array([1.0, 0.0])
+    return float(best[0]), float(best[1])
+
+
+def fit_std_scale(mean, std, y):
+    """The ``s`` making ``(y - mean) / (s · std)`` unit-variance: ``s² = mean(((y - mean) / std)²)``.
+
+    The Gaussian NLL's optimum for one scale of the predicted std (variance scaling).
+    """
+    std = np.asarray(std, dtype="float64")
+    if np.any(std <= 0):
+        raise ValueError("the model's std is zero on some validation samples (identical members?); "
+                         "variance scaling needs a positive std.")
+    z = (np.asarray(y, dtype="float64").reshape(std.shape) - mean) / std
+    return float(np.sqrt(np.mean(z ** 2)))
+
+
+def calibrate(model, x_val, y_val, output_kind=None, name=None, task=None):
+    """Calibrate a model on validation data, per task.
+
+    * multiclass: temperature scaling (Guo et al., 2017) — one ``T`` fitted on
+      validation NLL; the output becomes ``softmax(log p / T)``; accuracy unchanged.
+    * binary / multilabel: Platt scaling — ``sigmoid(a · logit(p) + b)`` with one
+      ``(a, b)`` fitted on validation NLL.
+    * regression: variance scaling of the std of a model made by
+      ``ek.ensemble(..., task="regression", uncertainty=True)`` (or ``ek.pack``):
+      ``std`` becomes ``s · std`` with ``s² = mean(((y - μ) / σ)²)``, so that
+      ``±1.96 std`` covers about 95% of held-out targets when errors are Gaussian.
 
     Args:
-        model: a classifier (any composed model included) or a path.
+        model: a model (any composed model included) or a path.
         x_val, y_val: validation data.
-        output_kind: ``"logits"``/``"probs"`` if detection of a final softmax is not enough.
+        output_kind: ``"logits"``/``"probs"`` if detection of a final softmax/sigmoid is not enough.
         name: name of the returned model (default ``"<model>_calibrated"``).
+        task: the model's task (``None`` detects it; a model whose outputs include
+            ``"prediction"`` and ``"std"`` is a regression ensemble).
 
     Returns:
-        A ``keras.Model`` whose output is ``softmax(log p / T)``; ``T`` is stored
-        in its ``TemperatureScaling`` layer (``model.layers[-1].temperature``).
-        Accuracy is unchanged (the argmax does not move).
+        A ``keras.Model`` with the model's inputs and outputs, calibrated. The
+        fitted value is in its last layer: ``TemperatureScaling.temperature``,
+        ``PlattScaling.slope``/``.bias`` or ``StdScaling.scale``.
 
     Example:
         >>> import keras, numpy as np
@@ -230,11 +316,43 @@ def calibrate(model, x_val, y_val, output_kind=None, name=None):
         >>> cal.layers[-1].temperature > 0
         True
     """
-    members = MemberSet([model], output_kind=output_kind, min_count=1, what="calibrate")
+    loaded = load_members([model], min_count=1, what="calibrate")[0]
+    if {"prediction", "std"} <= set(output_names(loaded)) and task in (None, "auto", "regression"):
+        return _scale_std(loaded, x_val, y_val, name)
+    members = MemberSet([loaded], output_kind=output_kind, min_count=1, what="calibrate", task=task)
+    if not members.single_io:
+        raise ValueError(f"calibrate supports one output (or a regression ensemble's prediction and std); "
+                         f"{members.labels[0]} has outputs {members.output_names}.")
+    if members.task == "regression":
+        raise ValueError(
+            f"calibrate scales a regression ensemble's std; {members.labels[0]} outputs values only. "
+            "Calibrate ek.ensemble(members, task='regression', uncertainty=True) instead."
+        )
     model, kind = members.models[0], members.output_kinds[0]
-    log_probs = members.predict_log_probs(x_val)[:, 0]
-    y = check_labels(y_val, log_probs.shape[0], members.num_classes, param="y_val")
-    temperature = fit_temperature(log_probs, y)
+    stacked = members.predict_stacked(x_val)[:, 0]
     inputs = members.shared_input()
-    scaled = TemperatureScaling(temperature, kind=kind, name="temperature_scaling")(model(inputs))
-    return keras.Model(inputs, scaled, name=name or f"{model.name}_calibrated")
+    if members.task == "multiclass":
+        y = check_labels(y_val, stacked.shape[0], members.num_classes, param="y_val")
+        layer = TemperatureScaling(fit_temperature(stacked, y), kind=kind, name="temperature_scaling")
+    else:
+        y = _binary_targets(y_val, stacked.shape)
+        layer = PlattScaling(*fit_platt(stacked, y), kind=kind, name="platt_scaling")
+    return keras.Model(inputs, layer(model(inputs)), name=name or f"{model.name}_calibrated")
+
+
+def _binary_targets(y_val, shape):
+    y = np.asarray(y_val, dtype="float64")
+    if y.size != int(np.prod(shape)) or not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError(f"y_val must hold 0/1 targets of shape {shape}; got shape {y.shape} "
+                         f"with values {np.unique(y)[:5].tolist()}.")
+    return y.reshape(shape)
+
+
+def _scale_std(model, x_val, y_val, name):
+    out = predict(model, x_val)
+    scale = fit_std_scale(out["prediction"].astype("float64"), out["std"], y_val)
+    inputs = keras.tree.map_structure(lambda t: keras.Input(t.shape[1:], dtype=t.dtype, name=t.name),
+                                      model._inputs_struct)
+    outputs = dict(model(inputs))
+    outputs["std"] = StdScaling(scale, name="std_scaling")(outputs["std"])
+    return keras.Model(inputs, outputs, name=name or f"{model.name}_calibrated")

@@ -21,7 +21,15 @@ import json
 import keras
 import numpy as np
 
-from ensemblekit._channels import SPATIAL_DROPOUT, UNKNOWN_KIND, layer_kind, unsupported_reason
+from ensemblekit._channels import (
+    ENCODERS,
+    SPATIAL_DROPOUT,
+    UNKNOWN_KIND,
+    encoder_blocks,
+    layer_kind,
+    recreate,
+    unsupported_reason,
+)
 from ensemblekit._graph import (
     check_same_architecture,
     flat_nodes,
@@ -30,7 +38,8 @@ from ensemblekit._graph import (
     model_output_shape,
 )
 from ensemblekit._io import load_members
-from ensemblekit._outputs import check_output_kinds, detect_output_kind
+from ensemblekit._outputs import check_output_kinds, check_task, detect_output_kind, detect_task
+from ensemblekit._tasks import check_method
 from ensemblekit._validate import check_choice, member_label
 from ensemblekit.inference import LOWERINGS, POLICY
 from ensemblekit.pack.layers import (
@@ -40,8 +49,10 @@ from ensemblekit.pack.layers import (
     GroupedDense,
     GroupedDepthwiseConv,
     GroupedLayerNormalization,
+    GroupedPatchEmbedding,
     GroupedScale,
     GroupedSeparableConv,
+    GroupedTransformerEncoder,
     MemberBroadcast,
     MemberChannels,
     MemberConstants,
@@ -55,14 +66,19 @@ L = keras.layers
 _SUPPORTED = ("Dense, Conv1D/Conv2D (groups too), DepthwiseConv1D/2D, SeparableConv1D/2D, "
               "BatchNormalization, LayerNormalization, Normalization, Rescaling, LayerScale, Reshape, "
               "Flatten, Concatenate, Add/Subtract/Multiply/Average/Maximum/Minimum, activations, "
-              "dropout, pooling, padding, cropping, up-sampling, nested functional/Sequential models")
+              "dropout, pooling, padding, cropping, up-sampling, x[:, i] indexing, keras.ops.mean over token axes, nested "
+              "functional/Sequential models, keras-hub ViTPatchingAndEmbedding/ViTEncoder/ViTEncoderBlock")
 # Config keys that do not change what a layer computes at inference.
 _IGNORED_CONFIG = ("name", "trainable", "dtype", "seed", "rate", "stddev", "noise_shape", "momentum")
+# The channel graph keeps a depthwise/separable layer with depth_multiplier M > 1 whole (output c*M+m
+# reads input c); its grouped form holds the M outputs of each input channel contiguously, so it packs.
+_MULTIPLIED = "depth_multiplier != 1"
 # Element-wise layers that are the identity at inference (per-member random masks would differ).
 _INFERENCE_IDENTITY = ("StochasticDepth",)
 
 
-def pack(models, reduce="mean", output_kind=None, lowering="auto", name=None, safe_mode=True):
+def pack(models, reduce="mean", output_kind=None, lowering="auto", name=None, safe_mode=True,
+         task=None, uncertainty=False, trim=0.2, threshold=0.5):
     """Pack K members of one architecture into ONE model with grouped layers.
 
     The packed model computes every member exactly (up to float rounding) in
@@ -74,17 +90,23 @@ def pack(models, reduce="mean", output_kind=None, lowering="auto", name=None, sa
             ``Add``/``Concatenate``, squeeze-and-excitation gates and nested
             functional/Sequential models such as a ``keras.applications`` base
             inside a new head) or paths to ``.keras``/``.h5`` files, all of one
-            architecture, one input, ``(batch, classes)`` output.
-        reduce: ``"mean"`` (mean of probabilities, as ``ek.ensemble(models, "mean")``),
-            ``"logit_mean"`` (as ``ek.ensemble(models, "logit_mean")``) or ``"none"``
-            (the members' outputs, ``(batch, K, classes)``).
-        output_kind: what the members output: ``None`` detects a final softmax, or
-            ``"logits"``/``"probs"``.
+            architecture, one input and one output (any task, ``(batch, ..., units)``).
+        reduce: any method ``ek.ensemble`` has for the members' task but
+            ``"weighted"`` — ``"mean"`` (as ``ek.ensemble(models, "mean")``),
+            ``"logit_mean"``, ``"geometric"``, ``"vote"``; for regression ``"mean"``,
+            ``"median"``, ``"trimmed_mean"`` — or ``"none"`` (the members'
+            outputs, ``(batch, K, ...)``).
+        output_kind: what the members output: ``None`` detects a final softmax or
+            sigmoid, or ``"logits"``/``"probs"``.
         lowering: ``"auto"`` (``ensemblekit.inference.LoweringPolicy`` decides per
             layer kind and traced shape), ``"grouped"`` (one einsum / grouped
             convolution per layer) or ``"loop"`` (K ops per layer).
         name: name of the packed model (default ``"packed_<reduce>"``).
         safe_mode: used when loading members from files.
+        task: the members' task, as in ``ek.ensemble`` (``None`` detects it).
+        uncertainty: output ``{"prediction", ...}`` with the uncertainty outputs of
+            ``ek.ensemble(..., uncertainty=True)``.
+        trim, threshold: as in ``ek.ensemble``.
 
     Returns:
         A ``keras.Model`` from the shared input to the reduced output; save it as
@@ -118,6 +140,9 @@ def pack(models, reduce="mean", output_kind=None, lowering="auto", name=None, sa
     graphs = [_member_graph(model, label) for model, label in zip(models, labels, strict=True)]
     _check_same_layers(graphs, labels)
     member_kind = check_output_kinds(output_kind, len(models))[0] or detect_output_kind(models[0])
+    member_task = check_task(task)[0] or detect_task(models[0], label=labels[0])
+    if reduce != "none":
+        check_method(reduce, member_task, "pack")
 
     num_members = len(models)
     names = _Names()
@@ -127,7 +152,8 @@ def pack(models, reduce="mean", output_kind=None, lowering="auto", name=None, sa
     # By position: ``unpack`` walks each rebuilt member's weighted layers in this same order.
     weighted = [holders[id(layer)].name for _, layer in iter_layers(models[0]) if layer.weights]
     member_configs = [json.dumps(keras.saving.serialize_keras_object(m)) for m in models]
-    reducer = PackedOutput(reduce, member_kind, member_configs, weighted,
+    reducer = PackedOutput(reduce, member_kind, member_configs, weighted, task=member_task,
+                           uncertainty=uncertainty, trim=trim, threshold=threshold,
                            name=names(f"packed_output_{reduce}"))
     return keras.Model(inputs, reducer(output), name=name or f"packed_{reduce}")
 
@@ -162,7 +188,7 @@ def _rebuild(graphs, num_members, lowering, label, names):
         layers = [graph[2][position].operation for graph in graphs]
         layer_inputs = [values[id(t)] for t in flat.inputs]
         name = names(flat.operation.name, flat.path)
-        packed_layer = _packed_layer(layers, layer_inputs, num_members, lowering, label, name)
+        packed_layer = _packed_layer(layers, layer_inputs, num_members, lowering, label, name, flat.node)
         values[id(flat.outputs[0])] = _apply(packed_layer, flat, values, num_members, names)
         if getattr(layers[0], "weights", None):
             _load_weights(packed_layer, layers)
@@ -256,7 +282,7 @@ def _member_shapes(layer_inputs):
             for t, has_members in layer_inputs]
 
 
-def _packed_layer(layers, layer_inputs, num_members, lowering, label, name):
+def _packed_layer(layers, layer_inputs, num_members, lowering, label, name, node=None):
     """The packed counterpart of the K member layers ``layers`` (one call position, equal configs).
 
     What a layer does to the channel axis comes from the one table of layer kinds
@@ -264,9 +290,11 @@ def _packed_layer(layers, layer_inputs, num_members, lowering, label, name):
     """
     layer = layers[0]
     shapes = _member_shapes(layer_inputs)
-    kind = layer_kind(layer, shapes)
+    kind = layer_kind(layer, shapes, node)
+    if kind is None and _MULTIPLIED in (unsupported_reason(layer, shapes, node) or ""):
+        kind = "depthwise"  # kept whole by the channel graph, but computed exactly by GroupedDepthwiseConv
     if kind is None:
-        reason = unsupported_reason(layer, shapes)
+        reason = unsupported_reason(layer, shapes, node)
         known = not reason.startswith(UNKNOWN_KIND)
         raise _unsupported(layer, label, f"cannot be packed: {reason}" if known else None)
     form = _PACKED_FORMS.get(kind)
@@ -282,7 +310,7 @@ def _copy(operation, name):
     config = operation.get_config()
     if "name" in config or isinstance(operation, L.Layer):
         config["name"] = name
-    return type(operation).from_config(config)
+    return recreate(operation, config)
 
 
 def _carried(layers, shapes, common, lowering, label):
@@ -407,6 +435,41 @@ def _same_constants(layers):
         for layer in layers[1:])
 
 
+def _grouped_patch_embedding(layers, shapes, common, lowering, label):
+    """keras-hub ViT patch embedding: K patch convolutions, class tokens and position embeddings."""
+    layer = layers[0]
+    if not common["shared_input"] or len(shapes[0]) != 4:
+        raise _unsupported(layer, label, "cannot be packed: it must read the shared image (batch, H, W, C)")
+    conv = layer.patch_embedding
+    return GroupedPatchEmbedding(tuple(conv.kernel_size), conv.filters,
+                                 use_class_token=getattr(layer, "class_token", None) is not None,
+                                 use_bias=conv.bias is not None, **common)
+
+
+def _grouped_transformer(layers, shapes, common, lowering, label):
+    """keras-hub ViT encoder (or one block): LN, multi-head attention, MLP, per member."""
+    layer = layers[0]
+    blocks = encoder_blocks(layer)
+    first = blocks[0]
+    query, value = first.mha._query_dense.kernel.shape, first.mha._value_dense.kernel.shape
+    norms = [n for b in blocks for n in (b.layer_norm_1, b.layer_norm_2)]
+    if type(layer).__name__ in ENCODERS:
+        norms.append(layer.layer_norm)
+    plain = all(n.center and n.scale and not n.rms_scaling and n.epsilon == norms[0].epsilon for n in norms)
+    same = all((tuple(b.mha._query_dense.kernel.shape), tuple(b.mha._value_dense.kernel.shape),
+                b.mlp.dense_1.units, b.mlp.dense_1.activation) == (tuple(query), tuple(value),
+                first.mlp.dense_1.units, first.mlp.dense_1.activation) for b in blocks)
+    if common["shared_input"] or len(shapes[0]) != 3 or not plain or not same:
+        raise _unsupported(layer, label, "cannot be packed: it must read tokens (batch, tokens, hidden), "
+                                         "with equal blocks and plain LayerNormalizations")
+    return GroupedTransformerEncoder(
+        len(blocks), query[1], query[2], value[2], first.mlp.dense_1.units, epsilon=norms[0].epsilon,
+        use_attention_bias=first.mha._query_dense.bias is not None,
+        use_mlp_bias=first.mlp.dense_1.bias is not None,
+        activation=keras.activations.serialize(first.mlp.dense_1.activation),
+        final_norm=type(layer).__name__ in ENCODERS, **common)
+
+
 _PACKED_FORMS = {
     "producer": _grouped_producer,
     "depthwise": _grouped_depthwise,
@@ -420,6 +483,9 @@ _PACKED_FORMS = {
     "spatial": _spatial,
     "concat": _concat,
     "flatten": _flatten,
+    "index": _carried,
+    "patch_embedding": _grouped_patch_embedding,
+    "transformer": _grouped_transformer,
 }
 
 

@@ -206,11 +206,15 @@ def test_weighted_needs_weights(members):
 
 
 def test_unknown_method(members):
-    with pytest.raises(ValueError, match="Unknown method 'median'; expected one of 'mean'"):
+    with pytest.raises(ValueError, match="Unknown method 'blend'; expected one of 'mean'"):
+        ek.ensemble(members, "blend")
+    with pytest.raises(ValueError, match="method 'median' is not defined for task 'multiclass'"):
         ek.ensemble(members, "median")
 
 
-def test_non_classifier_output():
+def test_linear_one_unit_output_asks_for_the_task():
     regressors = [keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)]) for _ in range(2)]
-    with pytest.raises(ValueError, match=r"outputs shape \(None, 1\); members must be classifiers"):
+    with pytest.raises(ValueError, match=r"shape \(None, 1\)\) ends without a softmax or sigmoid.*task="):
         ek.ensemble(regressors)
+    with pytest.raises(ValueError, match=r"outputs shape \(None, 1\); members must be classifiers.*task='binary'"):
+        ek.ensemble(regressors, task="multiclass")

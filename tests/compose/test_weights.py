@@ -109,3 +109,70 @@ def test_calibrate_lowers_nll_of_overconfident_model_and_keeps_accuracy(toy_data
     calibrated.save(path)
     loaded = keras.saving.load_model(path)
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), calibrated.predict(x, verbose=0))
+
+
+# --- tasks other than multiclass (issue "every kind of member") ---
+
+def _task_members(units, activation, count=3):
+    members = []
+    for seed in range(count):
+        keras.utils.set_random_seed(seed)
+        members.append(keras.Sequential([keras.Input((4,)), keras.layers.Dense(units, activation=activation)],
+                                        name=f"task_member_{seed}"))
+    return members
+
+
+def test_optimize_weights_and_select_for_regression_prefer_the_accurate_member():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 4)).astype("float32")
+    members = _task_members(1, None)
+    y = members[1].predict(x, verbose=0)[:, 0] + rng.normal(scale=0.01, size=200)
+    weights = ek.optimize_weights(members, x, y, task="regression")
+    assert weights.argmax() == 1 and weights[1] > 0.9
+    chosen = ek.select(members, x, y, task="regression", metric="mae")
+    assert set(chosen) == {1}
+    with pytest.raises(ValueError, match="Unknown metric for regression 'nll'"):
+        ek.optimize_weights(members, x, y, metric="nll", task="regression")
+
+
+def test_optimize_weights_for_binary_members_scores_two_class_probabilities():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 4)).astype("float32")
+    members = _task_members(1, "sigmoid")
+    y = (members[2].predict(x, verbose=0)[:, 0] > rng.uniform(size=300)).astype(int)
+    weights = ek.optimize_weights(members, x, y)
+    assert weights.argmax() == 2
+    with pytest.raises(ValueError, match="multilabel"):
+        ek.optimize_weights(_task_members(3, "sigmoid"), x, np.zeros((300, 3)))
+
+
+def test_calibrate_binary_is_platt_scaling(tmp_path):
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(400, 4)).astype("float32")
+    model = _task_members(1, None, count=1)[0]
+    z = model.predict(x, verbose=0)[:, 0]
+    y = (rng.uniform(size=400) < 1 / (1 + np.exp(-(0.5 * z - 0.3)))).astype(int)
+    calibrated = ek.calibrate(model, x, y, task="binary", output_kind="logits")
+    layer = calibrated.layers[-1]
+    assert abs(layer.slope - 0.5) < 0.25 and abs(layer.bias + 0.3) < 0.3
+    p = calibrated.predict(x, verbose=0)[:, 0]
+    np.testing.assert_allclose(p, 1 / (1 + np.exp(-(layer.slope * z + layer.bias))), atol=1e-5)
+    path = tmp_path / "platt.keras"
+    calibrated.save(path)
+    np.testing.assert_array_equal(keras.saving.load_model(path, safe_mode=True).predict(x, verbose=0)[:, 0], p)
+
+
+def test_calibrate_regression_scales_the_std_to_cover():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2000, 4)).astype("float32")
+    members = _task_members(1, None, count=4)
+    ens = ek.ensemble(members, task="regression", uncertainty=True)
+    out = ens.predict(x, verbose=0)
+    y = out["prediction"][:, 0] + rng.normal(size=2000) * 3.0 * out["std"][:, 0]
+    calibrated = ek.calibrate(ens, x[:1000], y[:1000])
+    assert 2.5 < calibrated.get_layer("std_scaling").scale < 3.5
+    held = calibrated.predict(x[1000:], verbose=0)
+    covered = np.abs(y[1000:] - held["prediction"][:, 0]) <= 1.96 * held["std"][:, 0]
+    assert abs(covered.mean() - 0.95) < 0.03
+    with pytest.raises(ValueError, match="outputs values only"):
+        ek.calibrate(members[0], x, y, task="regression")

@@ -269,8 +269,10 @@ def test_pack_rejects_different_op_constants():
 
 def test_pack_bad_arguments():
     models = [make_mlp(0), make_mlp(1)]
-    with pytest.raises(ValueError, match="Unknown reduce 'median'"):
+    with pytest.raises(ValueError, match="method 'median' is not defined for task 'multiclass'"):
         pack(models, reduce="median")
+    with pytest.raises(ValueError, match="Unknown reduce 'blend'"):
+        pack(models, reduce="blend")
     with pytest.raises(ValueError, match="Unknown lowering 'fast'"):
         pack(models, lowering="fast")
     with pytest.raises(ValueError, match="at least 2 members"):

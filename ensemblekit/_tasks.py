@@ -1,0 +1,287 @@
+"""Combining members per task: one canonical form, one reduction, one uncertainty — for every composition.
+
+``ek.ensemble`` (a list of member outputs) and ``ek.pack`` (the members' outputs
+stacked on axis 1) both reduce over members here, so they compute the same
+function. Each member output is first put in its task's canonical form:
+
+* ``"multiclass"``: log-probabilities over the last axis;
+* ``"binary"`` / ``"multilabel"``: logits of each independent unit;
+* ``"regression"``: the values themselves.
+
+Outputs may have any rank: ``(batch, classes)``, dense maps ``(batch, h, w, C)``
+or sequences ``(batch, steps, C)`` are combined element-wise along the last axis.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from ensemblekit._outputs import TASKS, to_log_probs
+
+PACKAGE = "ensemblekit"
+_EPSILON = 1e-7
+
+METHODS = {
+    "multiclass": ("mean", "weighted", "logit_mean", "geometric", "vote"),
+    "binary": ("mean", "weighted", "logit_mean", "geometric", "vote"),
+    "multilabel": ("mean", "weighted", "logit_mean", "geometric", "vote"),
+    "regression": ("mean", "weighted", "median", "trimmed_mean"),
+}
+UNCERTAINTY = {
+    "multiclass": ("predictive_entropy", "expected_entropy", "mutual_information", "disagreement"),
+    "binary": ("predictive_entropy", "expected_entropy", "mutual_information", "disagreement"),
+    "multilabel": ("predictive_entropy", "expected_entropy", "mutual_information", "disagreement"),
+    "regression": ("std",),
+}
+
+
+def check_method(method, task, output="output"):
+    """Raise one ``ValueError`` naming both when ``method`` makes no sense for ``task``.
+
+    Example:
+        >>> check_method("median", "regression")
+        'median'
+    """
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; expected one of {', '.join(map(repr, TASKS))}.")
+    if method not in METHODS[task]:
+        options = ", ".join(repr(m) for m in METHODS[task])
+        raise ValueError(
+            f"method {method!r} is not defined for task {task!r} ({output}); "
+            f"for {task} outputs use one of {options}."
+        )
+    return method
+
+
+def canonical(output, task, kind):
+    """A member's output in its task's canonical form (see the module docstring)."""
+    if task == "multiclass":
+        return to_log_probs(output, kind)
+    if task in ("binary", "multilabel"):
+        if kind == "logits":
+            return output
+        p = ops.clip(output, _EPSILON, 1.0 - _EPSILON)
+        return ops.log(p) - ops.log1p(-p)
+    return output
+
+
+def _weights(weights, count, dtype):
+    if weights is None:
+        weights = [1.0 / count] * count
+    return ops.convert_to_tensor(weights, dtype=dtype)
+
+
+def _weighted_sum(stacked, weights):
+    """``Σ_k w_k stacked[:, k]`` for ``stacked`` of shape ``(batch, K, ...)``."""
+    shape = [1, -1] + [1] * (len(stacked.shape) - 2)
+    return ops.sum(stacked * ops.reshape(weights, shape), axis=1)
+
+
+def member_probs(stacked, task):
+    """Per-member probabilities from canonical ``(batch, K, ...)`` outputs (classification)."""
+    return ops.exp(stacked) if task == "multiclass" else ops.sigmoid(stacked)
+
+
+def reduce_members(stacked, task, method, weights=None, trim=0.2, threshold=0.5):
+    """Combine canonical member outputs ``(batch, K, ...)`` over axis 1.
+
+    Args:
+        stacked: canonical member outputs, members on axis 1.
+        task: one of ``TASKS``.
+        method: one of ``METHODS[task]``.
+        weights: per-member weights summing to one (``None``: uniform).
+        trim: fraction cut from each end by ``"trimmed_mean"``.
+        threshold: the probability above which a binary/multilabel member votes "yes".
+
+    Returns:
+        Probabilities (classification) or values (regression), ``(batch, ...)``.
+
+    Example:
+        >>> import numpy as np
+        >>> x = np.array([[[1.0], [2.0], [9.0]]], "float32")
+        >>> keras.ops.convert_to_numpy(reduce_members(x, "regression", "median")).tolist()
+        [[2.0]]
+    """
+    count = stacked.shape[1]
+    w = _weights(weights, count, stacked.dtype)
+    if task == "regression":
+        if method == "median":
+            return ops.median(stacked, axis=1)
+        if method == "trimmed_mean":
+            cut = int(trim * count)
+            kept = ops.sort(stacked, axis=1)[:, cut:count - cut]
+            return ops.mean(kept, axis=1)
+        return _weighted_sum(stacked, w)
+    probs = member_probs(stacked, task)
+    if method in ("mean", "weighted"):
+        return _weighted_sum(probs, w)
+    if method in ("logit_mean", "geometric"):
+        mean = _weighted_sum(stacked, w)
+        return ops.softmax(mean, axis=-1) if task == "multiclass" else ops.sigmoid(mean)
+    return _vote(stacked, probs, task, w, threshold)
+
+
+def _vote(stacked, probs, task, w, threshold):
+    """Hard (weighted) vote; ties broken by the mean probability."""
+    if task == "multiclass":
+        decisions = ops.one_hot(ops.argmax(stacked, axis=-1), stacked.shape[-1], dtype=stacked.dtype)
+    else:
+        decisions = ops.cast(probs > threshold, stacked.dtype)
+    votes = _weighted_sum(decisions, w)
+    mean = _weighted_sum(probs, w)
+    tie_break = 0.5 * ops.min(w)
+    return (votes + tie_break * mean) / (1.0 + tie_break)
+
+
+def _entropy(probs, task):
+    """Entropy in nats: over the class axis (multiclass) or of each Bernoulli unit."""
+    if task == "multiclass":
+        return -ops.sum(probs * ops.log(ops.clip(probs, _EPSILON, 1.0)), axis=-1)
+    p = ops.clip(probs, _EPSILON, 1.0 - _EPSILON)
+    return -(p * ops.log(p) + (1.0 - p) * ops.log(1.0 - p))
+
+
+def member_uncertainty(stacked, task, weights=None, threshold=0.5):
+    """What the members' spread says about each prediction.
+
+    Classification: ``predictive_entropy`` H(p̄) of the mean probabilities,
+    ``expected_entropy`` Σ w_k H(p_k) (aleatoric), ``mutual_information`` their
+    difference (epistemic, ≥ 0, zero when the members agree exactly) and
+    ``disagreement``, the weighted fraction of members whose decision differs
+    from the mean's. Multiclass reduces the class axis; binary/multilabel are
+    per unit. Regression: ``std``, the members' (weighted) standard deviation.
+
+    Args:
+        stacked: canonical member outputs ``(batch, K, ...)``.
+        task: one of ``TASKS``.
+        weights: per-member weights summing to one (``None``: uniform).
+
+    Returns:
+        A dict of tensors, keys ``UNCERTAINTY[task]``.
+
+    Example:
+        >>> import numpy as np
+        >>> same = np.log(np.full((2, 3, 4), 0.25, "float32"))
+        >>> mi = member_uncertainty(same, "multiclass")["mutual_information"]
+        >>> float(keras.ops.max(keras.ops.abs(mi))) < 1e-6
+        True
+    """
+    count = stacked.shape[1]
+    w = _weights(weights, count, stacked.dtype)
+    if task == "regression":
+        mean = _weighted_sum(stacked, w)
+        variance = _weighted_sum(ops.square(stacked - ops.expand_dims(mean, 1)), w)
+        return {"std": ops.sqrt(ops.maximum(variance, 0.0))}
+    probs = member_probs(stacked, task)
+    mean = _weighted_sum(probs, w)
+    predictive = _entropy(mean, task)
+    expected = _weighted_sum(_entropy(probs, task), w)
+    if task == "multiclass":
+        differs = ops.not_equal(ops.argmax(probs, axis=-1), ops.expand_dims(ops.argmax(mean, axis=-1), 1))
+    else:
+        differs = ops.not_equal(probs > threshold, ops.expand_dims(mean > threshold, 1))
+    return {
+        "predictive_entropy": predictive,
+        "expected_entropy": expected,
+        "mutual_information": ops.maximum(predictive - expected, 0.0),
+        "disagreement": _weighted_sum(ops.cast(differs, stacked.dtype), w),
+    }
+
+
+class _MemberLayer(keras.layers.Layer):
+    """Shared by ``MemberReduce`` and ``MemberUncertainty``: canonical, stacked member outputs.
+
+    The input is either a list of the K member outputs (``ek.ensemble``) or one
+    tensor with members on axis 1 (``ek.pack``); ``kinds`` has one kind per
+    member (one for all, for a stacked input).
+    """
+
+    def __init__(self, task, kinds, member_weights=None, threshold=0.5, **kwargs):
+        super().__init__(**kwargs)
+        if task not in TASKS:
+            raise ValueError(f"{self.name}: unknown task {task!r}; expected one of {TASKS}.")
+        self.task = task
+        self.kinds = list(kinds)
+        self.member_weights = None if member_weights is None else [float(w) for w in member_weights]
+        self.threshold = float(threshold)
+
+    def build(self, input_shape):
+        if isinstance(input_shape, (list, tuple)) and input_shape and isinstance(input_shape[0], (list, tuple)):
+            first = tuple(input_shape[0])
+            for index, shape in enumerate(input_shape):
+                if tuple(shape)[1:] != first[1:]:
+                    raise ValueError(
+                        f"{self.name}: member {index} outputs shape {tuple(shape)} but member 0 "
+                        f"outputs {first}; every member must output the same shape."
+                    )
+
+    def stacked(self, inputs):
+        if isinstance(inputs, (list, tuple)):
+            return ops.stack([canonical(x, self.task, k) for x, k in zip(inputs, self.kinds)], axis=1)
+        return canonical(inputs, self.task, self.kinds[0])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(task=self.task, kinds=self.kinds, member_weights=self.member_weights,
+                      threshold=self.threshold)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MemberStack(_MemberLayer):
+    """The members' outputs in canonical form, stacked: ``(batch, K, ...)`` (for fitting on validation data)."""
+
+    def call(self, inputs):
+        return self.stacked(inputs)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MemberReduce(_MemberLayer):
+    """Combine member outputs of any task with one method (see ``reduce_members``).
+
+    Args:
+        task: ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"regression"``.
+        method: one of ``METHODS[task]``.
+        kinds: per member, ``"logits"`` or ``"probs"`` (ignored for regression).
+        member_weights: per-member weights summing to one (``None``: uniform).
+        trim: fraction cut from each end by ``"trimmed_mean"``.
+        threshold: binary/multilabel vote threshold.
+    """
+
+    def __init__(self, task, method, kinds, member_weights=None, trim=0.2, threshold=0.5, **kwargs):
+        super().__init__(task, kinds, member_weights=member_weights, threshold=threshold, **kwargs)
+        self.method = check_method(method, task, f"layer {self.name!r}")
+        if not 0.0 <= trim < 0.5:
+            raise ValueError(f"{self.name}: trim must be in [0, 0.5), got {trim}.")
+        self.trim = float(trim)
+
+    @property
+    def output_kind(self):
+        return None if self.task == "regression" else "probs"
+
+    def call(self, inputs):
+        return reduce_members(self.stacked(inputs), self.task, self.method, self.member_weights,
+                              trim=self.trim, threshold=self.threshold)
+
+    def compute_output_shape(self, input_shape):
+        if isinstance(input_shape, (list, tuple)) and isinstance(input_shape[0], (list, tuple)):
+            return tuple(input_shape[0])
+        return (input_shape[0], *input_shape[2:])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(method=self.method, trim=self.trim)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MemberUncertainty(_MemberLayer):
+    """The members' uncertainty outputs (see ``member_uncertainty``), as a dict of tensors.
+
+    Args: as ``MemberReduce`` without ``method`` and ``trim``.
+    """
+
+    def call(self, inputs):
+        return member_uncertainty(self.stacked(inputs), self.task, self.member_weights,
+                                  threshold=self.threshold)

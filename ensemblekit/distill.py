@@ -4,7 +4,10 @@ The student is trained on ``alpha`` x the supervised cross-entropy plus
 ``(1 - alpha)`` x the temperature-scaled KL divergence to the teacher,
 ``T² · KL(softmax(t/T) || softmax(s/T))``, where ``t`` are the teacher's
 log-probabilities (the ensemble's, whatever its members output) and ``s`` the
-student's logits. The training loop is Keras' own ``keras.distillation.Distiller``
+student's logits. Per task: binary classifiers are seen as two-class logits
+``[0, z]`` (so the softmax is the sigmoid and the soft targets are the teacher's
+Bernoulli probabilities, tempered); regressors match the teacher's prediction
+(the ensemble mean) with a mean squared error, plus ``alpha`` x the MSE to ``y``. The training loop is Keras' own ``keras.distillation.Distiller``
 with a ``LogitsDistillation`` loss; ensemblekit adds what one teacher model does
 not need:
 
@@ -30,12 +33,14 @@ import numpy as np
 
 from ensemblekit._graph import architecture_differences, model_output_shape
 from ensemblekit._io import load_member, load_members, predict
-from ensemblekit._outputs import detect_output_kind, to_log_probs
+from ensemblekit._outputs import check_task, detect_output_kind, detect_task, output_layers, to_log_probs
+from ensemblekit._tasks import canonical
 from ensemblekit._validate import check_labels
 from ensemblekit.compose import ensemble
 from ensemblekit.pack import pack
 from ensemblekit.prune import channels
 
+DISTILL_TASKS = ("multiclass", "binary", "regression")
 _TEACHER_KEY = "teacher_log_probs"
 _INPUT_KEY = "inputs"
 
@@ -76,7 +81,7 @@ class DistillReport:
 
 def distill(teacher, student, x, y=None, *, temperature=3.0, alpha=0.5, epochs=10, batch_size=64,
             augment=None, validation_data=None, cache_teacher="auto", callbacks=None, optimizer=None,
-            init="weights", width=None, seed=0, safe_mode=True, verbose=1):
+            init="weights", width=None, seed=0, safe_mode=True, verbose=1, task=None):
     """Train ``student`` to match ``teacher`` (an ensemble or any classifier); return it and a report.
 
     Args:
@@ -85,7 +90,8 @@ def distill(teacher, student, x, y=None, *, temperature=3.0, alpha=0.5, epochs=1
             is the teacher (packed with ``ek.pack`` when they share an architecture).
         student: a ``keras.Model`` or a path; it is copied, never modified.
         x: training inputs (labelled or not).
-        y: integer labels, or ``None`` to train on the teacher alone.
+        y: integer labels (0/1 for binary, values for regression), or ``None`` to
+            train on the teacher alone.
         temperature: softmax temperature ``T`` of the distillation loss (> 0).
         alpha: weight of the supervised loss, in ``[0, 1]``; the distillation
             loss gets ``1 - alpha`` (ignored, i.e. 0, when ``y`` is None).
@@ -105,6 +111,8 @@ def distill(teacher, student, x, y=None, *, temperature=3.0, alpha=0.5, epochs=1
         seed: seeds initialisation, shuffling and augmentation.
         safe_mode: used when loading models from files.
         verbose: Keras' progress bar (0 = quiet).
+        task: ``"multiclass"``, ``"binary"`` or ``"regression"`` (``None`` detects the
+            teacher's; the student must not be detected as another task).
 
     Returns:
         ``(student, DistillReport)``: the trained student, a plain ``keras.Model``
@@ -124,18 +132,19 @@ def distill(teacher, student, x, y=None, *, temperature=3.0, alpha=0.5, epochs=1
     if len(x) == 0:
         raise ValueError("distill: x is empty; give at least one training sample.")
     keras.utils.set_random_seed(seed)
-    teacher_model, teacher_label = _teacher_model(teacher, safe_mode)
+    teacher_model, teacher_label = _teacher_model(teacher, safe_mode, task)
     student_model = _student_copy(load_member(student, 0, safe_mode=safe_mode), init, width)
     _check_outputs(teacher_model, student_model)
+    task = _task(teacher_model, student_model, task)
     num_classes = model_output_shape(teacher_model)[-1]
     if y is not None:
-        y = check_labels(y, len(x), num_classes)
+        y = _targets(y, len(x), num_classes, task)
     cached, reason = _cache_decision(cache_teacher, augment)
 
     start = time.perf_counter()
-    teacher_view = _log_probs_view(teacher_model, "teacher_log_probs_view")
-    student_view = _log_probs_view(student_model, "student_log_probs_view")
-    validation = _validation(validation_data, num_classes)
+    teacher_view = _view(teacher_model, task, "teacher_view")
+    student_view = _view(student_model, task, "student_view")
+    validation = _validation(validation_data, num_classes, task)
     if cached:
         data = {_INPUT_KEY: x, _TEACHER_KEY: _log_probs(teacher_view, x, batch_size)}
         if validation is not None:
@@ -145,16 +154,20 @@ def distill(teacher, student, x, y=None, *, temperature=3.0, alpha=0.5, epochs=1
         teacher_view, student_view = _cached_views(teacher_view, student_view)
     else:
         data = _Batches(x, y, batch_size, augment, seed)
-    distiller = keras.distillation.Distiller(
-        teacher_view, student_view,
+    if task == "regression":
+        distillation_loss = keras.distillation.FeatureDistillation(loss="mse")
+        student_loss = keras.losses.MeanSquaredError()
+    else:
         # The loss object, not the string: LogitsDistillation applies the softmax
         # and T² scaling only for a KLDivergence instance.
-        [keras.distillation.LogitsDistillation(temperature=float(temperature),
-                                               loss=keras.losses.KLDivergence())],
+        distillation_loss = keras.distillation.LogitsDistillation(temperature=float(temperature),
+                                                                  loss=keras.losses.KLDivergence())
+        student_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    distiller = keras.distillation.Distiller(
+        teacher_view, student_view, [distillation_loss],
         student_loss_weight=float(alpha) if y is not None else 0.0,
     )
-    distiller.compile(optimizer or keras.optimizers.Adam(1e-3),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    distiller.compile(optimizer or keras.optimizers.Adam(1e-3), loss=student_loss)
     fit_kwargs = dict(epochs=epochs, callbacks=callbacks, verbose=verbose, validation_data=validation)
     if cached:
         history = distiller.fit(data, y, batch_size=batch_size, shuffle=True, **fit_kwargs)
@@ -193,7 +206,7 @@ def _check_settings(temperature, alpha, epochs, batch_size, cache_teacher, init,
         raise ValueError(f"distill: width must be in (0, 1] or None, got {width!r}.")
 
 
-def _teacher_model(teacher, safe_mode):
+def _teacher_model(teacher, safe_mode, task):
     """``(model, label)``: a model as given, or the members' mean ensemble (packed when possible)."""
     if isinstance(teacher, (list, tuple)):
         members = load_members(teacher, min_count=1, what="distill's teacher", safe_mode=safe_mode)
@@ -201,10 +214,10 @@ def _teacher_model(teacher, safe_mode):
             return members[0], "model"
         if not architecture_differences(members):
             try:
-                return pack(members, reduce="mean", name="teacher_packed"), "packed ensemble"
+                return pack(members, reduce="mean", task=task, name="teacher_packed"), "packed ensemble"
             except ValueError:
                 pass  # a layer pack does not support: the plain ensemble computes the same
-        return ensemble(members, "mean", name="teacher_ensemble"), "ensemble"
+        return ensemble(members, "mean", task=task, name="teacher_ensemble"), "ensemble"
     return load_member(teacher, 0, safe_mode=safe_mode), "model"
 
 
@@ -218,13 +231,27 @@ def _student_copy(student, init, width):
     return copy
 
 
+def _task(teacher, student, task):
+    """The teacher's task (given or detected); a student detected as another task is refused."""
+    task = check_task(task)[0] or detect_task(teacher, label=f"distill: teacher {teacher.name!r}")
+    if task not in DISTILL_TASKS:
+        raise ValueError(f"distill supports tasks {DISTILL_TASKS}; teacher {teacher.name!r} is {task}.")
+    if detect_output_kind(student) == "logits" and getattr(output_layers(student)[0], "task", None) is None:
+        return task  # a linear output: the teacher's task says what it is
+    student_task = detect_task(student)
+    if student_task != task:
+        raise ValueError(f"distill: teacher {teacher.name!r} is a {task} model but student "
+                         f"{student.name!r} is {student_task}; both must have one task.")
+    return task
+
+
 def _check_outputs(teacher, student):
     teacher_shape, student_shape = model_output_shape(teacher), model_output_shape(student)
     if teacher_shape != student_shape or len(student_shape) != 1:
         raise ValueError(
             f"distill: teacher {teacher.name!r} outputs {(None, *teacher_shape)} but student "
-            f"{student.name!r} outputs {(None, *student_shape)}; both must be classifiers with the "
-            "same (batch, classes) output."
+            f"{student.name!r} outputs {(None, *student_shape)}; both must have the same "
+            "(batch, units) output."
         )
 
 
@@ -242,10 +269,31 @@ def _cache_decision(cache_teacher, augment):
     return True, "no augmentation: teacher outputs computed once and reused every epoch"
 
 
-def _log_probs_view(model, name):
-    """A model over ``model``'s layers that outputs log-probabilities (valid logits for softmax)."""
+def _view(model, task, name):
+    """A model over ``model``'s layers whose output the distillation losses compare.
+
+    Multiclass: log-probabilities (valid logits for a softmax); binary: two-class
+    logits ``[0, z]`` (their softmax is ``[1 - σ(z), σ(z)]``); regression: the values.
+    """
     inputs = keras.Input(model.input_shape[1:], dtype=model.inputs[0].dtype)
-    return keras.Model(inputs, to_log_probs(model(inputs), detect_output_kind(model)), name=name)
+    out = model(inputs)
+    if task == "binary":
+        z = canonical(out, "binary", detect_output_kind(model))
+        out = keras.ops.concatenate([keras.ops.zeros_like(z), z], axis=-1)
+    elif task == "multiclass":
+        out = to_log_probs(out, detect_output_kind(model))
+    return keras.Model(inputs, out, name=name)
+
+
+def _targets(y, rows, num_classes, task, param="y"):
+    """Labels for the student loss: class indices (0/1 for binary) or float values (regression)."""
+    if task == "regression":
+        values = np.asarray(y, dtype="float32")
+        if values.size != rows * num_classes:
+            raise ValueError(f"{param} has shape {values.shape} but x has {rows} samples of "
+                             f"{num_classes} target value(s).")
+        return values.reshape(rows, num_classes)
+    return check_labels(y, rows, 2 if task == "binary" else num_classes, param=param)
 
 
 def _cached_views(teacher_view, student_view):
@@ -269,12 +317,12 @@ def _log_probs(teacher_view, x, batch_size):
     return np.asarray(predict(teacher_view, x, batch_size=max(batch_size, 256)), dtype="float32")
 
 
-def _validation(validation_data, num_classes):
+def _validation(validation_data, num_classes, task):
     if validation_data is None:
         return None
     x_val, y_val = validation_data
     x_val = np.asarray(x_val)
-    return x_val, check_labels(y_val, len(x_val), num_classes, param="validation y")
+    return x_val, _targets(y_val, len(x_val), num_classes, task, param="validation y")
 
 
 class _Batches(keras.utils.PyDataset):

@@ -137,3 +137,45 @@ def test_distilled_student_beats_the_labels_only_student_on_digits():
               [("labels", labels_only), ("distilled", student), ("teacher", teacher)]}
     assert scores["distilled"]["nll"] < scores["labels"]["nll"]
     assert scores["distilled"]["accuracy"] > scores["labels"]["accuracy"]
+
+
+# --- per task (issue "every kind of member") ---
+
+def _task_mlp(units, activation, seed):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((6,)), keras.layers.Dense(16, activation="relu"),
+                             keras.layers.Dense(units, activation=activation)], name=f"task_mlp_{seed}")
+
+
+def test_distill_binary_matches_the_teachers_bernoulli_targets():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 6)).astype("float32")
+    teachers = [_task_mlp(1, "sigmoid", seed) for seed in range(3)]
+    target = ek.ensemble(teachers).predict(x, verbose=0)
+    student = _task_mlp(1, "sigmoid", 9)
+    before = np.abs(student.predict(x, verbose=0) - target).mean()
+    trained, report = ek.distill(teachers, student, x, epochs=30, temperature=1.0, verbose=0)
+    after = np.abs(trained.predict(x, verbose=0) - target).mean()
+    assert after < 0.5 * before
+    assert report.teacher == "packed ensemble" and report.alpha == 0.0
+
+
+def test_distill_regression_matches_the_ensemble_mean_and_uses_labels():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(256, 6)).astype("float32")
+    teachers = [_task_mlp(2, None, seed) for seed in range(3)]
+    target = ek.ensemble(teachers, task="regression").predict(x, verbose=0)
+    student = _task_mlp(2, None, 9)
+    before = np.mean((student.predict(x, verbose=0) - target) ** 2)
+    trained, report = ek.distill(teachers, student, x, target, task="regression", epochs=30,
+                                 batch_size=32, verbose=0)
+    assert np.mean((trained.predict(x, verbose=0) - target) ** 2) < 0.5 * before
+    assert report.alpha == 0.5 and len(report.history["loss"]) == 30
+
+
+def test_distill_refuses_mismatched_tasks():
+    x = np.zeros((8, 6), "float32")
+    with pytest.raises(ValueError, match="is a multiclass model but student .* is multilabel"):
+        ek.distill(_task_mlp(3, "softmax", 1), _task_mlp(3, "sigmoid", 2), x, verbose=0)
+    with pytest.raises(ValueError, match="cannot be told; pass task="):
+        ek.distill(_task_mlp(1, None, 1), _task_mlp(1, None, 2), x, verbose=0)

@@ -1,0 +1,57 @@
+"""ek.pack for every task: the packed model equals ek.ensemble, uncertainty outputs included."""
+
+import keras
+import numpy as np
+import pytest
+
+import ensemblekit as ek
+
+RNG = np.random.default_rng(4)
+
+
+def conv_member(units, activation, seed):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((12, 2)),
+        keras.layers.Conv1D(6, 3, activation="relu"),
+        keras.layers.BatchNormalization(),
+        keras.layers.GlobalAveragePooling1D(),
+        keras.layers.Dense(units, activation=activation),
+    ], name=f"member_{seed}")
+
+
+CASES = [
+    ("binary", 1, "sigmoid", ["mean", "logit_mean", "vote"]),
+    ("multilabel", 3, "sigmoid", ["mean", "geometric"]),
+    ("regression", 2, None, ["mean", "median", "trimmed_mean"]),
+    ("multiclass", 4, "softmax", ["mean", "vote"]),
+]
+
+
+@pytest.mark.parametrize("task,units,activation,methods", CASES)
+def test_pack_equals_ensemble_per_task(task, units, activation, methods, tmp_path):
+    members = [conv_member(units, activation, seed) for seed in range(5)]
+    x = RNG.normal(size=(10, 12, 2)).astype("float32")
+    given = task if activation is None else None
+    for method in methods:
+        packed = ek.pack(members, method, task=given, uncertainty=True)
+        ensemble = ek.ensemble(members, method, task=given, uncertainty=True)
+        got, want = packed.predict(x, verbose=0), ensemble.predict(x, verbose=0)
+        assert sorted(got) == sorted(want)
+        for key in want:
+            np.testing.assert_allclose(got[key], want[key], atol=1e-5, err_msg=f"{task}/{method}/{key}")
+    path = tmp_path / f"{task}.keras"
+    packed.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0)["prediction"], got["prediction"], atol=1e-6)
+    for member, back in zip(members, ek.unpack(loaded)):
+        for a, b in zip(member.get_weights(), back.get_weights()):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_pack_refuses_methods_of_another_task():
+    members = [conv_member(2, None, seed) for seed in range(2)]
+    with pytest.raises(ValueError, match="method 'vote' is not defined for task 'regression'"):
+        ek.pack(members, "vote", task="regression")
+    with pytest.raises(ValueError, match="cannot be told; pass task="):
+        ek.pack([conv_member(1, None, seed) for seed in range(2)])

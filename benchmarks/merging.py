@@ -11,10 +11,16 @@ Writes ``benchmarks/results/merging.json`` and ``merging.md``.
     and without ``reset_bn``.
 (d) K=8 members of >=200 MB: peak RSS of a streamed merge vs loading all,
     each in a fresh subprocess (``resource.getrusage``).
+(e) 2 independently trained MobileNet-style CNNs (depthwise-separable blocks
+    with squeeze-and-excitation, BatchNorm, hard-swish): the same as (c).
+
+``--only e`` (or any letters) runs some sections and keeps the others' results
+from the last full run.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -29,6 +35,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ensemblekit.bench.throughput import write_json_and_markdown  # noqa: E402
 from ensemblekit.datasets import load_mnist1d  # noqa: E402
 from ensemblekit.merge import align, merge, reset_bn  # noqa: E402
 
@@ -67,6 +74,25 @@ def cnn(width, seed):
         h = L.ReLU()(L.BatchNormalization()(L.Conv1D(width, 5, padding="same")(h)))
         h = L.MaxPooling1D()(h)
     h = L.Dense(width, activation="relu")(L.Flatten()(h))
+    return keras.Model(inputs, L.Dense(10)(h))
+
+
+def mobilenet_style(width, seed):
+    """Depthwise-separable blocks with squeeze-and-excitation, like a 1-D MobileNetV3."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((40, 1))
+    h = L.Activation("hard_swish")(L.BatchNormalization()(L.Conv1D(width, 3, padding="same")(inputs)))
+    for _ in range(2):
+        skip = h
+        h = L.DepthwiseConv1D(5, padding="same")(h)
+        h = L.Activation("hard_swish")(L.BatchNormalization()(h))
+        gate = L.GlobalAveragePooling1D(keepdims=True)(h)
+        gate = L.Conv1D(width // 4, 1, activation="relu")(gate)
+        gate = L.Conv1D(width, 1, activation="hard_sigmoid")(gate)
+        h = L.Multiply()([h, gate])
+        h = L.BatchNormalization()(L.Conv1D(width, 1)(h))
+        h = L.MaxPooling1D()(L.Add()([h, skip]))
+    h = L.Dense(width, activation="hard_swish")(L.GlobalAveragePooling1D()(h))
     return keras.Model(inputs, L.Dense(10)(h))
 
 
@@ -169,6 +195,11 @@ def out_of_core(k=8, layers=20, width=1600):
 
 def markdown(results):
     a, b, c, d = results["a_fine_tunes"], results["b_mlp"], results["c_cnn_bn"], results["d_out_of_core"]
+    sections = [("(b) 2 independent MLPs (40-512-512-10)", b),
+                ("(c) 2 independent CNNs with BatchNorm (width 64)", c)]
+    if "e_mobilenet_style" in results:
+        sections.append(("(e) 2 independent MobileNet-style CNNs (depthwise-separable + SE, width 64)",
+                         results["e_mobilenet_style"]))
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
     lines = [
         "# Weight-space merging (mnist1d: 3500 train + 500 validation / 1000 test)",
@@ -189,8 +220,7 @@ def markdown(results):
         f"| DARE-TIES (density 0.5) | {pct(a['dare_ties_density_0.5'])} |",
         "",
     ]
-    for title, r in (("(b) 2 independent MLPs (40-512-512-10)", b),
-                     ("(c) 2 independent CNNs with BatchNorm (width 64)", c)):
+    for title, r in sections:
         lines += [f"## {title}", "", "| model | accuracy |", "|---|---|",
                   f"| members | {', '.join(pct(v) for v in r['members'])} (mean {pct(r['members_mean'])}) |",
                   f"| plain average | {pct(r['plain_average'])} |",
@@ -216,23 +246,30 @@ def markdown(results):
     return "\n".join(lines)
 
 
-def main():
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="abcde", help="sections to run (letters a-e); default all")
+    args = parser.parse_args(argv)
     (x, y), (xt, yt) = load_mnist1d(channels_last=False)
     flat = ((x[:-VALIDATION], y[:-VALIDATION]), (x[-VALIDATION:], y[-VALIDATION:]), (xt, yt))
     channels = tuple((a[..., None], b) for a, b in flat)
-    results = {"machine": f"{os.cpu_count()}-core CPU ({platform.machine()}), no GPU, "
-                          f"keras {keras.__version__} ({keras.backend.backend()})"}
+    previous = RESULTS / "merging.json"
+    results = json.loads(previous.read_text()) if set(args.only) != set("abcde") and previous.exists() else {}
+    results["machine"] = (f"{os.cpu_count()}-core CPU ({platform.machine()}), no GPU, "
+                          f"keras {keras.__version__} ({keras.backend.backend()})")
     steps = [("a_fine_tunes", lambda: fine_tunes(flat)),
              ("b_mlp", lambda: independent(lambda s: mlp(512, s), flat, epochs=20, use_bn=False)),
              ("c_cnn_bn", lambda: independent(lambda s: cnn(64, s), channels, epochs=15, use_bn=True)),
-             ("d_out_of_core", out_of_core)]
+             ("d_out_of_core", out_of_core),
+             ("e_mobilenet_style", lambda: independent(lambda s: mobilenet_style(64, s), channels,
+                                                       epochs=15, use_bn=True))]
     for key, step in steps:
+        if key[0] not in args.only:
+            continue
         start = time.perf_counter()
         results[key] = step()
         print(f"{key}: {time.perf_counter() - start:.0f} s\n{json.dumps(results[key], indent=1)}", flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "merging.json").write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / "merging.md").write_text(markdown(results))
+    write_json_and_markdown(results, markdown(results), RESULTS, "merging")
     print(markdown(results))
 
 

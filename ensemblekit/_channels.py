@@ -21,6 +21,13 @@ coupled channels are joined with a union-find:
 - a nested functional model is walked through with its inputs' layouts
   (DepGraph sees through modules the same way), so its groups couple with
   the outer model's;
+- a composite layer (one Layer holding sublayers, not a graph: keras-hub's
+  ViT patch embedding and transformer encoder, known by class name) has a kind
+  of its own whose record lists every sublayer weight's channel axes; an
+  encoder opens *inner* groups of its own (each block's whole attention heads,
+  the units within a head, its MLP units), and records the count ties its
+  config imposes (one ``num_heads``/``mlp_dim`` for all blocks,
+  ``hidden_dim = num_heads * key_dim``);
 - groups touching the model's input or output, or a layer the table does
   not know, are *fixed* (kept whole), with the reason.
 
@@ -33,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import math
 
 import keras
@@ -73,6 +81,14 @@ KINDS = {
     "concat": "Concatenate: joins the layouts on the last axis, unites them on another axis",
     "flatten": "Flatten: repeats the layout once per spatial position",
     "nested": "a nested functional/Sequential model called once: walked through with its inputs' layouts",
+    "index": "x[:, i] / x[:, a:b] indexing, or keras.ops.mean/max over, axes between the batch and "
+             "channel axes (ViT's class-token and average pooling)",
+    "patch_embedding": "ViT's patch embedding (keras-hub ViTPatchingAndEmbedding): patch Conv, class token "
+                       "and position embedding open the residual-stream group together",
+    "transformer": "a transformer encoder or block (keras-hub ViTEncoder/ViTEncoderBlock: LN, "
+                   "MultiHeadAttention, MLP, residual adds): passes the residual stream; each block "
+                   "opens a group of whole heads and one of MLP units (Torch-Pruning's head pruning) "
+                   "and permutes (never prunes) the units within its heads",
 }
 PRODUCERS = _layer_types("Dense", "Conv1D", "Conv2D", "Conv3D")
 TRANSPOSED = _layer_types("Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose")
@@ -112,14 +128,22 @@ SPATIAL_DROPOUT = _layer_types("SpatialDropout1D", "SpatialDropout2D", "SpatialD
 MERGES = _layer_types("Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum")
 CONCATS = _layer_types("Concatenate")
 FLATTENS = _layer_types("Flatten")
+INDEXING = _keras_src_types("ops.numpy", "GetItem")
+AXIS_REDUCTIONS = _keras_src_types("ops.numpy", "Mean", "Max")
+# keras-hub composite layers, known by class name: the library never imports keras-hub
+PATCH_EMBEDDINGS = ("ViTPatchingAndEmbedding",)
+ENCODERS = ("ViTEncoder",)  # blocks in ``encoder_layers``, then a final LayerNormalization ``layer_norm``
+ENCODER_BLOCKS = ("ViTEncoderBlock",)  # ln_1 -> mha -> + x -> ln_2 -> mlp (dense_1, dense_2) -> + x
 UNKNOWN_KIND = "it is not a layer kind the channel graph knows"
-OPENERS = ("producer", "separable", "embedding")  # kinds whose output is a new group
+OPENERS = ("producer", "separable", "embedding", "patch_embedding")  # kinds whose output is a new group
 # kinds whose output carries their (first) input's layout unchanged
-PASSING = ("depthwise", "norm", "elementwise", "spatial", "reshape", "scale", "constant")
+PASSING = ("depthwise", "norm", "elementwise", "spatial", "reshape", "scale", "constant", "index",
+           "transformer")
 SUPPORTED = ("Dense, Conv1D/2D/3D(Transpose), DepthwiseConv, SeparableConv, BatchNormalization, "
              "LayerNormalization, Embedding, Flatten, Concatenate, Add/Average/Multiply/..., "
              "activations, dropout, pooling, padding, size-1 Reshape, LayerScale, Normalization, "
-             "Rescaling, element-wise keras.ops, nested functional/Sequential models")
+             "Rescaling, element-wise keras.ops, x[:, i] indexing and keras.ops.mean over token axes, nested functional/Sequential models, "
+             "keras-hub ViTPatchingAndEmbedding/ViTEncoder/ViTEncoderBlock")
 
 
 def _last_axis(axis, rank):
@@ -158,7 +182,60 @@ def _constant_kind(layer, rank):
     return "constant", None
 
 
-def _classify(layer, input_shapes):
+def _index_kind(node, rank):
+    """``("index", None)`` if the call's key indexes only axes between the batch and channel axes."""
+    if node is None:
+        return None, "its index is unknown (call it in a functional graph)"
+    key = node.arguments.args[1] if len(node.arguments.args) > 1 else node.arguments.kwargs.get("key")
+    key = key if isinstance(key, tuple) else (key,)
+    simple = all(isinstance(k, (int, np.integer, slice)) and not isinstance(k, bool) for k in key)
+    if simple and 1 < len(key) < rank and key[0] == slice(None):
+        return "index", None
+    return None, ("only indexing that keeps the batch and channel axes (x[:, 0], x[:, 1:3]) is "
+                  "supported")
+
+
+def encoder_blocks(layer):
+    """The transformer blocks of a keras-hub encoder (or ``[layer]`` for one block), or ``None``.
+
+    A block must hold a plain ``MultiHeadAttention`` (``mha``: EinsumDense
+    query/key/value kernels ``(hidden, heads, head_dim)``, output kernel
+    ``(heads, head_dim, hidden)``), ``layer_norm_1``/``layer_norm_2`` and an
+    ``mlp`` of two Dense layers (``dense_1``, ``dense_2``).
+    """
+    name = type(layer).__name__
+    blocks = list(getattr(layer, "encoder_layers", [])) if name in ENCODERS else [layer]
+    if name in ENCODERS and not isinstance(getattr(layer, "layer_norm", None), keras.layers.LayerNormalization):
+        return None
+    for block in blocks:
+        mha, mlp = getattr(block, "mha", None), getattr(block, "mlp", None)
+        if (not isinstance(mha, keras.layers.MultiHeadAttention) or mha._output_shape is not None
+                or mha._attention_axes not in (None, (1,)) or not all(map(_plain, block._flatten_layers()))
+                or not all(isinstance(getattr(block, f"layer_norm_{i}", None), keras.layers.LayerNormalization)
+                           for i in (1, 2))
+                or not all(isinstance(getattr(mlp, d, None), keras.layers.Dense) for d in ("dense_1", "dense_2"))
+                or not all(len(getattr(getattr(mha, dense, None), "kernel", np.zeros(0)).shape) == 3
+                           for dense in ("_query_dense", "_key_dense", "_value_dense", "_output_dense"))):
+            return None
+    return blocks if blocks and layer.built else None
+
+
+def _composite_kind(layer):
+    """``(kind, why)`` for a keras-hub composite layer the table knows, else ``None``."""
+    name = type(layer).__name__
+    if name in PATCH_EMBEDDINGS:
+        if not layer.built or not isinstance(getattr(layer, "patch_embedding", None), keras.layers.Conv2D):
+            return None, "it is not built (no patch_embedding Conv2D)"
+        return "patch_embedding", None
+    if name in ENCODERS + ENCODER_BLOCKS:
+        if encoder_blocks(layer) is None:
+            return None, ("its blocks are not built or not LN -> MultiHeadAttention -> LN -> MLP(Dense, "
+                          "Dense) with (hidden, heads, head_dim) kernels")
+        return "transformer", None
+    return None
+
+
+def _classify(layer, input_shapes, node=None):
     """``(kind, None)`` or ``(None, why the channels cannot pass through layer)``."""
     if is_container(layer):
         if not _has_graph(layer):
@@ -169,6 +246,16 @@ def _classify(layer, input_shapes):
     if not _plain(layer):
         return None, "quantized or LoRA-enabled layers are not supported"
     rank = len(input_shapes[0]) if input_shapes else 0
+    composite = _composite_kind(layer)
+    if composite is not None:
+        return composite
+    if isinstance(layer, INDEXING):
+        return _index_kind(node, rank)
+    if isinstance(layer, AXIS_REDUCTIONS):
+        axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+        if rank > 2 and None not in axes and all(0 < a < rank - 1 for a in axes):
+            return "index", None
+        return None, "only a reduction over non-negative axes between the batch and channel axes is supported"
     if isinstance(layer, BINARY_OPS):  # with one tensor the other operand is a constant
         return ("merge" if len(input_shapes) > 1 else "elementwise"), None
     if isinstance(layer, ELEMENTWISE_OPS):
@@ -207,7 +294,7 @@ def _classify(layer, input_shapes):
     return None, f"{UNKNOWN_KIND} (supported: {SUPPORTED})"
 
 
-def layer_kind(layer, input_shapes):
+def layer_kind(layer, input_shapes, node=None):
     """How ``layer`` treats the channel axis: one of ``KINDS``, or ``None`` if channels cannot pass.
 
     Args:
@@ -215,12 +302,14 @@ def layer_kind(layer, input_shapes):
             or a nested ``keras.Model``.
         input_shapes: the shapes of its inputs, batch axis included
             (``[tuple(t.shape) for t in input_tensors]``).
+        node: its call node (``"index"`` reads the index from its arguments).
 
     Returns:
         ``"producer"``, ``"depthwise"``, ``"separable"``, ``"norm"``,
         ``"embedding"``, ``"elementwise"``, ``"reshape"``, ``"scale"``,
         ``"constant"``, ``"spatial"``, ``"merge"``, ``"concat"``,
-        ``"flatten"``, ``"nested"`` or ``None`` (``unsupported_reason`` says
+        ``"flatten"``, ``"nested"``, ``"index"``, ``"patch_embedding"``,
+        ``"transformer"`` or ``None`` (``unsupported_reason`` says
         why). A ``"constant"`` layer or an element-wise operation whose
         per-channel constants are not weights (``Rescaling([...])``,
         ``x * np.array([...])``) still keeps its channels whole in the graph.
@@ -234,10 +323,10 @@ def layer_kind(layer, input_shapes):
         >>> print(layer_kind(keras.layers.Conv1D(4, 3, groups=2), [(None, 8, 2)]))
         None
     """
-    return _classify(layer, input_shapes)[0]
+    return _classify(layer, input_shapes, node)[0]
 
 
-def unsupported_reason(layer, input_shapes):
+def unsupported_reason(layer, input_shapes, node=None):
     """Why channels cannot pass through ``layer`` (one clause), or ``None`` if they can.
 
     Example:
@@ -247,7 +336,7 @@ def unsupported_reason(layer, input_shapes):
         >>> print(unsupported_reason(keras.layers.ReLU(), [(None, 4)]))
         None
     """
-    return _classify(layer, input_shapes)[1]
+    return _classify(layer, input_shapes, node)[1]
 
 
 def _held_constants(layer, node):
@@ -324,7 +413,9 @@ class WeightAxis:
         variable: the ``keras.Variable``.
         axis: the axis (non-negative).
         side: ``"in"`` if the axis carries the layer's input layout,
-            ``"out"`` if it carries its output layout.
+            ``"out"`` if it carries its output layout, else the name of one
+            of the layer's inner groups (``"0/heads"``: a composite layer's
+            block 0 attention heads).
     """
 
     variable: object
@@ -342,6 +433,10 @@ class LayerChannels:
         inputs: the layout (list of groups) of each input tensor.
         output: the layout of its (first) output tensor.
         weights: the ``WeightAxis`` of every weight axis that carries channels.
+        inner: ``{name: layout}`` of the groups a composite layer holds inside
+            (a transformer block's heads, units within a head, MLP units).
+        opens: the names of the inner groups it opens as prunable units
+            (whole heads, MLP units); the others are only permuted.
     """
 
     layer: object
@@ -349,6 +444,8 @@ class LayerChannels:
     inputs: list
     output: list
     weights: list
+    inner: dict = dataclasses.field(default_factory=dict)
+    opens: tuple = ()
 
     @property
     def input(self):
@@ -356,8 +453,10 @@ class LayerChannels:
         return self.inputs[0] if self.inputs else None
 
     def layout(self, side):
-        """The layout an axis of ``side`` (``"in"``/``"out"``) carries."""
-        return self.input if side == "in" else self.output
+        """The layout an axis of ``side`` (``"in"``/``"out"``/an inner group's name) carries."""
+        if side == "in":
+            return self.input
+        return self.output if side == "out" else self.inner[side]
 
 
 def _weight_axes(layer, kind):
@@ -383,7 +482,64 @@ def _weight_axes(layer, kind):
         return [WeightAxis(variable, 0, "in") for variable in layer.weights if len(variable.shape) == 1]
     if kind == "embedding":
         return [WeightAxis(layer.embeddings, 1, "out")]
+    if kind == "patch_embedding":
+        conv = layer.patch_embedding
+        axes = [WeightAxis(conv.kernel, 2, "in"), WeightAxis(conv.kernel, 3, "out")]
+        axes += [WeightAxis(conv.bias, 0, "out")] if conv.bias is not None else []
+        axes += [WeightAxis(v, len(v.shape) - 1, "out") for v in (getattr(layer, "class_token", None),
+                 layer.position_embedding.embeddings) if v is not None]
+        return axes
+    if kind == "transformer":
+        return _transformer_axes(layer)
     return []
+
+
+def _dense_axes(dense, in_side, out_side):
+    axes = [WeightAxis(dense.kernel, 0, in_side), WeightAxis(dense.kernel, 1, out_side)]
+    return axes + ([WeightAxis(dense.bias, 0, out_side)] if dense.bias is not None else [])
+
+
+def _attention_axes(mha, prefix):
+    """A MultiHeadAttention's axes: the stream ("in"), whole heads, units within a head (q/k, v/o)."""
+    heads, axes = f"{prefix}heads", []
+    for dense, units in ((mha._query_dense, "qk"), (mha._key_dense, "qk"), (mha._value_dense, "vo")):
+        axes += [WeightAxis(dense.kernel, 0, "in"), WeightAxis(dense.kernel, 1, heads),
+                 WeightAxis(dense.kernel, 2, prefix + units)]
+        if dense.bias is not None:
+            axes += [WeightAxis(dense.bias, 0, heads), WeightAxis(dense.bias, 1, prefix + units)]
+    out = mha._output_dense
+    axes += [WeightAxis(out.kernel, 0, heads), WeightAxis(out.kernel, 1, f"{prefix}vo"),
+             WeightAxis(out.kernel, 2, "in")]
+    return axes + ([WeightAxis(out.bias, 0, "in")] if out.bias is not None else [])
+
+
+def _transformer_axes(layer):
+    """Every block's LN, attention and MLP axes (the residual stream is "in"), then the final LN."""
+    axes = []
+    for i, block in enumerate(encoder_blocks(layer)):
+        for norm in (block.layer_norm_1, block.layer_norm_2):
+            axes += [WeightAxis(v, 0, "in") for v in norm.weights]
+        axes += _attention_axes(block.mha, f"{i}/")
+        axes += _dense_axes(block.mlp.dense_1, "in", f"{i}/mlp") + _dense_axes(block.mlp.dense_2, f"{i}/mlp", "in")
+    if type(layer).__name__ in ENCODERS:
+        axes += [WeightAxis(v, 0, "in") for v in layer.layer_norm.weights]
+    return axes
+
+
+@dataclasses.dataclass(frozen=True)
+class CountTie:
+    """Groups whose kept channel counts a layer's config ties together (``prune.channels`` obeys it).
+
+    Attributes:
+        layer: the layer whose config imposes the tie (one ``num_heads`` for all blocks).
+        groups: groups that must keep equal counts (every block's heads, or MLP units).
+        scaled: ``(layout, factor)`` or ``None``: the channels of ``layout`` keep
+            ``factor`` times the count of ``groups`` (``hidden_dim = num_heads * key_dim``).
+    """
+
+    layer: object
+    groups: tuple
+    scaled: tuple | None = None
 
 
 def _channel_count(tensor):
@@ -409,6 +565,7 @@ class ChannelGraph:
         self.model = model
         self._groups = _Groups()
         self.layouts, self.layers = {}, {}
+        self.ties = []  # CountTie of composite layers' configs
         self._nested_outputs = {}  # id(tensor) -> the nested model that returned it
         outputs = self._walk(model, None)
         for tensor in outputs:
@@ -437,7 +594,7 @@ class ChannelGraph:
         return outputs
 
     def _visit(self, layer, node, input_tensors, output_tensors):
-        kind, why = _classify(layer, [tuple(t.shape) for t in input_tensors])
+        kind, why = _classify(layer, [tuple(t.shape) for t in input_tensors], node)
         in_layouts = [self.layouts[id(t)] for t in input_tensors]
         if kind == "nested":
             self._visit_nested(layer, in_layouts, output_tensors)
@@ -458,7 +615,26 @@ class ChannelGraph:
         for tensor, layout in zip(output_tensors, outs, strict=True):
             self.layouts[id(tensor)] = layout
         weights = _weight_axes(layer, kind)
-        self.layers[id(layer)] = LayerChannels(layer, kind, in_layouts, outs[0] if outs else [], weights)
+        record = LayerChannels(layer, kind, in_layouts, outs[0] if outs else [], weights)
+        if kind == "transformer":
+            self._open_inner(record)
+        self.layers[id(layer)] = record
+
+    def _open_inner(self, record):
+        """A transformer's groups per block: whole heads, units within a head (q/k, v/o), MLP units."""
+        heads, mlps, key_dims = [], [], set()
+        for i, block in enumerate(encoder_blocks(record.layer)):
+            query, value = block.mha._query_dense.kernel.shape, block.mha._value_dense.kernel.shape
+            sizes = {"heads": query[1], "qk": query[2], "vo": value[2],
+                     "mlp": block.mlp.dense_1.kernel.shape[1]}
+            for name, size in sizes.items():
+                record.inner[f"{i}/{name}"] = [self._groups.new(size)]
+            heads.append(record.inner[f"{i}/heads"][0])
+            mlps.append(record.inner[f"{i}/mlp"][0])
+            key_dims.add(int(query[2]))
+            record.opens += (f"{i}/heads", f"{i}/mlp")
+        scaled = (tuple(record.input), key_dims.pop()) if len(key_dims) == 1 else None
+        self.ties += [CountTie(record.layer, tuple(heads), scaled), CountTie(record.layer, tuple(mlps))]
 
     def _visit_nested(self, model, in_layouts, output_tensors):
         """Walk a nested model's own graph with the layouts of the tensors it is called on."""
@@ -488,7 +664,7 @@ class ChannelGraph:
             return [self._groups.new(output_tensor.shape[-1])], None
         if not in_layouts:
             return None, "it has no inputs"
-        held = _held_constants(layer, node)
+        held = _held_constants(layer, node) if kind != "index" else None
         if held is not None:
             return None, held
         first = in_layouts[0]
@@ -546,7 +722,15 @@ class ChannelGraph:
         for record in self.layers.values():
             if record.kind in OPENERS:
                 openers.setdefault(self.find(record.output[0]), []).append(record.layer)
+            for name in record.opens:
+                openers.setdefault(self.find(record.inner[name][0]), []).append(record.layer)
         return openers
+
+    def scoring_axes(self, layer, root):
+        """The weight axes of ``layer`` that write ``root``'s channels (kernels, not biases): importance reads them."""
+        record = self.layers[id(layer)]
+        return [w for w in record.weights if w.side != "in" and len(w.variable.shape) > 1
+                and any(self.find(g) == root for g in record.layout(w.side))]
 
     def records(self, kind=None):
         """The ``LayerChannels`` of every layer (or of one kind), in execution order."""
@@ -574,6 +758,39 @@ class ChannelGraph:
             parts.append(offset + (np.asarray(kept[root]) if root in kept else np.arange(size)))
             offset += size
         return np.concatenate(parts).astype("int64") if parts else np.zeros(0, "int64")
+
+
+def recreate(layer, config=None):
+    """A new layer of ``layer``'s class from ``config`` (default: its own), even where ``get_config`` is lossy.
+
+    ``from_config`` first. Some third-party layers' configs do not round-trip
+    (keras-hub's ``ViTPatchingAndEmbedding`` reports ``num_patches`` it does
+    not accept and leaves out ``use_patch_bias``): then the config is cut to
+    the constructor's arguments, and arguments it lacks are read from the
+    layer's attributes of the same name.
+
+    Example:
+        >>> import keras
+        >>> recreate(keras.layers.Dense(3, name="d"), {"units": 5, "name": "d"}).units
+        5
+    """
+    config = layer.get_config() if config is None else config
+    try:
+        return type(layer).from_config(config)
+    except (TypeError, ValueError) as error:
+        parameters = inspect.signature(type(layer).__init__).parameters
+        named = [p for p in parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)][1:]
+        if not named:
+            raise error
+    arguments = {key: config[key] for key in ("name", "trainable", "dtype") if key in config}
+    if isinstance(arguments.get("dtype"), dict):
+        arguments["dtype"] = keras.dtype_policies.deserialize(arguments["dtype"])
+    for parameter in named:
+        if parameter.name in config:
+            arguments[parameter.name] = config[parameter.name]
+        elif hasattr(layer, parameter.name):
+            arguments[parameter.name] = getattr(layer, parameter.name)
+    return type(layer)(**arguments)
 
 
 def channel_graph(model):
@@ -606,5 +823,5 @@ def channel_graph(model):
     return ChannelGraph(model)
 
 
-__all__ = ["KINDS", "ChannelGraph", "Fixed", "LayerChannels", "WeightAxis", "channel_graph",
-           "layer_kind", "unsupported_reason"]
+__all__ = ["KINDS", "ChannelGraph", "CountTie", "Fixed", "LayerChannels", "WeightAxis", "channel_graph",
+           "layer_kind", "recreate", "unsupported_reason"]

@@ -5,20 +5,27 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from ensemblekit._tasks import MemberStack
 from ensemblekit._validate import check_choice, check_labels
 from ensemblekit.compose._members import MemberSet
 from ensemblekit.compose.layers import MemberLogProbs
 
 META_HEADS = ("logistic", "mlp")
+STACK_TASKS = ("multiclass", "binary", "regression")
+# Per task: the meta-learner's output activation and its training loss.
+_HEAD = {"multiclass": ("softmax", "sparse_categorical_crossentropy"),
+         "binary": ("sigmoid", "binary_crossentropy"),
+         "regression": (None, "mean_squared_error")}
 
 
-def _meta_head(meta, n_features, n_classes, n_members, seed):
-    """A fresh meta-learner mapping ``(batch, n_features)`` to class probabilities.
+def _meta_head(meta, n_features, n_classes, n_members, seed, task="multiclass"):
+    """A fresh meta-learner mapping ``(batch, n_features)`` to the task's prediction.
 
-    The ``"logistic"`` head starts AT the geometric-mean ensemble (kernel =
-    identity / K on each member's log-probabilities, zero elsewhere), so
-    training with early stopping can only move away from it where held-out
-    folds say it helps.
+    The ``"logistic"`` head (softmax, sigmoid or linear regression by task)
+    starts AT the members' combination (kernel = identity / K on each member's
+    canonical output: the geometric mean of probabilities, the mean logit, or
+    the mean value; zero elsewhere), so training with early stopping can only
+    move away from it where held-out folds say it helps.
     """
     if isinstance(meta, keras.Model):
         clone = keras.models.clone_model(meta)
@@ -29,7 +36,7 @@ def _meta_head(meta, n_features, n_classes, n_members, seed):
     layers = [keras.Input((n_features,))]
     if meta == "mlp":
         layers.append(keras.layers.Dense(64, activation="relu", kernel_initializer=init))
-    layers.append(keras.layers.Dense(n_classes, activation="softmax", kernel_initializer=init))
+    layers.append(keras.layers.Dense(n_classes, activation=_HEAD[task][0], kernel_initializer=init))
     head = keras.Sequential(layers, name="meta")
     if meta == "logistic":
         kernel = np.zeros((n_features, n_classes), dtype="float32")
@@ -38,15 +45,15 @@ def _meta_head(meta, n_features, n_classes, n_members, seed):
     return head
 
 
-def _fit_meta(meta, features, y, shape, epochs, batch_size, seed, validation=None):
+def _fit_meta(meta, features, y, shape, epochs, batch_size, seed, validation=None, task="multiclass"):
     """Train a meta-learner; return it and the best epoch on ``validation`` (0 = untrained)."""
-    head = _meta_head(meta, features.shape[1], *shape, seed)
-    head.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+    head = _meta_head(meta, features.shape[1], *shape, seed, task=task)
+    head.compile(optimizer=keras.optimizers.Adam(1e-3), loss=_HEAD[task][1])
     if validation is None:
         if epochs:
             head.fit(features, y, epochs=epochs, batch_size=batch_size, verbose=0)
         return head, epochs
-    initial = _mean_loss(head, *validation)
+    initial = _mean_loss(head, *validation, task=task)
     stopper = keras.callbacks.EarlyStopping(patience=10)
     history = head.fit(features, y, epochs=epochs, batch_size=batch_size, verbose=0,
                        validation_data=validation, callbacks=[stopper])
@@ -54,15 +61,37 @@ def _fit_meta(meta, features, y, shape, epochs, batch_size, seed, validation=Non
     return head, int(np.argmin(losses))
 
 
-def _mean_loss(head, features, y):
+def _mean_loss(head, features, y, task="multiclass"):
     """Mean cross-entropy of ``head`` on ``(features, y)`` in one direct call.
 
     Not ``head.evaluate``: under a ``tf.distribute`` strategy, Keras fails on a
     dataset that is ONE batch split unevenly across replicas (an AddN shape
     error), which ``evaluate(batch_size=1024)`` on an odd-sized fold always was.
     """
-    probs = head(keras.ops.convert_to_tensor(features, "float32"), training=False)
-    return float(keras.ops.mean(keras.losses.sparse_categorical_crossentropy(y, probs)))
+    out = head(keras.ops.convert_to_tensor(features, "float32"), training=False)
+    loss = keras.losses.get(_HEAD[task][1])
+    return float(keras.ops.mean(loss(keras.ops.convert_to_tensor(y, "float32" if task != "multiclass" else None), out)))
+
+
+def _check_stackable(members):
+    if not members.single_io or len(members.output_shapes[0]) != 1 or members.task not in STACK_TASKS:
+        raise ValueError(
+            f"stack supports members with one input and one (batch, units) output of task "
+            f"{', '.join(map(repr, STACK_TASKS))}; {members.labels[0]} has inputs {members.input_names}, "
+            f"outputs {members.output_names} of shape (None, {', '.join(map(str, members.output_shapes[0]))}) "
+            f"and task {members.task!r} (use ek.ensemble for the others)."
+        )
+    return members.task
+
+
+def _targets(y, rows, units, task):
+    if task == "regression":
+        values = np.asarray(y, dtype="float32")
+        if values.size != rows * units:
+            raise ValueError(f"y has shape {values.shape} but x has {rows} samples of {units} value(s).")
+        return values.reshape(rows, units)
+    labels = check_labels(y, rows, 2 if task == "binary" else units)
+    return labels.astype("float32").reshape(rows, 1) if task == "binary" else labels
 
 
 def _folds(n_samples, cv, seed):
@@ -80,7 +109,7 @@ def _refit_member(model, kind, x, y, epochs, batch_size):
 
 
 def _meta_features(members, x, passthrough):
-    features = members.predict_log_probs(x)
+    features = members.predict_stacked(x)
     features = features.reshape(features.shape[0], -1)
     if passthrough:
         features = np.concatenate([features, np.asarray(x, "float64").reshape(len(x), -1)], axis=1)
@@ -110,11 +139,13 @@ def _refit_out_of_fold(members, x, y, folds, passthrough, member_epochs, batch_s
 
 def stack(models, x, y, meta="logistic", cv=5, passthrough=False, refit_members=False,
           member_epochs=10, epochs=100, batch_size=64, output_kind=None, seed=0, name=None,
-          verbose=1):
+          verbose=1, task=None):
     """Stacked generalisation (Wolpert, 1992): a Keras meta-learner over the members.
 
     What is done: the meta-features are the members' log-probabilities
-    (concatenated; plus the flattened input with ``passthrough=True``).
+    (concatenated; plus the flattened input with ``passthrough=True``); for
+    binary members their logits, for regressors their values, and the
+    meta-learner ends in a sigmoid (binary cross-entropy) or is linear (MSE).
 
     * ``refit_members=False`` (default): members are NOT retrained. Their
       predictions on ``x`` are out-of-fold only if ``x`` was held out from the
@@ -145,6 +176,8 @@ def stack(models, x, y, meta="logistic", cv=5, passthrough=False, refit_members=
         name: name of the returned model.
         verbose: ``1`` shows a progress bar over the folds (and member refits),
             ``0`` is silent.
+        task: ``"multiclass"``, ``"binary"`` or ``"regression"`` (``None`` detects it);
+            members with one input and one ``(batch, units)`` output.
 
     Returns:
         A ``keras.Model``: input -> members -> meta-learner -> probabilities,
@@ -158,10 +191,13 @@ def stack(models, x, y, meta="logistic", cv=5, passthrough=False, refit_members=
         >>> ek.stack(ms, x, y, cv=2, epochs=2, verbose=0).predict(x[:2], verbose=0).shape
         (2, 3)
     """
-    members = MemberSet(models, output_kind=output_kind, what="stack")
-    members.require_single_classifier()
+    members = MemberSet(models, output_kind=output_kind, what="stack", task=task)
+    task = _check_stackable(members)
+    if refit_members and task != "multiclass":
+        raise ValueError(f"refit_members=True retrains members with a cross-entropy loss; it supports "
+                         f"multiclass members, not {task} (pass held-out x instead).")
     x = np.asarray(x)
-    y = check_labels(y, x.shape[0], members.num_classes)
+    y = _targets(y, x.shape[0], members.num_classes, task)
     if not isinstance(cv, (int, np.integer)) or cv < 2 or cv > len(x):
         raise ValueError(f"cv must be an integer between 2 and the number of samples ({len(x)}), got {cv!r}.")
     if not isinstance(meta, keras.Model):
@@ -181,14 +217,18 @@ def stack(models, x, y, meta="logistic", cv=5, passthrough=False, refit_members=
     for held_out in folds:
         train = np.setdiff1d(np.arange(len(x)), held_out)
         _, best = _fit_meta(meta, features[train], y[train], shape, epochs, batch_size, seed,
-                            validation=(features[held_out], y[held_out]))
+                            validation=(features[held_out], y[held_out]), task=task)
         best_epochs.append(best)
         progress.add(1)
-    head, _ = _fit_meta(meta, features, y, shape, int(np.median(best_epochs)), batch_size, seed)
+    head, _ = _fit_meta(meta, features, y, shape, int(np.median(best_epochs)), batch_size, seed, task=task)
     head.name = "meta"
 
     inputs = members.shared_input()
-    meta_input = MemberLogProbs(members.output_kinds, name="member_log_probs")(members.call_all(inputs))
+    if task == "multiclass":  # the 0.1 layer, so saved stacks keep their layout
+        meta_input = MemberLogProbs(members.output_kinds, name="member_log_probs")(members.call_all(inputs))
+    else:
+        stacked = MemberStack(task, members.output_kinds, name="member_outputs")(members.call_all(inputs))
+        meta_input = keras.layers.Flatten(name="member_features")(stacked)
     if passthrough:
         flat = keras.layers.Flatten(name="passthrough")(inputs)
         meta_input = keras.layers.Concatenate(name="meta_features")([meta_input, flat])

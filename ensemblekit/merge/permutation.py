@@ -8,7 +8,11 @@ SeparableConv/Embedding units, carried through BN/LN, depthwise convolutions,
 activations, pooling, padding, size-1 ``Reshape``, ``LayerScale`` and
 ``Normalization``, united by residual ``Add``-like merges and
 squeeze-and-excitation gates, joined by ``Concatenate`` and tiled by
-``Flatten``; with ``nested=True``, followed through nested models. Groups
+``Flatten``; with ``nested=True``, followed through nested models. In a
+transformer block (keras-hub's ViT) whole heads are one group, the units
+within a head two more (query/key and value/output, the same permutation in
+every head), the MLP units another; the residual stream is one group across
+the patch embedding, every block and the final LayerNormalization. Groups
 reaching a model input or output are never permuted. This replaces the hand-written
 per-architecture specs of Git Re-Basin (Ainsworth et al., 2022, Sec. 3 and
 App. A).

@@ -8,6 +8,11 @@ member axis. The packed model computes every member exactly, so it equals
 from the one table of layer kinds (``ensemblekit._channels.layer_kind``); each
 kind has one packed form (``_PACKED_FORMS``).
 
+keras-hub image classifiers pack the same way: their backbone is a nested
+functional model, and ViT's composite layers (patch embedding, transformer
+encoder) have grouped forms of their own. A depthwise/separable convolution
+with ``depth_multiplier > 1`` is kept whole by the channel graph but packs.
+
 The idea is the "wide model" view of ensembles in BatchEnsemble (Wen et al.,
 2020, arXiv:2002.06715) without the rank-1 sharing: every member keeps its own
 full weights.

@@ -19,6 +19,10 @@ into channels, so
   per-member ``(K, c)`` parameters;
 * ``MemberConstants``: each member's own constant layer (``Normalization``,
   ``Rescaling``) where the members' constants differ;
+* ``GroupedPatchEmbedding``/``GroupedTransformerEncoder``: keras-hub's ViT patch
+  embedding (one strided convolution with the K kernels concatenated, per-member
+  class tokens and position embeddings) and transformer encoder (one einsum per
+  product over ``(batch, tokens, K, hidden)``; member k's heads attend within member k);
 * ``MemberChannels``: pooling, padding, cropping and up-sampling run once on
   the ``K*channels`` view; ``MemberFlatten`` flattens per member;
   ``MemberBroadcast`` gives a shared tensor the member axis;
@@ -38,12 +42,20 @@ import keras
 import numpy as np
 from keras import ops
 
-from ensemblekit._outputs import to_log_probs
+from ensemblekit._tasks import (
+    METHODS,
+    UNCERTAINTY,
+    canonical,
+    check_method,
+    member_uncertainty,
+    reduce_members,
+)
 from ensemblekit._validate import check_choice
 from ensemblekit.inference import LOWERINGS, POLICY
 
 PACKAGE = "ensemblekit"
-REDUCTIONS = ("mean", "logit_mean", "none")
+# ``pack(reduce=...)``: every task's methods but "weighted" (a packed model has no member weights).
+REDUCTIONS = ("none", *sorted({m for methods in METHODS.values() for m in methods} - {"weighted"}))
 
 
 def _renamed(config, old, new):
@@ -624,10 +636,15 @@ class _GroupedNormalization(_MemberLayer):
                 setattr(self, name, None)
                 continue
             trainable = not name.startswith("moving")
+            # autocast=False: the parameters stay float32 under mixed precision, as in Keras'
+            # own BatchNormalization.
             setattr(self, name, self.add_weight(shape=shape, initializer=initializer, name=name,
-                                                trainable=trainable))
+                                                trainable=trainable, autocast=False))
 
     def _with_member_axis(self, inputs):
+        # Normalize in float32 whatever the compute dtype (``call`` casts the result back),
+        # as Keras' BatchNormalization and LayerNormalization do.
+        inputs = ops.cast(inputs, "float32")
         if self.shared_input:
             return ops.expand_dims(inputs, -2)  # broadcasts against the (K, c) parameters
         return inputs
@@ -668,7 +685,8 @@ class GroupedBatchNormalization(_GroupedNormalization):
 
     def call(self, inputs):
         x = self._with_member_axis(inputs)
-        return self._affine((x - self.moving_mean) * ops.rsqrt(self.moving_variance + self.epsilon))
+        normalized = (x - self.moving_mean) * ops.rsqrt(self.moving_variance + self.epsilon)
+        return ops.cast(self._affine(normalized), self.compute_dtype)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -694,13 +712,199 @@ class GroupedLayerNormalization(_GroupedNormalization):
         x = self._with_member_axis(inputs)
         if self.rms_scaling:
             normalized = x * ops.rsqrt(ops.mean(ops.square(x), axis=-1, keepdims=True) + self.epsilon)
-            return normalized * self.gamma if self.scale else normalized
+            return ops.cast(normalized * self.gamma if self.scale else normalized, self.compute_dtype)
         mean, variance = ops.moments(x, axes=[-1], keepdims=True)
-        return self._affine((x - mean) * ops.rsqrt(variance + self.epsilon))
+        return ops.cast(self._affine((x - mean) * ops.rsqrt(variance + self.epsilon)), self.compute_dtype)
 
     def get_config(self):
         config = super().get_config()
         config.update(rms_scaling=self.rms_scaling)
+        return config
+
+
+def _stacked_layer_norm(x, gamma, beta, epsilon):
+    """LayerNormalization over the last axis with per-member ``(K, c)`` scale and offset."""
+    mean, variance = ops.moments(x, axes=[-1], keepdims=True)
+    return (x - mean) * ops.rsqrt(variance + epsilon) * gamma + beta
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class GroupedPatchEmbedding(_MemberLayer):
+    """K ViT patch embeddings (keras-hub ``ViTPatchingAndEmbedding``) on the shared image.
+
+    One strided convolution with the K kernels concatenated, ``(p, p, c, K*h)``;
+    the patches become tokens ``(batch, patches, K, h)``, member k's class token
+    is put first and its position embeddings are added. Weights are stored in
+    the member layer's order, each with a leading member axis: class token
+    ``(K, 1, 1, h)``, kernel ``(K, p, p, c, h)``, bias ``(K, h)``, position
+    embeddings ``(K, positions, h)``.
+
+    Args:
+        patch_size: ``(p, p)``.
+        hidden_dim: ``h``, features per token.
+        use_class_token: whether a class token is put before the patches.
+        use_bias: whether the patch convolution has a bias.
+
+    Example:
+        >>> import numpy as np
+        >>> layer = GroupedPatchEmbedding((4, 4), 6, num_members=2, shared_input=True)
+        >>> tuple(layer(np.ones((1, 8, 8, 3), "float32")).shape)
+        (1, 5, 2, 6)
+    """
+
+    def __init__(self, patch_size, hidden_dim, num_members, use_class_token=True, use_bias=True, **kwargs):
+        super().__init__(num_members, **kwargs)
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.hidden_dim = int(hidden_dim)
+        self.use_class_token = bool(use_class_token)
+        self.use_bias = bool(use_bias)
+
+    def build(self, input_shape):
+        if not self.shared_input or len(input_shape) != 4:
+            raise ValueError(f"{self.name}: expects the shared image (batch, height, width, channels); "
+                             f"got {tuple(input_shape)}.")
+        k, h = self.num_members, self.hidden_dim
+        grid = [int(size) // p for size, p in zip(input_shape[1:3], self.patch_size, strict=True)]
+        self.num_positions = grid[0] * grid[1] + int(self.use_class_token)
+        self.class_token = self.add_weight(shape=(k, 1, 1, h), name="class_token") \
+            if self.use_class_token else None
+        self.kernel = self.add_weight(shape=(k, *self.patch_size, int(input_shape[-1]), h), name="kernel")
+        self.bias = self.add_weight(shape=(k, h), initializer="zeros", name="bias") if self.use_bias else None
+        self.position_embeddings = self.add_weight(shape=(k, self.num_positions, h),
+                                                   name="position_embeddings")
+
+    def call(self, inputs):
+        k, h = self.num_members, self.hidden_dim
+        kernel = ops.reshape(ops.transpose(self.kernel, (1, 2, 3, 0, 4)), (*self.kernel.shape[1:4], k * h))
+        patches = ops.conv(inputs, kernel, strides=self.patch_size, padding="valid")
+        if self.use_bias:
+            patches = patches + ops.reshape(self.bias, (k * h,))
+        tokens = ops.reshape(patches, (-1, patches.shape[1] * patches.shape[2], k, h))
+        if self.use_class_token:
+            token = ops.transpose(self.class_token, (1, 2, 0, 3))  # (1, 1, K, h)
+            tokens = ops.concatenate([ops.tile(token, (ops.shape(tokens)[0], 1, 1, 1)), tokens], axis=1)
+        return tokens + ops.transpose(self.position_embeddings, (1, 0, 2))
+
+    def compute_output_shape(self, input_shape):
+        grid = [int(size) // p for size, p in zip(input_shape[1:3], self.patch_size, strict=True)]
+        return (input_shape[0], grid[0] * grid[1] + int(self.use_class_token), self.num_members, self.hidden_dim)
+
+    def macs_per_sample(self):
+        """0, as ``costs.layer_macs`` counts the member's composite layer: packed == sum of members."""
+        return 0
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(patch_size=self.patch_size, hidden_dim=self.hidden_dim,
+                      use_class_token=self.use_class_token, use_bias=self.use_bias)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class GroupedTransformerEncoder(_MemberLayer):
+    """K pre-norm transformer encoders (keras-hub ``ViTEncoder``/``ViTEncoderBlock``) on ``(batch, tokens, K, h)``.
+
+    Each block: ``x + MHA(LN1(x))``, then ``+ MLP(LN2(x))``; an encoder ends
+    with a final LayerNormalization (``final_norm``). Every product is one
+    einsum over the member axis (member k's heads attend within member k);
+    the members' weights are stacked on a leading axis in the member layer's
+    weight order (per block: LN1, query, key, value, attention output, LN2,
+    MLP Dense 1 and 2; then the final LN), e.g. query kernels ``(K, h, heads, head_dim)``.
+
+    Args:
+        num_layers: blocks.
+        num_heads, key_dim, value_dim: the attention's heads and their sizes.
+        mlp_dim: MLP units.
+        epsilon: the LayerNormalizations' epsilon.
+        use_attention_bias, use_mlp_bias: whether those layers have biases.
+        activation: the MLP's first activation (keras-hub ViT: ``"gelu"``).
+        final_norm: a final LayerNormalization after the blocks (``ViTEncoder``).
+
+    Example:
+        >>> import numpy as np
+        >>> layer = GroupedTransformerEncoder(1, 2, 3, 3, 8, num_members=2)
+        >>> tuple(layer(np.ones((1, 5, 2, 6), "float32")).shape)
+        (1, 5, 2, 6)
+    """
+
+    def __init__(self, num_layers, num_heads, key_dim, value_dim, mlp_dim, num_members, epsilon=1e-6,
+                 use_attention_bias=True, use_mlp_bias=True, activation="gelu", final_norm=True, **kwargs):
+        super().__init__(num_members, **kwargs)
+        self.num_layers, self.num_heads = int(num_layers), int(num_heads)
+        self.key_dim, self.value_dim, self.mlp_dim = int(key_dim), int(value_dim), int(mlp_dim)
+        self.epsilon = float(epsilon)
+        self.use_attention_bias, self.use_mlp_bias = bool(use_attention_bias), bool(use_mlp_bias)
+        self.activation = keras.activations.get(activation)
+        self.final_norm = bool(final_norm)
+
+    def _dense(self, name, kernel_shape, bias_shape, use_bias):
+        kernel = self.add_weight(shape=(self.num_members, *kernel_shape), name=f"{name}_kernel")
+        bias = self.add_weight(shape=(self.num_members, *bias_shape), initializer="zeros",
+                               name=f"{name}_bias") if use_bias else None
+        return kernel, bias
+
+    def _norm(self, name, hidden):
+        return (self.add_weight(shape=(self.num_members, hidden), initializer="ones", name=f"{name}_gamma"),
+                self.add_weight(shape=(self.num_members, hidden), initializer="zeros", name=f"{name}_beta"))
+
+    def build(self, input_shape):
+        self._check_input(input_shape)
+        if self.shared_input or len(input_shape) != 4:
+            raise ValueError(f"{self.name}: expects tokens with the member axis (batch, tokens, "
+                             f"{self.num_members}, hidden); got {tuple(input_shape)}.")
+        h, n = int(input_shape[-1]), self.num_heads
+        self.blocks = []
+        for i in range(self.num_layers):
+            attention = self.use_attention_bias
+            self.blocks.append(dict(
+                norm_1=self._norm(f"block_{i}_norm_1", h),
+                query=self._dense(f"block_{i}_query", (h, n, self.key_dim), (n, self.key_dim), attention),
+                key=self._dense(f"block_{i}_key", (h, n, self.key_dim), (n, self.key_dim), attention),
+                value=self._dense(f"block_{i}_value", (h, n, self.value_dim), (n, self.value_dim), attention),
+                output=self._dense(f"block_{i}_output", (n, self.value_dim, h), (h,), attention),
+                norm_2=self._norm(f"block_{i}_norm_2", h),
+                mlp_1=self._dense(f"block_{i}_mlp_1", (h, self.mlp_dim), (self.mlp_dim,), self.use_mlp_bias),
+                mlp_2=self._dense(f"block_{i}_mlp_2", (self.mlp_dim, h), (h,), self.use_mlp_bias),
+            ))
+        self.norm = self._norm("final_norm", h) if self.final_norm else None
+
+    @staticmethod
+    def _project(x, weights, equation):
+        kernel, bias = weights
+        y = ops.einsum(equation, x, kernel)
+        return y if bias is None else y + bias
+
+    def _attention(self, x, block):
+        """Multi-head attention of each member's tokens with its own heads (as keras MultiHeadAttention)."""
+        query = self._project(x, block["query"], "btkh,khnd->btknd") * (1.0 / math.sqrt(float(self.key_dim)))
+        key = self._project(x, block["key"], "btkh,khnd->btknd")
+        value = self._project(x, block["value"], "btkh,khnd->btknd")
+        scores = ops.softmax(ops.einsum("bsknd,btknd->bknts", key, query), axis=-1)
+        attended = ops.einsum("bknts,bsknd->btknd", scores, value)
+        return self._project(attended, block["output"], "btknd,kndh->btkh")
+
+    def call(self, inputs):
+        x = inputs
+        for block in self.blocks:
+            x = x + self._attention(_stacked_layer_norm(x, *block["norm_1"], self.epsilon), block)
+            y = _stacked_layer_norm(x, *block["norm_2"], self.epsilon)
+            y = self.activation(self._project(y, block["mlp_1"], "btkh,khm->btkm"))
+            x = x + self._project(y, block["mlp_2"], "btkm,kmh->btkh")
+        return _stacked_layer_norm(x, *self.norm, self.epsilon) if self.final_norm else x
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def macs_per_sample(self):
+        """0, as ``costs.layer_macs`` counts the member's composite layer: packed == sum of members."""
+        return 0
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_layers=self.num_layers, num_heads=self.num_heads, key_dim=self.key_dim,
+                      value_dim=self.value_dim, mlp_dim=self.mlp_dim, epsilon=self.epsilon,
+                      use_attention_bias=self.use_attention_bias, use_mlp_bias=self.use_mlp_bias,
+                      activation=keras.activations.serialize(self.activation), final_norm=self.final_norm)
         return config
 
 
@@ -805,28 +1009,40 @@ class MemberBroadcast(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class PackedOutput(keras.layers.Layer):
-    """Reduce the K member outputs ``(batch, K, classes)`` like ``ek.ensemble``.
+    """Reduce the K member outputs ``(batch, K, ...)`` like ``ek.ensemble``.
 
+    The reduction is ``ensemblekit._tasks.reduce_members``, the one
+    ``ek.ensemble`` uses, so a packed model equals the ensemble for every task.
     Also the record that lets ``unpack`` give the members back: their
     architectures (``member_configs``) and which packed layer holds which
     member layer's weights (``weighted_layers``).
 
     Args:
-        reduce: ``"mean"`` (mean of probabilities), ``"logit_mean"`` (softmax of
-            the mean log-probabilities) or ``"none"`` (the members' raw outputs).
+        reduce: ``"none"`` (the members' raw outputs) or a method of
+            ``ensemblekit._tasks.METHODS[task]`` (``"mean"``, ``"logit_mean"``, ...).
         member_output_kind: what the members output, ``"logits"`` or ``"probs"``.
         member_configs: the members' serialized architectures, as JSON strings
             (Keras would re-interpret nested model configs kept as dicts).
         weighted_layers: packed layer names, in the members' weighted-layer order.
+        task: the members' task (``"multiclass"``, ``"binary"``, ``"multilabel"``, ``"regression"``).
+        uncertainty: output ``{"prediction", <uncertainty keys>}`` as ``ek.ensemble(..., uncertainty=True)``.
+        trim, threshold: as in ``ek.ensemble``.
     """
 
     def __init__(self, reduce="mean", member_output_kind="probs", member_configs=(),
-                 weighted_layers=(), **kwargs):
+                 weighted_layers=(), task="multiclass", uncertainty=False, trim=0.2, threshold=0.5,
+                 **kwargs):
         super().__init__(**kwargs)
-        self.reduce = check_choice(reduce, REDUCTIONS, "reduce")
+        self.task = task
+        self.reduce = reduce if reduce == "none" else check_method(reduce, task, f"layer {self.name!r}")
+        if uncertainty and reduce == "none":
+            raise ValueError(f"{self.name}: uncertainty needs a reduction; reduce='none' returns the members' outputs.")
         self.member_output_kind = member_output_kind
         self.member_configs = list(member_configs)
         self.weighted_layers = list(weighted_layers)
+        self.uncertainty = bool(uncertainty)
+        self.trim = float(trim)
+        self.threshold = float(threshold)
 
     @property
     def output_kind(self):
@@ -838,21 +1054,31 @@ class PackedOutput(keras.layers.Layer):
         return super().from_config(_renamed(config, "kind", "member_output_kind"))
 
     def call(self, inputs):
+        inputs = ops.cast(inputs, "float32")  # reduce in float32 under mixed precision too
         if self.reduce == "none":
             return inputs
-        log_probs = to_log_probs(inputs, self.member_output_kind)
-        if self.reduce == "mean":
-            return ops.mean(ops.exp(log_probs), axis=1)
-        return ops.softmax(ops.mean(log_probs, axis=1), axis=-1)
+        stacked = canonical(inputs, self.task, self.member_output_kind)
+        prediction = reduce_members(stacked, self.task, self.reduce, trim=self.trim, threshold=self.threshold)
+        if not self.uncertainty:
+            return prediction
+        return {"prediction": prediction,
+                **member_uncertainty(stacked, self.task, threshold=self.threshold)}
 
     def compute_output_shape(self, input_shape):
-        return tuple(input_shape) if self.reduce == "none" else (input_shape[0], input_shape[-1])
+        if self.reduce == "none":
+            return tuple(input_shape)
+        prediction = (input_shape[0], *input_shape[2:])
+        if not self.uncertainty:
+            return prediction
+        per_sample = prediction[:-1] if self.task == "multiclass" else prediction
+        return {"prediction": prediction, **{key: per_sample for key in UNCERTAINTY[self.task]}}
 
     def get_config(self):
         config = super().get_config()
         config.update(reduce=self.reduce, member_output_kind=self.member_output_kind,
                       member_configs=self.member_configs,
-                      weighted_layers=self.weighted_layers)
+                      weighted_layers=self.weighted_layers, task=self.task,
+                      uncertainty=self.uncertainty, trim=self.trim, threshold=self.threshold)
         return config
 
 

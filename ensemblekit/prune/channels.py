@@ -13,6 +13,11 @@ per spatial position, so the Dense after it loses the matching rows. Nested
 functional/``Sequential`` models (a transfer-learning base, ConvNeXt's
 blocks) are walked through and given back nested. Groups touching the
 model's input or output, or a layer the graph cannot follow, are kept whole.
+In keras-hub's ViT, whole attention heads and MLP units are removed (as
+Torch-Pruning's head pruning), and the residual stream with them; the
+backbone, whose layers' configs do not round-trip, is rebuilt from its own
+constructor arguments (``hidden_dim``, ``num_heads``, ``mlp_dim``), which
+tie the counts: one per encoder, ``hidden_dim = num_heads * key_dim``.
 
 Within each prunable group, channels are ranked by an importance score summed
 over the layers that produce it (each layer's scores divided by their mean):
@@ -35,7 +40,7 @@ import warnings
 import keras
 import numpy as np
 
-from ensemblekit._channels import OPENERS, channel_graph
+from ensemblekit._channels import OPENERS, channel_graph, recreate
 from ensemblekit._graph import graph_nodes
 from ensemblekit._io import predict
 from ensemblekit._validate import check_choice
@@ -151,8 +156,8 @@ def _gradients(model, variables, x, y, loss_fn):
     )
 
 
-def _taylor_scores(graph, layers, x, y, batch_size=64, max_samples=512):
-    """``{id(layer): (Σ_filter w·∂L/∂w)² summed over batches}`` (Molchanov et al., 2019)."""
+def _taylor_scores(graph, kernels, x, y, batch_size=64, max_samples=512):
+    """Per ``WeightAxis`` of ``kernels``: (Σ_filter w·∂L/∂w)² summed over batches (Molchanov et al., 2019)."""
     from ensemblekit._outputs import detect_output_kind
 
     model = graph.model
@@ -162,7 +167,6 @@ def _taylor_scores(graph, layers, x, y, batch_size=64, max_samples=512):
     y = np.asarray(y)[: len(x)]
     from_logits = detect_output_kind(model) == "logits"
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
-    kernels = [graph.out_axis(layer) for layer in layers]
     variables = [kernel.variable for kernel in kernels]
     scores = [np.zeros(k.variable.shape[k.axis]) for k in kernels]
     for start in range(0, len(x), batch_size):
@@ -171,16 +175,22 @@ def _taylor_scores(graph, layers, x, y, batch_size=64, max_samples=512):
             if grad is not None:
                 product = np.moveaxis(keras.ops.convert_to_numpy(kernel.variable) * grad, kernel.axis, -1)
                 scores[i] += product.reshape(-1, product.shape[-1]).sum(axis=0) ** 2
-    return {id(layer): s for layer, s in zip(layers, scores, strict=True)}
+    return scores
 
 
 def _importance(graph, openers, importance, x, y):
-    """``{root: per-channel score}`` for every prunable group, and the roots that fell back to l1."""
+    """``{root: per-channel score}`` for every prunable group, and the roots that fell back to l1.
+
+    Each layer opening a group scores it on the weight axes that write it
+    (``ChannelGraph.scoring_axes``: a kernel's output axis; a transformer's
+    query/key/value/output kernels for whole heads), each divided by its mean.
+    """
+    axes = {root: [graph.scoring_axes(layer, root) for layer in layers] for root, layers in openers.items()}
     taylor = None
     if importance == "taylor":
-        taylor = _taylor_scores(graph, [layer for layers in openers.values() for layer in layers], x, y)
+        taylor = iter(_taylor_scores(graph, [w for parts in axes.values() for ws in parts for w in ws], x, y))
     scores, fallback = {}, []
-    for root, layers in openers.items():
+    for root in openers:
         if importance == "bn_scale":
             bn = _bn_scores(graph, root)
             if bn is not None:
@@ -188,11 +198,10 @@ def _importance(graph, openers, importance, x, y):
                 continue
             fallback.append(root)
         total = np.zeros(graph.size(root))
-        for layer in layers:
+        for kernel in (w for ws in axes[root] for w in ws):
             if taylor is not None:
-                part = taylor[id(layer)]
+                part = next(taylor)
             else:
-                kernel = graph.out_axis(layer)
                 norm = "l1" if importance == "bn_scale" else importance
                 part = _filter_scores(keras.ops.convert_to_numpy(kernel.variable), kernel.axis, norm)
             total += part / max(float(part.mean()), 1e-12)
@@ -208,8 +217,30 @@ def _keep_count(size, ratio, round_to):
     return max(1, keep)
 
 
-def _choose(scores, sizes, ratio, round_to, global_ranking):
-    """``{root: sorted indices of the channels kept}``."""
+def _tied_counts(graph, counts):
+    """``counts`` obeying the composite layers' config ties (``CountTie``): equal, and scaled.
+
+    Tied groups keep the largest count among them; a residual stream tied to
+    whole heads (``hidden_dim = num_heads * key_dim``) keeps ``key_dim`` times
+    the heads kept, and if it cannot be pruned the heads are kept whole too.
+    """
+    counts = dict(counts)
+    for tie in graph.ties:
+        roots = [graph.find(g) for g in tie.groups]
+        stream = [graph.find(g) for g in tie.scaled[0]] if tie.scaled else []
+        if any(r not in counts for r in roots) or (tie.scaled and (len(stream) != 1 or stream[0] not in counts)):
+            for root in roots + stream:
+                counts.pop(root, None)  # kept whole
+            continue
+        count = max(counts[r] for r in roots)
+        counts.update(dict.fromkeys(roots, count))
+        if tie.scaled:
+            counts[stream[0]] = count * tie.scaled[1]
+    return counts
+
+
+def _choose(scores, sizes, ratio, round_to, global_ranking, graph=None):
+    """``{root: sorted indices of the channels kept}`` (obeying ``graph``'s count ties)."""
     if not global_ranking:
         counts = {root: _keep_count(sizes[root], ratio, round_to) for root in scores}
     else:
@@ -221,8 +252,10 @@ def _choose(scores, sizes, ratio, round_to, global_ranking):
         for root, s in normalised.items():
             keep = int(np.sum(s > threshold))
             counts[root] = _keep_count(sizes[root], 1.0 - keep / sizes[root], round_to)
+    if graph is not None:
+        counts = _tied_counts(graph, counts)
     return {root: np.sort(np.argsort(-scores[root], kind="stable")[:counts[root]])
-            for root in scores}
+            for root in counts}
 
 
 def _sliced_weights(graph, record, kept):
@@ -244,7 +277,13 @@ def _resized_config(layer, record, graph, kept):
     config = layer.get_config()
     if record is None or record.kind is None:
         return config
-    if record.kind in OPENERS:
+    if record.kind == "patch_embedding":  # keras-hub ViTPatchingAndEmbedding
+        config["hidden_dim"] = len(graph.positions(record.output, kept))
+    elif record.kind == "transformer":  # keras-hub ViTEncoder/ViTEncoderBlock: one size for all blocks
+        config["hidden_dim"] = len(graph.positions(record.input, kept))
+        config["num_heads"] = len(graph.positions(record.inner["0/heads"], kept))
+        config["mlp_dim"] = len(graph.positions(record.inner["0/mlp"], kept))
+    elif record.kind in OPENERS:
         key = next(k for k in SIZE_KEYS if k in config)
         config[key] = len(graph.positions(record.output, kept))
     elif record.kind == "depthwise" and config.get("groups", 1) != 1:  # Conv(groups=C, filters=C)
@@ -268,16 +307,52 @@ def _pruned_inputs(graph, model, kept):
     return keras.tree.pack_sequence_as(model.input, inputs)
 
 
+def _holds_composites(graph, model):
+    """True for a model with its own constructor (a keras-hub backbone) whose layers include composite kinds."""
+    custom = any("get_config" in vars(cls) for cls in type(model).__mro__
+                 if cls.__module__.split(".")[0] not in ("keras", "builtins"))
+    kinds = [getattr(graph.layers.get(id(layer)), "kind", None) for layer in model.layers]
+    return custom and any(kind in ("patch_embedding", "transformer") for kind in kinds)
+
+
+def _from_arguments(graph, model, kept, new_layers):
+    """``model`` rebuilt from its own constructor arguments with the kept sizes (a keras-hub backbone).
+
+    Its composite layers' configs cannot be re-created one by one (keras-hub's
+    ViT layers' configs are lossy); the constructor's arguments
+    (``hidden_dim``, ``num_heads``, ``mlp_dim``) carry the same names.
+    """
+    config, changes = model.get_config(), {}
+    for layer in model.layers:
+        record = graph.layers.get(id(layer))
+        if record is None or record.kind is None:
+            continue
+        old, new = layer.get_config(), _resized_config(layer, record, graph, kept)
+        for key in (k for k in new if new[k] != old.get(k)):
+            if config.get(key) != old.get(key) or changes.setdefault(key, new[key]) != new[key]:
+                raise ValueError(
+                    f"channels(): model {graph.model.name!r}: {type(model).__name__} {model.name!r} is "
+                    f"rebuilt from its constructor arguments, which cannot set {key}={new[key]!r} for layer "
+                    f"{layer.name!r} ({type(layer).__name__}); use ratio=0 or prune another model."
+                )
+    rebuilt = type(model).from_config({**config, **changes})
+    for layer, new_layer in zip(model.layers, rebuilt.layers, strict=True):
+        new_layers[id(layer)] = new_layer
+    return rebuilt
+
+
 def _rebuild(graph, kept):
     """Clone the model (nested models too) with edited layer configs, then copy the sliced weights in."""
     new_layers = {}
 
     def clone_layer(layer):
         record = graph.layers.get(id(layer))
+        if record is not None and record.kind == "nested" and _holds_composites(graph, layer):
+            return _from_arguments(graph, layer, kept, new_layers)
         if record is not None and record.kind == "nested":  # rebuilt nested, on inputs of its new width
             return keras.models.clone_model(layer, input_tensors=_pruned_inputs(graph, layer, kept),
                                             clone_function=clone_layer)
-        new_layers[id(layer)] = layer.__class__.from_config(_resized_config(layer, record, graph, kept))
+        new_layers[id(layer)] = recreate(layer, _resized_config(layer, record, graph, kept))
         return new_layers[id(layer)]
 
     rebuilt = keras.models.clone_model(graph.model, clone_function=clone_layer)
@@ -317,7 +392,7 @@ def _prune(model, ratio, importance, x, y, round_to, global_ranking, on_unsuppor
     openers = graph.openers()
     prunable = {root: layers for root, layers in openers.items() if graph.fixed(root) is None}
     scores, fallback = _importance(graph, prunable, importance, x, y)
-    kept = _choose(scores, {root: graph.size(root) for root in scores}, ratio, round_to, global_ranking)
+    kept = _choose(scores, {root: graph.size(root) for root in scores}, ratio, round_to, global_ranking, graph)
     groups = _report_groups(graph, openers, kept, on_unsupported)
     if fallback:
         warnings.warn(

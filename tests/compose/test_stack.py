@@ -74,3 +74,30 @@ def test_stack_errors(members, toy_data):
         ek.stack(members, x, y[:10])
     with pytest.raises(ValueError, match=r"labels in \[7, 7\] but the models have 3 classes"):
         ek.stack(members, x, np.full(200, 7))
+
+
+@pytest.mark.parametrize("task,units,activation", [("binary", 1, "sigmoid"), ("regression", 2, None)])
+def test_stack_binary_and_regression_members(task, units, activation, tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 4)).astype("float32")
+    members = []
+    for seed in range(3):
+        keras.utils.set_random_seed(seed)
+        members.append(keras.Sequential([keras.Input((4,)), keras.layers.Dense(units, activation=activation)],
+                                        name=f"{task}_{seed}"))
+    outputs = np.stack([m.predict(x, verbose=0) for m in members], axis=1)
+    y = (outputs[:, 0, 0] > 0.5).astype(int) if task == "binary" else outputs[:, 2] + 0.01 * rng.normal(size=(120, 2))
+    model = ek.stack(members, x, y, cv=3, epochs=40, task=task if activation is None else None, verbose=0)
+    pred = model.predict(x, verbose=0)
+    assert pred.shape == (120, units)
+    if task == "binary":
+        assert ((pred[:, 0] > 0.5) == y).mean() > 0.8
+        assert ((pred >= 0) & (pred <= 1)).all()
+    else:  # the meta-learner moves toward member 2, which the targets follow
+        mean_error = np.mean((outputs.mean(axis=1) - y) ** 2)
+        assert np.mean((pred - y) ** 2) < mean_error
+    path = tmp_path / "stack.keras"
+    model.save(path)
+    np.testing.assert_allclose(keras.saving.load_model(path, safe_mode=True).predict(x, verbose=0), pred, atol=1e-6)
+    with pytest.raises(ValueError, match="refit_members=True .* not " + task):
+        ek.stack(members, x, y, cv=2, refit_members=True, task=task, verbose=0)

@@ -26,6 +26,7 @@ from ensemblekit.inference import compile_for_inference
 from ensemblekit.merge import align, reset_bn
 from ensemblekit.metrics import evaluate, pareto
 from ensemblekit.pack import unpack
+from ensemblekit.quantize import QuantizeReport, quantize
 
 # ``ek.advise``, ``ek.merge`` and ``ek.pack`` are the packages, callable as their main
 # function (``ek.merge(models, "ties")``), so ``import ensemblekit.merge.core`` still works.
@@ -51,6 +52,8 @@ __all__ = [
     "pack",
     "pareto",
     "prune",
+    "quantize",
+    "QuantizeReport",
     "reset_bn",
     "select",
     "serve",

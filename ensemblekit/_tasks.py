@@ -198,6 +198,7 @@ class _MemberLayer(keras.layers.Layer):
     """
 
     def __init__(self, task, kinds, member_weights=None, threshold=0.5, **kwargs):
+        kwargs.setdefault("dtype", "float32")  # reduce over members in float32 under mixed precision
         super().__init__(**kwargs)
         if task not in TASKS:
             raise ValueError(f"{self.name}: unknown task {task!r}; expected one of {TASKS}.")
@@ -218,8 +219,9 @@ class _MemberLayer(keras.layers.Layer):
 
     def stacked(self, inputs):
         if isinstance(inputs, (list, tuple)):
-            return ops.stack([canonical(x, self.task, k) for x, k in zip(inputs, self.kinds)], axis=1)
-        return canonical(inputs, self.task, self.kinds[0])
+            return ops.stack([canonical(ops.cast(x, "float32"), self.task, k)
+                              for x, k in zip(inputs, self.kinds)], axis=1)
+        return canonical(ops.cast(inputs, "float32"), self.task, self.kinds[0])
 
     def get_config(self):
         config = super().get_config()

@@ -1,14 +1,42 @@
-"""Classification metrics on predicted probabilities: accuracy, NLL, Brier, ECE; Pareto fronts."""
+"""Metrics per task (multiclass, binary, multilabel, regression), OOD detection, Pareto fronts.
+
+One table of metric functions per task, each ``fn(prediction, y) -> float`` on numpy
+(float64):
+
+- ``"multiclass"`` (``METRICS``): accuracy, NLL, Brier, ECE of ``(n, classes)`` probabilities.
+- ``"binary"`` (``BINARY_METRICS``): accuracy at 0.5, AUROC, Bernoulli NLL, Brier, ECE of
+  positive-class probabilities of shape ``(n,)`` or ``(n, 1)``.
+- ``"multilabel"`` (:func:`multilabel_metrics`): the binary metrics of each label
+  (``"per_label"``) and their macro averages under the binary names.
+- ``"regression"`` (``REGRESSION_METRICS``): RMSE, MAE; with a predictive standard
+  deviation also the Gaussian NLL and the coverage of the ±1.96σ interval
+  (``REGRESSION_STD_METRICS``).
+- OOD detection (``OOD_METRICS``): AUROC, AUPR and FPR at 95% TPR with the OOD samples as
+  the positive class, on the per-sample scores of :func:`ood_scores` (higher = more OOD).
+
+:func:`evaluate` predicts once, reads each output's task (``ensemblekit._outputs``) and
+the uncertainty outputs of ``ensemble(..., uncertainty=True)``, and scores every output.
+"""
 
 from __future__ import annotations
 
 import numbers
 
+import keras
 import numpy as np
+from scipy.special import expit
+from scipy.stats import rankdata
 
-from ensemblekit._io import predict
-from ensemblekit._outputs import as_probs
-from ensemblekit._validate import check_labels
+from ensemblekit._io import pad_to_batches, predict
+from ensemblekit._outputs import (
+    TASKS,
+    as_probs,
+    check_task,
+    detect_output_kind,
+    detect_task,
+    output_names,
+)
+from ensemblekit._validate import check_choice, check_labels
 
 _EPSILON = 1e-12
 
@@ -56,8 +84,11 @@ def calibration_bins(probs, y, bins=15):
     """
     probs = _check_probs(probs)
     y = check_labels(y, probs.shape[0], probs.shape[1])
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == y
+    return _confidence_bins(probs.max(axis=1), probs.argmax(axis=1) == y, bins)
+
+
+def _confidence_bins(confidence, correct, bins):
+    """Per equal-width confidence bin: count, mean confidence, accuracy (``None`` when empty)."""
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
     result = {"edges": edges.tolist(), "count": [], "confidence": [], "accuracy": []}
@@ -79,15 +110,18 @@ def ece(probs, y, bins=15):
         >>> round(ece(np.array([[0.9, 0.1], [0.9, 0.1]]), [0, 1]), 2)
         0.4
     """
-    table = calibration_bins(probs, y, bins)
+    return _ece_of_bins(calibration_bins(probs, y, bins))
+
+
+def _ece_of_bins(table):
     total = sum(table["count"])
     return float(sum(count / total * abs(acc - conf) for count, acc, conf in
                      zip(table["count"], table["accuracy"], table["confidence"], strict=True) if count))
 
 
 METRICS = {"accuracy": accuracy, "nll": nll, "brier": brier, "ece": ece}
-# Lower is better for all but accuracy.
-HIGHER_IS_BETTER = {"accuracy"}
+# Lower is better for all but these (coverage is neither: its target is the interval's level).
+HIGHER_IS_BETTER = {"accuracy", "auroc", "aupr"}
 
 
 def score_probs(probs, y):
@@ -100,25 +134,548 @@ def predict_probs(model, x, output_kind=None, batch_size=256):
     return as_probs(predict(model, x, batch_size), model, output_kind)
 
 
-def evaluate(model, x, y, output_kind=None, batch_size=256):
-    """Accuracy, NLL, Brier score and ECE (15 bins) of a classifier on ``(x, y)``.
+# --- binary: one probability of the positive class per label -------------------------------
+
+
+def _check_binary(p, y, name="p", probabilities=True):
+    """``(p, y)`` flattened: float64 scores and int64 0/1 labels of one shape.
+
+    ``p`` of shape ``(n, 1)`` goes with ``y`` of shape ``(n,)`` and the other way round.
+    """
+    p, y = np.asarray(p, dtype="float64"), np.asarray(y)
+    if p.ndim and p.shape[-1] == 1 and y.shape == p.shape[:-1]:
+        p = p[..., 0]
+    elif y.ndim and y.shape[-1] == 1 and p.shape == y.shape[:-1]:
+        y = y[..., 0]
+    if p.shape != y.shape or p.size == 0:
+        raise ValueError(f"{name} has shape {p.shape} but y has shape {y.shape}; binary metrics "
+                         "need one score per 0/1 label.")
+    p, y = p.ravel(), y.ravel()
+    not_binary = ~np.isin(y, (0, 1))
+    if not_binary.any():
+        raise ValueError(f"y must hold binary labels 0/1; got {y[not_binary][0].item()!r}.")
+    if probabilities and (p.min() < 0 or p.max() > 1 or np.isnan(p).any()):
+        raise ValueError(f"{name} must be probabilities in [0, 1] (apply a sigmoid to logits); "
+                         f"got values in [{p.min():g}, {p.max():g}].")
+    return p, y.astype("int64")
+
+
+def binary_accuracy(p, y, threshold=0.5):
+    """Fraction of labels with ``(p > threshold) == y`` (``keras.metrics.BinaryAccuracy``'s rule).
+
+    Example:
+        >>> binary_accuracy([0.9, 0.4, 0.6], [1, 0, 0])
+        0.6666666666666666
+    """
+    p, y = _check_binary(p, y)
+    return float(np.mean((p > threshold) == y))
+
+
+def binary_nll(p, y):
+    """Mean Bernoulli negative log-likelihood ``-[y log p + (1 - y) log(1 - p)]`` (natural log).
+
+    Example:
+        >>> round(binary_nll([0.8, 0.25], [1, 0]), 4)  # -(log 0.8 + log 0.75) / 2
+        0.2554
+    """
+    p, y = _check_binary(p, y)
+    likelihood = np.where(y == 1, p, 1.0 - p)
+    return float(-np.mean(np.log(np.clip(likelihood, _EPSILON, 1.0))))
+
+
+def binary_brier(p, y):
+    """Mean squared error of the positive-class probability, ``mean((p - y)²)``.
+
+    (Half the two-class :func:`brier`, as in ``sklearn.metrics.brier_score_loss``.)
+
+    Example:
+        >>> round(binary_brier([0.8, 0.3], [1, 0]), 4)  # (0.2² + 0.3²) / 2
+        0.065
+    """
+    p, y = _check_binary(p, y)
+    return float(np.mean((p - y) ** 2))
+
+
+def binary_calibration_bins(p, y, bins=15):
+    """:func:`calibration_bins` of binary probabilities: confidence ``max(p, 1 - p)``.
+
+    Example:
+        >>> binary_calibration_bins([0.9, 0.2], [1, 1], bins=5)["count"]
+        [0, 0, 0, 1, 1]
+    """
+    p, y = _check_binary(p, y)
+    return _confidence_bins(np.maximum(p, 1.0 - p), (p > 0.5) == y, bins)
+
+
+def binary_ece(p, y, bins=15):
+    """Expected calibration error of binary probabilities (confidence ``max(p, 1 - p)``).
+
+    ``Σ_b (n_b / n) |accuracy_b - confidence_b|`` over ``bins`` equal-width bins (Guo et al., 2017).
+
+    Example:
+        >>> round(binary_ece([0.9, 0.9], [1, 0]), 2)
+        0.4
+    """
+    return _ece_of_bins(binary_calibration_bins(p, y, bins))
+
+
+def _check_two_classes(y, name):
+    positives = int(y.sum())
+    if positives in (0, len(y)):
+        raise ValueError(f"{name} needs both classes in y; all {len(y)} labels are {int(y[0])}.")
+    return positives, len(y) - positives
+
+
+def auroc(scores, y):
+    """Area under the ROC curve: the chance a random positive outscores a random negative.
+
+    Rank-based (Mann-Whitney U; Hanley & McNeil, 1982), ties counted as one half.
 
     Args:
-        model: a ``keras.Model`` (probabilities or logits out; ``output_kind`` says
-            which if detection of a final softmax is not enough).
-        x: inputs.
-        y: integer labels or one-hot rows.
+        scores: one score per label (probabilities or any real numbers; higher = positive).
+        y: 0/1 labels of the same shape; both classes must occur.
+
+    Example:
+        >>> auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
+        0.75
+    """
+    scores, y = _check_binary(scores, y, "scores", probabilities=False)
+    positives, negatives = _check_two_classes(y, "auroc")
+    ranks = rankdata(scores)  # ties get their average rank
+    return float((ranks[y == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def _ranked_counts(scores, y, name):
+    """True and false positives above each distinct score, highest score first."""
+    scores, y = _check_binary(scores, y, "scores", probabilities=False)
+    positives, negatives = _check_two_classes(y, name)
+    order = np.argsort(-scores, kind="mergesort")
+    scores, y = scores[order], y[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
+    true_positives = np.cumsum(y)[last_of_tie]
+    return true_positives, last_of_tie + 1 - true_positives, positives, negatives
+
+
+def aupr(scores, y):
+    """Area under the precision-recall curve as average precision, ``Σ_n (R_n - R_{n-1}) P_n``.
+
+    The step-wise sum over the distinct thresholds (no interpolation), as
+    ``sklearn.metrics.average_precision_score``.
+
+    Example:
+        >>> round(aupr([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]), 4)  # (1/2)·1 + (1/2)·(2/3)
+        0.8333
+    """
+    true_positives, false_positives, positives, _ = _ranked_counts(scores, y, "aupr")
+    precision = true_positives / (true_positives + false_positives)
+    recall = true_positives / positives
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def fpr_at_tpr(scores, y, tpr=0.95):
+    """False-positive rate at the highest threshold whose true-positive rate reaches ``tpr``.
+
+    Example:
+        >>> fpr_at_tpr([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])  # catching both positives lets 0.4 in
+        0.5
+    """
+    true_positives, false_positives, positives, negatives = _ranked_counts(scores, y, "fpr_at_tpr")
+    first = int(np.searchsorted(true_positives / positives, tpr, side="left"))
+    return float(false_positives[first] / negatives)
+
+
+BINARY_METRICS = {"accuracy": binary_accuracy, "auroc": auroc, "nll": binary_nll,
+                  "brier": binary_brier, "ece": binary_ece}
+
+
+def score_binary(p, y):
+    """All of ``BINARY_METRICS`` of positive-class probabilities ``p`` against 0/1 labels ``y``.
+
+    Example:
+        >>> sorted(score_binary([0.9, 0.2, 0.6], [1, 0, 0]))
+        ['accuracy', 'auroc', 'brier', 'ece', 'nll']
+    """
+    return {name: fn(p, y) for name, fn in BINARY_METRICS.items()}
+
+
+def multilabel_metrics(p, y):
+    """The binary metrics of every label and their unweighted (macro) means.
+
+    Returns ``{"accuracy", "auroc", "nll", "brier", "ece"}`` (each the mean over
+    labels, as sklearn's ``average="macro"``) plus ``"per_label"``: one such dict per
+    label. Labels are the last axis; leading axes (dense outputs) are samples.
+
+    Example:
+        >>> p = np.array([[0.9, 0.2], [0.3, 0.6], [0.8, 0.7]])
+        >>> result = multilabel_metrics(p, np.array([[1, 0], [1, 1], [0, 1]]))
+        >>> result["auroc"], [row["auroc"] for row in result["per_label"]]
+        (0.75, [0.5, 1.0])
+    """
+    p, y = np.asarray(p, dtype="float64"), np.asarray(y)
+    if p.ndim < 2 or p.shape != y.shape:
+        raise ValueError(f"multilabel probabilities have shape {p.shape} but y has shape {y.shape}; "
+                         "both must be (n, labels).")
+    p, y = p.reshape(-1, p.shape[-1]), y.reshape(-1, y.shape[-1])
+    per_label = []
+    for label in range(p.shape[1]):
+        try:
+            per_label.append(score_binary(p[:, label], y[:, label]))
+        except ValueError as error:
+            raise ValueError(f"label {label}: {error}") from None
+    macro = {name: float(np.mean([row[name] for row in per_label])) for name in BINARY_METRICS}
+    return {**macro, "per_label": per_label}
+
+
+# --- regression: values, and optionally a predictive standard deviation --------------------
+
+
+def _check_values(prediction, y, name="prediction"):
+    prediction, y = np.asarray(prediction, dtype="float64"), np.asarray(y, dtype="float64")
+    if prediction.ndim and prediction.shape[-1] == 1 and y.shape == prediction.shape[:-1]:
+        y = y[..., None]
+    if prediction.shape != y.shape or prediction.size == 0:
+        raise ValueError(f"{name} has shape {prediction.shape} but y has shape {y.shape}.")
+    return prediction, y
+
+
+def _check_std(std, mean):
+    std = np.asarray(std, dtype="float64").reshape(mean.shape) if np.size(std) == mean.size else None
+    if std is None:
+        raise ValueError(f"std must have the prediction's shape {mean.shape}.")
+    if std.min() < 0 or np.isnan(std).any():
+        raise ValueError(f"std must be non-negative; got a minimum of {std.min():g}.")
+    return std
+
+
+def rmse(prediction, y):
+    """Root mean squared error over every value.
+
+    Example:
+        >>> rmse([1.0, 2.0], [1.0, 4.0])
+        1.4142135623730951
+    """
+    prediction, y = _check_values(prediction, y)
+    return float(np.sqrt(np.mean((prediction - y) ** 2)))
+
+
+def mae(prediction, y):
+    """Mean absolute error over every value.
+
+    Example:
+        >>> mae([1.0, 2.0], [1.0, 4.0])
+        1.0
+    """
+    prediction, y = _check_values(prediction, y)
+    return float(np.mean(np.abs(prediction - y)))
+
+
+def gaussian_nll(mean, std, y):
+    """Mean negative log-likelihood of ``y`` under ``N(mean, std²)``, per value (natural log).
+
+    ``½ log(2π σ²) + (y - μ)² / (2σ²)``, with ``σ²`` floored at 1e-12.
+
+    Example:
+        >>> round(gaussian_nll([0.0], [1.0], [1.0]), 4)  # ½ log 2π + ½
+        1.4189
+    """
+    mean, y = _check_values(mean, y, "mean")
+    variance = np.maximum(_check_std(std, mean) ** 2, _EPSILON)
+    return float(np.mean(0.5 * np.log(2 * np.pi * variance) + (y - mean) ** 2 / (2 * variance)))
+
+
+def coverage(mean, std, y, z=1.96):
+    """Fraction of values inside ``mean ± z·std`` (0.95 for a calibrated Gaussian at z = 1.96).
+
+    Example:
+        >>> coverage([0.0, 0.0], [1.0, 1.0], [1.5, 2.5])
+        0.5
+    """
+    mean, y = _check_values(mean, y, "mean")
+    return float(np.mean(np.abs(y - mean) <= z * _check_std(std, mean)))
+
+
+REGRESSION_METRICS = {"rmse": rmse, "mae": mae}
+REGRESSION_STD_METRICS = {"nll": gaussian_nll, "coverage": coverage}
+
+
+def score_task(prediction, y, task="multiclass", std=None):
+    """Every metric of ``task`` on one output's predictions (probabilities or values).
+
+    Args:
+        prediction: probabilities (classification tasks) or values (regression).
+            Multiclass dense outputs ``(n, ..., classes)`` are scored per position.
+        y: labels: class indices or one-hot (multiclass), 0/1 of the prediction's
+            shape (binary, multilabel), values (regression).
+        task: one of ``"multiclass"``, ``"binary"``, ``"multilabel"``, ``"regression"``.
+        std: regression only: a predictive standard deviation per value, which adds
+            ``"nll"`` (Gaussian) and ``"coverage"`` (±1.96σ).
 
     Returns:
-        ``{"accuracy": ..., "nll": ..., "brier": ..., "ece": ...}``.
+        The task's metrics as a dict (see the module docstring).
+
+    Example:
+        >>> score_task(np.array([1.0, 3.0]), np.array([1.0, 2.0]), "regression", std=[1.0, 1.0])["coverage"]
+        1.0
+    """
+    check_choice(task, TASKS, "task")
+    if task == "multiclass":
+        return score_probs(*_flatten_dense(np.asarray(prediction, dtype="float64"), np.asarray(y)))
+    if task == "binary":
+        return score_binary(prediction, y)
+    if task == "multilabel":
+        return multilabel_metrics(prediction, y)
+    result = {name: fn(prediction, y) for name, fn in REGRESSION_METRICS.items()}
+    if std is not None:
+        result.update({name: fn(prediction, std, y) for name, fn in REGRESSION_STD_METRICS.items()})
+    return result
+
+
+def _flatten_dense(probs, y):
+    """Dense multiclass outputs ``(n, ..., classes)`` as rows ``(n·..., classes)``, labels alike."""
+    if probs.ndim <= 2:
+        return probs, y
+    if y.shape == probs.shape[:-1]:
+        return probs.reshape(-1, probs.shape[-1]), y.reshape(-1)
+    if y.shape == probs.shape:
+        return probs.reshape(-1, probs.shape[-1]), y.reshape(-1, y.shape[-1])
+    raise ValueError(f"y has shape {y.shape} but the probabilities have shape {probs.shape}; "
+                     f"expected labels of shape {probs.shape[:-1]} or one-hot of shape {probs.shape}.")
+
+
+# --- out-of-distribution detection -----------------------------------------------------------
+
+
+def entropy(probs, task="multiclass"):
+    """Entropy (nats) of each sample's predicted distribution.
+
+    Multiclass: ``-Σ_c p_c log p_c`` over the last axis; binary and multilabel: the
+    Bernoulli entropies of every label; dense outputs: summed over all non-batch
+    axes (the joint entropy of independent positions/labels).
+
+    Example:
+        >>> np.round(entropy(np.array([[0.5, 0.5], [1.0, 0.0]])), 4).tolist()
+        [0.6931, 0.0]
+    """
+    probs = np.clip(np.asarray(probs, dtype="float64"), 0.0, 1.0)
+    if task == "multiclass":
+        per_position = -np.sum(probs * np.log(np.clip(probs, _EPSILON, 1.0)), axis=-1)
+    else:
+        per_position = -(probs * np.log(np.clip(probs, _EPSILON, 1.0))
+                         + (1 - probs) * np.log(np.clip(1 - probs, _EPSILON, 1.0)))
+    return _per_sample(per_position, np.sum) + 0.0  # no -0.0 for certain predictions
+
+
+def _per_sample(values, reduce):
+    values = np.asarray(values, dtype="float64")
+    return reduce(values.reshape(len(values), -1), axis=1) if values.ndim > 1 else values
+
+
+def ood_scores(probs, task="multiclass", mutual_information=None):
+    """Per-sample OOD scores, higher meaning "more likely out of distribution".
+
+    ``"max_prob"``: minus the confidence (max class probability; ``max(p, 1 - p)``
+    for sigmoid outputs; averaged over labels/positions); ``"entropy"``: the entropy
+    of the prediction (:func:`entropy`); ``"mutual_information"`` (when given: the
+    ``mutual_information`` output of ``ensemble(..., uncertainty=True)``, summed over
+    non-batch axes): the members' disagreement (Depeweg et al., 2018).
+
+    Example:
+        >>> scores = ood_scores(np.array([[0.9, 0.1], [0.5, 0.5]]))
+        >>> scores["max_prob"].tolist(), sorted(scores)
+        ([-0.9, -0.5], ['entropy', 'max_prob'])
+    """
+    probs = np.asarray(probs, dtype="float64")
+    confidence = probs.max(axis=-1) if task == "multiclass" else np.maximum(probs, 1 - probs)
+    scores = {"max_prob": -_per_sample(confidence, np.mean), "entropy": entropy(probs, task)}
+    if mutual_information is not None:
+        scores["mutual_information"] = _per_sample(mutual_information, np.sum)
+    return scores
+
+
+OOD_METRICS = {"auroc": auroc, "aupr": aupr, "fpr95": fpr_at_tpr}
+
+
+def ood_detection(scores_in, scores_out):
+    """AUROC, AUPR and FPR at 95% TPR of telling ``scores_out`` (positive) from ``scores_in``.
+
+    Example:
+        >>> ood_detection([0.1, 0.2, 0.3], [0.25, 0.9])
+        {'auroc': 0.8333333333333334, 'aupr': 0.8333333333333333, 'fpr95': 0.3333333333333333}
+    """
+    scores_in, scores_out = np.ravel(scores_in), np.ravel(scores_out)
+    scores = np.concatenate([scores_in, scores_out])
+    is_ood = np.r_[np.zeros(len(scores_in), "int64"), np.ones(len(scores_out), "int64")]
+    return {name: fn(scores, is_ood) for name, fn in OOD_METRICS.items()}
+
+
+# --- evaluate: predict once, score every output by its task ----------------------------------
+
+UNCERTAINTY_KEYS = ("predictive_entropy", "expected_entropy", "mutual_information", "disagreement", "std")
+
+
+def predict_outputs(model, x, batch_size=256):
+    """``{output name: numpy array}`` of ``model`` on ``x``, batched as ``_io.predict``.
+
+    Single-output models give one entry named after their output layer; dict-output
+    models (``ensemble(..., uncertainty=True)``, several heads) one per key.
+
+    Example:
+        >>> import keras
+        >>> m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, name="value")])
+        >>> {name: a.shape for name, a in predict_outputs(m, np.ones((3, 2))).items()}
+        {'value': (3, 1)}
+    """
+    rows = len(keras.tree.flatten(x)[0])
+    x = keras.tree.map_structure(lambda inputs: pad_to_batches(inputs, batch_size)[0], x)  # several inputs too
+    raw = model.predict(x, batch_size=batch_size, verbose=0)
+    arrays = [np.asarray(array)[:rows] for array in keras.tree.flatten(raw)]
+    names = sorted(map(str, raw)) if isinstance(raw, dict) else output_names(model)
+    if len(names) != len(arrays):
+        names = [f"output_{index}" for index in range(len(arrays))]
+    return dict(zip(names, arrays, strict=True))
+
+
+def _group_outputs(names):
+    """``{prediction output: {uncertainty key: output name}}``.
+
+    ``ensemble(..., uncertainty=True)`` names them ``"prediction"`` and
+    ``"mutual_information"`` (one output) or ``NAME`` and ``NAME_mutual_information``.
+    """
+    present, owners = set(names), {}
+    for name in names:
+        if "prediction" in present and name in UNCERTAINTY_KEYS:
+            owners[name] = ("prediction", name)
+            continue
+        for key in UNCERTAINTY_KEYS:
+            base = name[: -len(key) - 1]
+            if name.endswith(f"_{key}") and base in present:
+                owners[name] = (base, key)
+                break
+    groups = {name: {} for name in names if name not in owners}
+    for name, (base, key) in owners.items():
+        groups[base][key] = name
+    return groups
+
+
+def _per_output(value, names, param):
+    if not isinstance(value, dict):
+        return [value] * len(names)
+    unknown = sorted(set(value) - set(names))
+    if unknown:
+        raise ValueError(f"{param} names output {unknown[0]!r}, but the outputs are {names}.")
+    return [value.get(name) for name in names]
+
+
+def _output_task(model, index, raw, label):
+    """The task of output ``index``; a graph-less model's 2-D output reads as multiclass (0.1)."""
+    try:
+        return detect_task(model, index, label=label)
+    except ValueError:
+        if raw.ndim == 2 and raw.shape[1] >= 2 and not getattr(model, "outputs", None):
+            return "multiclass"
+        raise
+
+
+def _to_probs(raw, task, kind):
+    """Raw outputs as probabilities: softmax (multiclass) or sigmoid of logits; values as they are."""
+    raw = np.asarray(raw, dtype="float64")
+    if task == "regression" or kind == "probs":
+        return raw
+    if task == "multiclass":
+        raw = np.exp(raw - raw.max(axis=-1, keepdims=True))
+        return raw / raw.sum(axis=-1, keepdims=True)
+    return expit(raw)
+
+
+def _score_output(outputs, extras, name, task, y, ood_outputs):
+    """One output's metrics (and ``"ood"`` when ``ood_outputs`` is given)."""
+    std = outputs[extras["std"]] if "std" in extras else None
+    result = score_task(outputs[name], y, task, std=std)
+    if ood_outputs is None:
+        return result
+    if task == "regression":
+        if std is None:
+            raise ValueError("x_ood on a regression output needs the model's 'std' output "
+                             "(ensemble(..., task='regression', uncertainty=True)).")
+        in_scores = {"std": _per_sample(std, np.mean)}
+        out_scores = {"std": _per_sample(ood_outputs[extras["std"]], np.mean)}
+    else:
+        mi = extras.get("mutual_information")
+        in_scores = ood_scores(outputs[name], task, outputs[mi] if mi else None)
+        out_scores = ood_scores(ood_outputs[name], task, ood_outputs[mi] if mi else None)
+    result["ood"] = {key: ood_detection(in_scores[key], out_scores[key]) for key in in_scores}
+    return result
+
+
+def evaluate(model, x, y, task=None, output_kind=None, batch_size=256, x_ood=None):
+    """Score a model on ``(x, y)`` with its task's metrics (see the module docstring).
+
+    Multiclass classifiers give exactly ``{"accuracy", "nll", "brier", "ece"}``
+    (ECE with 15 bins). Binary outputs add ``"auroc"``; multilabel outputs give the
+    macro means and ``"per_label"``; regression gives ``{"rmse", "mae"}`` and, when
+    the model also outputs ``"std"`` (``ensemble(..., uncertainty=True)``),
+    ``"nll"`` (Gaussian) and ``"coverage"`` (±1.96σ).
+
+    Args:
+        model: a ``keras.Model``. Its task per output is read from the layer producing
+            it (``ensemblekit._outputs.detect_task``); outputs of
+            ``ensemble(..., uncertainty=True)`` are paired with their prediction.
+        x: inputs.
+        y: labels or values; for several prediction outputs a dict by output name.
+        task: ``None`` (detect), one task, or ``{output name: task}``; needed for
+            linear outputs (binary logits, regression).
+        output_kind: ``"logits"`` or ``"probs"`` (or a dict by output name) when the
+            final softmax/sigmoid cannot be detected.
+        batch_size: rows per prediction batch.
+        x_ood: out-of-distribution inputs: adds ``"ood"``: for each score of
+            :func:`ood_scores` (``"max_prob"``, ``"entropy"``, and
+            ``"mutual_information"`` when the model outputs it; ``"std"`` for regression)
+            ``{"auroc", "aupr", "fpr95"}`` with the OOD samples as positives.
+
+    Returns:
+        The metric dict of the one prediction output, or ``{output name: metric dict}``.
 
     Example:
         >>> import keras, numpy as np
         >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
         >>> sorted(evaluate(m, np.zeros((5, 4)), np.zeros(5, dtype=int)))
         ['accuracy', 'brier', 'ece', 'nll']
+        >>> b = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="sigmoid")])
+        >>> sorted(evaluate(b, np.eye(4), [0, 1, 0, 1], x_ood=np.ones((3, 4)))["ood"])
+        ['entropy', 'max_prob']
     """
-    return score_probs(predict_probs(model, x, output_kind=output_kind, batch_size=batch_size), y)
+    label = f"Model {getattr(model, 'name', '?')!r}"
+    outputs = predict_outputs(model, x, batch_size)
+    names, groups = list(outputs), _group_outputs(list(outputs))
+    predictions = list(groups)
+    tasks, kinds = check_task(task, predictions), _per_output(output_kind, predictions, "output_kind")
+    targets = _targets(y, predictions, label)
+    ood_outputs = None if x_ood is None else predict_outputs(model, x_ood, batch_size)
+    results = {}
+    for name, output_task, kind in zip(predictions, tasks, kinds, strict=True):
+        index = names.index(name)
+        output_task = output_task or _output_task(model, index, outputs[name], label)
+        kind = kind or detect_output_kind(model, index)
+        converted = {**outputs, name: _to_probs(outputs[name], output_task, kind)}
+        if ood_outputs is not None:
+            ood_outputs = {**ood_outputs, name: _to_probs(ood_outputs[name], output_task, kind)}
+        try:
+            results[name] = _score_output(converted, groups[name], name, output_task, targets[name],
+                                          ood_outputs)
+        except ValueError as error:
+            raise ValueError(f"{label}, output {name!r} ({output_task}, shape "
+                             f"{outputs[name].shape}): {error}") from None
+    return results[predictions[0]] if len(predictions) == 1 else results
+
+
+def _targets(y, predictions, label):
+    if len(predictions) == 1:
+        return {predictions[0]: y[predictions[0]] if isinstance(y, dict) and predictions[0] in y else y}
+    if not isinstance(y, dict) or set(y) != set(predictions):
+        given = sorted(y) if isinstance(y, dict) else type(y).__name__
+        raise ValueError(f"{label} has outputs {predictions}; y must be a dict with exactly those "
+                         f"keys, got {given}.")
+    return y
 
 
 def _objective(row, index, key, higher_is_better):

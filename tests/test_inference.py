@@ -109,3 +109,28 @@ def test_forced_lowering_applies_while_tracing_and_is_undone():
     with forced_lowering(packed, "grouped"):
         assert not member_axis._use_loop(many_rows)
     assert member_axis._use_loop(many_rows)
+
+
+def test_compile_for_inference_dtype_is_validated_and_outputs_float32():
+    model = make_mlp(0)
+    with pytest.raises(ValueError, match=r"dtype must be None or one of 'float32', 'bfloat16', "
+                                         r"'float16'; got 'int8'"):
+        compile_for_inference(model, dtype="int8")
+    x = np.random.default_rng(0).normal(size=(4, 8)).astype("float32")
+    f = compile_for_inference(model, dtype="bfloat16")
+    assert f(x).dtype == np.float32 and f.model.layers[-1].compute_dtype == "bfloat16"
+    np.testing.assert_allclose(f(x), model.predict(x, verbose=0), atol=5e-2, rtol=0)
+
+
+def test_copy_model_drops_training_state_and_keeps_derived_state():
+    from ensemblekit.inference import copy_model
+
+    keras.utils.set_random_seed(0)
+    normalization = keras.layers.Normalization()
+    normalization.adapt(np.arange(12, dtype="float32").reshape(6, 2))
+    model = keras.Sequential([keras.Input((2,)), normalization, keras.layers.Dense(3)])
+    model.compile("adam", "mse")
+    copy = copy_model(model)
+    x = np.ones((2, 2), "float32")
+    assert not copy.compiled
+    np.testing.assert_array_equal(copy.predict(x, verbose=0), model.predict(x, verbose=0))

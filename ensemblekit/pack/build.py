@@ -306,7 +306,8 @@ def _packed_layer(layers, layer_inputs, num_members, lowering, label, name, node
     if form is None:
         raise _unsupported(layer, label)
     shared = not any(has_members for _, has_members in layer_inputs)
-    common = dict(num_members=num_members, shared_input=shared, name=name)
+    common = dict(num_members=num_members, shared_input=shared, name=name,
+                  dtype=getattr(layer, "dtype_policy", None))  # the members' mixed precision policy
     return form(layers, shapes, common, lowering, label)
 
 

@@ -1032,6 +1032,7 @@ class PackedOutput(keras.layers.Layer):
     def __init__(self, reduce="mean", member_output_kind="probs", member_configs=(),
                  weighted_layers=(), task="multiclass", uncertainty=False, trim=0.2, threshold=0.5,
                  **kwargs):
+        kwargs.setdefault("dtype", "float32")  # outputs in float32 under mixed precision too
         super().__init__(**kwargs)
         self.task = task
         self.reduce = reduce if reduce == "none" else check_method(reduce, task, f"layer {self.name!r}")

@@ -172,8 +172,11 @@ def test_bad_inputs_name_the_parameter(data, independent):
         with pytest.raises(error, match=message):
             ek.advise(**{"models": models, "x_val": xv, "y_val": yv, "verbose": 0, **change})
     regression = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)])
-    with pytest.raises(ValueError, match="member 0 .* members must be classifiers"):
+    with pytest.raises(ValueError, match="member 0 .* its task cannot be told"):
         ek.advise([regression, regression], xv, yv, verbose=0)
+    sigmoid = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1, activation="sigmoid")])
+    with pytest.raises(ValueError, match="advise supports multiclass members.*binary"):
+        ek.advise([sigmoid, sigmoid], xv, yv, verbose=0)
 
 
 def test_to_dict_and_table_hold_every_row(independent):

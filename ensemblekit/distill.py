@@ -33,7 +33,13 @@ import numpy as np
 
 from ensemblekit._graph import architecture_differences, model_output_shape
 from ensemblekit._io import load_member, load_members, predict
-from ensemblekit._outputs import check_task, detect_output_kind, detect_task, output_layers, to_log_probs
+from ensemblekit._outputs import (
+    check_task,
+    detect_output_kind,
+    detect_task,
+    output_layers,
+    to_log_probs,
+)
 from ensemblekit._tasks import canonical
 from ensemblekit._validate import check_labels
 from ensemblekit.compose import ensemble

@@ -27,7 +27,7 @@ import numpy as np
 from scipy.special import expit
 from scipy.stats import rankdata
 
-from ensemblekit._io import pad_to_batches, predict
+from ensemblekit._io import predict
 from ensemblekit._outputs import (
     TASKS,
     as_probs,
@@ -525,10 +525,8 @@ def predict_outputs(model, x, batch_size=256):
         >>> {name: a.shape for name, a in predict_outputs(m, np.ones((3, 2))).items()}
         {'value': (3, 1)}
     """
-    rows = len(keras.tree.flatten(x)[0])
-    x = keras.tree.map_structure(lambda inputs: pad_to_batches(inputs, batch_size)[0], x)  # several inputs too
-    raw = model.predict(x, batch_size=batch_size, verbose=0)
-    arrays = [np.asarray(array)[:rows] for array in keras.tree.flatten(raw)]
+    raw = predict(model, x, batch_size)  # padded batches; several inputs and outputs too
+    arrays = keras.tree.flatten(raw)
     names = sorted(map(str, raw)) if isinstance(raw, dict) else output_names(model)
     if len(names) != len(arrays):
         names = [f"output_{index}" for index in range(len(arrays))]

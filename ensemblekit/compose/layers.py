@@ -31,6 +31,7 @@ class Combiner(keras.layers.Layer):
     """
 
     output_kind = "probs"
+    task = "multiclass"
 
     def __init__(self, kinds, member_weights=None, **kwargs):
         super().__init__(**kwargs)
@@ -133,6 +134,7 @@ class TemperatureScaling(keras.layers.Layer):
     """
 
     output_kind = "probs"
+    task = "multiclass"
 
     def __init__(self, temperature=1.0, kind="probs", **kwargs):
         super().__init__(**kwargs)

@@ -259,11 +259,19 @@ def fit_temperature(log_probs, y):
 
 
 def fit_platt(logits, y):
-    """``(a, b)`` minimising the Bernoulli NLL of ``sigmoid(a · logits + b)`` (Platt, 1999)."""
+    """``(a, b)`` minimising the Bernoulli NLL of ``sigmoid(a · logits + b)`` (Platt, 1999).
+
+    The targets are Platt's smoothed labels, ``(N₊ + 1) / (N₊ + 2)`` for positives and
+    ``1 / (N₋ + 2)`` for negatives: on a validation set the classifier separates
+    perfectly, hard 0/1 targets drive the slope to infinity (overconfident on new data).
+    """
+    y = np.asarray(y, dtype="float64")
+    positives, negatives = float(y.sum()), float(y.size - y.sum())
+    targets = np.where(y > 0.5, (positives + 1.0) / (positives + 2.0), 1.0 / (negatives + 2.0))
 
     def objective(params):
         z = params[0] * logits + params[1]
-        return float(np.mean(np.logaddexp(0.0, z) - y * z))
+        return float(np.mean(np.logaddexp(0.0, z) - targets * z))
 
     result = optimize.minimize(objective, np.array([1.0, 0.0]), method="L-BFGS-B")
     best = result.x if objective(result.x) <= objective(np.array([1.0, 0.0])) else np.array([1.0, 0.0])

@@ -8,6 +8,7 @@ Example:
 
 from ensemblekit.deploy.batching import MicroBatcher
 from ensemblekit.deploy.export import export
+from ensemblekit.deploy.models_config import load_models_config
 from ensemblekit.deploy.serve import Service, build_app, running, serve
 
-__all__ = ["MicroBatcher", "Service", "build_app", "export", "running", "serve"]
+__all__ = ["MicroBatcher", "Service", "build_app", "export", "load_models_config", "running", "serve"]

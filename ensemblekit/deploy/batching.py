@@ -14,6 +14,15 @@ rows up to the next of ``allowed_batch_sizes`` (the padding rows are dropped
 from the answers), so the model only ever sees a fixed set of batch shapes,
 each compiled once; at most ``max_enqueued`` requests wait, and the one after
 them is refused at once (:class:`QueueFull`) rather than left waiting without bound.
+
+Rows are an array of shape ``(n, ...)`` or, for models with named inputs, a
+``{input name: array}`` dict whose arrays all have ``n`` rows; the model's
+answer may likewise be an array or a ``{output name: array}`` dict. Batches
+stack, pad and split every entry alike, so a caller's rows stay together.
+
+``DEFAULT_MAX_BATCH``, ``DEFAULT_MAX_WAIT_MS`` and :func:`default_max_enqueued`
+are the one source of the defaults of ``ensemblekit serve``, ``ek.deploy.serve``
+and the TensorFlow Serving batching file written by ``ek.deploy.export``.
 """
 
 from __future__ import annotations
@@ -24,6 +33,40 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+DEFAULT_MAX_BATCH = 64
+DEFAULT_MAX_WAIT_MS = 5.0
+_ENQUEUED_BATCHES = 8
+
+
+def default_max_enqueued(max_batch):
+    """Requests allowed to wait by default: ``8 * max_batch`` (eight full batches of one-row requests)."""
+    return _ENQUEUED_BATCHES * max_batch
+
+
+def n_rows(rows):
+    """Rows of an array or of a ``{name: array}`` dict (all its arrays have as many)."""
+    return len(next(iter(rows.values())) if isinstance(rows, dict) else rows)
+
+
+def concatenate_rows(parts):
+    """Stack arrays, or dicts of arrays name by name, along the batch axis."""
+    if isinstance(parts[0], dict):
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def slice_rows(rows, start, stop):
+    """Rows ``start:stop`` of an array or of every array of a dict."""
+    if isinstance(rows, dict):
+        return {name: np.asarray(value)[start:stop] for name, value in rows.items()}
+    return np.asarray(rows)[start:stop]
+
+
+def _pad_rows(rows, padding):
+    if isinstance(rows, dict):
+        return {name: _pad_rows(value, padding) for name, value in rows.items()}
+    return np.concatenate([rows, np.zeros((padding, *rows.shape[1:]), rows.dtype)])
 
 
 class QueueFull(RuntimeError):
@@ -36,7 +79,8 @@ def default_batch_sizes(max_batch):
     return (*sizes, max_batch)
 
 
-def _allowed_sizes(allowed_batch_sizes, max_batch):
+def allowed_sizes(allowed_batch_sizes, max_batch):
+    """``allowed_batch_sizes`` checked (increasing, ending with ``max_batch``), or the default sizes."""
     if allowed_batch_sizes is None:
         return default_batch_sizes(max_batch)
     sizes = tuple(allowed_batch_sizes)
@@ -91,13 +135,14 @@ class MicroBatcher:
         ([0, 2, 4, 6], [4])
     """
 
-    def __init__(self, predict_fn, max_batch=64, max_wait_ms=5.0, allowed_batch_sizes=None,
+    def __init__(self, predict_fn, max_batch=DEFAULT_MAX_BATCH, max_wait_ms=DEFAULT_MAX_WAIT_MS,
+                 allowed_batch_sizes=None,
                  max_enqueued=None, timeout_ms=None, on_call=None):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch is {max_batch!r}; it must be an integer >= 1.")
         if not max_wait_ms >= 0:
             raise ValueError(f"max_wait_ms is {max_wait_ms!r}; it must be a number >= 0.")
-        max_enqueued = 8 * max_batch if max_enqueued is None else max_enqueued
+        max_enqueued = default_max_enqueued(max_batch) if max_enqueued is None else max_enqueued
         if not isinstance(max_enqueued, int) or max_enqueued < 1:
             raise ValueError(f"max_enqueued is {max_enqueued!r}; it must be an integer >= 1.")
         if timeout_ms is not None and not timeout_ms > 0:
@@ -105,7 +150,7 @@ class MicroBatcher:
         self.predict_fn = predict_fn
         self.max_batch = max_batch
         self.max_wait_ms = max_wait_ms
-        self.allowed_batch_sizes = _allowed_sizes(allowed_batch_sizes, max_batch)
+        self.allowed_batch_sizes = allowed_sizes(allowed_batch_sizes, max_batch)
         self.max_enqueued = max_enqueued
         self.timeout_ms = timeout_ms
         self.on_call = on_call
@@ -131,6 +176,18 @@ class MicroBatcher:
         """Requests waiting for a model call."""
         waiting = self._queue.qsize() if self._queue is not None else 0
         return waiting + (self._carry is not None)
+
+    @property
+    def full(self):
+        """True while ``max_enqueued`` requests wait: the next one would be refused."""
+        return self._queue is not None and self._queue.full()
+
+    def check_room(self):
+        """Raise :class:`QueueFull` if ``max_enqueued`` requests already wait (before parsing a new one)."""
+        if self.full:
+            raise QueueFull(
+                f"{self.max_enqueued} requests are already waiting (max_enqueued); try again later."
+            )
 
     async def start(self):
         """Start the gathering task on the running event loop."""
@@ -168,7 +225,7 @@ class MicroBatcher:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def predict(self, rows):
-        """Queue ``rows`` (shape ``(n, ...)``) and return the model's ``n`` output rows.
+        """Queue ``rows`` (shape ``(n, ...)``, or a dict of such) and return the model's ``n`` output rows.
 
         Raises:
             QueueFull: ``max_enqueued`` requests are already waiting.
@@ -177,12 +234,8 @@ class MicroBatcher:
         if self._task is None:
             raise RuntimeError("MicroBatcher.predict called before start().")
         future = asyncio.get_running_loop().create_future()
-        try:
-            self._queue.put_nowait((rows, future))
-        except asyncio.QueueFull:
-            raise QueueFull(
-                f"{self.max_enqueued} requests are already waiting (max_enqueued); try again later."
-            ) from None
+        self.check_room()
+        self._queue.put_nowait((rows, future))
         if self.timeout_ms is None:
             return await future
         try:
@@ -198,17 +251,20 @@ class MicroBatcher:
     def _predict_padded(self, stacked):
         """Run ``predict_fn`` in calls of allowed sizes only; the answer has ``len(stacked)`` rows."""
         outputs = []
-        for start in range(0, len(stacked), self.max_batch):
-            chunk = stacked[start:start + self.max_batch]
-            padding = self.padded_size(len(chunk)) - len(chunk)
+        total = n_rows(stacked)
+        for start in range(0, total, self.max_batch):
+            chunk = slice_rows(stacked, start, start + self.max_batch)
+            rows = n_rows(chunk)
+            padding = self.padded_size(rows) - rows
             if padding:
-                chunk = np.concatenate([chunk, np.zeros((padding, *chunk.shape[1:]), chunk.dtype)])
-            outputs.append(np.asarray(self.predict_fn(chunk))[:len(chunk) - padding])
-            self.batch_sizes = [*self.batch_sizes[-9999:], len(chunk) - padding]
+                chunk = _pad_rows(chunk, padding)
+            answer = self.predict_fn(chunk)
+            outputs.append(slice_rows(answer if isinstance(answer, dict) else np.asarray(answer), 0, rows))
+            self.batch_sizes = [*self.batch_sizes[-9999:], rows]
             self.padding_rows += padding
             if self.on_call is not None:
-                self.on_call(len(chunk) - padding, padding)
-        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+                self.on_call(rows, padding)
+        return concatenate_rows(outputs)
 
     async def _next_request(self, timeout):
         if self._carry is not None:
@@ -223,9 +279,9 @@ class MicroBatcher:
     async def _gather(self):
         """Wait for one request, then add more until ``max_batch`` rows or ``max_wait_ms``."""
         batch = [await self._next_request(None)]
-        n_rows = len(batch[0][0])
+        gathered = n_rows(batch[0][0])
         deadline = time.monotonic() + self.max_wait_ms / 1000
-        while n_rows < self.max_batch:
+        while gathered < self.max_batch:
             remaining = deadline - time.monotonic()
             if self._queue.empty() and (remaining <= 0 or self._arriving == 0):
                 break
@@ -235,11 +291,11 @@ class MicroBatcher:
                 break
             if request[1].cancelled():  # timed out while queued
                 continue
-            if n_rows + len(request[0]) > self.max_batch:
+            if gathered + n_rows(request[0]) > self.max_batch:
                 self._carry = request  # starts the next batch
                 break
             batch.append(request)
-            n_rows += len(request[0])
+            gathered += n_rows(request[0])
         return batch
 
     async def _run(self):
@@ -249,7 +305,7 @@ class MicroBatcher:
             batch = [(rows, future) for rows, future in batch if not future.cancelled()]
             if not batch:
                 continue
-            stacked = np.concatenate([rows for rows, _ in batch], axis=0)
+            stacked = concatenate_rows([rows for rows, _ in batch])
             try:
                 outputs = await loop.run_in_executor(self._executor, self._predict_padded, stacked)
             except Exception as error:  # noqa: BLE001 - every caller of this batch gets it
@@ -260,5 +316,5 @@ class MicroBatcher:
             start = 0
             for rows, future in batch:
                 if not future.done():
-                    future.set_result(outputs[start:start + len(rows)])
-                start += len(rows)
+                    future.set_result(slice_rows(outputs, start, start + n_rows(rows)))
+                start += n_rows(rows)

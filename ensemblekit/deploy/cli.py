@@ -1,4 +1,8 @@
-"""``ensemblekit serve MODEL.keras``: the HTTP prediction service from the command line."""
+"""``ensemblekit serve MODEL.keras``: the HTTP prediction service from the command line.
+
+Models are given as one path, as ``NAME=PATH`` pairs, or as a models config
+file (``--models-config FILE``, JSON or YAML) naming each model and its versions.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import argparse
 import re
 import sys
 
+from ensemblekit.deploy.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS
+from ensemblekit.deploy.models_config import load_models_config
 from ensemblekit.deploy.serve import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
 
 _NAMED_MODEL = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.\-]*)=(.+)$")
@@ -34,14 +40,20 @@ def register_cli(subparsers):
             "On Ctrl-C or SIGTERM stops accepting, finishes accepted requests and exits 0."
         ),
     )
-    parser.add_argument("models", nargs="+", metavar="MODEL",
+    parser.add_argument("models", nargs="*", metavar="MODEL",
                         help="path to a .keras (or .h5) model, loaded in safe_mode; "
                              "NAME=PATH serves several, each at /v1/models/NAME")
+    parser.add_argument("--models-config", default=None, metavar="FILE",
+                        help="JSON/YAML file naming each model and its versions, instead of MODEL: "
+                             "models: [{name: m, versions: {1: a.keras, 2: b.keras}}, "
+                             "{name: n, path: n.keras}]; /v1/models/NAME uses the highest version, "
+                             "/v1/models/NAME/versions/N a given one")
     parser.add_argument("--name", default=None, help="model name in the URL (default: file stem)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one")
-    parser.add_argument("--max-batch", type=int, default=64, help="most rows per model call (1: off)")
-    parser.add_argument("--max-wait-ms", type=float, default=5.0,
+    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                        help=f"most rows per model call (1: off; default {DEFAULT_MAX_BATCH})")
+    parser.add_argument("--max-wait-ms", type=float, default=DEFAULT_MAX_WAIT_MS,
                         help="how long a request waits for others to share its model call")
     parser.add_argument("--allowed-batch-sizes", type=_batch_sizes, default=None, metavar="N,N,...",
                         help="batch sizes compiled at start, ending with --max-batch; each call is "
@@ -61,8 +73,17 @@ def register_cli(subparsers):
     return parser
 
 
-def model_arguments(models, name=None):
-    """The ``serve`` model argument from the command line: one path, or ``{NAME: PATH}``."""
+def model_arguments(models, name=None, models_config=None):
+    """The ``serve`` model argument from the command line: one path, ``{NAME: PATH}``, or the config's.
+
+    With ``models_config`` (a JSON/YAML file): ``{NAME: {VERSION: PATH}}`` read from it.
+    """
+    if models_config is not None:
+        if models or name is not None:
+            raise ValueError("--models-config names the models; give no MODEL paths and no --name with it.")
+        return load_models_config(models_config)
+    if not models:
+        raise ValueError("give a MODEL path, NAME=PATH pairs, or --models-config FILE.")
     matches = [_NAMED_MODEL.match(m) for m in models]
     if len(models) == 1 and matches[0] is None:
         return models[0]
@@ -89,7 +110,7 @@ def _announce(service):
 def run(args):
     from ensemblekit.deploy.serve import serve
 
-    model = model_arguments(args.models, args.name)
+    model = model_arguments(args.models, args.name, args.models_config)
     serve(model, name=None if isinstance(model, dict) else args.name, host=args.host, port=args.port,
           max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
           allowed_batch_sizes=args.allowed_batch_sizes, max_enqueued=args.max_enqueued,

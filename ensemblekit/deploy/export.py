@@ -5,12 +5,21 @@ the runtime that will serve it (``tf.saved_model.load`` through the
 ``serving_default`` signature that TensorFlow Serving calls, or
 ``onnxruntime``), compares its outputs with the Keras model on a probe batch,
 and only then moves it into place.
+
+With ``tfserving_config=True`` the SavedModel is laid out as TensorFlow Serving
+expects, ``BASE/NAME/VERSION/saved_model.pb``, and ``BASE`` gets the two files
+``tensorflow_model_server`` needs to scale ``ensemblekit serve`` out:
+``models.config`` (a ``model_config_list``, text protobuf) and
+``batching_parameters.txt`` holding the same batching as ``ensemblekit serve``
+with the same flags (defaults from :mod:`ensemblekit.deploy.batching`).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +30,12 @@ import numpy as np
 from ensemblekit._graph import model_input_shape
 from ensemblekit._io import load_model
 from ensemblekit._validate import check_choice
+from ensemblekit.deploy.batching import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_WAIT_MS,
+    allowed_sizes,
+    default_max_enqueued,
+)
 
 FORMATS = ("tf_saved_model", "onnx")
 PROBE_BATCH = 8
@@ -106,7 +121,85 @@ def _move_into_place(source, target):
         os.replace(source, target)
 
 
-def export(model, path, format="tf_saved_model", probe=None, atol=1e-5, seed=0, verbose=0):
+MODELS_CONFIG = "models.config"
+BATCHING_PARAMETERS = "batching_parameters.txt"
+_CONFIG_ENTRY = re.compile(r"config\s*\{\s*name:\s*'([^']*)'\s*base_path:\s*'([^']*)'\s*"
+                           r"model_platform:\s*'([^']*)'\s*\}")
+
+
+def _write_atomic(path, text):
+    """Write ``text`` to a temporary file next to ``path``, then rename it onto ``path``."""
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def tfserving_layout(path):
+    """``(version folder, model name, base folder)`` of a TensorFlow Serving export at ``path``.
+
+    ``BASE/NAME/N`` (a numeric last part) is a version folder already; ``BASE/NAME`` gets ``/1``.
+    """
+    path = Path(os.path.abspath(os.fspath(path)))
+    version_folder = path if path.name.isdigit() else path / "1"
+    model_folder = version_folder.parent
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", model_folder.name):
+        raise ValueError(f"the model folder {model_folder.name!r} of {str(path)!r} is not a usable "
+                         "model name; use letters, digits, '_', '.' and '-'.")
+    return version_folder, model_folder.name, model_folder.parent
+
+
+def models_config_text(entries):
+    """TensorFlow Serving's ``model_config_list`` for ``{name: base_path}``."""
+    configs = "".join(f"  config {{\n    name: '{name}'\n    base_path: '{base_path}'\n"
+                      f"    model_platform: 'tensorflow'\n  }}\n" for name, base_path in entries.items())
+    return f"model_config_list {{\n{configs}}}\n"
+
+
+def batching_parameters_text(max_batch=DEFAULT_MAX_BATCH, max_wait_ms=DEFAULT_MAX_WAIT_MS,
+                             allowed_batch_sizes=None, max_enqueued=None):
+    """TensorFlow Serving's ``--batching_parameters_file`` equivalent to ``ensemblekit serve``'s flags.
+
+    ``max_enqueued`` counts requests in ``ensemblekit serve`` but batches in
+    TensorFlow Serving: ``max_enqueued_batches = ceil(max_enqueued / max_batch)``
+    (the same number of one-row requests). One batch thread, as ``ensemblekit
+    serve`` calls each model from one thread.
+    """
+    if not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max_batch is {max_batch!r}; it must be an integer >= 1.")
+    if not max_wait_ms >= 0:
+        raise ValueError(f"max_wait_ms is {max_wait_ms!r}; it must be a number >= 0.")
+    sizes = allowed_sizes(allowed_batch_sizes, max_batch)
+    max_enqueued = default_max_enqueued(max_batch) if max_enqueued is None else max_enqueued
+    if not isinstance(max_enqueued, int) or max_enqueued < 1:
+        raise ValueError(f"max_enqueued is {max_enqueued!r}; it must be an integer >= 1.")
+    lines = [f"max_batch_size {{ value: {max_batch} }}",
+             f"batch_timeout_micros {{ value: {round(max_wait_ms * 1000)} }}",
+             f"max_enqueued_batches {{ value: {math.ceil(max_enqueued / max_batch)} }}",
+             "num_batch_threads { value: 1 }",
+             *(f"allowed_batch_sizes: {size}" for size in sizes)]
+    return "\n".join(lines) + "\n"
+
+
+def _write_tfserving_config(base, name, batching):
+    """Add ``name`` to ``BASE/models.config`` (keeping other models) and write the batching file."""
+    config_path = base / MODELS_CONFIG
+    entries = {}
+    if config_path.is_file():
+        entries = {n: b for n, b, _ in _CONFIG_ENTRY.findall(config_path.read_text())}
+    entries[name] = str(base / name)
+    _write_atomic(config_path, models_config_text(entries))
+    _write_atomic(base / BATCHING_PARAMETERS, batching)
+    return config_path, base / BATCHING_PARAMETERS
+
+
+def export(model, path, format="tf_saved_model", probe=None, atol=1e-5, seed=0, verbose=0,
+           tfserving_config=False, max_batch=DEFAULT_MAX_BATCH, max_wait_ms=DEFAULT_MAX_WAIT_MS,
+           allowed_batch_sizes=None, max_enqueued=None):
     """Export a model with ``keras.Model.export``, verify the reloaded artifact, then publish it.
 
     The artifact is written next to ``path`` under a temporary name, reloaded
@@ -130,9 +223,21 @@ def export(model, path, format="tf_saved_model", probe=None, atol=1e-5, seed=0, 
         atol: the largest absolute output difference accepted.
         seed: seed of the default probe batch.
         verbose: 1 lets Keras print what it exported.
+        tfserving_config: also lay the SavedModel out for TensorFlow Serving
+            and write ``BASE/models.config`` and ``BASE/batching_parameters.txt``:
+            ``path`` is ``BASE/NAME`` (the SavedModel goes to ``BASE/NAME/1``)
+            or ``BASE/NAME/N`` (a version folder, kept). An existing
+            ``models.config`` keeps its other models. Then run
+            ``tensorflow_model_server --rest_api_port=8501
+            --model_config_file=BASE/models.config --enable_batching
+            --batching_parameters_file=BASE/batching_parameters.txt``.
+        max_batch, max_wait_ms, allowed_batch_sizes, max_enqueued: the batching
+            written with ``tfserving_config``, as the ``ensemblekit serve`` flags
+            of the same names (and their defaults).
 
     Returns:
-        ``pathlib.Path`` of the verified artifact.
+        ``pathlib.Path`` of the verified artifact (with ``tfserving_config``:
+        the version folder ``BASE/NAME/N``).
 
     Raises:
         ValueError: unknown format, a probe of the wrong shape, or the reloaded
@@ -155,6 +260,12 @@ def export(model, path, format="tf_saved_model", probe=None, atol=1e-5, seed=0, 
         raise TypeError(f"model must be a keras.Model or a path to a .keras file, got {type(model).__name__}.")
     if not atol >= 0:
         raise ValueError(f"atol is {atol!r}; it must be a non-negative number.")
+    batching = None
+    if tfserving_config:
+        if format != "tf_saved_model":
+            raise ValueError(f'tfserving_config=True needs format="tf_saved_model", got {format!r}.')
+        path, name, base = tfserving_layout(path)
+        batching = batching_parameters_text(max_batch, max_wait_ms, allowed_batch_sizes, max_enqueued)
     _check_dependencies(format)
     probe = _probe_batch(model, probe, seed)
     expected = keras.ops.convert_to_numpy(model(probe, training=False))
@@ -179,4 +290,6 @@ def export(model, path, format="tf_saved_model", probe=None, atol=1e-5, seed=0, 
         _move_into_place(artifact, path)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    if batching is not None:
+        _write_tfserving_config(base, name, batching)
     return path

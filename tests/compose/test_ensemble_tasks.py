@@ -156,5 +156,7 @@ def test_members_must_agree_on_task_and_inputs():
 
 def test_other_compositions_say_what_they_support():
     members = [mlp(1, "sigmoid", seed=s) for s in range(2)]
-    with pytest.raises(ValueError, match="stack supports multiclass members.*binary"):
-        ek.stack(members, X, np.zeros(len(X), int), cv=2)
+    with pytest.raises(ValueError, match="fuse supports multiclass members.*binary"):
+        ek.fuse(members, taps=0)
+    with pytest.raises(ValueError, match="stack supports members with one input and one .* task 'multilabel'"):
+        ek.stack([mlp(3, "sigmoid", seed=s) for s in range(2)], X, np.zeros((len(X), 3)), cv=2)

@@ -99,8 +99,8 @@ def test_serve_command_serves_several_models_with_batching_options(tmp_path):
             reply = httpx.post(f"{base}/v1/models/{name}:predict", json={"instances": x.tolist()}, timeout=30)
             np.testing.assert_allclose(reply.json()["predictions"], model.predict(x, verbose=0), atol=1e-5)
         metrics = httpx.get(f"{base}/metrics", timeout=30).text
-        assert 'ensemblekit_padding_rows_total{model="a"} 1.0' in metrics  # 3 rows -> allowed size 4
-        assert 'ensemblekit_batch_rows_bucket{le="4.0",model="b"} 1.0' in metrics
+        assert 'ensemblekit_padding_rows_total{model="a",version="1"} 1.0' in metrics  # 3 rows -> allowed size 4
+        assert 'ensemblekit_batch_rows_bucket{le="4.0",model="b",version="1"} 1.0' in metrics
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
     finally:
@@ -133,3 +133,27 @@ def test_allowed_batch_sizes_not_ending_with_max_batch_is_reported(tmp_path, cap
     code = main(["serve", str(tmp_path / "m.keras"), "--port", "0", "--allowed-batch-sizes", "1,8"])
     assert code == 2
     assert "allowed_batch_sizes ends with 8 but max_batch is 64" in capsys.readouterr().err
+
+
+def test_serve_command_with_a_models_config_serves_versions(tmp_path):
+    old, new = make_mlp(1), make_mlp(2)
+    old.save(tmp_path / "old.keras")
+    new.save(tmp_path / "new.keras")
+    (tmp_path / "models.json").write_text(
+        '{"models": [{"name": "m", "versions": {"1": "old.keras", "2": "new.keras"}}]}')
+    process = _start("--models-config", tmp_path / "models.json", "--max-batch", "4")
+    try:
+        line = _wait_for_announcement(process)
+        base = line.split("POST ", 1)[1].split("/v1/models/", 1)[0]
+        statuses = httpx.get(f"{base}/v1/models/m", timeout=30).json()["model_version_status"]
+        assert [(s["version"], s["state"]) for s in statuses] == [("1", "AVAILABLE"), ("2", "AVAILABLE")]
+        x = np.random.default_rng(0).normal(size=(2, 8)).astype("float32")
+        for path, model in (("/v1/models/m/versions/1", old), ("/v1/models/m", new)):
+            reply = httpx.post(f"{base}{path}:predict", json={"instances": x.tolist()}, timeout=30)
+            np.testing.assert_allclose(reply.json()["predictions"], model.predict(x, verbose=0), atol=1e-5)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -150,3 +150,93 @@ def test_composed_models_round_trip(kind, format, tmp_path):
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         got = session.run(None, {session.get_inputs()[0].name: x})[0]
     np.testing.assert_allclose(got, model.predict(x, verbose=0), atol=1e-5)
+
+
+def _text_proto(text):
+    """A tiny parser for the text protobufs TensorFlow Serving reads: ``{field: [values]}``.
+
+    Handles ``field: value``, ``field { value: N }`` wrappers and nested ``config { ... }``
+    blocks (each parsed into a dict); strings lose their quotes, numbers become ints.
+    """
+    import re
+
+    tokens = re.findall(r"'[^']*'|\"[^\"]*\"|[{}:]|[^\s{}:]+", text)
+    position = 0
+
+    def value(token):
+        return token[1:-1] if token[0] in "'\"" else int(token) if token.lstrip("-").isdigit() else token
+
+    def block():
+        nonlocal position
+        fields = {}
+        while position < len(tokens) and tokens[position] != "}":
+            name = tokens[position]
+            if tokens[position + 1] == ":":
+                fields.setdefault(name, []).append(value(tokens[position + 2]))
+                position += 3
+            else:
+                assert tokens[position + 1] == "{", text
+                position += 2
+                inner = block()
+                assert tokens[position] == "}", text
+                position += 1
+                fields.setdefault(name, []).append(inner["value"][0] if list(inner) == ["value"] else inner)
+        return fields
+
+    parsed = block()
+    assert position == len(tokens), f"unparsed rest: {tokens[position:]}"
+    return parsed
+
+
+def test_tfserving_config_lays_out_the_version_folder_and_writes_both_files(ensemble_model, tmp_path):
+    path = export(ensemble_model, tmp_path / "base" / "ens", tfserving_config=True, max_batch=32,
+                  max_wait_ms=2.5, allowed_batch_sizes=[1, 8, 32], max_enqueued=100)
+    base = tmp_path / "base"
+    assert path == base / "ens" / "1" and (path / "saved_model.pb").is_file()
+    config = _text_proto((base / "models.config").read_text())
+    assert config["model_config_list"][0]["config"] == [
+        {"name": ["ens"], "base_path": [str(base / "ens")], "model_platform": ["tensorflow"]}]
+    batching = _text_proto((base / "batching_parameters.txt").read_text())
+    assert batching == {"max_batch_size": [32], "batch_timeout_micros": [2500],
+                        "max_enqueued_batches": [4],  # ceil(100 requests / 32 rows per batch)
+                        "num_batch_threads": [1], "allowed_batch_sizes": [1, 8, 32]}
+    assert _leftovers(base) == [] and _leftovers(base / "ens") == []
+    x = np.random.default_rng(2).normal(size=(3, 8)).astype("float32")
+    np.testing.assert_allclose(_saved_model_predict(path, x), ensemble_model.predict(x, verbose=0), atol=1e-5)
+
+
+def test_tfserving_config_defaults_are_the_serve_defaults_and_other_models_are_kept(ensemble_model, tmp_path):
+    import inspect
+
+    from ensemblekit.deploy.batching import (
+        DEFAULT_MAX_BATCH,
+        DEFAULT_MAX_WAIT_MS,
+        default_batch_sizes,
+        default_max_enqueued,
+    )
+    from ensemblekit.deploy.serve import serve
+
+    defaults = inspect.signature(serve).parameters
+    assert (defaults["max_batch"].default, defaults["max_wait_ms"].default) == (DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS)
+    export(make_mlp(5), tmp_path / "member" / "3", tfserving_config=True)
+    path = export(ensemble_model, tmp_path / "ens" / "7", tfserving_config=True)
+    assert path == tmp_path / "ens" / "7" and (path / "saved_model.pb").is_file()
+    config = _text_proto((tmp_path / "models.config").read_text())["model_config_list"][0]["config"]
+    assert [(c["name"][0], c["base_path"][0]) for c in config] == [
+        ("member", str(tmp_path / "member")), ("ens", str(tmp_path / "ens"))]
+    batching = _text_proto((tmp_path / "batching_parameters.txt").read_text())
+    assert batching["max_batch_size"] == [DEFAULT_MAX_BATCH]
+    assert batching["batch_timeout_micros"] == [round(DEFAULT_MAX_WAIT_MS * 1000)]
+    assert batching["max_enqueued_batches"] == [default_max_enqueued(DEFAULT_MAX_BATCH) // DEFAULT_MAX_BATCH]
+    assert batching["allowed_batch_sizes"] == list(default_batch_sizes(DEFAULT_MAX_BATCH))
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"format": "onnx"}, 'tfserving_config=True needs format="tf_saved_model"'),
+    ({"allowed_batch_sizes": [1, 8]}, "allowed_batch_sizes ends with 8 but max_batch is 64"),
+    ({"max_enqueued": 0}, "max_enqueued is 0"),
+])
+def test_tfserving_config_bad_arguments_write_nothing(ensemble_model, tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        export(ensemble_model, tmp_path / "m", tfserving_config=True, **kwargs)
+    assert list(tmp_path.iterdir()) == []

@@ -262,7 +262,7 @@ def test_status_is_loading_until_warm_up_then_available(model):
         reply = httpx.post(service.model_url + ":predict", json={"instances": _rows(0, 2).tolist()}, timeout=30)
         assert reply.status_code == 200
         metrics = httpx.get(service.url + "/metrics", timeout=30).text
-    assert _metric(metrics, 'ensemblekit_warmup_seconds{model="gated"}') > 0
+    assert _metric(metrics, 'ensemblekit_warmup_seconds{model="gated",version="1"}') > 0
 
 
 def test_a_failed_warm_up_is_reported_and_predict_refused(model):
@@ -292,6 +292,8 @@ def test_a_full_queue_answers_503_with_retry_after_at_once(model):
         assert all(r.headers["retry-after"] == "1" and "max_enqueued" in r.json()["error"] for r in refused)
         assert all(r.elapsed.total_seconds() < 0.45 for r in refused)  # refused at once, not after a wait
         assert time.monotonic() - started < 30
+        metrics = httpx.get(service.url + "/metrics", timeout=30).text
+    assert _metric(metrics, 'ensemblekit_requests_total{route="/v1/models/{name}:predict",status="503"}') == len(refused)
 
 
 def test_a_request_over_timeout_ms_gets_504_and_the_server_keeps_serving(model):
@@ -328,7 +330,7 @@ def test_padding_to_allowed_sizes_gives_the_same_rows(model):
     np.testing.assert_allclose(reply.json()["predictions"], model.predict(x, verbose=0), atol=1e-5)
     np.testing.assert_allclose(big_reply.json()["predictions"], model.predict(big, verbose=0), atol=1e-5)
     assert shapes == [8, 16, 8]  # 5 -> 8; 20 -> 16 + (4 -> 8)
-    assert _metric(metrics, 'ensemblekit_padding_rows_total{model="padded"}') == 3 + 4
+    assert _metric(metrics, 'ensemblekit_padding_rows_total{model="padded",version="1"}') == 3 + 4
 
 
 def _metric(text, sample):
@@ -350,12 +352,15 @@ def test_metrics_move_as_requests_are_made(client, service):
     after = client.get("/metrics").text
     assert _metric(after, predict_ok) - _metric(before.text, predict_ok) == 3
     assert _metric(after, predict_bad) - _metric(before.text, predict_bad) == 1
-    rows_sum = 'ensemblekit_batch_rows_sum{model="ens"}'
+    rows_sum = 'ensemblekit_batch_rows_sum{model="ens",version="1"}'
     assert _metric(after, rows_sum) - _metric(before.text, rows_sum) == 6
     count = 'ensemblekit_request_duration_seconds_count{route="/v1/models/{name}:predict"}'
     assert _metric(after, count) - _metric(before.text, count) == 4
-    for name in ('ensemblekit_queue_depth{model="ens"}', 'ensemblekit_model_load_seconds{model="ens"}',
-                 'ensemblekit_warmup_seconds{model="ens"}', 'ensemblekit_batch_rows_bucket{le="64.0",model="ens"}'):
+    for name in ('ensemblekit_queue_depth{model="ens",version="1"}',
+                 'ensemblekit_model_load_seconds{model="ens",version="1"}',
+                 'ensemblekit_warmup_seconds{model="ens",version="1"}',
+                 'ensemblekit_batch_rows_bucket{le="64.0",model="ens",version="1"}',
+                 'ensemblekit_compilations_total{model="ens",version="1"}'):
         assert any(line.startswith(name + " ") for line in after.splitlines()), name
 
 
@@ -386,3 +391,202 @@ def test_stop_drains_accepted_requests_then_refuses_connections(model):
     finally:
         service.stop()
     assert time.monotonic() - started < 10
+
+
+# --- versions ------------------------------------------------------------------------------
+
+
+def test_versions_routes_status_metadata_and_predict(model):
+    old, new = make_mlp(11), make_mlp(12, softmax=True)
+    x = _rows(3, 3)
+    with running({"m": {2: new, 1: old}}, max_batch=8) as service, \
+            httpx.Client(base_url=service.url, timeout=30) as client:
+        statuses = client.get("/v1/models/m").json()["model_version_status"]
+        assert [(s["version"], s["state"]) for s in statuses] == [("1", "AVAILABLE"), ("2", "AVAILABLE")]
+        assert client.get("/v1/models/m/versions/1").json() == {"model_version_status": [
+            {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}
+        assert client.get("/v1/models/m/versions/2/metadata").json()["model_spec"] == {"name": "m", "version": "2"}
+        assert client.get("/v1/models/m/metadata").json()["model_spec"]["version"] == "2"
+        answers = {path: client.post(path, json={"instances": x.tolist()})
+                   for path in ("/v1/models/m/versions/1:predict", "/v1/models/m/versions/2:predict",
+                                "/v1/models/m:predict")}
+        for path, expected in zip(answers, (old, new, new)):
+            assert answers[path].status_code == 200, answers[path].text
+            np.testing.assert_allclose(answers[path].json()["predictions"], expected.predict(x, verbose=0),
+                                       atol=1e-5, err_msg=path)
+        assert service.version_states == {"m": {1: "AVAILABLE", 2: "AVAILABLE"}}
+        for bad in ("/v1/models/m/versions/3", "/v1/models/m/versions/x:predict"):
+            reply = client.request("GET" if bad.endswith("3") else "POST", bad, json={"instances": x.tolist()})
+            assert reply.status_code == 404 and "its versions are 1, 2" in reply.json()["error"], bad
+        metrics = client.get("/metrics").text
+    assert _metric(metrics, 'ensemblekit_batch_rows_sum{model="m",version="1"}') == 3
+    assert _metric(metrics, 'ensemblekit_batch_rows_sum{model="m",version="2"}') == 6
+
+
+def test_models_config_file_serves_each_model_and_version(tmp_path):
+    v1, v2, other = make_mlp(21), make_mlp(22), make_mlp(23, softmax=True)
+    for model_file, m in (("v1.keras", v1), ("v2.keras", v2), ("other.keras", other)):
+        m.save(tmp_path / model_file)
+    config = tmp_path / "models.yaml"
+    config.write_text("models:\n  - name: ens\n    versions: {1: v1.keras, 2: v2.keras}\n"
+                      "  - name: other\n    path: other.keras\n")
+    x = _rows(4, 2)
+    with running(None, models_config=config) as service:
+        assert service.version_states == {"ens": {1: "AVAILABLE", 2: "AVAILABLE"}, "other": {1: "AVAILABLE"}}
+        for path, expected in (("ens/versions/1", v1), ("ens", v2), ("other/versions/1", other)):
+            reply = httpx.post(f"{service.url}/v1/models/{path}:predict", json={"instances": x.tolist()},
+                               timeout=30)
+            np.testing.assert_allclose(reply.json()["predictions"], expected.predict(x, verbose=0), atol=1e-5)
+
+
+def test_model_and_models_config_are_exclusive(model, tmp_path):
+    with pytest.raises(ValueError, match="give either model or models_config"):
+        serve(model, models_config=tmp_path / "m.json", port=0, block=False)
+    with pytest.raises(ValueError, match="has version 0; versions are integers >= 1"):
+        serve({"m": {0: model}}, port=0, block=False)
+
+
+# --- named inputs and outputs ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def named_model():
+    """Inputs "a" (3,) and "b" (2,); outputs {"label": softmax (4,), "value": (1,)}."""
+    keras.utils.set_random_seed(3)
+    a, b = keras.Input((3,), name="a"), keras.Input((2,), name="b")
+    hidden = keras.layers.Dense(8, activation="relu")(keras.layers.Concatenate()([a, b]))
+    return keras.Model({"a": a, "b": b}, {"label": keras.layers.Dense(4, activation="softmax")(hidden),
+                                         "value": keras.layers.Dense(1)(hidden)}, name="named")
+
+
+@pytest.fixture(scope="module")
+def named_service(named_model):
+    with running(named_model, max_batch=16, max_wait_ms=20) as service:
+        yield service
+
+
+def _named_rows(seed, n):
+    rng = np.random.default_rng(seed)
+    return {"a": rng.normal(size=(n, 3)).astype("float32"), "b": rng.normal(size=(n, 2)).astype("float32")}
+
+
+def _instances(rows):
+    return [{"a": a.tolist(), "b": b.tolist()} for a, b in zip(rows["a"], rows["b"])]
+
+
+def test_named_inputs_row_format_answers_every_output_by_name(named_service, named_model):
+    rows = _named_rows(0, 3)
+    reply = httpx.post(named_service.model_url + ":predict", json={"instances": _instances(rows)}, timeout=30)
+    assert reply.status_code == 200, reply.text
+    expected = named_model.predict(rows, verbose=0)
+    predictions = reply.json()["predictions"]
+    assert len(predictions) == 3 and all(set(p) == {"label", "value"} for p in predictions)
+    np.testing.assert_allclose([p["label"] for p in predictions], expected["label"], atol=1e-5)
+    np.testing.assert_allclose([p["value"] for p in predictions], expected["value"], atol=1e-5)
+
+
+def test_named_inputs_columnar_format(named_service, named_model):
+    rows = _named_rows(1, 2)
+    reply = httpx.post(named_service.model_url + ":predict",
+                       json={"inputs": {n: v.tolist() for n, v in rows.items()}}, timeout=30)
+    assert reply.status_code == 200, reply.text
+    outputs, expected = reply.json()["outputs"], named_model.predict(rows, verbose=0)
+    assert set(outputs) == {"label", "value"}
+    for name in outputs:
+        np.testing.assert_allclose(outputs[name], expected[name], atol=1e-5)
+
+
+def test_named_input_requests_share_calls_and_keep_their_rows(named_service, named_model):
+    requests = [_named_rows(10 + i, 1 + i % 3) for i in range(12)]
+    calls_before = len(named_service.batch_sizes)
+    replies = _post_concurrently(named_service.model_url + ":predict",
+                                 [{"instances": _instances(r)} for r in requests])
+    for rows, reply in zip(requests, replies):
+        assert reply.status_code == 200, reply.text
+        expected = named_model.predict(rows, verbose=0)
+        np.testing.assert_allclose([p["value"] for p in reply.json()["predictions"]], expected["value"], atol=1e-5)
+        np.testing.assert_allclose([p["label"] for p in reply.json()["predictions"]], expected["label"], atol=1e-5)
+    new_calls = named_service.batch_sizes[calls_before:]
+    assert sum(new_calls) == sum(len(r["a"]) for r in requests)
+    assert len(new_calls) < len(requests)  # some requests shared a model call
+
+
+NAMED_BAD_REQUESTS = [
+    ("missing input", {"instances": [{"a": [0.0] * 3}]}, "model 'named': instance 0 of \"instances\" lacks input 'b'"),
+    ("unknown input", {"instances": [{"a": [0.0] * 3, "b": [0.0] * 2, "c": [1.0]}]}, "has unknown input 'c'"),
+    ("wrong shape", {"instances": [{"a": [0.0] * 4, "b": [0.0] * 2}]},
+     "input \"a\" of \"instances\" has shape (1, 4); expected instances of shape (3,)"),
+    ("columns differ", {"inputs": {"a": [[0.0] * 3] * 2, "b": [[0.0] * 2]}}, "different numbers of rows: a 2, b 1"),
+    ("columnar wrong shape", {"inputs": {"a": [[0.0] * 3], "b": [[0.0] * 5]}},
+     "input \"b\" of \"inputs\" has shape (1, 5); expected instances of shape (2,)"),
+    ("plain rows", {"instances": [[0.0] * 5]}, "it has inputs 'a', 'b'; send"),
+    ("mixed rows", {"instances": [{"a": [0.0] * 3, "b": [0.0] * 2}, [0.0] * 5]}, "instance 1 of \"instances\" is not"),
+]
+
+
+@pytest.mark.parametrize(("body", "message"), [r[1:] for r in NAMED_BAD_REQUESTS],
+                         ids=[r[0] for r in NAMED_BAD_REQUESTS])
+def test_bad_named_inputs_get_400_naming_the_input_and_shape(named_service, named_model, body, message):
+    reply = httpx.post(named_service.model_url + ":predict", json=body, timeout=30)
+    assert reply.status_code == 400
+    assert message in reply.json()["error"], reply.json()["error"]
+    test_named_inputs_columnar_format(named_service, named_model)  # still serving
+
+
+def test_named_metadata_lists_every_input_and_output(named_service):
+    metadata = httpx.get(named_service.model_url + "/metadata", timeout=30).json()["metadata"]
+    shapes = {side: {n: t["tensor_shape"] for n, t in metadata["signature_def"][side].items()}
+              for side in ("inputs", "outputs")}
+    assert shapes == {"inputs": {"a": [-1, 3], "b": [-1, 2]}, "outputs": {"label": [-1, 4], "value": [-1, 1]}}
+    assert metadata["inputs"]["a"]["name"] == "a" and metadata["outputs"]["value"]["dtype"] == "float32"
+
+
+def test_single_input_list_outputs_and_single_input_by_name(tmp_path):
+    keras.utils.set_random_seed(4)
+    x_in = keras.Input((8,), name="x")
+    hidden = keras.layers.Dense(4)(x_in)
+    two_heads = keras.Model(x_in, [keras.layers.Dense(2, name="first")(hidden),
+                                   keras.layers.Dense(3, name="second")(hidden)], name="heads")
+    x = _rows(5, 2)
+    with running(two_heads) as service:
+        rows = httpx.post(service.model_url + ":predict", json={"instances": x.tolist()}, timeout=30).json()
+        by_name = httpx.post(service.model_url + ":predict", json={"inputs": {"x": x.tolist()}}, timeout=30).json()
+    expected = two_heads.predict(x, verbose=0)
+    np.testing.assert_allclose([p["first"] for p in rows["predictions"]], expected[0], atol=1e-5)
+    np.testing.assert_allclose(by_name["outputs"]["second"], expected[1], atol=1e-5)
+
+
+def test_compilations_counter_stops_after_warm_up_with_allowed_sizes(model):
+    with running(model, name="shapes", max_batch=8, allowed_batch_sizes=[1, 4, 8]) as service:
+        sample = 'ensemblekit_compilations_total{model="shapes",version="1"}'
+        after_warm_up = _metric(httpx.get(service.url + "/metrics", timeout=30).text, sample)
+        for n in (1, 2, 3, 5, 7, 8, 11):
+            reply = httpx.post(service.model_url + ":predict", json={"instances": _rows(n, n).tolist()}, timeout=30)
+            assert reply.status_code == 200
+        after_requests = _metric(httpx.get(service.url + "/metrics", timeout=30).text, sample)
+    assert after_warm_up == 3  # one trace per allowed batch size
+    assert after_requests == 3  # every request was padded to a compiled size
+
+
+def test_a_client_that_leaves_mid_body_is_counted_499_and_the_server_keeps_serving(client, service, model):
+    import socket
+
+    sample = 'ensemblekit_requests_total{route="/v1/models/{name}:predict",status="499"}'
+    before = _metric(client.get("/metrics").text, sample)
+    host, port = service.url.split("//", 1)[1].rsplit(":", 1)
+    body = json.dumps({"instances": _rows(0, 2).tolist()}).encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/models/ens:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:len(body) // 2])
+        time.sleep(0.2)  # the server is reading the body
+    deadline = time.monotonic() + 10
+    while _metric(client.get("/metrics").text, sample) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _metric(client.get("/metrics").text, sample) == before + 1
+    _assert_serves(client, model)
+
+
+def test_predict_reports_its_server_time(client):
+    reply = client.post("/v1/models/ens:predict", json={"instances": _rows(0, 1).tolist()})
+    timing = reply.headers["server-timing"]
+    assert timing.startswith("app;dur=") and 0 < float(timing.split("=", 1)[1]) < reply.elapsed.total_seconds() * 1000

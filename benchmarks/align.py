@@ -26,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 
-from ensemblekit.bench.throughput import device_info  # noqa: E402
+from ensemblekit.bench.throughput import device_info, write_json_and_markdown  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 FAMILIES = ("ResNet50", "MobileNetV2")
@@ -133,9 +133,7 @@ def main():
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
     results["seconds"] = time.perf_counter() - start
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "align.json").write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / "align.md").write_text(markdown(results))
+    write_json_and_markdown(results, markdown(results), RESULTS, "align")
     print(markdown(results))
 
 

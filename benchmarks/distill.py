@@ -24,7 +24,6 @@ member that distilling into the best member recovers.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ import numpy as np  # noqa: E402
 
 import ensemblekit as ek  # noqa: E402
 from ensemblekit import demo  # noqa: E402
-from ensemblekit.bench.throughput import device_info  # noqa: E402
+from ensemblekit.bench.throughput import device_info, write_json_and_markdown  # noqa: E402
 from ensemblekit.costs import latencies  # noqa: E402
 from ensemblekit.datasets import load_digits, load_mnist1d  # noqa: E402
 
@@ -130,10 +129,7 @@ def main(argv=None):
     result = {"info": device_info(), "quick": args.quick,
               "sets": {name: run_set(name, quick=args.quick) for name in args.sets}}
     result["seconds"] = time.perf_counter() - start
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "distill.json").write_text(json.dumps(result, indent=2))
-    (out / "distill.md").write_text(to_markdown(result))
+    write_json_and_markdown(result, to_markdown(result), args.out, "distill")
     print(to_markdown(result))
 
 

@@ -19,7 +19,6 @@ within one run only.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import warnings
@@ -32,7 +31,7 @@ import numpy as np  # noqa: E402
 
 import ensemblekit as ek  # noqa: E402
 from ensemblekit._timing import time_paths  # noqa: E402
-from ensemblekit.bench.throughput import device_info  # noqa: E402
+from ensemblekit.bench.throughput import device_info, write_json_and_markdown  # noqa: E402
 from ensemblekit.costs import count_params, macs  # noqa: E402
 from ensemblekit.datasets import load_mnist1d  # noqa: E402
 from ensemblekit.prune import (  # noqa: E402
@@ -173,12 +172,6 @@ def to_markdown(result):
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path, text):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main():
     start = time.time()
     data = load_mnist1d()
@@ -199,8 +192,7 @@ def main():
         row.update(timed[name])
     result = {"device": device_info(), "rows": rows + new_rows, "seconds": time.time() - start}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_atomic(RESULTS / "pruning.json", json.dumps(result, indent=2))
-    write_atomic(RESULTS / "pruning.md", to_markdown(result))
+    write_json_and_markdown(result, to_markdown(result), RESULTS, "pruning")
     print(to_markdown(result))
 
 

@@ -117,3 +117,24 @@ def hub_sample(rows=4, seed=0):
     import numpy as np
 
     return np.random.default_rng(seed).uniform(0, 1, size=(rows, *HUB_INPUT)).astype("float32")
+
+
+def shuffled_copy(member, seed=1):
+    """``(shuffled, spec, weights)``: a copy of ``member`` with every permutation group shuffled.
+
+    The copy computes the same function with its units in a known random order
+    (what ``align`` must undo); ``weights`` are the member's own arrays.
+    """
+    import numpy as np
+
+    from ensemblekit._graph import get_arrays, set_arrays
+    from ensemblekit.merge.align import permute_arrays
+    from ensemblekit.merge.permutation import permutation_spec
+
+    spec = permutation_spec(member, nested=True)
+    rng = np.random.default_rng(seed)
+    perms = {group: rng.permutation(size) for group, size in spec.sizes.items()}
+    weights = get_arrays(member)
+    shuffled = keras.models.clone_model(member)
+    set_arrays(shuffled, permute_arrays(weights, spec, perms))
+    return shuffled, spec, weights

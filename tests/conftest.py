@@ -40,6 +40,18 @@ def train_mlp(seed, x, y, epochs, learning_rate=1e-3, **kwargs):
     return model
 
 
+def bn_model_and_copy(x, y):
+    """A small BatchNorm MLP trained 2 epochs on ``(x, y)``, and an exact copy (barrier checks)."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((x.shape[1],)), keras.layers.Dense(16),
+                              keras.layers.BatchNormalization(), keras.layers.ReLU(), keras.layers.Dense(3)])
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=2, verbose=0)
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return model, copy
+
+
 def save_all(models, folder, stem="m"):
     """Save each model to ``folder/<stem><i>.keras``; return the paths."""
     paths = [folder / f"{stem}{i}.keras" for i in range(len(models))]

@@ -10,7 +10,7 @@ import ensemblekit as ek
 from ensemblekit import compositions
 from ensemblekit.advise import CANDIDATES, MERGES, ROW_KEYS, TOLERANCE, split_indices
 from tests.advise.conftest import toy
-from tests.conftest import train_mlp
+from tests.conftest import bn_model_and_copy, train_mlp
 
 ENSEMBLE_KINDS = ("ensemble", "ensemble_calibrated", "weighted", "greedy", "packed", "pruned_subset")
 
@@ -79,13 +79,7 @@ def test_metrics_are_on_the_score_half_and_fitting_on_the_fit_half(data, indepen
 
 def test_barrier_of_copies_is_zero_with_batchnorm_reset(data, capsys):
     (x, y), (xv, yv) = data
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16), keras.layers.BatchNormalization(),
-                              keras.layers.ReLU(), keras.layers.Dense(3)])
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(x, y, epochs=2, verbose=0)
-    copy = keras.models.clone_model(model)
-    copy.set_weights(model.get_weights())
+    model, copy = bn_model_and_copy(x, y)
     advice = ek.advise([model, copy], xv, yv, verbose=0)
     assert capsys.readouterr().out == ""
     assert set(advice.barriers) == {"0-1"}

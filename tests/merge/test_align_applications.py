@@ -12,10 +12,8 @@ import keras
 import numpy as np
 import pytest
 
-from ensemblekit._graph import get_arrays, iter_layers, set_arrays, weight_refs
+from ensemblekit._graph import get_arrays, iter_layers, weight_refs
 from ensemblekit.merge import align
-from ensemblekit.merge.align import permute_arrays
-from ensemblekit.merge.permutation import permutation_spec
 from tests import applications
 
 # The fast families, ResNet50, DenseNet121 (Concatenate at scale), and the keras.io transfer-learning
@@ -95,12 +93,7 @@ def test_aligned_members_predict_the_same_probabilities(name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_align_undoes_a_known_random_permutation_of_every_group(name):
     member = _reference(name)
-    spec = permutation_spec(member, nested=True)
-    rng = np.random.default_rng(1)
-    perms = {group: rng.permutation(size) for group, size in spec.sizes.items()}
-    weights = get_arrays(member)
-    shuffled = keras.models.clone_model(member)
-    set_arrays(shuffled, permute_arrays(weights, spec, perms))
+    shuffled, spec, weights = applications.shuffled_copy(member)
     kernels = [i for i in spec.axes if weights[i].ndim > 1]
     assert all(not np.array_equal(get_arrays(shuffled)[i], weights[i]) for i in kernels)
     aligned = align([member, shuffled], verbose=0)[1]

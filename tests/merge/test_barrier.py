@@ -6,7 +6,7 @@ import pytest
 
 from ensemblekit import metrics
 from ensemblekit.merge import align, loss_barrier, merge
-from tests.conftest import make_mlp, train_mlp
+from tests.conftest import bn_model_and_copy, make_mlp, train_mlp
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +57,7 @@ def test_independent_members_on_digits_have_a_positive_barrier_that_alignment_lo
 
 def test_batchnorm_copies_with_reset_have_barrier_zero_and_every_point_is_reset(toy_data):
     x, y = toy_data
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16), keras.layers.BatchNormalization(),
-                              keras.layers.ReLU(), keras.layers.Dense(3)])
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(x, y, epochs=2, verbose=0)
-    copy = keras.models.clone_model(model)
-    copy.set_weights(model.get_weights())
+    model, copy = bn_model_and_copy(x, y)
     result = loss_barrier(model, copy, x, y, reset_bn_data=x)
     assert abs(result.barrier) < 1e-6
     # Endpoints are reset too: their NLL is the reset model's, not the member's running statistics'.

@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import itertools
 import math
 
 import keras
@@ -693,12 +694,57 @@ class ChannelGraph:
                 self._groups.fix(layout, Fixed(f"broadcast over the channels by {layer.name!r}"))
         layouts = [layout for layout, spread in zip(in_layouts, broadcast, strict=True) if not spread]
         sizes = [[self._groups.sizes[g] for g in layout] for layout in layouts]
+        if layouts and any(s != sizes[0] for s in sizes) and self._refine(layouts):
+            sizes = [[self._groups.sizes[g] for g in layout] for layout in layouts]
         if not layouts or any(s != sizes[0] for s in sizes):
             return None, f"its inputs' channel layouts differ (group sizes {sizes})"
         for layout in layouts[1:]:
             for a, b in zip(layouts[0], layout, strict=True):
                 self._groups.union(a, b)
         return list(layouts[0]), None
+
+    def _refine(self, layouts):
+        """Split groups so that ``layouts`` (same channel count) have the same group boundaries.
+
+        NASNet adds a 44-channel tensor (one group) to a concatenation of two
+        22-channel ones: the 44-channel group becomes two groups of 22, in
+        every layout that holds it, so channels pair up position by position.
+        Returns ``False`` (nothing changed) when the counts differ or a size is unknown.
+        """
+        sizes = [[self._groups.sizes[self.find(g)] for g in layout] for layout in layouts]
+        if any(None in s for s in sizes) or len({sum(s) for s in sizes}) != 1:
+            return False
+        cuts = sorted({c for s in sizes for c in itertools.accumulate(s)})
+        for layout in layouts:
+            start = 0
+            for group in list(layout):
+                size = self._groups.sizes[self.find(group)]
+                inner = [c - start for c in cuts if start < c < start + size]
+                if inner:
+                    self._split(group, [b - a for a, b in zip([0, *inner], [*inner, size])])
+                start += size
+        return True
+
+    def _split(self, group, sizes):
+        """Replace ``group``'s coupled set by consecutive new groups of ``sizes`` in every layout."""
+        root = self.find(group)
+        members = {g for g in range(len(self._groups.parent)) if self.find(g) == root}
+        fixed = self._groups.fixed.get(root)
+        parts = [self._groups.new(size, fixed) for size in sizes]
+        seen = set()
+        for layout in self._all_layouts():
+            if id(layout) in seen or not members.intersection(layout):
+                continue
+            seen.add(id(layout))
+            layout[:] = [p for g in layout for p in (parts if g in members else [g])]
+        return parts
+
+    def _all_layouts(self):
+        yield from self.layouts.values()
+        for record in self.layers.values():
+            yield from record.inputs
+            yield record.output
+            yield from record.inner.values()
 
     def find(self, group):
         """The root of ``group``'s coupled set."""
@@ -720,8 +766,9 @@ class ChannelGraph:
         """``{root: [layers]}``: the layers that open (produce) each group, fixed groups included."""
         openers = {}
         for record in self.layers.values():
-            if record.kind in OPENERS:
-                openers.setdefault(self.find(record.output[0]), []).append(record.layer)
+            if record.kind in OPENERS:  # one group, or several once split by ``_refine``
+                for root in dict.fromkeys(self.find(g) for g in record.output):
+                    openers.setdefault(root, []).append(record.layer)
             for name in record.opens:
                 openers.setdefault(self.find(record.inner[name][0]), []).append(record.layer)
         return openers
@@ -731,6 +778,15 @@ class ChannelGraph:
         record = self.layers[id(layer)]
         return [w for w in record.weights if w.side != "in" and len(w.variable.shape) > 1
                 and any(self.find(g) == root for g in record.layout(w.side))]
+
+    def root_scores(self, layer, axis, scores, root):
+        """Per-channel ``scores`` along ``axis`` (a ``WeightAxis`` of ``layer``) restricted to ``root``'s units.
+
+        An output axis may hold several groups (a group split by ``_refine``):
+        only ``root``'s positions are kept (summed over repeats).
+        """
+        rows = self.unit_positions(self.layers[id(layer)].layout(axis.side), root)
+        return np.asarray(scores)[rows].sum(axis=0)
 
     def records(self, kind=None):
         """The ``LayerChannels`` of every layer (or of one kind), in execution order."""

@@ -190,12 +190,19 @@ def test_fixed_groups_say_why():
     assert record(graph, "member").kind == "nested" and record(graph, "unit_norm").kind is None
 
 
-def test_merge_of_unequal_layouts_cannot_pass():
+def test_merge_of_unequal_layouts_splits_the_coarser_group():
+    """Dense(4) + concat(Dense(2), Dense(2)) (NASNet's pattern): the 4-channel group becomes 2 + 2."""
     inputs = keras.Input((4,))
     a = L.Dense(4, name="a")(inputs)
-    b = L.Concatenate(name="cat")([L.Dense(2)(inputs), L.Dense(2)(inputs)])
+    first, second = L.Dense(2, name="first"), L.Dense(2, name="second")
+    b = L.Concatenate(name="cat")([first(inputs), second(inputs)])
     graph = channel_graph(keras.Model(inputs, L.Dense(3)(L.Multiply(name="mul")([a, b]))))
-    assert "channel layouts differ" in graph.fixed(record(graph, "a").output[0]).why
+    halves = record(graph, "a").output
+    assert [graph.size(g) for g in halves] == [2, 2]
+    assert [graph.fixed(g) for g in halves] == [None, None]
+    assert graph.find(halves[0]) == graph.find(record(graph, "first").output[0])
+    assert graph.find(halves[1]) == graph.find(record(graph, "second").output[0])
+    assert record(graph, "mul").output == halves
 
 
 def test_shared_layer_and_subclassed_model_errors_name_them():

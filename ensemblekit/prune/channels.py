@@ -198,12 +198,13 @@ def _importance(graph, openers, importance, x, y):
                 continue
             fallback.append(root)
         total = np.zeros(graph.size(root))
-        for kernel in (w for ws in axes[root] for w in ws):
+        for layer, kernel in ((layer, w) for layer, ws in zip(openers[root], axes[root]) for w in ws):
             if taylor is not None:
                 part = next(taylor)
             else:
                 norm = "l1" if importance == "bn_scale" else importance
                 part = _filter_scores(keras.ops.convert_to_numpy(kernel.variable), kernel.axis, norm)
+            part = graph.root_scores(layer, kernel, part, root)
             total += part / max(float(part.mean()), 1e-12)
         scores[root] = total
     return scores, fallback

@@ -4,7 +4,7 @@ For K members of a workload (an MLP, a Conv1D CNN on mnist1d-shaped input and
 a Conv2D CNN on 32x32x3 input) and each batch size, every path runs on the
 same inputs; warm-up calls (tracing, XLA compilation) are excluded and the
 reported time is the median of ``repeats`` timed repeats. The
-``keras.applications`` workloads (``mobilenetv2``: K=4 MobileNetV2 members by
+``keras.applications`` workloads (``mobilenetv2``, ``efficientnetb0``: K=4 members by
 default, run only when asked with ``--workloads``) time the compiled paths
 ``ensemble``/``pack`` with and without XLA and ``member_xla``, and the report
 puts packed and ensemble side by side. Paths:
@@ -48,12 +48,13 @@ WORKLOADS = {
     "cnn1d": (40, 1),
     "cnn2d": (32, 32, 3),
     "mobilenetv2": (32, 32, 3),
+    "efficientnetb0": (32, 32, 3),
 }
 DEFAULT_WORKLOADS = ("mlp", "cnn1d", "cnn2d")
 # keras.applications members (weights=None, 10 classes, logits): name -> constructor name.
-APPLICATIONS = {"mobilenetv2": "MobileNetV2"}
+APPLICATIONS = {"mobilenetv2": "MobileNetV2", "efficientnetb0": "EfficientNetB0"}
 # Default member counts per workload (``members=None``).
-DEFAULT_MEMBERS = {"mobilenetv2": (4,)}
+DEFAULT_MEMBERS = {"mobilenetv2": (4,), "efficientnetb0": (4,)}
 # Paths timed for keras.applications members (the loops of K calls and both forced
 # lowerings take minutes to trace for a real architecture; they add nothing to the comparison).
 APPLICATION_PATHS = ("ensemble", "ensemble_xla", "pack", "pack_xla", "member_xla")

@@ -39,11 +39,15 @@ from ensemblekit._graph import (
     check_same_architecture,
     flat_nodes,
     iter_layers,
-    model_input_shape,
-    model_output_shape,
 )
 from ensemblekit._io import load_members
-from ensemblekit._outputs import check_output_kinds, check_task, detect_output_kind, detect_task
+from ensemblekit._outputs import (
+    check_output_kinds,
+    check_task,
+    detect_output_kind,
+    detect_task,
+    output_names,
+)
 from ensemblekit._tasks import check_method
 from ensemblekit._validate import check_choice, member_label
 from ensemblekit.inference import LOWERINGS, POLICY
@@ -95,12 +99,13 @@ def pack(models, reduce="mean", output_kind=None, lowering="auto", name=None, sa
             ``Add``/``Concatenate``, squeeze-and-excitation gates and nested
             functional/Sequential models such as a ``keras.applications`` base
             inside a new head) or paths to ``.keras``/``.h5`` files, all of one
-            architecture, one input and one output (any task, ``(batch, ..., units)``).
+            architecture: one or several inputs and outputs (a list or a dict), each
+            output of any task and shape ``(batch, ..., units)``.
         reduce: any method ``ek.ensemble`` has for the members' task but
             ``"weighted"`` — ``"mean"`` (as ``ek.ensemble(models, "mean")``),
             ``"logit_mean"``, ``"geometric"``, ``"vote"``; for regression ``"mean"``,
             ``"median"``, ``"trimmed_mean"`` — or ``"none"`` (the members'
-            outputs, ``(batch, K, ...)``).
+            outputs, ``(batch, K, ...)``); or ``{output name: reduce}``.
         output_kind: what the members output: ``None`` detects a final softmax or
             sigmoid, or ``"logits"``/``"probs"``.
         lowering: ``"auto"`` (``ensemblekit.inference.LoweringPolicy`` decides per
@@ -114,7 +119,9 @@ def pack(models, reduce="mean", output_kind=None, lowering="auto", name=None, sa
         trim, threshold: as in ``ek.ensemble``.
 
     Returns:
-        A ``keras.Model`` from the shared input to the reduced output; save it as
+        A ``keras.Model`` with the members' inputs (same structure) and the reduced
+        output, or ``{output name: ...}`` for several (``NAME_<key>`` for the
+        uncertainty outputs, as ``ek.ensemble``); save it as
         ``.keras`` and load it in ``safe_mode``; ``unpack`` gives the members back
         (with their nesting).
 
@@ -137,30 +144,91 @@ def pack(models, reduce="mean", output_kind=None, lowering="auto", name=None, sa
         >>> bool(np.allclose(packed.predict(x, verbose=0), ek.ensemble(members).predict(x, verbose=0), atol=1e-5))
         True
     """
-    check_choice(reduce, REDUCTIONS, "reduce")
     check_choice(lowering, LOWERINGS, "lowering")
     models = load_members(models, min_count=2, what="pack", safe_mode=safe_mode)
     labels = [member_label(i, m) for i, m in enumerate(models)]
     check_same_architecture(models, labels)
     graphs = [_member_graph(model, label) for model, label in zip(models, labels, strict=True)]
     _check_same_layers(graphs, labels)
-    member_kind = check_output_kinds(output_kind, len(models))[0] or detect_output_kind(models[0])
-    member_task = check_task(task)[0] or detect_task(models[0], label=labels[0])
-    if reduce != "none":
-        check_method(reduce, member_task, "pack")
+    outputs_named = output_names(models[0])
+    tasks = [given or detect_task(models[0], j, label=labels[0])
+             for j, given in enumerate(check_task(task, outputs_named))]
+    reduces = _per_output(reduce, outputs_named, "reduce")
+    for output, value, member_task in zip(outputs_named, reduces, tasks, strict=True):
+        check_choice(value, REDUCTIONS, "reduce")
+        if value != "none":
+            check_method(value, member_task, f"pack, output {output!r}")
+    kinds = check_output_kinds(output_kind, len(models))[0]
 
     num_members = len(models)
     names = _Names()
-    inputs, (output, has_members), holders = _rebuild(graphs, num_members, lowering, labels[0], names)
-    if not has_members:
-        output = MemberBroadcast(num_members, name=names("member_broadcast_output"))(output)
+    inputs, outputs, holders = _rebuild(graphs, num_members, lowering, labels[0], names)
     # By position: ``unpack`` walks each rebuilt member's weighted layers in this same order.
     weighted = [holders[id(layer)].name for _, layer in iter_layers(models[0]) if layer.weights]
     member_configs = [json.dumps(keras.saving.serialize_keras_object(m)) for m in models]
-    reducer = PackedOutput(reduce, member_kind, member_configs, weighted, task=member_task,
-                           uncertainty=uncertainty, trim=trim, threshold=threshold,
-                           name=names(f"packed_output_{reduce}"))
-    return keras.Model(inputs, reducer(output), name=name or f"packed_{reduce}")
+    results = {}
+    for j, (output, has_members) in enumerate(outputs):
+        if not has_members:
+            output = MemberBroadcast(num_members, name=names("member_broadcast_output"))(output)
+        suffix = "" if len(outputs) == 1 else f"_{outputs_named[j]}"
+        record = (member_configs, weighted) if j == 0 else ((), ())  # the first holds unpack's record
+        reducer = PackedOutput(reduces[j], kinds or detect_output_kind(models[0], j), *record,
+                               task=tasks[j], uncertainty=uncertainty, trim=trim, threshold=threshold,
+                               name=names(f"packed_output_{reduces[j]}{suffix}"))
+        results[outputs_named[j]] = reducer(output)
+    label = reduce if isinstance(reduce, str) else "mixed"
+    return keras.Model(_input_structure(models[0], inputs), _output_structure(results, uncertainty),
+                       name=name or f"packed_{label}")
+
+
+def _per_output(value, names, param):
+    """``value`` for every output: one for all, or ``{output name: value}`` naming each."""
+    if not isinstance(value, dict):
+        return [value] * len(names)
+    unknown = sorted(set(value) - set(names))
+    missing = [n for n in names if n not in value]
+    if unknown or missing:
+        raise ValueError(f"{param} must name every output {names} once; "
+                         f"unknown {unknown}, missing {missing}.")
+    return [value[n] for n in names]
+
+
+def _input_structure(model, inputs):
+    """The packed model's inputs in the member's structure: one tensor, a list, or a dict by name."""
+    struct = getattr(model, "_inputs_struct", None)
+    if isinstance(struct, dict):
+        return dict(zip(sorted(struct), inputs, strict=True))
+    return inputs[0] if len(inputs) == 1 else list(inputs)
+
+
+def _output_structure(results, uncertainty):
+    """One output as it is (a dict with uncertainty); several as ``{name: ...}`` (``NAME_<key>``)."""
+    if len(results) == 1:
+        return next(iter(results.values()))
+    if not uncertainty:
+        return results
+    flat = {}
+    for name, out in results.items():
+        if isinstance(out, dict):
+            flat.update({name if key == "prediction" else f"{name}_{key}": v for key, v in out.items()})
+        else:  # reduce="none"
+            flat[name] = out
+    return flat
+
+
+def repack_settings(packed):
+    """The ``pack`` keyword arguments that rebuild ``packed``'s reductions (for a re-pack after pruning)."""
+    records = [layer for layer in packed.layers if isinstance(layer, PackedOutput)]
+    if not records:
+        raise ValueError(f"Model {packed.name!r} was not made by ek.pack (it has no PackedOutput layer).")
+    first = records[0]
+    settings = dict(output_kind=first.member_output_kind, uncertainty=first.uncertainty, trim=first.trim,
+                    threshold=first.threshold, name=packed.name)
+    if len(records) == 1:
+        return dict(settings, reduce=first.reduce, task=first.task)
+    names = output_names(unpack(packed)[0])
+    return dict(settings, reduce={n: r.reduce for n, r in zip(names, records, strict=True)},
+                task={n: r.task for n, r in zip(names, records, strict=True)})
 
 
 class _Names:
@@ -181,13 +249,14 @@ def _rebuild(graphs, num_members, lowering, label, names):
     """Member 0's flat graph, call by call, with each member layer's packed counterpart.
 
     Returns:
-        ``(input, (output, has_members), holders)``: ``holders`` maps ``id`` of each
-        member-0 layer to the packed layer holding all members' weights.
+        ``(inputs, [(output, has_members), ...], holders)``: the packed inputs and
+        outputs in the member's order; ``holders`` maps ``id`` of each member-0
+        layer to the packed layer holding all members' weights.
     """
     member_inputs, member_outputs, nodes = graphs[0]
-    input_layer = member_inputs[0]._keras_history.operation
-    inputs = keras.Input(tuple(member_inputs[0].shape[1:]), name=names(input_layer.name))
-    values = {id(member_inputs[0]): (inputs, False)}
+    inputs = [keras.Input(tuple(t.shape[1:]), dtype=t.dtype, name=names(t._keras_history.operation.name))
+              for t in member_inputs]
+    values = {id(t): (packed_input, False) for t, packed_input in zip(member_inputs, inputs, strict=True)}
     holders = {}
     for position, flat in enumerate(nodes):
         layers = [graph[2][position].operation for graph in graphs]
@@ -198,21 +267,18 @@ def _rebuild(graphs, num_members, lowering, label, names):
         if getattr(layers[0], "weights", None):
             _load_weights(packed_layer, layers)
         holders[id(layers[0])] = packed_layer
-    return inputs, values[id(member_outputs[0])], holders
+    return inputs, [values[id(t)] for t in member_outputs], holders
 
 
 def _member_graph(model, label):
     try:
         graph = flat_nodes(model)
-        model_input_shape(model)
-        output_shape = model_output_shape(model)
     except ValueError as error:
         raise ValueError(f"pack: {label}: {error}") from None
-    if len(output_shape) != 1:
-        raise ValueError(
-            f"pack: {label} outputs shape {(None, *output_shape)}; members must be "
-            "classifiers with output (batch, classes)."
-        )
+    for tensor in graph[1]:
+        if len(tensor.shape) < 2:
+            raise ValueError(f"pack: {label} outputs shape {tuple(tensor.shape)}; members must output "
+                             "(batch, ..., units).")
     seen = set()
     for flat in graph[2]:
         layer = flat.operation
@@ -544,7 +610,7 @@ def unpack(packed):
     """
     if not isinstance(packed, keras.Model):
         raise TypeError(f"unpack expects a keras.Model made by pack, got {type(packed).__name__}.")
-    records = [layer for layer in packed.layers if isinstance(layer, PackedOutput)]
+    records = [layer for layer in packed.layers if isinstance(layer, PackedOutput) and layer.member_configs]
     if len(records) != 1:
         raise ValueError(f"Model {packed.name!r} was not made by ek.pack (it has no PackedOutput layer).")
     record = records[0]

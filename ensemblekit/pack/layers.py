@@ -1009,7 +1009,7 @@ class MemberBroadcast(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class PackedOutput(keras.layers.Layer):
-    """Reduce the K member outputs ``(batch, K, ...)`` like ``ek.ensemble``.
+    """Reduce the K member outputs ``(batch, ..., K, units)`` like ``ek.ensemble``.
 
     The reduction is ``ensemblekit._tasks.reduce_members``, the one
     ``ek.ensemble`` uses, so a packed model equals the ensemble for every task.
@@ -1056,6 +1056,9 @@ class PackedOutput(keras.layers.Layer):
 
     def call(self, inputs):
         inputs = ops.cast(inputs, "float32")  # reduce in float32 under mixed precision too
+        # Inside the packed model the member axis sits before the channels, (batch, ..., K, units);
+        # members on axis 1, as ``ek.ensemble`` stacks them (a no-op for (batch, K, units)).
+        inputs = ops.moveaxis(inputs, -2, 1)
         if self.reduce == "none":
             return inputs
         stacked = canonical(inputs, self.task, self.member_output_kind)
@@ -1066,6 +1069,7 @@ class PackedOutput(keras.layers.Layer):
                 **member_uncertainty(stacked, self.task, threshold=self.threshold)}
 
     def compute_output_shape(self, input_shape):
+        input_shape = (input_shape[0], input_shape[-2], *input_shape[1:-2], input_shape[-1])
         if self.reduce == "none":
             return tuple(input_shape)
         prediction = (input_shape[0], *input_shape[2:])

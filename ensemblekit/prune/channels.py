@@ -486,6 +486,7 @@ def _pack_record(model):
 def _prune_packed(model, record, ratio, importance, x, y, round_to, global_ranking, on_unsupported):
     """Unpack, prune every member's channels on its own, pack again (same counts per member)."""
     from ensemblekit.pack import pack, unpack
+    from ensemblekit.pack.build import repack_settings
 
     if global_ranking:
         raise ValueError(
@@ -494,8 +495,7 @@ def _prune_packed(model, record, ratio, importance, x, y, round_to, global_ranki
         )
     pruned = [_prune(member, ratio, importance, x, y, round_to, False, on_unsupported)
               for member in unpack(model)]
-    repacked = pack([member for member, _ in pruned], reduce=record.reduce,
-                    output_kind=record.member_output_kind, name=model.name)
+    repacked = pack([member for member, _ in pruned], **repack_settings(model))
     return repacked, [g for _, groups in pruned for g in groups]
 
 

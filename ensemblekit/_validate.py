@@ -84,3 +84,29 @@ def check_labels(y, n_samples, n_classes, param="y"):
             f"{n_classes} classes."
         )
     return y
+
+
+def check_targets(y, n_samples, output_shape, task, param="y"):
+    """Targets for a model's output of ``task``, validated against its shape.
+
+    Multiclass: integer labels ``(n,)`` (from labels or one-hot rows, as
+    ``check_labels``); binary: labels 0/1 ``(n,)``; multilabel: 0/1 values of the
+    output's shape ``(n, *output_shape)``; regression: float values of that shape.
+
+    Example:
+        >>> check_targets([0.5, 1.5], 2, (1,), "regression").tolist()
+        [[0.5], [1.5]]
+    """
+    output_shape = tuple(output_shape)
+    if task == "multiclass":
+        return check_labels(y, n_samples, output_shape[-1], param=param)
+    if task == "binary":
+        return check_labels(y, n_samples, 2, param=param)
+    values = np.asarray(y, dtype="float64")
+    shape = (n_samples, *output_shape)
+    zero_one = task != "multilabel" or np.isin(values, (0.0, 1.0)).all()
+    if values.size != int(np.prod(shape)) or not zero_one:
+        what = "0/1 targets" if task == "multilabel" else "values"
+        found = f"; got values {np.unique(values)[:5].tolist()}" if not zero_one else ""
+        raise ValueError(f"{param} must hold {what} of shape {shape}, got shape {values.shape}{found}.")
+    return values.reshape(shape)

@@ -41,7 +41,7 @@ from ensemblekit._outputs import (
     to_log_probs,
 )
 from ensemblekit._tasks import canonical
-from ensemblekit._validate import check_labels
+from ensemblekit._validate import check_targets
 from ensemblekit.compose import ensemble
 from ensemblekit.pack import pack
 from ensemblekit.prune import channels
@@ -144,7 +144,7 @@ def distill(teacher, student, x, y=None, *, temperature=3.0, alpha=0.5, epochs=1
     task = _task(teacher_model, student_model, task)
     num_classes = model_output_shape(teacher_model)[-1]
     if y is not None:
-        y = _targets(y, len(x), num_classes, task)
+        y = check_targets(y, len(x), (num_classes,), task)
     cached, reason = _cache_decision(cache_teacher, augment)
 
     start = time.perf_counter()
@@ -291,17 +291,6 @@ def _view(model, task, name):
     return keras.Model(inputs, out, name=name)
 
 
-def _targets(y, rows, num_classes, task, param="y"):
-    """Labels for the student loss: class indices (0/1 for binary) or float values (regression)."""
-    if task == "regression":
-        values = np.asarray(y, dtype="float32")
-        if values.size != rows * num_classes:
-            raise ValueError(f"{param} has shape {values.shape} but x has {rows} samples of "
-                             f"{num_classes} target value(s).")
-        return values.reshape(rows, num_classes)
-    return check_labels(y, rows, 2 if task == "binary" else num_classes, param=param)
-
-
 def _cached_views(teacher_view, student_view):
     """Dict-input models: the teacher returns the cached log-probs fed with each batch."""
     shape = teacher_view.input_shape[1:]
@@ -328,7 +317,7 @@ def _validation(validation_data, num_classes, task):
         return None
     x_val, y_val = validation_data
     x_val = np.asarray(x_val)
-    return x_val, _targets(y_val, len(x_val), num_classes, task, param="validation y")
+    return x_val, check_targets(y_val, len(x_val), (num_classes,), task, param="validation y")
 
 
 class _Batches(keras.utils.PyDataset):

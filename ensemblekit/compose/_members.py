@@ -217,8 +217,7 @@ class MemberSet:
         seen, unique = set(), []
         for index, model in enumerate(self.models):
             if model.name in seen:
-                inputs = keras.tree.map_structure(
-                    lambda t: keras.Input(t.shape[1:], dtype=t.dtype, name=t.name), _inputs_struct(model))
+                inputs = fresh_inputs(model)
                 model = keras.Model(inputs, model(inputs), name=f"{model.name}_{index}")
             seen.add(model.name)
             unique.append(model)
@@ -260,29 +259,23 @@ class MemberSet:
         return {n: keras.Input(t.shape[1:], dtype=t.dtype, name=n)
                 for n, t in zip(self.input_names, _ordered_inputs(self.models[0], self.input_orders[0]))}
 
-    def log_probs_model(self):
-        """A model mapping x to all members' log-probabilities, ``(batch, K, classes)``."""
-        from ensemblekit.compose.layers import MemberLogProbs
-
-        inputs = self.shared_input()
-        outputs = MemberLogProbs(self.output_kinds, stack_axis=1, name="member_log_probs")(self.call_all(inputs))
-        return keras.Model(inputs, outputs, name="member_log_probs")
-
-    def predict_stacked(self, x, output=0, batch_size=256):
+    def predict_stacked(self, x, output=0, batch_size=256, task=None):
         """All members' output ``output`` on ``x`` in canonical form (``ensemblekit._tasks``): ``(n, K, ...)``.
 
-        Log-probabilities (multiclass), logits (binary/multilabel) or values (regression).
+        Log-probabilities (multiclass), logits (binary/multilabel) or values
+        (regression), for the output's task or the ``task`` given.
         """
         from ensemblekit._tasks import MemberStack
 
         inputs = self.shared_input()
         per_member = [outs[output] for outs in self.call_outputs(inputs)]
-        stacked = MemberStack(self.tasks[output], self.kinds_by_output[output], name="member_stack")(per_member)
+        stacked = MemberStack(task or self.tasks[output], self.kinds_by_output[output],
+                              name="member_stack")(per_member)
         return np.asarray(predict(keras.Model(inputs, stacked), x, batch_size), dtype="float64")
 
     def predict_log_probs(self, x, batch_size=256):
         """All members' log-probabilities on ``x`` in one compiled pass: ``(n, K, classes)``."""
-        return np.asarray(predict(self.log_probs_model(), x, batch_size), dtype="float64")
+        return self.predict_stacked(x, batch_size=batch_size, task="multiclass")
 
 
 def _input_names(model):
@@ -291,6 +284,12 @@ def _input_names(model):
     if isinstance(struct, dict):
         return sorted(str(key) for key in struct)
     return [str(getattr(t, "name", f"input_{i}")) for i, t in enumerate(model.inputs)]
+
+
+def fresh_inputs(model):
+    """New ``keras.Input`` tensors in ``model``'s input structure (same names, shapes, dtypes)."""
+    return keras.tree.map_structure(lambda t: keras.Input(t.shape[1:], dtype=t.dtype, name=t.name),
+                                    _inputs_struct(model))
 
 
 def _inputs_struct(model):

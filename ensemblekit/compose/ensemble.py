@@ -116,8 +116,8 @@ def _methods(method, members):
         methods = [method[n] for n in names]
     else:
         methods = [method] * len(names)
+    all_methods = sorted({m for task_methods in METHODS.values() for m in task_methods})
     for output, task, value in zip(names, members.tasks, methods):
-        all_methods = sorted({m for task_methods in METHODS.values() for m in task_methods})
         if value not in all_methods:
             check_choice(value, METHODS[task], "method")
         check_method(value, task, f"output {output!r}")

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 
 from ensemblekit._tasks import MemberStack
-from ensemblekit._validate import check_choice, check_labels
+from ensemblekit._validate import check_choice, check_targets
 from ensemblekit.compose._members import MemberSet
 from ensemblekit.compose.layers import MemberLogProbs
 
@@ -85,13 +85,9 @@ def _check_stackable(members):
 
 
 def _targets(y, rows, units, task):
-    if task == "regression":
-        values = np.asarray(y, dtype="float32")
-        if values.size != rows * units:
-            raise ValueError(f"y has shape {values.shape} but x has {rows} samples of {units} value(s).")
-        return values.reshape(rows, units)
-    labels = check_labels(y, rows, 2 if task == "binary" else units)
-    return labels.astype("float32").reshape(rows, 1) if task == "binary" else labels
+    """Labels (multiclass), 0/1 floats ``(n, 1)`` (binary: the sigmoid head's targets) or values."""
+    targets = check_targets(y, rows, (units,), task)
+    return targets.astype("float32").reshape(rows, 1) if task == "binary" else targets
 
 
 def _folds(n_samples, cv, seed):

@@ -11,8 +11,8 @@ from scipy import optimize, special
 from ensemblekit import metrics
 from ensemblekit._io import load_members, predict
 from ensemblekit._outputs import output_names
-from ensemblekit._validate import check_choice, check_labels
-from ensemblekit.compose._members import MemberSet
+from ensemblekit._validate import check_choice, check_labels, check_targets
+from ensemblekit.compose._members import MemberSet, fresh_inputs
 from ensemblekit.compose.layers import PlattScaling, StdScaling, TemperatureScaling
 
 SCORED_METRICS = ("nll", "brier", "accuracy", "ece")
@@ -36,19 +36,11 @@ def validation_predictions(models, x_val, y_val, what, min_count=2, task=None):
         raise ValueError(f"{what} does not support multilabel members yet ({members.labels[0]}); "
                          "use ek.ensemble(..., 'mean') or fit one binary ensemble per label.")
     stacked = members.predict_stacked(x_val)
-    if members.task == "regression":
-        y = np.asarray(y_val, dtype="float64").reshape(stacked.shape[0], *stacked.shape[2:]) \
-            if np.size(y_val) == stacked.shape[0] * int(np.prod(stacked.shape[2:])) else None
-        if y is None:
-            raise ValueError(f"y_val has shape {np.shape(y_val)} but the members output "
-                             f"(None, {', '.join(map(str, stacked.shape[2:]))}) on {stacked.shape[0]} samples.")
-        return members, stacked, y, "regression"
+    y = check_targets(y_val, stacked.shape[0], stacked.shape[2:], members.task, param="y_val")
     if members.task == "binary":
         p = special.expit(stacked[..., 0])
-        probs = np.stack([1.0 - p, p], axis=-1)
-        return members, probs, check_labels(y_val, len(probs), 2, param="y_val"), "binary"
-    y = check_labels(y_val, stacked.shape[0], members.num_classes, param="y_val")
-    return members, np.exp(stacked), y, "multiclass"
+        return members, np.stack([1.0 - p, p], axis=-1), y, "binary"
+    return members, stacked if members.task == "regression" else np.exp(stacked), y, members.task
 
 
 def task_loss(metric, task):
@@ -342,25 +334,16 @@ def calibrate(model, x_val, y_val, output_kind=None, name=None, task=None):
     if members.task == "multiclass":
         y = check_labels(y_val, stacked.shape[0], members.num_classes, param="y_val")
         layer = TemperatureScaling(fit_temperature(stacked, y), kind=kind, name="temperature_scaling")
-    else:
-        y = _binary_targets(y_val, stacked.shape)
+    else:  # 0/1 targets of the output's shape, binary too (a (n, 1) column is fine)
+        y = check_targets(y_val, stacked.shape[0], stacked.shape[1:], "multilabel", param="y_val")
         layer = PlattScaling(*fit_platt(stacked, y), kind=kind, name="platt_scaling")
     return keras.Model(inputs, layer(model(inputs)), name=name or f"{model.name}_calibrated")
-
-
-def _binary_targets(y_val, shape):
-    y = np.asarray(y_val, dtype="float64")
-    if y.size != int(np.prod(shape)) or not np.isin(y, (0.0, 1.0)).all():
-        raise ValueError(f"y_val must hold 0/1 targets of shape {shape}; got shape {y.shape} "
-                         f"with values {np.unique(y)[:5].tolist()}.")
-    return y.reshape(shape)
 
 
 def _scale_std(model, x_val, y_val, name):
     out = predict(model, x_val)
     scale = fit_std_scale(out["prediction"].astype("float64"), out["std"], y_val)
-    inputs = keras.tree.map_structure(lambda t: keras.Input(t.shape[1:], dtype=t.dtype, name=t.name),
-                                      model._inputs_struct)
+    inputs = fresh_inputs(model)
     outputs = dict(model(inputs))
     outputs["std"] = StdScaling(scale, name="std_scaling")(outputs["std"])
     return keras.Model(inputs, outputs, name=name or f"{model.name}_calibrated")

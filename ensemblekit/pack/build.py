@@ -226,7 +226,7 @@ def repack_settings(packed):
                     threshold=first.threshold, name=packed.name)
     if len(records) == 1:
         return dict(settings, reduce=first.reduce, task=first.task)
-    names = output_names(unpack(packed)[0])
+    names = output_names(keras.saving.deserialize_keras_object(json.loads(first.member_configs[0])))
     return dict(settings, reduce={n: r.reduce for n, r in zip(names, records, strict=True)},
                 task={n: r.task for n, r in zip(names, records, strict=True)})
 

@@ -1,5 +1,6 @@
 """``ensemblekit serve``: a real process, stopped by SIGTERM/SIGINT, leaving nothing behind."""
 
+import contextlib
 import os
 import select
 import signal
@@ -31,6 +32,19 @@ def _wait_for_announcement(process):
     line = process.stdout.readline() if ready else ""  # printed once warm-up has ended
     assert "POST http://127.0.0.1:" in line, (line, process.stderr.read() if process.poll() else "")
     return line
+
+
+@contextlib.contextmanager
+def _serving(*args):
+    """A started ``ensemblekit serve`` process and its base URL; killed if the test leaves it running."""
+    process = _start(*args)
+    try:
+        line = _wait_for_announcement(process)
+        yield process, line.split("POST ", 1)[1].split("/v1/models/", 1)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def _group_alive(pgid):
@@ -87,11 +101,8 @@ def test_serve_command_serves_several_models_with_batching_options(tmp_path):
     models = {"a": make_mlp(1), "b": make_mlp(2, softmax=True)}
     for name, model in models.items():
         model.save(tmp_path / f"{name}.keras")
-    process = _start(f"a={tmp_path / 'a.keras'}", f"b={tmp_path / 'b.keras'}", "--max-batch", "8",
-                     "--allowed-batch-sizes", "1,4,8", "--max-enqueued", "4", "--timeout-ms", "20000")
-    try:
-        line = _wait_for_announcement(process)
-        base = line.split("POST ", 1)[1].split("/v1/models/", 1)[0]
+    with _serving(f"a={tmp_path / 'a.keras'}", f"b={tmp_path / 'b.keras'}", "--max-batch", "8",
+                  "--allowed-batch-sizes", "1,4,8", "--max-enqueued", "4", "--timeout-ms", "20000") as (process, base):
         x = np.random.default_rng(0).normal(size=(3, 8)).astype("float32")
         for name, model in models.items():
             assert httpx.get(f"{base}/v1/models/{name}", timeout=30).json()[
@@ -103,10 +114,6 @@ def test_serve_command_serves_several_models_with_batching_options(tmp_path):
         assert 'ensemblekit_batch_rows_bucket{le="4.0",model="b",version="1"} 1.0' in metrics
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def test_model_arguments_one_path_or_named_paths():
@@ -141,10 +148,7 @@ def test_serve_command_with_a_models_config_serves_versions(tmp_path):
     new.save(tmp_path / "new.keras")
     (tmp_path / "models.json").write_text(
         '{"models": [{"name": "m", "versions": {"1": "old.keras", "2": "new.keras"}}]}')
-    process = _start("--models-config", tmp_path / "models.json", "--max-batch", "4")
-    try:
-        line = _wait_for_announcement(process)
-        base = line.split("POST ", 1)[1].split("/v1/models/", 1)[0]
+    with _serving("--models-config", tmp_path / "models.json", "--max-batch", "4") as (process, base):
         statuses = httpx.get(f"{base}/v1/models/m", timeout=30).json()["model_version_status"]
         assert [(s["version"], s["state"]) for s in statuses] == [("1", "AVAILABLE"), ("2", "AVAILABLE")]
         x = np.random.default_rng(0).normal(size=(2, 8)).astype("float32")
@@ -153,7 +157,3 @@ def test_serve_command_with_a_models_config_serves_versions(tmp_path):
             np.testing.assert_allclose(reply.json()["predictions"], model.predict(x, verbose=0), atol=1e-5)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()

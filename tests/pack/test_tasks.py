@@ -20,6 +20,19 @@ def conv_member(units, activation, seed):
     ], name=f"member_{seed}")
 
 
+def assert_same_outputs(got, want, label=""):
+    """The packed model's dict outputs equal the ensemble's, key by key."""
+    assert sorted(got) == sorted(want)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], atol=1e-5, err_msg=f"{label}{key}")
+
+
+def assert_unpacks_exactly(members, packed):
+    for member, back in zip(members, ek.unpack(packed)):
+        for a, b in zip(member.get_weights(), back.get_weights()):
+            np.testing.assert_array_equal(a, b)
+
+
 CASES = [
     ("binary", 1, "sigmoid", ["mean", "logit_mean", "vote"]),
     ("multilabel", 3, "sigmoid", ["mean", "geometric"]),
@@ -36,17 +49,13 @@ def test_pack_equals_ensemble_per_task(task, units, activation, methods, tmp_pat
     for method in methods:
         packed = ek.pack(members, method, task=given, uncertainty=True)
         ensemble = ek.ensemble(members, method, task=given, uncertainty=True)
-        got, want = packed.predict(x, verbose=0), ensemble.predict(x, verbose=0)
-        assert sorted(got) == sorted(want)
-        for key in want:
-            np.testing.assert_allclose(got[key], want[key], atol=1e-5, err_msg=f"{task}/{method}/{key}")
+        got = packed.predict(x, verbose=0)
+        assert_same_outputs(got, ensemble.predict(x, verbose=0), f"{task}/{method}/")
     path = tmp_path / f"{task}.keras"
     packed.save(path)
     loaded = keras.saving.load_model(path, safe_mode=True)
     np.testing.assert_allclose(loaded.predict(x, verbose=0)["prediction"], got["prediction"], atol=1e-6)
-    for member, back in zip(members, ek.unpack(loaded)):
-        for a, b in zip(member.get_weights(), back.get_weights()):
-            np.testing.assert_array_equal(a, b)
+    assert_unpacks_exactly(members, loaded)
 
 
 def test_pack_refuses_methods_of_another_task():
@@ -73,17 +82,12 @@ def test_pack_several_inputs_and_outputs_equals_ensemble(tmp_path):
     task = {"value": "regression"}
     packed = ek.pack(members, method, task=task, uncertainty=True)
     got = packed.predict(x, verbose=0)
-    want = ek.ensemble(members, method, task=task, uncertainty=True).predict(x, verbose=0)
-    assert sorted(got) == sorted(want)
-    for key in want:
-        np.testing.assert_allclose(got[key], want[key], atol=1e-5, err_msg=key)
+    assert_same_outputs(got, ek.ensemble(members, method, task=task, uncertainty=True).predict(x, verbose=0))
     path = tmp_path / "two_headed.keras"
     packed.save(path)
     loaded = keras.saving.load_model(path, safe_mode=True)
     np.testing.assert_allclose(loaded.predict(x, verbose=0)["value"], got["value"], atol=1e-6)
-    for member, back in zip(members, ek.unpack(loaded)):
-        for a, b in zip(member.get_weights(), back.get_weights()):
-            np.testing.assert_array_equal(a, b)
+    assert_unpacks_exactly(members, loaded)
     with pytest.raises(ValueError, match=r"reduce must name every output \['label', 'value'\]"):
         ek.pack(members, {"label": "mean"}, task=task)
 
@@ -98,7 +102,5 @@ def test_pack_dense_segmentation_maps_equals_ensemble():
     members = [segmenter(seed) for seed in range(3)]
     x = RNG.normal(size=(2, 6, 6, 3)).astype("float32")
     got = ek.pack(members, "vote", uncertainty=True).predict(x, verbose=0)
-    want = ek.ensemble(members, "vote", uncertainty=True).predict(x, verbose=0)
     assert got["prediction"].shape == (2, 6, 6, 5) and got["mutual_information"].shape == (2, 6, 6)
-    for key in want:
-        np.testing.assert_allclose(got[key], want[key], atol=1e-5, err_msg=key)
+    assert_same_outputs(got, ek.ensemble(members, "vote", uncertainty=True).predict(x, verbose=0))

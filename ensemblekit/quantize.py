@@ -3,7 +3,8 @@
 ``keras.Model.quantize(mode)`` rewrites, in place, every leaf layer that
 implements ``quantize`` and leaves the others float. In Keras 3.15 those are
 ``Dense``, ``EinsumDense``, ``Embedding`` and ``ReversibleEmbedding`` (exact
-types: subclasses are skipped). What each mode does there:
+types: subclasses are skipped), and ensemblekit's ``GroupedDense`` in int8 and int4 (below).
+What each mode does there:
 
 - ``"int8"``: kernels stored int8 with one float scale per output unit (abs-max),
   inputs quantized per row at run time (abs-max); the matmul runs int8 x int8
@@ -17,12 +18,26 @@ types: subclasses are skipped). What each mode does there:
   (values above 448 saturate); kernels stay float32 in the file, which grows by
   the scales and histories. Use it before fp8 fine-tuning, not to shrink a model.
 
+Packed models (``ek.pack``): ``GroupedDense`` (the K members' Dense layers as
+one layer) implements ``quantize`` for ``"int8"`` and ``"int4"`` with Keras'
+``Dense`` schemes above (scales per member and unit, or per member, block and
+unit; int8 inputs quantized per row and member), so ``packed.quantize(mode)``
+and ``quantize(packed, mode, ...)`` give exactly (up to float rounding) the
+outputs of ``ek.ensemble(ek.unpack(packed))`` quantized to that mode; the
+``.keras`` file loads in ``safe_mode``, and ``ek.export`` keeps int8 and int4
+packed models as a SavedModel and as ONNX. ``GroupedDense`` does not implement float8:
+it stays float, and a packed model with nothing else to quantize is refused
+with a pointer to its members.
+The grouped convolutions (pointwise and separable ones too) and normalizations
+stay float in every mode, as their members' convolutions and normalizations do
+under Keras; ``GroupedTransformerEncoder`` stays float too, although Keras would
+quantize its members' ``EinsumDense``/``Dense`` layers (not implemented).
+``ek.unpack`` of a quantized packed model gives float members holding the
+dequantized kernels (e.g. ``int8 / scale``), not the kernels it was made from.
+
 Not quantized (left float, listed in the report): convolutions, normalizations,
-ensemblekit's combiners and every grouped layer of ``ek.pack``
-(``GroupedDense`` is not a ``keras.layers.Dense``); a packed model has nothing
-Keras can quantize, so ``quantize`` refuses it and points to its members
-(``ek.ensemble(ek.unpack(packed))``). Composed models from ``ek.ensemble``
-quantize their members' Dense layers where they are nested.
+ensemblekit's combiners and the grouped layers named above. Composed models from
+``ek.ensemble`` quantize their members' Dense layers where they are nested.
 
 The quantized model saves as ``.keras`` and loads with
 ``keras.saving.load_model(path, safe_mode=True)`` with identical outputs.
@@ -44,6 +59,7 @@ from ensemblekit._graph import iter_layers
 from ensemblekit._validate import check_choice, check_labels
 from ensemblekit.inference import copy_model
 from ensemblekit.metrics import predict_probs, score_probs
+from ensemblekit.pack.layers import PackedOutput
 
 MODES = ("int8", "float8", "int4")
 TASKS = (None, "auto", "multiclass")
@@ -109,8 +125,9 @@ def quantize(model, mode="int8", x_val=None, y_val=None, max_accuracy_drop=0.005
 
     Args:
         model: a built single-output classifier (``ek.ensemble``, ``ek.stack``,
-            a plain model, ...). Packed models (``ek.pack``) are refused: Keras
-            quantizes none of their grouped layers.
+            ``ek.pack``, a plain model, ...). Packed models quantize their
+            ``GroupedDense`` layers in int8 and int4; in float8 they are refused
+            unless something else in them quantizes.
         mode: ``"int8"``, ``"int4"`` or ``"float8"``.
         x_val, y_val: validation inputs and integer (or one-hot) labels.
         max_accuracy_drop: the largest accepted ``accuracy before - accuracy after``.
@@ -141,11 +158,13 @@ def quantize(model, mode="int8", x_val=None, y_val=None, max_accuracy_drop=0.005
     quantized = _quantized_copy(model, mode)
     paths, left_float = _quantization_state(quantized)
     if not paths:
+        packed = any(isinstance(layer, PackedOutput) for _, layer in iter_layers(model))
         raise ValueError(
-            f"quantize: model {model.name!r} has no layer Keras can quantize to {mode} (Keras "
-            f"quantizes Dense, EinsumDense and Embedding); its weighted layers are "
-            f"{_describe(left_float)}. For a packed model, quantize its members: "
-            "ek.quantize(ek.ensemble(ek.unpack(packed)), ...)."
+            f"quantize: model {model.name!r} has no layer that quantizes to {mode} (Keras "
+            f"quantizes Dense, EinsumDense and Embedding; ek.pack's GroupedDense int8 and int4); its "
+            f"weighted layers are {_describe(left_float)}."
+            + (f" For {mode}, quantize the packed model's members: "
+               "ek.quantize(ek.ensemble(ek.unpack(packed)), ...)." if packed else "")
         )
     probs_before = predict_probs(model, x_val, batch_size=batch_size)
     probs_after = predict_probs(quantized, x_val, batch_size=batch_size)

@@ -79,12 +79,25 @@ def test_accuracy_drop_above_the_bound_is_refused_with_the_numbers():
         ek.quantize(model, "int8", x, y, verbose=0)
 
 
-def test_packed_model_is_refused_with_a_pointer_to_its_members(toy_data):
+def test_packed_model_quantizes_its_grouped_dense_in_int8_and_int4_not_float8(toy_data):
+    # More in tests/pack/test_pack_quantize.py.
     x, y = toy_data
     packed = ek.pack([make_mlp(seed) for seed in range(2)])
-    with pytest.raises(ValueError, match=r"'packed_mean' has no layer Keras can quantize to int8.*"
+    for mode in ("int8", "int4"):
+        _, report = ek.quantize(packed, mode, x, y, max_accuracy_drop=1.0, verbose=0)
+        assert report.quantized == ["hidden", "out"] and report.max_abs_diff < 0.05
+    with pytest.raises(ValueError, match=r"'packed_mean' has no layer that quantizes to float8.*"
                                          r"\(GroupedDense\).*ek\.unpack\(packed\)"):
-        ek.quantize(packed, "int8", x, y, verbose=0)
+        ek.quantize(packed, "float8", x, y, verbose=0)
+
+
+def test_model_with_nothing_to_quantize_is_refused_naming_its_layers(toy_data):
+    x, y = toy_data
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Reshape((8, 1)),
+                              keras.layers.Conv1D(3, 8, name="conv"), keras.layers.Flatten()], name="convs")
+    with pytest.raises(ValueError, match=r"'convs' has no layer that quantizes to int8 .*"
+                                         r"'conv' \(Conv1D\)\.$"):
+        ek.quantize(model, "int8", x, y, verbose=0)
 
 
 def test_bad_arguments_raise_one_clear_error(toy_data):

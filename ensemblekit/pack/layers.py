@@ -7,7 +7,9 @@ into channels, so
 
 * ``GroupedDense``: on the shared input one matmul with the K kernels
   concatenated, ``(in, K*units)``; afterwards an einsum over the stacked kernel
-  ``(K, in, units)`` (a batched matmul) or K matmuls;
+  ``(K, in, units)`` (a batched matmul) or K matmuls; ``keras.Model.quantize``
+  quantizes it to int8 or int4 as Keras quantizes each member's ``Dense`` (the
+  only grouped layer that quantizes; float8 leaves it float);
 * ``GroupedConv`` (Conv1D/Conv2D, ``groups`` too): on the shared input one
   convolution with K*filters output channels; afterwards a grouped convolution
   over ``(..., K*channels)`` or K convolutions (a pointwise ``1x1`` one runs as
@@ -198,6 +200,13 @@ class GroupedDense(_MemberLayer):
     and applied with ``einsum("...ki,kio->...ko")`` (or K matmuls with ``"loop"``;
     ``"auto"`` asks ``ensemblekit.inference.POLICY`` per traced shape).
 
+    ``quantize("int8")`` (called by ``keras.Model.quantize``) stores the kernel
+    int8 in the same layout with abs-max scales ``kernel_scale`` of shape
+    ``(K, units)`` and runs W8A8 as ``keras.layers.Dense`` does; ``"int4"``
+    stores it packed two per byte (weight-only, per channel or in blocks of
+    input rows with zero points, as ``Dense``); float8 raises
+    ``NotImplementedError`` (Keras then warns and leaves the layer float).
+
     Args:
         units: output features per member.
         activation: the members' activation.
@@ -221,24 +230,204 @@ class GroupedDense(_MemberLayer):
         features = int(input_shape[-1])
         shape = (features, self.num_members, self.units) if self.shared_input else (
             self.num_members, features, self.units)
-        self.kernel = self.add_weight(shape=shape, initializer="glorot_uniform", name="kernel")
+        if self.quantization_mode:  # loading a quantized layer: its variables come from the file
+            self.quantized_build(shape, self.quantization_mode)
+        else:
+            self.kernel = self.add_weight(shape=shape, initializer="glorot_uniform", name="kernel")
         self.bias = self.add_weight(
             shape=(self.num_members, self.units), initializer="zeros", name="bias"
         ) if self.use_bias else None
 
     def call(self, inputs):
+        return self._finish(self._matmul(inputs, self.kernel))
+
+    def _matmul(self, inputs, kernel):
+        """``inputs @ W_k`` per member, ``(batch, ..., K, units)``; int8 operands give int32."""
         if self.shared_input:
-            flat = ops.reshape(self.kernel, (self.kernel.shape[0], self.num_members * self.units))
-            outputs = _split_members(ops.matmul(inputs, flat), self.num_members)
-        else:
-            outputs = _grouped_matmul(inputs, self.kernel, self._use_loop(inputs))
+            flat = ops.reshape(kernel, (kernel.shape[0], self.num_members * self.units))
+            return _split_members(ops.matmul(inputs, flat), self.num_members)
+        return _grouped_matmul(inputs, kernel, self._use_loop(inputs))
+
+    def _finish(self, outputs):
         if self.use_bias:
             outputs = outputs + self.bias
         return self.activation(outputs)
 
+    # Quantization as keras.layers.Dense does it, member k's part being exactly Keras' quantized
+    # Dense of member k. int8 (W8A8 dynamic): the kernel stored int8 with one abs-max scale per
+    # member and unit, ``kernel_scale`` (K, units); inputs quantized per row (per member on
+    # member-axis input) when called. int4 (weight-only): two values per byte along the units axis,
+    # per-channel symmetric scales (K, units), or blocks of ``block_size`` input rows with a scale
+    # and a zero point each (Keras' default ``int4/128``), dequantized when called.
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Quantize the kernel in place (``keras.Model.quantize`` calls this): ``"int8"`` or ``"int4"``.
+
+        Raises:
+            NotImplementedError: another mode (``keras.Model.quantize`` warns and
+                leaves the layer float).
+        """
+        if mode not in ("int8", "int4"):
+            raise NotImplementedError(
+                f"Layer {type(self).__name__} quantizes to int8 and int4 only (Keras' Dense schemes); "
+                f"mode={mode!r} leaves {self.name!r} float."
+            )
+        kernel = _numpy(self.kernel)
+        block_size = self._int4_block_size(config) if mode == "int4" else None
+        values, state = (self._int8_values(kernel) if mode == "int8"
+                         else self._int4_values(kernel, block_size))
+        del self.kernel
+        self.quantized_build(kernel.shape, mode, config)
+        self.kernel.assign(values)
+        for name, value in state.items():
+            getattr(self, name).assign(value)
+        if self.dtype_policy.quantization_mode is None:
+            policy = mode if mode == "int8" else f"int4/{block_size or -1}"
+            self.dtype_policy = keras.dtype_policies.get(f"{policy}_from_{self.dtype_policy.name}")
+
+    @property
+    def _feature_axis(self):
+        """The kernel's input-feature axis: scales are per (member, unit) over it."""
+        return 0 if self.shared_input else 1
+
+    def _int8_values(self, kernel):
+        values, scale = keras.quantizers.abs_max_quantize(kernel, axis=self._feature_axis, to_numpy=True)
+        return values, {"kernel_scale": ops.squeeze(scale, axis=self._feature_axis)}
+
+    def _int4_values(self, kernel, block_size):
+        """The packed int4 kernel and its scales (and zero points), as Keras' Dense makes them."""
+        if block_size is None:
+            values, scale = keras.quantizers.abs_max_quantize(
+                kernel, axis=self._feature_axis, value_range=(-8, 7), dtype="int8", to_numpy=True)
+            state = {"kernel_scale": ops.squeeze(scale, axis=self._feature_axis)}
+        else:  # per member: (in, units) -> values (in, units), scale and zero (groups, units)
+            member_axis = 1 - self._feature_axis
+            parts = [keras.quantizers.abs_max_quantize_grouped_with_zero_point(
+                np.take(kernel, k, axis=member_axis), block_size, to_numpy=True)
+                for k in range(self.num_members)]
+            values, scale, zero = (np.stack([_numpy(part[i]) for part in parts], axis=member_axis)
+                                   for i in range(3))
+            state = {"kernel_scale": scale, "kernel_zero": zero}
+        return keras.quantizers.pack_int4(values, axis=-1)[0], state
+
+    def _int4_block_size(self, config=None):
+        """Rows per int4 block from ``config`` (quantizing) or the dtype policy (loading); None: per channel."""
+        if isinstance(config, keras.quantizers.Int4QuantizationConfig):
+            block_size = config.block_size
+        else:
+            block_size = getattr(self.dtype_policy, "block_size", None)
+        return None if block_size in (None, -1) else int(block_size)
+
+    def quantized_build(self, kernel_shape, mode, config=None):
+        if mode not in ("int8", "int4"):
+            raise self._quantization_mode_error(mode)
+        block_size = self._int4_block_size(config) if mode == "int4" else None
+        features = int(kernel_shape[self._feature_axis])
+        scale_shape = [self.num_members, self.units]
+        if block_size is not None:
+            scale_shape.insert(self._feature_axis, math.ceil(features / block_size))
+        stored_shape = kernel_shape if mode == "int8" else (*kernel_shape[:-1], (self.units + 1) // 2)
+        self.kernel = self.add_weight(shape=stored_shape, initializer="zeros", dtype="int8",
+                                      trainable=False, name="kernel")
+        self.kernel_scale = self.add_weight(shape=scale_shape, initializer="ones", trainable=False,
+                                            name="kernel_scale")
+        if block_size is not None:
+            self.kernel_zero = self.add_weight(shape=scale_shape, initializer="zeros", dtype="int8",
+                                               trainable=False, name="kernel_zero")
+            self.g_idx = self.add_weight(  # each input row's block, as Keras' Dense stores it
+                shape=(features,), dtype="float32", trainable=False, name="g_idx",
+                initializer=lambda shape, dtype: ops.floor_divide(ops.arange(features, dtype=dtype),
+                                                                  block_size))
+        self._is_quantized = True
+
+    def _int8_call(self, inputs, training=None):
+        @ops.custom_gradient
+        def int8_matmul(inputs, kernel, kernel_scale):
+            def grad_fn(*args, upstream=None):
+                if upstream is None:
+                    (upstream,) = args
+                return self._inputs_gradient(upstream, self._dequantized(kernel, kernel_scale)), None, None
+
+            quantized_inputs, inputs_scale = keras.quantizers.abs_max_quantize(inputs, axis=-1)
+            if self.shared_input:  # one row scale for all members: (batch, ..., 1) -> (batch, ..., 1, 1)
+                inputs_scale = ops.expand_dims(inputs_scale, -1)
+            outputs = ops.cast(self._matmul(quantized_inputs, kernel), self.compute_dtype)
+            return ops.divide(outputs, ops.multiply(kernel_scale, inputs_scale)), grad_fn
+
+        return self._finish(int8_matmul(inputs, ops.convert_to_tensor(self.kernel),
+                                        ops.convert_to_tensor(self.kernel_scale)))
+
+    def _int4_call(self, inputs, training=None):
+        if hasattr(self, "kernel_zero"):
+            return self._finish(self._matmul(inputs, self._int4_kernel()))
+        values = keras.quantizers.unpack_int4(self.kernel, self.units, axis=-1)
+        outputs = ops.cast(self._matmul(inputs, values), self.compute_dtype)
+        return self._finish(ops.divide(outputs, self.kernel_scale))
+
+    def _dequantized(self, kernel, kernel_scale):
+        """The float kernel a per-channel one stands for, ``kernel / scale``, in the stored layout."""
+        scale = ops.expand_dims(kernel_scale, self._feature_axis)
+        return ops.divide(ops.cast(kernel, self.compute_dtype), scale)
+
+    def _int4_kernel(self):
+        """The float kernel an int4 one stands for, in the float layout."""
+        values = keras.quantizers.unpack_int4(self.kernel, self.units, axis=-1)
+        if not hasattr(self, "kernel_zero"):
+            return self._dequantized(values, self.kernel_scale)
+        blocks = ops.cast(self.g_idx, "int32")
+        scale = ops.take(self.kernel_scale, blocks, axis=self._feature_axis)
+        zero = ops.cast(ops.take(self.kernel_zero, blocks, axis=self._feature_axis), scale.dtype)
+        return ops.cast(ops.multiply(ops.subtract(values, zero), scale), self.compute_dtype)
+
+    def _inputs_gradient(self, upstream, float_kernel):
+        """``d(inputs @ W) / d inputs`` for the gradient of the int8 call."""
+        if self.shared_input:
+            flat = ops.reshape(float_kernel, (float_kernel.shape[0], self.num_members * self.units))
+            return ops.matmul(_merge_members(upstream), ops.transpose(flat))
+        lead = "abcdefgh"[:len(upstream.shape) - 2]
+        return ops.einsum(f"{lead}ko,kio->{lead}ki", upstream, float_kernel)
+
+    def member_weights(self, index):
+        """Member ``index``'s ``[kernel, bias]``; a quantized kernel comes back dequantized
+        (float32, e.g. ``int8 / scale``), not as the float kernel it was made from."""
+        if not self.quantization_mode:
+            return super().member_weights(index)
+        kernel = (self._dequantized(self.kernel, self.kernel_scale) if self.quantization_mode == "int8"
+                  else self._int4_kernel())
+        kernel = np.take(_numpy(kernel).astype("float32"), index, axis=1 - self._feature_axis)
+        return [kernel, *([_numpy(self.bias)[index]] if self.use_bias else [])]
+
+    def _quantized_variables(self):
+        """What a quantized layer saves, in Keras' ``Dense`` order: kernel, bias, kernel_scale,
+        then int4 blocks' kernel_zero and g_idx."""
+        return [self.kernel, *([self.bias] if self.use_bias else []), self.kernel_scale,
+                *([self.kernel_zero, self.g_idx] if hasattr(self, "kernel_zero") else [])]
+
+    def save_own_variables(self, store):
+        if not self.quantization_mode:  # float layers keep the default format
+            return super().save_own_variables(store)
+        for position, variable in enumerate(self._quantized_variables()):
+            store[str(position)] = variable
+
+    def load_own_variables(self, store):
+        if not self.quantization_mode:
+            return super().load_own_variables(store)
+        variables = self._quantized_variables()
+        if len(store.keys()) != len(variables):
+            raise ValueError(f"{self.name}: the file holds {len(store.keys())} variables for this "
+                             f"{self.quantization_mode} layer, expected {len(variables)} "
+                             f"({', '.join(v.name for v in variables)}).")
+        for position, variable in enumerate(variables):
+            variable.assign(store[str(position)])
+
     def compute_output_shape(self, input_shape):
         lead = tuple(input_shape[:-1]) if self.shared_input else tuple(input_shape[:-2])
         return (*lead, self.num_members, self.units)
+
+    def macs_per_sample(self):
+        """``in * K * units`` per position (an int4 kernel stores ``units / 2`` columns)."""
+        positions = math.prod(int(d) for d in self.output.shape[1:-2])
+        return positions * int(self.kernel.shape[self._feature_axis]) * self.num_members * self.units
 
     def _stacked(self, position, arrays):
         return np.stack(arrays, axis=1 if self.shared_input and position == 0 else 0)

@@ -8,6 +8,10 @@ function. Each member output is first put in its task's canonical form:
 * ``"binary"`` / ``"multilabel"``: logits of each independent unit;
 * ``"regression"``: the values themselves.
 
+Regression members may also predict a variance (a second output, as in deep
+ensembles); ``mixture_moments`` and ``MemberMixture`` combine (mean, variance)
+pairs into the Gaussian mixture's mean and total variance.
+
 Outputs may have any rank: ``(batch, classes)``, dense maps ``(batch, h, w, C)``
 or sequences ``(batch, steps, C)`` are combined element-wise along the last axis.
 """
@@ -17,7 +21,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from ensemblekit._outputs import TASKS, to_log_probs
+from ensemblekit._outputs import TASKS, output_layers, to_log_probs
 
 PACKAGE = "ensemblekit"
 _EPSILON = 1e-7
@@ -34,6 +38,10 @@ UNCERTAINTY = {
     "multilabel": ("predictive_entropy", "expected_entropy", "mutual_information", "disagreement"),
     "regression": ("std",),
 }
+# What a member's variance output holds (``variance_kind=``), and how it becomes a variance.
+VARIANCE_KINDS = ("variance", "log_variance", "std")
+MIXTURE_METHODS = ("mean", "weighted")
+MIXTURE_UNCERTAINTY = ("std", "aleatoric", "epistemic")
 
 
 def check_method(method, task, output="output"):
@@ -287,3 +295,216 @@ class MemberUncertainty(_MemberLayer):
     def call(self, inputs):
         return member_uncertainty(self.stacked(inputs), self.task, self.member_weights,
                                   threshold=self.threshold)
+
+
+# --- members that predict a variance: the Gaussian mixture ---------------------------------------
+
+def to_variance(output, kind):
+    """A member's variance output as a variance: ``"variance"`` (clipped at 0), ``exp`` of a
+    ``"log_variance"``, or the square of a ``"std"``.
+
+    Example:
+        >>> import numpy as np
+        >>> keras.ops.convert_to_numpy(to_variance(np.log(np.array([4.0], "float32")), "log_variance")).round(4)
+        array([4.], dtype=float32)
+    """
+    if kind == "log_variance":
+        return ops.exp(output)
+    if kind == "std":
+        return ops.square(output)
+    return ops.maximum(output, 0.0)
+
+
+def mixture_moments(means, variances, weights=None):
+    """Mean and variances of the (weighted) Gaussian mixture ``Σ_k w_k N(μ_k, σ_k²)``.
+
+    Deep ensembles (Lakshminarayanan et al., 2017, eq. in §2.4): the mixture's mean
+    is ``μ = Σ w_k μ_k`` and its total variance
+    ``Σ w_k (σ_k² + μ_k²) - μ²``, computed as the sum of the aleatoric part
+    ``Σ w_k σ_k²`` (what the members expect) and the epistemic part
+    ``Σ w_k (μ_k - μ)²`` (how much they disagree), which is the same number
+    without the cancellation.
+
+    Args:
+        means: member means ``(batch, K, ...)``.
+        variances: member variances, the same shape.
+        weights: per-member weights summing to one (``None``: uniform).
+
+    Returns:
+        ``{"prediction", "variance", "std", "aleatoric", "epistemic"}``; ``std`` is the
+        members' standard deviation ``sqrt(epistemic)``, as for plain regressors.
+
+    Example:
+        >>> import numpy as np
+        >>> mu, var = np.array([[[0.0], [2.0]]], "float32"), np.array([[[1.0], [3.0]]], "float32")
+        >>> {k: keras.ops.convert_to_numpy(v).ravel().tolist() for k, v in mixture_moments(mu, var).items()}
+        {'prediction': [1.0], 'variance': [3.0], 'std': [1.0], 'aleatoric': [2.0], 'epistemic': [1.0]}
+    """
+    w = _weights(weights, means.shape[1], means.dtype)
+    mean = _weighted_sum(means, w)
+    aleatoric = _weighted_sum(variances, w)
+    epistemic = _weighted_sum(ops.square(means - ops.expand_dims(mean, 1)), w)
+    return {"prediction": mean, "variance": aleatoric + epistemic, "std": ops.sqrt(epistemic),
+            "aleatoric": aleatoric, "epistemic": epistemic}
+
+
+def variance_pairs(variance, names):
+    """Normalise ``variance=`` to ``{mean output index: variance output index}``.
+
+    ``None``: no pairs. A name: that output is the variance of the one other
+    output (members with exactly two outputs). ``{mean output: variance output}``:
+    any number of pairs.
+
+    Example:
+        >>> variance_pairs("var", ["mean", "var"])
+        {0: 1}
+        >>> variance_pairs({"y": "y_var"}, ["label", "y", "y_var"])
+        {1: 2}
+    """
+    if variance is None:
+        return {}
+    names = list(names)
+    if isinstance(variance, str):
+        if variance not in names:
+            raise ValueError(f"variance={variance!r} is not an output; the outputs are {names}.")
+        if len(names) != 2:
+            raise ValueError(f"variance={variance!r} names one output but the members have {len(names)} "
+                             f"outputs {names}; give variance={{mean output: variance output}}.")
+        variance = {next(n for n in names if n != variance): variance}
+    if not isinstance(variance, dict):
+        raise TypeError(f"variance must be an output name or {{mean output: variance output}}, "
+                        f"got {type(variance).__name__}.")
+    for mean, var in variance.items():
+        for name in (mean, var):
+            if name not in names:
+                raise ValueError(f"variance names output {name!r}, but the outputs are {names}.")
+        if mean == var or mean in variance.values() or list(variance.values()).count(var) > 1:
+            raise ValueError(f"variance pairs {variance} must pair distinct outputs, each used once.")
+    return {names.index(mean): names.index(var) for mean, var in variance.items()}
+
+
+def paired_task(task, name):
+    """The task of an output in a variance pair: ``"regression"`` (``task`` may be ``None`` or say so).
+
+    Example:
+        >>> paired_task(None, "y")
+        'regression'
+    """
+    if task not in (None, "auto", "regression"):
+        raise ValueError(f"output {name!r} is in a variance pair, so its task is 'regression'; got task {task!r}.")
+    return "regression"
+
+
+def check_mixture_method(method, output="output"):
+    """``method`` if a Gaussian mixture can use it (``"mean"``, ``"weighted"``), else one ``ValueError``.
+
+    Example:
+        >>> check_mixture_method("weighted")
+        'weighted'
+    """
+    if method not in MIXTURE_METHODS:
+        raise ValueError(f"method {method!r} for {output} cannot be used with a variance: the mixture's "
+                         "total variance is about the (weighted) mean; use 'mean' or 'weighted'.")
+    return method
+
+
+def check_variance_kind(variance_kind):
+    """``variance_kind`` if it is one of ``VARIANCE_KINDS``, else one ``ValueError``.
+
+    Example:
+        >>> check_variance_kind("log_variance")
+        'log_variance'
+    """
+    if variance_kind not in VARIANCE_KINDS:
+        options = ", ".join(repr(k) for k in VARIANCE_KINDS)
+        raise ValueError(f"variance_kind must be one of {options}, got {variance_kind!r}.")
+    return variance_kind
+
+
+def check_variance_member(model, label, positions, pairs, names, variance_kind):
+    """Raise one ``ValueError`` naming member, output and shapes unless each pair fits.
+
+    Each variance output must have its mean's shape; a ``"variance"`` or ``"std"``
+    output that ends in a linear layer (it can be negative) is refused: end it in
+    ``softplus`` (or ``exp``), or say ``variance_kind="log_variance"``.
+
+    Args:
+        model: one member.
+        label: how errors name it ("member 1 ('mlp_1')").
+        positions: the member's position of each shared output (by name, else position).
+        pairs: ``{mean output index: variance output index}`` (``variance_pairs``).
+        names: the shared output names.
+        variance_kind: one of ``VARIANCE_KINDS``.
+    """
+    layers = output_layers(model)
+    for mean, var in pairs.items():
+        mean_shape = tuple(model.outputs[positions[mean]].shape)
+        var_shape = tuple(model.outputs[positions[var]].shape)
+        if mean_shape != var_shape:
+            raise ValueError(f"{label}: variance output {names[var]!r} has shape {var_shape} but its mean "
+                             f"{names[mean]!r} has shape {mean_shape}; they must match.")
+        layer = layers[positions[var]]
+        activation = getattr(layer, "activation", None)
+        if variance_kind != "log_variance" and getattr(activation, "__name__", None) == "linear":
+            raise ValueError(
+                f"{label}: variance output {names[var]!r} (layer {layer.name!r}, shape {var_shape}) ends "
+                f"in a linear layer, so it can be negative; end it in softplus, or pass "
+                "variance_kind='log_variance' if it predicts log σ².")
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MemberMixture(keras.layers.Layer):
+    """The Gaussian mixture of members that predict a mean and a variance (see ``mixture_moments``).
+
+    Called as ``layer(means, variances)``: each a list of the K member outputs
+    (``ek.ensemble``) or one tensor with members on axis 1 (``ek.pack``).
+
+    Args:
+        variance_kind: what the variance outputs hold: ``"variance"``, ``"log_variance"`` or ``"std"``.
+        member_weights: per-member weights summing to one (``None``: uniform).
+        uncertainty: also output ``"std"`` (members' spread), ``"aleatoric"`` and ``"epistemic"``.
+        mean_output, variance_output: the members' output names (a record for ``ek.pack``'s re-pack).
+
+    Returns (call): ``{"prediction", "variance"}`` (and the uncertainty keys).
+
+    Example:
+        >>> import numpy as np
+        >>> out = MemberMixture(uncertainty=True)([np.zeros((2, 1)), np.ones((2, 1))],
+        ...                                       [np.ones((2, 1)), np.ones((2, 1))])
+        >>> keras.ops.convert_to_numpy(out["variance"]).ravel().tolist()
+        [1.25, 1.25]
+    """
+
+    def __init__(self, variance_kind="variance", member_weights=None, uncertainty=False, mean_output=None,
+                 variance_output=None, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.variance_kind = check_variance_kind(variance_kind)
+        self.member_weights = None if member_weights is None else [float(w) for w in member_weights]
+        self.uncertainty = bool(uncertainty)
+        self.mean_output = mean_output
+        self.variance_output = variance_output
+
+    @property
+    def task(self):
+        return "regression"
+
+    @staticmethod
+    def _stacked(values):
+        if isinstance(values, (list, tuple)):
+            return ops.stack([ops.cast(v, "float32") for v in values], axis=1)
+        return ops.cast(values, "float32")
+
+    def call(self, means, variances):
+        moments = mixture_moments(self._stacked(means),
+                                  to_variance(self._stacked(variances), self.variance_kind),
+                                  self.member_weights)
+        keys = ("prediction", "variance", *(MIXTURE_UNCERTAINTY if self.uncertainty else ()))
+        return {key: moments[key] for key in keys}
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(variance_kind=self.variance_kind, member_weights=self.member_weights,
+                      uncertainty=self.uncertainty, mean_output=self.mean_output,
+                      variance_output=self.variance_output)
+        return config

@@ -510,7 +510,8 @@ def ood_detection(scores_in, scores_out):
 
 # --- evaluate: predict once, score every output by its task ----------------------------------
 
-UNCERTAINTY_KEYS = ("predictive_entropy", "expected_entropy", "mutual_information", "disagreement", "std")
+UNCERTAINTY_KEYS = ("predictive_entropy", "expected_entropy", "mutual_information", "disagreement", "std",
+                    "variance", "aleatoric", "epistemic")
 
 
 def predict_outputs(model, x, batch_size=256):
@@ -586,17 +587,25 @@ def _to_probs(raw, task, kind):
 
 
 def _score_output(outputs, extras, name, task, y, ood_outputs):
-    """One output's metrics (and ``"ood"`` when ``ood_outputs`` is given)."""
+    """One output's metrics (and ``"ood"`` when ``ood_outputs`` is given).
+
+    A regression output's predictive σ is ``sqrt(variance)`` when the model outputs a
+    (mixture's total) ``"variance"``, else its ``"std"``.
+    """
     std = outputs[extras["std"]] if "std" in extras else None
+    if "variance" in extras:
+        std = np.sqrt(np.maximum(np.asarray(outputs[extras["variance"]], dtype="float64"), 0.0))
     result = score_task(outputs[name], y, task, std=std)
     if ood_outputs is None:
         return result
     if task == "regression":
-        if std is None:
+        spread = [key for key in ("std", "variance") if key in extras]
+        if not spread:
             raise ValueError("x_ood on a regression output needs the model's 'std' output "
-                             "(ensemble(..., task='regression', uncertainty=True)).")
-        in_scores = {"std": _per_sample(std, np.mean)}
-        out_scores = {"std": _per_sample(ood_outputs[extras["std"]], np.mean)}
+                             "(ensemble(..., task='regression', uncertainty=True)) or 'variance' output "
+                             "(ensemble(..., variance=...)).")
+        in_scores = {key: _per_sample(outputs[extras[key]], np.mean) for key in spread}
+        out_scores = {key: _per_sample(ood_outputs[extras[key]], np.mean) for key in spread}
     else:
         mi = extras.get("mutual_information")
         in_scores = ood_scores(outputs[name], task, outputs[mi] if mi else None)
@@ -611,8 +620,9 @@ def evaluate(model, x, y, task=None, output_kind=None, batch_size=256, x_ood=Non
     Multiclass classifiers give exactly ``{"accuracy", "nll", "brier", "ece"}``
     (ECE with 15 bins). Binary outputs add ``"auroc"``; multilabel outputs give the
     macro means and ``"per_label"``; regression gives ``{"rmse", "mae"}`` and, when
-    the model also outputs ``"std"`` (``ensemble(..., uncertainty=True)``),
-    ``"nll"`` (Gaussian) and ``"coverage"`` (±1.96σ).
+    the model also outputs ``"std"`` (``ensemble(..., uncertainty=True)``) or a
+    ``"variance"`` (``ensemble(..., variance=...)``: σ² is the mixture's total
+    variance, preferred), ``"nll"`` (Gaussian) and ``"coverage"`` (±1.96σ).
 
     Args:
         model: a ``keras.Model``. Its task per output is read from the layer producing
@@ -627,7 +637,8 @@ def evaluate(model, x, y, task=None, output_kind=None, batch_size=256, x_ood=Non
         batch_size: rows per prediction batch.
         x_ood: out-of-distribution inputs: adds ``"ood"``: for each score of
             :func:`ood_scores` (``"max_prob"``, ``"entropy"``, and
-            ``"mutual_information"`` when the model outputs it; ``"std"`` for regression)
+            ``"mutual_information"`` when the model outputs it; ``"std"`` and/or
+            ``"variance"`` for regression)
             ``{"auroc", "aupr", "fpr95"}`` with the OOD samples as positives.
 
     Returns:

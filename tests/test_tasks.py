@@ -7,12 +7,18 @@ from scipy import special
 
 from ensemblekit._tasks import (
     METHODS,
+    VARIANCE_KINDS,
+    MemberMixture,
     MemberReduce,
     MemberUncertainty,
     canonical,
     check_method,
+    check_mixture_method,
     member_uncertainty,
+    mixture_moments,
     reduce_members,
+    to_variance,
+    variance_pairs,
 )
 
 RNG = np.random.default_rng(0)
@@ -146,3 +152,67 @@ def test_bad_method_task_pairs_name_both():
         check_method("mean", "ranking")
     with pytest.raises(ValueError, match="trim must be in"):
         MemberReduce("regression", "trimmed_mean", ["probs"], trim=0.5)
+
+
+# --- members that predict a variance: the Gaussian mixture ---------------------------------------
+
+def _mixture_reference(means, variances, weights):
+    """Independent reference: the mixture's second moment minus its squared mean."""
+    w = weights.reshape([1, -1] + [1] * (means.ndim - 2))
+    mean = (w * means).sum(axis=1)
+    total = (w * (variances + means ** 2)).sum(axis=1) - mean ** 2
+    return mean, total, (w * variances).sum(axis=1)
+
+
+@pytest.mark.parametrize("kind", VARIANCE_KINDS)
+def test_mixture_moments_match_numpy_for_each_variance_kind(kind):
+    means = RNG.normal(size=(6, K, 2)).astype("float32")
+    variances = RNG.uniform(0.1, 2.0, size=(6, K, 2))
+    raw = {"variance": variances, "log_variance": np.log(variances), "std": np.sqrt(variances)}[kind]
+    w = RNG.uniform(0.5, 2.0, size=K)
+    w /= w.sum()
+    out = {k: _np(v) for k, v in mixture_moments(means, to_variance(raw.astype("float32"), kind),
+                                                   w.tolist()).items()}
+    mean, total, aleatoric = _mixture_reference(means.astype("float64"), variances, w)
+    np.testing.assert_allclose(out["prediction"], mean, atol=1e-5)
+    np.testing.assert_allclose(out["variance"], total, atol=1e-5)
+    np.testing.assert_allclose(out["aleatoric"], aleatoric, atol=1e-5)
+    np.testing.assert_allclose(out["epistemic"], total - aleatoric, atol=1e-5)
+    np.testing.assert_allclose(out["std"] ** 2, out["epistemic"], atol=1e-5)
+
+
+def test_mixture_of_identical_members_is_the_member():
+    means = np.repeat(RNG.normal(size=(4, 1, 3)), K, axis=1).astype("float32")
+    variances = np.repeat(RNG.uniform(0.5, 1.0, size=(4, 1, 3)), K, axis=1).astype("float32")
+    out = mixture_moments(means, variances)
+    np.testing.assert_allclose(_np(out["variance"]), variances[:, 0], atol=1e-6)
+    assert np.abs(_np(out["epistemic"])).max() < 1e-10
+
+
+def test_mixture_layer_takes_lists_or_stacked_and_serializes():
+    means = [RNG.normal(size=(3, 2)).astype("float32") for _ in range(K)]
+    logvars = [RNG.normal(size=(3, 2)).astype("float32") for _ in range(K)]
+    layer = MemberMixture("log_variance", uncertainty=True, mean_output="y", variance_output="y_var")
+    from_list = {k: _np(v) for k, v in layer(means, logvars).items()}
+    assert sorted(from_list) == ["aleatoric", "epistemic", "prediction", "std", "variance"]
+    from_stack = MemberMixture("log_variance")(np.stack(means, 1), np.stack(logvars, 1))
+    assert sorted(from_stack) == ["prediction", "variance"]
+    np.testing.assert_allclose(_np(from_stack["variance"]), from_list["variance"], atol=1e-6)
+    clone = MemberMixture.from_config(layer.get_config())
+    assert (clone.mean_output, clone.variance_output, clone.variance_kind) == ("y", "y_var", "log_variance")
+    np.testing.assert_allclose(_np(clone(means, logvars)["variance"]), from_list["variance"], atol=1e-6)
+
+
+def test_variance_pairs_and_kinds_are_validated_with_one_message():
+    assert variance_pairs(None, ["a"]) == {}
+    assert variance_pairs("v", ["v", "m"]) == {1: 0}
+    with pytest.raises(ValueError, match=r"variance='var' is not an output; the outputs are \['m', 'v'\]"):
+        variance_pairs("var", ["m", "v"])
+    with pytest.raises(ValueError, match="names one output but the members have 3 outputs"):
+        variance_pairs("v", ["m", "v", "c"])
+    with pytest.raises(ValueError, match="must pair distinct outputs"):
+        variance_pairs({"m": "v", "c": "v"}, ["m", "v", "c"])
+    with pytest.raises(ValueError, match="variance_kind must be one of 'variance', 'log_variance', 'std'"):
+        MemberMixture("precision")
+    with pytest.raises(ValueError, match="method 'median' for output cannot be used with a variance"):
+        check_mixture_method("median")

@@ -124,7 +124,7 @@ def split_indices(n_samples, seed=0):
 
 
 def advise(models, x_val, y_val, budget=None, cost="params", metric="nll", base=None, verbose=1,
-           seed=0, x_train=None, y_train=None):
+           seed=0, x_train=None, y_train=None, task=None):
     """Measure merging and ensembling options on held-out data and recommend one.
 
     ``(x_val, y_val)`` is split (seeded, :func:`split_indices`) into a *fit*
@@ -176,6 +176,13 @@ def advise(models, x_val, y_val, budget=None, cost="params", metric="nll", base=
         seed: seed of the fit/score split (and of weight matching).
         x_train, y_train: the members' training inputs (labels optional), for the
             ``distilled_student`` candidate; without them it is skipped.
+        task: the members' task as in ``ek.ensemble`` (``None`` detects it). advise
+            compares multiclass classifiers (its candidates — soups, loss barriers,
+            temperature scaling, distillation — are scored on class probabilities);
+            for ``"binary"``, ``"multilabel"`` or ``"regression"`` members it raises
+            one ``ValueError`` naming the task and the tools that do take it
+            (``ek.ensemble``/``ek.pack`` with ``task=``, ``ek.optimize_weights``,
+            ``ek.select``, ``ek.calibrate``, ``ek.evaluate``).
 
     Returns:
         An :class:`Advice` (``recommendation``, ``reason``, ``rows``, ``barriers``,
@@ -196,7 +203,7 @@ def advise(models, x_val, y_val, budget=None, cost="params", metric="nll", base=
     check_choice(metric, METRICS, "metric")
     if verbose not in (0, 1):
         raise ValueError(f"verbose must be 0 or 1, got {verbose!r}.")
-    setup = _setup(models, x_val, y_val, base, budget, metric, seed, x_train, y_train)
+    setup = _setup(models, x_val, y_val, base, budget, metric, seed, x_train, y_train, task)
     ctx = setup.ctx
     steps = (len(ctx.models) - 1) * (ctx.architecture_difference is None) + len(CANDIDATES) + (cost == "latency")
     progress = keras.utils.Progbar(steps, verbose=verbose, unit_name="step")
@@ -246,6 +253,18 @@ def _check_x(x_val, members):
     return x
 
 
+def _check_task(members):
+    """One ``ValueError`` for members advise cannot compare, naming their task and what takes it."""
+    if members.task == "multiclass":
+        return
+    task = members.task
+    raise ValueError(
+        f"advise supports multiclass members; {members.labels[0]}'s output is {task} (task={task!r}), and "
+        "its candidates (soups, loss barriers, temperature scaling, distillation) score class "
+        f"probabilities. For {task} members use ek.ensemble(members, task={task!r}) or ek.pack, "
+        f"ek.optimize_weights / ek.select(..., task={task!r}), ek.calibrate and ek.evaluate.")
+
+
 def _load_base(base):
     if base is None or isinstance(base, keras.Model):
         return base
@@ -254,8 +273,9 @@ def _load_base(base):
     raise TypeError(f"base must be a keras.Model or a path to a .keras/.h5 file, got {type(base).__name__}.")
 
 
-def _setup(models, x_val, y_val, base, budget, metric, seed, x_train=None, y_train=None):
-    members = MemberSet(models, min_count=2, what="advise")
+def _setup(models, x_val, y_val, base, budget, metric, seed, x_train=None, y_train=None, task=None):
+    members = MemberSet(models, min_count=2, what="advise", task=task)
+    _check_task(members)
     members.require_single_classifier()
     base = _load_base(base)
     x = _check_x(x_val, members)

@@ -13,6 +13,12 @@ from ensemblekit._outputs import (
     detect_task,
     output_names,
 )
+from ensemblekit._tasks import (
+    check_variance_kind,
+    check_variance_member,
+    paired_task,
+    variance_pairs,
+)
 from ensemblekit._validate import member_label
 
 
@@ -34,10 +40,14 @@ class MemberSet:
         what: how errors name the composition ("an ensemble").
         task: ``None``/``"auto"`` (detect), one task for every output, or
             ``{output name: task}``.
+        variance: ``None``, or which outputs are the variances of which (regression)
+            outputs (``ensemblekit._tasks.variance_pairs``); ``variance_pairs`` holds
+            ``{mean output index: variance output index}``.
+        variance_kind: what the variance outputs hold (``ensemblekit._tasks.VARIANCE_KINDS``).
     """
 
     def __init__(self, models, output_kind=None, adapters=None, input_shape=None, min_count=2,
-                 what="an ensemble", safe_mode=True, task=None):
+                 what="an ensemble", safe_mode=True, task=None, variance=None, variance_kind="variance"):
         self.models = load_members(models, min_count=min_count, what=what, safe_mode=safe_mode)
         self.labels = [member_label(i, m) for i, m in enumerate(self.models)]
         self.what = what
@@ -56,6 +66,8 @@ class MemberSet:
         self.input_shapes = [tuple(m.inputs[order[0]].shape[1:]) for m, order in zip(self.models, self.input_orders)]
         self.output_shapes = [tuple(m.outputs[order[0]].shape[1:]) for m, order in zip(self.models, self.output_orders)]
         kinds = check_output_kinds(output_kind, len(self.models))
+        self.variance_pairs = variance_pairs(variance, self.output_names)
+        self.variance_kind = check_variance_kind(variance_kind)
         self.tasks = self._tasks(task)
         self.kinds_by_output = [
             [k or detect_output_kind(m, order[j]) for k, m, order in zip(kinds, self.models, self.output_orders)]
@@ -63,6 +75,8 @@ class MemberSet:
         ]
         self.output_kinds = self.kinds_by_output[0]
         self._check_outputs()
+        for label, model, order in zip(self.labels, self.models, self.output_orders):
+            check_variance_member(model, label, order, self.variance_pairs, self.output_names, variance_kind)
         self.adapters = self._check_adapters(adapters)
         self.input_shape = tuple(input_shape) if input_shape is not None else self.input_shapes[0]
         self._check_inputs()
@@ -94,10 +108,18 @@ class MemberSet:
             return [names.index(name) for name in reference]
         return list(range(len(reference)))
 
+    @property
+    def predicted_outputs(self):
+        """Indices of the outputs that are predictions (not the variance of another output)."""
+        return [j for j in range(len(self.output_names)) if j not in self.variance_pairs.values()]
+
     def _tasks(self, task):
         given = check_task(task, self.output_names)
+        paired = {*self.variance_pairs, *self.variance_pairs.values()}
         tasks = []
         for j, (name, value) in enumerate(zip(self.output_names, given)):
+            if j in paired:  # a mean with a variance is a regression output, and so is its variance
+                value = paired_task(value, name)
             if value is None:
                 found = [detect_task(m, order[j], label) for m, order, label
                          in zip(self.models, self.output_orders, self.labels)]
@@ -143,20 +165,24 @@ class MemberSet:
 
     def require_single_classifier(self):
         """Raise unless the members have one input and one multiclass output (what ``what`` supports)."""
+        self.require_single_output(("multiclass",))
+
+    def require_single_output(self, tasks):
+        """Raise unless the members have one input and one ``(batch, units)`` output of one of ``tasks``."""
         if not self.single_io:
             raise ValueError(
                 f"{self.what} supports members with one input and one output; {self.labels[0]} has "
                 f"inputs {self.input_names} and outputs {self.output_names} (use ek.ensemble for "
                 "several inputs or outputs)."
             )
-        if self.task != "multiclass":
+        if self.task not in tasks:
             raise ValueError(
-                f"{self.what} supports multiclass members; {self.labels[0]}'s output is {self.task} "
+                f"{self.what} supports {' and '.join(tasks)} members; {self.labels[0]}'s output is {self.task} "
                 "(use ek.ensemble(..., task=...) for other tasks)."
             )
         if len(self.output_shapes[0]) != 1:
             raise ValueError(
-                f"{self.what} supports (batch, classes) outputs; {self.labels[0]} outputs "
+                f"{self.what} supports (batch, units) outputs; {self.labels[0]} outputs "
                 f"(None, {', '.join(map(str, self.output_shapes[0]))}) (dense outputs: use ek.ensemble)."
             )
 

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import keras
 
-from ensemblekit._tasks import METHODS, MemberReduce, MemberUncertainty, check_method
+from ensemblekit._tasks import (
+    METHODS,
+    MemberMixture,
+    MemberReduce,
+    MemberUncertainty,
+    check_method,
+    check_mixture_method,
+)
 from ensemblekit._validate import check_choice, check_weights
 from ensemblekit.compose._members import MemberSet
 from ensemblekit.compose.layers import COMBINERS
 
 
 def ensemble(models, method="mean", weights=None, name=None, output_kind=None, adapters=None,
-             input_shape=None, safe_mode=True, task=None, uncertainty=False, trim=0.2, threshold=0.5):
+             input_shape=None, safe_mode=True, task=None, uncertainty=False, trim=0.2, threshold=0.5,
+             variance=None, variance_kind="variance"):
     """Combine members into one model whose output is the ensemble's prediction.
 
     All members run inside ONE functional graph: calling (or ``predict``-ing,
@@ -56,11 +64,28 @@ def ensemble(models, method="mean", weights=None, name=None, output_kind=None, a
             ``NAME`` and ``NAME_<key>``.
         trim: fraction of members cut from each end by ``"trimmed_mean"``.
         threshold: probability above which a member votes "yes" (binary/multilabel ``"vote"``).
+        variance: for regressors that also predict a variance (deep ensembles,
+            members trained with a Gaussian NLL): the name of the variance output
+            (members with two outputs: a mean and its variance), or
+            ``{mean output name: variance output name}``. Each pair becomes the
+            Gaussian mixture of the members (``ensemblekit._tasks.mixture_moments``):
+            ``{"prediction", "variance"}`` — the (weighted) mean of the means and
+            the mixture's total variance ``Σ w_k (σ_k² + μ_k²) - μ²``; with
+            ``uncertainty`` also ``"std"`` (the members' spread), ``"aleatoric"``
+            (``Σ w_k σ_k²``) and ``"epistemic"`` (``Σ w_k (μ_k - μ)²``). Methods
+            ``"mean"`` or ``"weighted"`` only. Several outputs give ``NAME``,
+            ``NAME_variance``, ...; the variance output is not an output of its own.
+        variance_kind: what each variance output holds: ``"variance"`` (σ², e.g.
+            after a softplus; the default, what Gaussian NLL losses take),
+            ``"log_variance"`` (log σ², a linear head) or ``"std"`` (σ). A linear
+            head cannot be a ``"variance"`` or ``"std"`` (it can be negative): the
+            error says so.
 
     Returns:
         A ``keras.Model`` on the members' inputs. One output: the combined
         prediction (probabilities for classifiers, values for regressors);
-        several outputs: ``{name: prediction}``; with ``uncertainty`` a dict as above.
+        several outputs: ``{name: prediction}``; with ``uncertainty`` or
+        ``variance`` a dict as above.
 
     Example:
         >>> import keras, numpy as np
@@ -73,9 +98,17 @@ def ensemble(models, method="mean", weights=None, name=None, output_kind=None, a
         >>> out = ek.ensemble(regressors, "median", task="regression", uncertainty=True)
         >>> sorted(out.predict(np.zeros((2, 4)), verbose=0))
         ['prediction', 'std']
+        >>> def gaussian(seed):  # a mean and a variance head
+        ...     keras.utils.set_random_seed(seed)
+        ...     x = keras.Input((4,))
+        ...     return keras.Model(x, {"mean": keras.layers.Dense(1)(x),
+        ...                            "var": keras.layers.Dense(1, activation="softplus")(x)})
+        >>> mixture = ek.ensemble([gaussian(0), gaussian(1)], variance="var", uncertainty=True)
+        >>> sorted(mixture.predict(np.zeros((2, 4)), verbose=0))
+        ['aleatoric', 'epistemic', 'prediction', 'std', 'variance']
     """
     members = MemberSet(models, output_kind=output_kind, adapters=adapters, input_shape=input_shape,
-                        safe_mode=safe_mode, task=task)
+                        safe_mode=safe_mode, task=task, variance=variance, variance_kind=variance_kind)
     methods = _methods(method, members)
     if "weighted" in methods and weights is None:
         raise ValueError("method 'weighted' needs weights=[...], one per member.")
@@ -85,17 +118,27 @@ def ensemble(models, method="mean", weights=None, name=None, output_kind=None, a
     inputs = members.shared_input()
     per_member = members.call_outputs(inputs)
     outputs = {}
-    for j, (output, task, method_j) in enumerate(zip(members.output_names, members.tasks, methods)):
+    single = len(members.predicted_outputs) == 1
+    for j, method_j in zip(members.predicted_outputs, methods):
+        output, task = members.output_names[j], members.tasks[j]
         member_outputs = [outs[j] for outs in per_member]
         kinds = members.kinds_by_output[j]
-        suffix = "" if len(members.output_names) == 1 else f"_{output}"
-        key = "prediction" if len(members.output_names) == 1 else output
+        suffix = "" if single else f"_{output}"
+        key = "prediction" if single else output
+        if j in members.variance_pairs:
+            mixture = MemberMixture(members.variance_kind, member_weights, uncertainty, mean_output=output,
+                                    variance_output=members.output_names[members.variance_pairs[j]],
+                                    name=f"mixture{suffix}")
+            moments = mixture(member_outputs, [outs[members.variance_pairs[j]] for outs in per_member])
+            outputs.update({key if k == "prediction" else f"{'' if single else output + '_'}{k}": v
+                            for k, v in moments.items()})
+            continue
         outputs[key] = _combiner(task, method_j, kinds, member_weights, trim, threshold,
                                  f"combine_{method_j}{suffix}")(member_outputs)
         if uncertainty:
             spread = MemberUncertainty(task, kinds, member_weights, threshold=threshold,
                                        name=f"uncertainty{suffix}")(member_outputs)
-            prefix = "" if len(members.output_names) == 1 else f"{output}_"
+            prefix = "" if single else f"{output}_"
             outputs.update({f"{prefix}{k}": v for k, v in spread.items()})
     if len(outputs) == 1:
         outputs = next(iter(outputs.values()))
@@ -104,8 +147,9 @@ def ensemble(models, method="mean", weights=None, name=None, output_kind=None, a
 
 
 def _methods(method, members):
-    """One method per output, checked against that output's task."""
-    names = members.output_names
+    """One method per predicted output (variance outputs have none), checked against its task."""
+    names = [members.output_names[j] for j in members.predicted_outputs]
+    tasks = [members.tasks[j] for j in members.predicted_outputs]
     if isinstance(method, dict):
         unknown = sorted(set(method) - set(names))
         if unknown:
@@ -117,10 +161,12 @@ def _methods(method, members):
     else:
         methods = [method] * len(names)
     all_methods = sorted({m for task_methods in METHODS.values() for m in task_methods})
-    for output, task, value in zip(names, members.tasks, methods):
+    for j, output, task, value in zip(members.predicted_outputs, names, tasks, methods):
         if value not in all_methods:
             check_choice(value, METHODS[task], "method")
         check_method(value, task, f"output {output!r}")
+        if j in members.variance_pairs:
+            check_mixture_method(value, f"output {output!r}")
     return methods
 
 

@@ -11,6 +11,10 @@ from ensemblekit.compose.layers import GatedFusion, PoolFeatures
 FUSIONS = ("concat", "gated")
 
 
+# The default head of each task: a Dense layer with this activation.
+HEAD_ACTIVATIONS = {"multiclass": "softmax", "binary": "sigmoid", "multilabel": "sigmoid", "regression": None}
+
+
 def _tap_layer(model, tap, label):
     names = [layer.name for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
     if isinstance(tap, bool) or not isinstance(tap, (str, int)):
@@ -33,7 +37,7 @@ def _copy(model):
 
 
 def fuse(models, taps, fusion="concat", head=None, freeze=True, units=128, num_classes=None,
-         name=None):
+         name=None, task=None):
     """Fuse the features of several backbones and put a new trainable head on top.
 
     Each member is copied (your models are never modified); the output of its
@@ -48,12 +52,17 @@ def fuse(models, taps, fusion="concat", head=None, freeze=True, units=128, num_c
             is the member's feature.
         fusion: ``"concat"`` or ``"gated"`` (``GatedFusion``: per-member
             projections to ``units`` mixed by input-dependent softmax gates).
-        head: ``None`` for ``Dense(classes, softmax)``, or a Keras layer/model
-            applied to the fused features.
+        head: ``None`` for the members' task's head — ``Dense(classes, softmax)``
+            (multiclass), ``Dense(1, sigmoid)`` (binary), ``Dense(labels, sigmoid)``
+            (multilabel) or a linear ``Dense(values)`` (regression) — or a Keras
+            layer/model applied to the fused features.
         freeze: make the backbones non-trainable (BatchNorm in inference mode).
         units: width of the gated fusion.
-        num_classes: classes of the default head (default: the members' output size).
+        num_classes: units of the default head (default: the members' output size).
         name: name of the returned model.
+        task: the members' task as in ``ek.ensemble`` (``None`` detects it; linear
+            ``(batch, 1)`` outputs need ``"binary"`` or ``"regression"``). It picks the
+            default head; compile with the task's loss.
 
     Returns:
         An uncompiled ``keras.Model``; backbones are nested models named
@@ -67,10 +76,14 @@ def fuse(models, taps, fusion="concat", head=None, freeze=True, units=128, num_c
         >>> fused = ek.fuse(ms, taps="h")
         >>> fused.predict(np.zeros((2, 4)), verbose=0).shape
         (2, 3)
+        >>> regressors = [keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="h"),
+        ...                                 keras.layers.Dense(1)]) for _ in range(2)]
+        >>> ek.fuse(regressors, taps="h", task="regression").get_layer("head").activation.__name__
+        'linear'
     """
     check_choice(fusion, FUSIONS, "fusion")
-    members = MemberSet(models, what="fuse")
-    members.require_single_classifier()
+    members = MemberSet(models, what="fuse", task=task)
+    members.require_single_output(tuple(HEAD_ACTIVATIONS))
     if isinstance(taps, (str, int)):
         taps = [taps] * len(members)
     taps = list(taps)
@@ -96,7 +109,8 @@ def fuse(models, taps, fusion="concat", head=None, freeze=True, units=128, num_c
     else:
         fused = GatedFusion(units, name="fusion")(features)
     if head is None:
-        head = keras.layers.Dense(num_classes or members.num_classes, activation="softmax", name="head")
+        head = keras.layers.Dense(num_classes or members.num_classes,
+                                  activation=HEAD_ACTIVATIONS[members.task], name="head")
     elif not isinstance(head, keras.layers.Layer):
         raise TypeError(f"head must be a Keras layer or model, got {type(head).__name__}.")
     return keras.Model(inputs, head(fused), name=name or f"fuse_{fusion}")

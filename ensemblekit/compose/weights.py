@@ -294,6 +294,8 @@ def calibrate(model, x_val, y_val, output_kind=None, name=None, task=None):
       ``ek.ensemble(..., task="regression", uncertainty=True)`` (or ``ek.pack``):
       ``std`` becomes ``s · std`` with ``s² = mean(((y - μ) / σ)²)``, so that
       ``±1.96 std`` covers about 95% of held-out targets when errors are Gaussian.
+      A mixture of members that predict a variance (``ek.ensemble(..., variance=...)``)
+      has its total ``variance`` scaled instead: ``s² · variance``, ``s`` fitted alike.
 
     Args:
         model: a model (any composed model included) or a path.
@@ -306,7 +308,7 @@ def calibrate(model, x_val, y_val, output_kind=None, name=None, task=None):
     Returns:
         A ``keras.Model`` with the model's inputs and outputs, calibrated. The
         fitted value is in its last layer: ``TemperatureScaling.temperature``,
-        ``PlattScaling.slope``/``.bias`` or ``StdScaling.scale``.
+        ``PlattScaling.slope``/``.bias`` or ``StdScaling.scale`` (``s``; ``s²`` on a variance).
 
     Example:
         >>> import keras, numpy as np
@@ -317,6 +319,8 @@ def calibrate(model, x_val, y_val, output_kind=None, name=None, task=None):
         True
     """
     loaded = load_members([model], min_count=1, what="calibrate")[0]
+    if {"prediction", "variance"} <= set(output_names(loaded)) and task in (None, "auto", "regression"):
+        return _scale_std(loaded, x_val, y_val, name, key="variance")
     if {"prediction", "std"} <= set(output_names(loaded)) and task in (None, "auto", "regression"):
         return _scale_std(loaded, x_val, y_val, name)
     members = MemberSet([loaded], output_kind=output_kind, min_count=1, what="calibrate", task=task)
@@ -340,10 +344,13 @@ def calibrate(model, x_val, y_val, output_kind=None, name=None, task=None):
     return keras.Model(inputs, layer(model(inputs)), name=name or f"{model.name}_calibrated")
 
 
-def _scale_std(model, x_val, y_val, name):
+def _scale_std(model, x_val, y_val, name, key="std"):
+    """Variance scaling of output ``key``: ``"std"`` becomes ``s · std``, ``"variance"`` ``s² · variance``."""
     out = predict(model, x_val)
-    scale = fit_std_scale(out["prediction"].astype("float64"), out["std"], y_val)
+    std = np.sqrt(np.maximum(out[key], 0.0)) if key == "variance" else out[key]
+    scale = fit_std_scale(out["prediction"].astype("float64"), std, y_val)
     inputs = fresh_inputs(model)
     outputs = dict(model(inputs))
-    outputs["std"] = StdScaling(scale, name="std_scaling")(outputs["std"])
+    factor = scale ** 2 if key == "variance" else scale
+    outputs[key] = StdScaling(factor, name=f"{key}_scaling")(outputs[key])
     return keras.Model(inputs, outputs, name=name or f"{model.name}_calibrated")

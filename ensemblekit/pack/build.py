@@ -48,7 +48,15 @@ from ensemblekit._outputs import (
     detect_task,
     output_names,
 )
-from ensemblekit._tasks import check_method
+from ensemblekit._tasks import (
+    MemberMixture,
+    check_method,
+    check_mixture_method,
+    check_variance_kind,
+    check_variance_member,
+    paired_task,
+    variance_pairs,
+)
 from ensemblekit._validate import check_choice, member_label
 from ensemblekit.inference import LOWERINGS, POLICY
 from ensemblekit.pack.layers import (
@@ -87,7 +95,7 @@ _INFERENCE_IDENTITY = ("StochasticDepth",)
 
 
 def pack(models, reduce="mean", output_kind=None, lowering="auto", name=None, safe_mode=True,
-         task=None, uncertainty=False, trim=0.2, threshold=0.5):
+         task=None, uncertainty=False, trim=0.2, threshold=0.5, variance=None, variance_kind="variance"):
     """Pack K members of one architecture into ONE model with grouped layers.
 
     The packed model computes every member exactly (up to float rounding) in
@@ -117,6 +125,11 @@ def pack(models, reduce="mean", output_kind=None, lowering="auto", name=None, sa
         uncertainty: output ``{"prediction", ...}`` with the uncertainty outputs of
             ``ek.ensemble(..., uncertainty=True)``.
         trim, threshold: as in ``ek.ensemble``.
+        variance, variance_kind: members that predict a variance, as in ``ek.ensemble``:
+            each ``{mean output: variance output}`` pair becomes the members' Gaussian
+            mixture (``{"prediction", "variance"}``, plus ``"std"``, ``"aleatoric"``,
+            ``"epistemic"`` with ``uncertainty``); ``reduce`` names no variance output and
+            is ``"mean"`` for a mean.
 
     Returns:
         A ``keras.Model`` with the members' inputs (same structure) and the reduced
@@ -151,13 +164,23 @@ def pack(models, reduce="mean", output_kind=None, lowering="auto", name=None, sa
     graphs = [_member_graph(model, label) for model, label in zip(models, labels, strict=True)]
     _check_same_layers(graphs, labels)
     outputs_named = output_names(models[0])
-    tasks = [given or detect_task(models[0], j, label=labels[0])
+    pairs = variance_pairs(variance, outputs_named)
+    check_variance_kind(variance_kind)
+    for model, label in zip(models, labels, strict=True):
+        check_variance_member(model, label, range(len(outputs_named)), pairs, outputs_named, variance_kind)
+    paired = {*pairs, *pairs.values()}
+    tasks = [paired_task(given, outputs_named[j]) if j in paired
+             else given or detect_task(models[0], j, label=labels[0])
              for j, given in enumerate(check_task(task, outputs_named))]
-    reduces = _per_output(reduce, outputs_named, "reduce")
-    for output, value, member_task in zip(outputs_named, reduces, tasks, strict=True):
+    predicted = [j for j in range(len(outputs_named)) if j not in pairs.values()]
+    reduces = dict(zip(predicted, _per_output(reduce, [outputs_named[j] for j in predicted], "reduce"),
+                       strict=True))
+    for j, value in reduces.items():
         check_choice(value, REDUCTIONS, "reduce")
         if value != "none":
-            check_method(value, member_task, f"pack, output {output!r}")
+            check_method(value, tasks[j], f"pack, output {outputs_named[j]!r}")
+        if j in pairs:
+            check_mixture_method(value, f"output {outputs_named[j]!r} (pack)")
     kinds = check_output_kinds(output_kind, len(models))[0]
 
     num_members = len(models)
@@ -166,18 +189,27 @@ def pack(models, reduce="mean", output_kind=None, lowering="auto", name=None, sa
     # By position: ``unpack`` walks each rebuilt member's weighted layers in this same order.
     weighted = [holders[id(layer)].name for _, layer in iter_layers(models[0]) if layer.weights]
     member_configs = [json.dumps(keras.saving.serialize_keras_object(m)) for m in models]
-    results = {}
+    reduced = {}
     for j, (output, has_members) in enumerate(outputs):
         if not has_members:
             output = MemberBroadcast(num_members, name=names("member_broadcast_output"))(output)
         suffix = "" if len(outputs) == 1 else f"_{outputs_named[j]}"
         record = (member_configs, weighted) if j == 0 else ((), ())  # the first holds unpack's record
-        reducer = PackedOutput(reduces[j], kinds or detect_output_kind(models[0], j), *record,
-                               task=tasks[j], uncertainty=uncertainty, trim=trim, threshold=threshold,
-                               name=names(f"packed_output_{reduces[j]}{suffix}"))
-        results[outputs_named[j]] = reducer(output)
+        value = "none" if j in paired else reduces[j]  # a pair's members, stacked, for the mixture
+        reducer = PackedOutput(value, kinds or detect_output_kind(models[0], j), *record,
+                               task=tasks[j], uncertainty=uncertainty and j not in paired, trim=trim,
+                               threshold=threshold, name=names(f"packed_output_{value}{suffix}"))
+        reduced[j] = reducer(output)
+    results = {}
+    for j in predicted:
+        if j in pairs:
+            suffix = "" if len(predicted) == 1 else f"_{outputs_named[j]}"
+            mixture = MemberMixture(variance_kind, uncertainty=uncertainty, mean_output=outputs_named[j],
+                                    variance_output=outputs_named[pairs[j]], name=names(f"mixture{suffix}"))
+            reduced[j] = mixture(reduced[j], reduced[pairs[j]])
+        results[outputs_named[j]] = reduced[j]
     label = reduce if isinstance(reduce, str) else "mixed"
-    return keras.Model(_input_structure(models[0], inputs), _output_structure(results, uncertainty),
+    return keras.Model(_input_structure(models[0], inputs), _output_structure(results),
                        name=name or f"packed_{label}")
 
 
@@ -201,12 +233,10 @@ def _input_structure(model, inputs):
     return inputs[0] if len(inputs) == 1 else list(inputs)
 
 
-def _output_structure(results, uncertainty):
+def _output_structure(results):
     """One output as it is (a dict with uncertainty); several as ``{name: ...}`` (``NAME_<key>``)."""
     if len(results) == 1:
         return next(iter(results.values()))
-    if not uncertainty:
-        return results
     flat = {}
     for name, out in results.items():
         if isinstance(out, dict):
@@ -222,12 +252,21 @@ def repack_settings(packed):
     if not records:
         raise ValueError(f"Model {packed.name!r} was not made by ek.pack (it has no PackedOutput layer).")
     first = records[0]
-    settings = dict(output_kind=first.member_output_kind, uncertainty=first.uncertainty, trim=first.trim,
-                    threshold=first.threshold, name=packed.name)
+    mixtures = [layer for layer in packed.layers if isinstance(layer, MemberMixture)]
+    settings = dict(output_kind=first.member_output_kind, trim=first.trim, threshold=first.threshold,
+                    name=packed.name,
+                    uncertainty=any(r.uncertainty for r in records) or any(m.uncertainty for m in mixtures))
     if len(records) == 1:
         return dict(settings, reduce=first.reduce, task=first.task)
     names = output_names(keras.saving.deserialize_keras_object(json.loads(first.member_configs[0])))
-    return dict(settings, reduce={n: r.reduce for n, r in zip(names, records, strict=True)},
+    if mixtures:
+        settings.update(variance={m.mean_output: m.variance_output for m in mixtures},
+                        variance_kind=mixtures[0].variance_kind)
+    means = {m.mean_output for m in mixtures}
+    variances = {m.variance_output for m in mixtures}
+    return dict(settings,
+                reduce={n: "mean" if n in means else r.reduce
+                        for n, r in zip(names, records, strict=True) if n not in variances},
                 task={n: r.task for n, r in zip(names, records, strict=True)})
 
 

@@ -246,3 +246,13 @@ def test_distilled_student_is_a_candidate_with_its_training_cost_stated(data, me
     assert row["params"] == _rows(advice)["best_member"]["params"] and np.isfinite(row["nll"])
     student, best = advice.models["distilled_student"], advice.models["best_member"]
     assert not np.allclose(student.get_weights()[0], best.get_weights()[0])  # trained, on a copy
+
+
+def test_other_tasks_are_refused_with_what_to_use_instead():
+    x, y = np.random.default_rng(0).normal(size=(12, 8)).astype("float32"), np.zeros((12, 1), "float32")
+    regression = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)])
+    with pytest.raises(ValueError, match=r"advise supports multiclass members; member 0 .* output is regression "
+                                         r"\(task='regression'\).*ek.ensemble\(members, task='regression'\)"):
+        ek.advise([regression, regression], x, y, verbose=0, task="regression")
+    with pytest.raises(ValueError, match=r"output is binary \(task='binary'\).*ek.optimize_weights"):
+        ek.advise([regression, regression], x, y, verbose=0, task="binary")

@@ -52,3 +52,16 @@ def test_smoke_tiny_run_of_every_task(tasks, tmp_path):
     markdown = paths[1].read_text()
     for row in result["tasks"]["breast_cancer"]["rows"]:
         assert f"| {row['name']} | {row['accuracy']:.4f} | {row['auroc']:.4f} |" in markdown
+
+
+def test_gaussian_members_train_on_the_nll_and_share_layers_with_their_trainer(tasks):
+    mean_and_variance = np.array([[0.5, 2.0], [-1.0, 0.25]], "float32")
+    y = np.array([[1.5], [-1.0]], "float32")
+    reference = np.mean(0.5 * (np.log([2.0, 0.25]) + np.array([1.0, 0.0]) / [2.0, 0.25]))
+    assert float(tasks.gaussian_nll(y, mean_and_variance)) == pytest.approx(reference, rel=1e-6)
+    training, member = tasks.gaussian_mlp(3, seed=0, hidden=(4,))
+    x = np.random.default_rng(0).normal(size=(5, 3)).astype("float32")
+    out = member.predict(x, verbose=0)
+    np.testing.assert_allclose(training.predict(x, verbose=0), np.concatenate(
+        [out["prediction"], out["variance"]], axis=1), atol=1e-6)
+    assert (out["variance"] > 0).all()

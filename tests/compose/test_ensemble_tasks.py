@@ -156,7 +156,93 @@ def test_members_must_agree_on_task_and_inputs():
 
 def test_other_compositions_say_what_they_support():
     members = [mlp(1, "sigmoid", seed=s) for s in range(2)]
-    with pytest.raises(ValueError, match="fuse supports multiclass members.*binary"):
-        ek.fuse(members, taps=0)
+    assert ek.fuse(members, taps=0).get_layer("head").activation.__name__ == "sigmoid"  # binary: its own head
     with pytest.raises(ValueError, match="stack supports members with one input and one .* task 'multilabel'"):
         ek.stack([mlp(3, "sigmoid", seed=s) for s in range(2)], X, np.zeros((len(X), 3)), cv=2)
+
+
+# --- members that predict a variance (deep ensembles) --------------------------------------------
+
+def gaussian_member(seed, units=2, head="softplus", name=None, label=False):
+    """A mean head and a variance head (softplus: σ²; None: log σ²); optionally a classifier head too."""
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((4,))
+    hidden = keras.layers.Dense(8, activation="relu")(x)
+    outputs = {"mean": keras.layers.Dense(units, name="mu")(hidden),
+               "var": keras.layers.Dense(units, activation=head, name="sigma2")(hidden)}
+    if label:
+        outputs["label"] = keras.layers.Dense(3, activation="softmax", name="cls")(hidden)
+    return keras.Model(x, outputs, name=name or f"gaussian_{seed}")
+
+
+def member_moments(members, raw_to_variance=lambda v: v):
+    out = [m.predict(X, verbose=0) for m in members]
+    means = np.stack([o["mean"] for o in out], 1).astype("float64")
+    return means, raw_to_variance(np.stack([o["var"] for o in out], 1).astype("float64"))
+
+
+def test_variance_members_give_the_mixtures_total_variance(tmp_path):
+    members = [gaussian_member(s) for s in range(4)]
+    weights = np.array([1.0, 2.0, 3.0, 2.0])
+    model = ek.ensemble(members, "weighted", weights=weights, variance="var", uncertainty=True)
+    out = model.predict(X, verbose=0)
+    means, variances = member_moments(members)
+    w = (weights / weights.sum())[None, :, None]
+    mean = (w * means).sum(1)
+    np.testing.assert_allclose(out["prediction"], mean, atol=1e-5)
+    np.testing.assert_allclose(out["variance"], (w * (variances + means ** 2)).sum(1) - mean ** 2, atol=1e-5)
+    np.testing.assert_allclose(out["aleatoric"], (w * variances).sum(1), atol=1e-5)
+    np.testing.assert_allclose(out["epistemic"], (w * (means - mean[:, None]) ** 2).sum(1), atol=1e-5)
+    assert (out["variance"] > out["aleatoric"]).all()
+    path = tmp_path / "mixture.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True).predict(X, verbose=0)
+    for key in out:
+        np.testing.assert_array_equal(loaded[key], out[key])
+
+
+def test_log_variance_heads_and_other_outputs_by_name():
+    members = [gaussian_member(s, head=None, label=True) for s in range(3)]
+    model = ek.ensemble(members, {"label": "mean", "mean": "mean"}, variance={"mean": "var"},
+                        variance_kind="log_variance")
+    out = model.predict(X, verbose=0)
+    assert sorted(out) == ["label", "mean", "mean_variance"]
+    means, variances = member_moments(members, np.exp)
+    total = (variances + means ** 2).mean(1) - means.mean(1) ** 2
+    np.testing.assert_allclose(out["mean_variance"], total, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_and_calibrate_read_the_total_variance():
+    members = [gaussian_member(s, units=1) for s in range(3)]
+    model = ek.ensemble(members, variance="var")
+    y = RNG.normal(size=(len(X), 1)).astype("float32")
+    out = model.predict(X, verbose=0)
+    scores = ek.evaluate(model, X, y)
+    reference = ek.metrics.score_task(out["prediction"], y, "regression", std=np.sqrt(out["variance"]))
+    assert scores["nll"] == pytest.approx(reference["nll"])
+    calibrated = ek.calibrate(model, X, y)
+    s2 = np.mean((y - out["prediction"]) ** 2 / out["variance"])
+    assert calibrated.layers[-1].scale == pytest.approx(s2, rel=1e-4)
+    np.testing.assert_allclose(calibrated.predict(X, verbose=0)["variance"], s2 * out["variance"], rtol=1e-4)
+    assert ek.evaluate(calibrated, X, y)["nll"] <= scores["nll"] + 1e-9
+
+
+def test_variance_errors_name_member_output_and_shape():
+    members = [gaussian_member(0), gaussian_member(1)]
+    keras.utils.set_random_seed(2)
+    x = keras.Input((4,))
+    narrow = keras.Model(x, {"mean": keras.layers.Dense(2)(x),
+                             "var": keras.layers.Dense(1, activation="softplus")(x)}, name="narrow")
+    with pytest.raises(ValueError, match=r"member 0 \('narrow'\): variance output 'var' has shape \(None, 1\) "
+                                         r"but its mean 'mean' has shape \(None, 2\)"):
+        ek.ensemble([narrow, narrow], variance="var")
+    linear = [gaussian_member(s, head=None) for s in range(2)]
+    with pytest.raises(ValueError, match=r"member 0 \('gaussian_0'\): variance output 'var' \(layer 'sigma2', "
+                                         r"shape \(None, 2\)\) ends in a linear layer.*variance_kind='log_variance'"):
+        ek.ensemble(linear, variance="var")
+    with pytest.raises(ValueError, match="method 'median' for output 'mean' cannot be used with a variance"):
+        ek.ensemble(members, "median", variance="var")
+    with pytest.raises(ValueError, match="output 'mean' is in a variance pair.*got task 'binary'"):
+        ek.ensemble(members, variance="var", task={"mean": "binary"})
+    with pytest.raises(ValueError, match="variance='sigma' is not an output"):
+        ek.ensemble(members, variance="sigma")

@@ -73,3 +73,23 @@ def test_custom_head_and_errors():
         ek.fuse(members, taps="hidden", fusion="sum")
     with pytest.raises(ValueError, match="has no fused backbones"):
         ek.unfreeze(members[0])
+
+
+@pytest.mark.parametrize("task,units,activation,loss", [("binary", 1, "sigmoid", "binary_crossentropy"),
+                                                        ("regression", 2, "linear", "mse")])
+def test_fuse_gives_each_task_its_head_and_trains(task, units, activation, loss):
+    def member(seed):
+        keras.utils.set_random_seed(seed)
+        return keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu", name="h"),
+                                 keras.layers.Dense(units)], name=f"m{seed}")
+
+    fused = ek.fuse([member(0), member(1)], taps="h", task=task)
+    assert fused.get_layer("head").activation.__name__ == activation
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    y = (x[:, :units] > 0).astype("float32")
+    fused.compile(keras.optimizers.Adam(0.05), loss)
+    history = fused.fit(x, y, epochs=15, batch_size=64, verbose=0).history["loss"]
+    assert history[-1] < history[0]
+    if units == 1:  # a linear unit: binary logits or a value? fuse asks, as ek.ensemble does
+        with pytest.raises(ValueError, match="cannot be told; pass task="):
+            ek.fuse([member(0), member(1)], taps="h")

@@ -1,6 +1,13 @@
 """Ensemble throughput, every path side by side: ``python -m benchmarks.throughput [--quick]``.
 
 Writes benchmarks/results/throughput.{json,md,png} (``--quick``: throughput_quick.*).
+The report puts, per batch, the autotuned packed model (``pack_xla``: ``compile_for_inference``
+picks the grouped or loop lowering or the unpacked members per shape, and the row says which),
+``ek.ensemble`` compiled with XLA and the naive graph (``ensemble`` without XLA) side by side in
+float32 and bfloat16, with the ``matmuls_only`` bound, and prints the line "best float32 path at
+batch 256 >= 90% of matmuls_only: met/NOT met" computed from the run (K=8 MLP:
+``--workloads mlp --members 8`` is the short run that gives it). The 1-minute load average
+before and after is recorded in the header.
 ``--workloads mobilenetv2`` times K=4 MobileNetV2 members, ``ek.pack`` vs ``ek.ensemble``
 (each through ``compile_for_inference``) at batch 1/32/256, into throughput_mobilenetv2.*.
 The harness lives in ``ensemblekit.bench.throughput``; ``ensemblekit bench throughput``

@@ -8,7 +8,11 @@ Packed models (``ek.pack``) hold grouped Dense layers that can run their K
 members as one einsum over a stacked kernel (``"grouped"``) or as K matmuls
 (``"loop"``). :class:`LoweringPolicy` is the one place that decides which: what
 ``pack`` assigns to each layer, what an ``"auto"`` layer does when traced, and
-when ``compile_for_inference`` measures both and keeps the faster.
+when ``compile_for_inference`` measures both and keeps the faster. The
+autotuner also times, for a packed model, the members run side by side as
+separate graphs (``"ensemble"``, :func:`unpacked_ensemble`: the same function
+as ``ek.ensemble(ek.unpack(packed))``), which XLA on CPU often runs faster at
+large batches than any grouped lowering.
 
 ``compile_for_inference(model, dtype="bfloat16"|"float16"|"float32")`` runs a
 copy of the model whose layers all use the Keras mixed-precision policy of
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import tempfile
 import warnings
@@ -32,6 +37,7 @@ import warnings
 import keras
 import numpy as np
 
+from ensemblekit._graph import iter_layers
 from ensemblekit._io import pad_to_batches
 from ensemblekit._timing import time_paths
 
@@ -52,10 +58,11 @@ class LoweringPolicy:
       matmuls once a member sees at least ``loop_rows`` rows (TF's batched
       matmul is slower than K plain ones at large batches), one einsum below
       that or when the batch size is unknown.
-    - ``compile_for_inference(autotune=True)`` compiles both lowerings for each
-      new input shape, times them on that input and keeps the faster (the winner
-      changed between runs on the same machine, so no fixed rule is right);
-      with ``autotune=False`` an XLA trace uses the einsum, which XLA fuses.
+    - ``compile_for_inference(autotune=True)`` compiles both lowerings (and, for
+      a packed model, its members as separate graphs, ``"ensemble"``) for each
+      new input shape, times them on that input and keeps the fastest (the
+      winner changed between runs on the same machine, so no fixed rule is
+      right); with ``autotune=False`` an XLA trace uses the einsum, which XLA fuses.
 
     Example:
         >>> policy = LoweringPolicy(loop_rows=128)
@@ -108,8 +115,11 @@ class InferenceFunction:
 
     Made by ``compile_for_inference``; ``fn`` is the backend-compiled function
     (``tf.function`` or ``jax.jit``) for callers that want backend tensors.
-    ``lowerings_`` maps each input shape that was autotuned to the grouped-dense
-    lowering that measured faster for it (``"grouped"`` or ``"loop"``).
+    ``lowerings_`` maps each input shape that was autotuned to the way of
+    running the model that measured fastest for it: ``"grouped"`` or
+    ``"loop"`` (the packed model with that grouped-dense lowering),
+    ``"packed"`` (a packed model whose lowerings are fixed) or ``"ensemble"``
+    (its members as separate graphs, :func:`unpacked_ensemble`).
 
     Example:
         >>> import keras
@@ -144,9 +154,13 @@ def compile_for_inference(model, jit_compile=True, autotune=True, dtype=None):
     Args:
         model: any built ``keras.Model`` with one input.
         jit_compile: compile with XLA (TensorFlow); JAX always compiles.
-        autotune: for models with ``"auto"`` grouped layers (``ek.pack``), time
-            both lowerings on the first input of each shape and keep the faster
-            (see :class:`LoweringPolicy`); the choice is kept in ``f.lowerings_``.
+        autotune: for a packed model (``ek.pack``), compile on the first input
+            of each shape every way of running it -- both lowerings of its
+            ``"auto"`` grouped layers (see :class:`LoweringPolicy`) and its
+            members as separate graphs (``"ensemble"``, see
+            :func:`unpacked_ensemble`; built once, on first use) -- time them
+            on that input and keep the fastest; the choice is kept in
+            ``f.lowerings_``. Other models have one way and are not timed.
         dtype: ``None`` runs ``model`` with its own dtype policies;
             ``"float32"``, ``"bfloat16"`` or ``"float16"`` run a copy whose layers
             compute in that dtype (:func:`with_compute_dtype`; ``f.model`` is the
@@ -175,17 +189,18 @@ def compile_for_inference(model, jit_compile=True, autotune=True, dtype=None):
         model = with_compute_dtype(model, dtype)
     backend = keras.backend.backend()
     lowerings = {}
-    tune = autotune and bool(autotunable_layers(model))
+    tuner = _Autotuner(model, DTYPE_POLICIES.get(dtype), lowerings) if autotune else None
+    if tuner is not None and not tuner.tunes:
+        tuner = None
     if backend == "tensorflow":
         import tensorflow as tf
 
-        fn = _shape_dispatch(_tf_compiler(model, jit_compile), tf.convert_to_tensor,
-                             lowerings if tune else None)
+        fn = _shape_dispatch(_tf_compiler(jit_compile), tf.convert_to_tensor, model, tuner)
         return InferenceFunction(model, fn, jit_compile, to_numpy=_to_numpy, lowerings=lowerings)
     if backend == "jax":
         import jax.numpy as jnp
 
-        fn = _shape_dispatch(_jax_compiler(model), jnp.asarray, lowerings if tune else None)
+        fn = _shape_dispatch(_jax_compiler(), jnp.asarray, model, tuner)
         return InferenceFunction(model, fn, jit_compile, to_numpy=_to_numpy, lowerings=lowerings)
 
     def fn(x):
@@ -194,17 +209,50 @@ def compile_for_inference(model, jit_compile=True, autotune=True, dtype=None):
     return InferenceFunction(model, fn, jit_compile)
 
 
-def _shape_dispatch(compile_for_shape, convert, lowerings=None):
+class _Autotuner:
+    """The ways of running ``model`` timed per input shape, and the choice made for each.
+
+    ``ways()`` gives ``{name: (model, lowering)}``: the packed model under each
+    grouped lowering (``"grouped"``, ``"loop"``; ``"packed"`` if none is
+    ``"auto"``) and, for a packed model, ``"ensemble"``: its members as separate
+    graphs (:func:`unpacked_ensemble`), built on first use and dropped again
+    while no shape has chosen it, so an unused copy of the weights is not kept.
+    """
+
+    def __init__(self, model, policy, lowerings):
+        self.model = model
+        self.policy = policy
+        self.lowerings = lowerings
+        self.packed = _unpack_record(model) is not None
+        self.lowering_names = ("grouped", "loop") if autotunable_layers(model) else ("packed",)
+        self.tunes = self.packed or self.lowering_names != ("packed",)
+        self._ensemble = None
+
+    def ways(self):
+        ways = {name: (self.model, None if name == "packed" else name) for name in self.lowering_names}
+        if self.packed:
+            if self._ensemble is None:
+                self._ensemble = unpacked_ensemble(self.model, self.policy)
+            ways["ensemble"] = (self._ensemble, None)
+        return ways
+
+    def record(self, shape, choice):
+        self.lowerings[shape] = choice
+        if "ensemble" not in self.lowerings.values():
+            self._ensemble = None  # no shape runs it: free its weights (rebuilt if a new shape needs it)
+
+
+def _shape_dispatch(compile_for_shape, convert, model, tuner=None):
     """``fn(x)``: one compiled call per input shape and dtype, made on first use.
 
     A ``tf.function`` matches its signature (and, for numpy input, checks for
     retracing) on every call; at small batches that Python overhead is most of
     the time per call. Here each input shape and dtype is compiled once by
-    ``compile_for_shape(lowering, x)`` and later calls go straight to it. When
-    ``lowerings`` is a dict, both grouped lowerings are compiled, timed on the
-    first input, and the faster kept (recorded in ``lowerings``).
+    ``compile_for_shape(model, lowering, x)`` and later calls go straight to
+    it. With a ``tuner`` (:class:`_Autotuner`), every way of running the model
+    is compiled, timed on the first input, and the fastest kept (recorded in
+    ``tuner.lowerings``).
     """
-    candidates = (None,) if lowerings is None else ("grouped", "loop")
     compiled = {}
 
     def fn(x):
@@ -212,21 +260,25 @@ def _shape_dispatch(compile_for_shape, convert, lowerings=None):
         key = (tuple(x.shape), str(x.dtype))
         call = compiled.get(key)
         if call is None:
-            calls = {lowering: compile_for_shape(lowering, x) for lowering in candidates}
-            choice = None if lowerings is None else _fastest(calls, x)
-            if lowerings is not None:
-                lowerings[key[0]] = choice
-            call = compiled[key] = calls[choice]
+            if tuner is None:
+                call = compile_for_shape(model, None, x)
+            else:
+                calls = {name: compile_for_shape(way, lowering, x)
+                         for name, (way, lowering) in tuner.ways().items()}
+                choice = _fastest(calls, x)
+                tuner.record(key[0], choice)
+                call = calls[choice]
+            compiled[key] = call
         return call(x)
 
     return fn
 
 
-def _tf_compiler(model, jit_compile):
+def _tf_compiler(jit_compile):
     """``compile_for_shape`` on TF: a concrete function per shape, called without re-binding."""
     import tensorflow as tf
 
-    def compile_for_shape(lowering, x):
+    def compile_for_shape(model, lowering, x):
         traced = tf.function(lambda t: _float32(model(t, training=False)), jit_compile=bool(jit_compile))
         if lowering is None and jit_compile:
             lowering = "grouped"  # XLA fuses the one einsum
@@ -236,11 +288,11 @@ def _tf_compiler(model, jit_compile):
     return compile_for_shape
 
 
-def _jax_compiler(model):
+def _jax_compiler():
     """``compile_for_shape`` on JAX: ``jax.jit`` of ``stateless_call``, traced now for ``x``'s shape."""
     import jax
 
-    def compile_for_shape(lowering, x):
+    def compile_for_shape(model, lowering, x):
         step = jax.jit(lambda tv, ntv, t: _float32(model.stateless_call(tv, ntv, t, training=False)[0]))
 
         def call(t):
@@ -257,11 +309,88 @@ def _jax_compiler(model):
     return compile_for_shape
 
 
-def _fastest(calls, x, rounds=5):
-    """The key of the fastest of ``calls`` on ``x`` (median of ``rounds`` round-robin runs)."""
+def _fastest(calls, x, rounds=5, target_s=0.02):
+    """The key of the fastest of ``calls`` on ``x`` (median of ``rounds`` round-robin runs).
+
+    About ``rounds * len(calls) * target_s`` seconds (0.3 s for three ways), small
+    next to compiling them; shorter runs are noisy on a shared CPU.
+    """
+    if len(calls) == 1:
+        return next(iter(calls))
     seconds = time_paths({name: (lambda call=call: _to_numpy(call(x))) for name, call in calls.items()},
-                         repeats=rounds, target_s=0.005, warmup=1)
+                         repeats=rounds, target_s=target_s, warmup=1)
     return min(seconds, key=seconds.get)
+
+
+def unpacked_ensemble(packed, policy=None):
+    """The members of a packed model (``ek.pack``) run side by side as separate graphs.
+
+    The members are rebuilt from the record ``pack`` keeps in the packed
+    model's ``PackedOutput`` layer (their architectures and which grouped layer
+    holds which member's weights, as ``ek.unpack`` reads it), each called on the
+    shared input, and their outputs reduced by a copy of that same
+    ``PackedOutput`` (the reduction ``ek.ensemble`` uses): the same function as
+    ``ek.ensemble(ek.unpack(packed), ...)`` with the packed model's method,
+    task, output kind, uncertainty, trim and threshold. ``compile_for_inference``
+    times it against the packed lowerings, since XLA may run K separate
+    graphs faster than one grouped graph (it did on CPU at batch 256).
+
+    Args:
+        packed: a model made by ``ek.pack`` with one input and one output.
+        policy: ``None`` keeps the members' dtype policies; a policy name
+            (``"mixed_bfloat16"``) replaces every float policy, as
+            :func:`with_compute_dtype` does for the packed model.
+
+    Returns:
+        A ``keras.Model`` with the packed model's input and output structure.
+
+    Raises:
+        ValueError: ``packed`` was not made by ``ek.pack``, or has several
+            inputs or outputs.
+
+    Example:
+        >>> import keras
+        >>> import ensemblekit as ek
+        >>> members = [keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]) for _ in range(2)]
+        >>> packed = ek.pack(members)
+        >>> x = np.ones((2, 4), "float32")
+        >>> bool(np.allclose(unpacked_ensemble(packed).predict(x, verbose=0),
+        ...                  packed.predict(x, verbose=0), atol=1e-6))
+        True
+    """
+    record = _unpack_record(packed)
+    if record is None:
+        raise ValueError(f"unpacked_ensemble: model {packed.name!r} is not a packed model (ek.pack) "
+                         "with one input and one output.")
+    source = packed.inputs[0]
+    inputs = keras.Input(tuple(source.shape[1:]), dtype=source.dtype, name=source.name)
+    outputs = []
+    for index, config in enumerate(record.member_configs):
+        member = keras.saving.deserialize_keras_object(_inference_config(json.loads(config), policy))
+        # Weighted layers in ``iter_layers`` order, as ``pack`` recorded them (see ``ek.unpack``).
+        weighted = [layer for _, layer in iter_layers(member) if layer.weights]
+        for layer, holder_name in zip(weighted, record.weighted_layers, strict=True):
+            holder = packed.get_layer(holder_name)
+            member_weights = getattr(holder, "member_weights", None)
+            layer.set_weights(holder.get_weights() if member_weights is None else member_weights(index))
+            if callable(getattr(layer, "finalize_state", None)):
+                layer.finalize_state()
+        outputs.append(member(inputs, training=False))
+    reducer_config = {**record.get_config(), "member_configs": [], "weighted_layers": [],
+                      "name": f"{record.name}_members"}
+    reducer = type(record).from_config(reducer_config)
+    stacked = keras.ops.stack(outputs, axis=-2)  # the packed layout: (batch, ..., K, units)
+    return keras.Model(inputs, reducer(stacked), name=f"{packed.name}_unpacked")
+
+
+def _unpack_record(model):
+    """The ``PackedOutput`` layer holding ``model``'s members (``ek.pack``), if it has one input and
+    one output; else ``None``. Read by attribute: this floor does not import ``ensemblekit.pack``."""
+    records = [layer for layer in model.layers if hasattr(layer, "weighted_layers")
+               and hasattr(layer, "member_configs")]
+    if len(records) != 1 or not records[0].member_configs or len(model.inputs) != 1:
+        return None
+    return records[0]
 
 
 def _direct_call(function):

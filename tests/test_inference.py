@@ -4,9 +4,16 @@ import keras
 import numpy as np
 import pytest
 
+from ensemblekit import inference
 from ensemblekit.compose import ensemble
-from ensemblekit.inference import POLICY, LoweringPolicy, compile_for_inference, forced_lowering
-from ensemblekit.pack import GroupedDense, pack
+from ensemblekit.inference import (
+    POLICY,
+    LoweringPolicy,
+    compile_for_inference,
+    forced_lowering,
+    unpacked_ensemble,
+)
+from ensemblekit.pack import GroupedDense, pack, unpack
 from tests.conftest import make_mlp
 
 K = 3
@@ -53,12 +60,79 @@ def test_autotune_times_both_lowerings_per_shape_and_keeps_the_outputs(jit_compi
         x = rng.normal(size=(rows, 8)).astype("float32")
         np.testing.assert_allclose(fn(x), ensemble(models, "mean").predict(x, verbose=0), atol=1e-5, rtol=0)
     assert set(fn.lowerings_) == {(3, 8), (200, 8)}
-    assert set(fn.lowerings_.values()) <= {"grouped", "loop"}
-    # Plain models and fixed lowerings have nothing to tune.
-    assert compile_for_inference(ensemble(models, "mean")).lowerings_ == {}
+    assert set(fn.lowerings_.values()) <= {"grouped", "loop", "ensemble"}
+    # Plain models have nothing to tune; a packed model with fixed lowerings still
+    # has two ways: itself ("packed") and its members as separate graphs.
+    plain = compile_for_inference(ensemble(models, "mean"))
+    plain(x)
+    assert plain.lowerings_ == {}
     fixed = compile_for_inference(pack(models, "mean", lowering="loop"))
-    fixed(x)
-    assert fixed.lowerings_ == {}
+    np.testing.assert_allclose(fixed(x), ensemble(models, "mean").predict(x, verbose=0), atol=1e-5, rtol=0)
+    assert set(fixed.lowerings_.values()) <= {"packed", "ensemble"} and len(fixed.lowerings_) == 1
+
+
+@pytest.mark.parametrize("settings", [
+    dict(reduce="mean"),
+    dict(reduce="logit_mean", uncertainty=True),
+    dict(reduce="median", task="regression"),
+])
+def test_unpacked_ensemble_is_ek_ensemble_of_the_unpacked_members(settings):
+    models = [make_mlp(seed) for seed in range(K)]
+    packed = pack(models, **settings)
+    candidate = unpacked_ensemble(packed)
+    method = settings["reduce"]
+    reference = ensemble(unpack(packed), method, task=settings.get("task"),
+                         uncertainty=settings.get("uncertainty", False))
+    x = np.random.default_rng(4).normal(size=(6, 8)).astype("float32")
+    got, want, packed_out = (m.predict(x, verbose=0) for m in (candidate, reference, packed))
+    for expected in (want, packed_out):
+        keras.tree.map_structure(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0),
+                                 got, expected)
+    # Its own weights: the packed model's are not shared (nor changed).
+    assert not {id(v) for v in candidate.weights} & {id(v) for v in packed.weights}
+
+
+def test_unpacked_ensemble_rejects_models_not_made_by_pack():
+    with pytest.raises(ValueError, match=r"model 'plain' is not a packed model \(ek.pack\)"):
+        unpacked_ensemble(make_mlp(0, name="plain"))
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_autotune_times_the_unpacked_ensemble_and_records_the_choice(monkeypatch, dtype):
+    models = [make_mlp(seed) for seed in range(K)]
+    packed = pack(models, "mean")
+    x = np.random.default_rng(5).normal(size=(4, 8)).astype("float32")
+    expected = packed.predict(x, verbose=0)
+    timed, built = [], []
+    build = inference.unpacked_ensemble
+    monkeypatch.setattr(inference, "unpacked_ensemble",
+                        lambda *args: built.append(build(*args)) or built[-1])
+    monkeypatch.setattr(inference, "_fastest", lambda calls, x: timed.append(sorted(calls)) or "ensemble")
+    f = compile_for_inference(packed, dtype=dtype)
+    assert built == [] and f.lowerings_ == {}  # nothing built before the first call
+    tolerance = 1e-5 if dtype is None else 5e-2
+    np.testing.assert_allclose(f(x), expected, atol=tolerance, rtol=0)
+    np.testing.assert_allclose(f(x[:2]), expected[:2], atol=tolerance, rtol=0)
+    assert timed == [["ensemble", "grouped", "loop"]] * 2
+    assert f.lowerings_ == {(4, 8): "ensemble", (2, 8): "ensemble"}
+    assert len(built) == 1  # kept once chosen, so the second shape reuses it
+    compute = {layer.compute_dtype for m in built[0].layers if isinstance(m, keras.Model) for layer in m.layers}
+    assert compute == {"float32" if dtype is None else "bfloat16"}
+
+
+def test_an_unpacked_ensemble_no_shape_chose_is_not_kept(monkeypatch):
+    models = [make_mlp(seed) for seed in range(K)]
+    built = []
+    build = inference.unpacked_ensemble
+    monkeypatch.setattr(inference, "unpacked_ensemble",
+                        lambda *args: built.append(build(*args)) or built[-1])
+    monkeypatch.setattr(inference, "_fastest", lambda calls, x: "grouped")
+    f = compile_for_inference(pack(models, "mean"))
+    for rows in (2, 3):
+        f(np.zeros((rows, 8), "float32"))
+    assert f.lowerings_ == {(2, 8): "grouped", (3, 8): "grouped"} and len(built) == 2
+    assert compile_for_inference(pack(models, "mean"), autotune=False)(np.zeros((2, 8), "float32")).shape == (2, 3)
+    assert len(built) == 2  # autotune=False builds nothing extra
 
 
 def test_inference_predict_pads_the_last_batch_to_one_compiled_shape():

@@ -12,22 +12,35 @@ puts packed and ensemble side by side. Paths:
 1. ``predict_loop``: ``model.predict`` per member, then the mean (the loop users write by hand);
 2. ``tf_function_loop``: a Python loop of member calls inside one ``tf.function``;
 3. ``ensemble`` / ``ensemble_xla``: ``ek.ensemble`` through ``ek.compile_for_inference``;
-4. ``pack`` / ``pack_xla``: ``ek.pack`` (``lowering="auto"``), and the two lowerings it picks
-   from, ``pack_grouped[_xla]`` (einsum / grouped conv) and ``pack_loop[_xla]`` (K ops per layer);
+4. ``pack`` / ``pack_xla``: ``ek.pack`` (``lowering="auto"``) autotuned by
+   ``compile_for_inference``, which picks per shape among the two lowerings
+   (``pack_grouped[_xla]``: einsum / grouped conv; ``pack_loop[_xla]``: K ops per
+   layer, also timed alone) and the unpacked members (``"ensemble"``); the row's
+   ``autotuned`` field says what it picked;
 5. ``member_xla`` (one member alone, the floor) and ``soup_xla`` (a weight-averaged
    model: the cost of one member);
 6. a matmul ceiling: GFLOP/s of a 2048x2048 float32 matmul on the same device, timed in
    the same round-robin as the paths; for MLP members also ``matmuls_only``: the
    members' Dense matmuls alone (no bias, activation, softmax or mean), the most
-   these matrix shapes give on the device.
+   these matrix shapes give on the device, compiled with XLA and, as
+   ``matmuls_only_graph``, without (TF's oneDNN graph ran them faster than XLA on
+   this project's CPU); the bound is the faster of the two;
+7. bfloat16 (``compile_for_inference(dtype="bfloat16")``: bfloat16 compute, float32
+   variables and output): ``ensemble_bf16`` (the naive graph in bfloat16),
+   ``ensemble_xla_bf16``, ``pack_bf16``, ``pack_xla_bf16`` and, for MLP
+   members, ``matmuls_only_bf16[_graph]``, timed in the same round-robin as the float32 paths.
 
-Ratios are against path 3 without XLA; achieved GFLOP/s counts the
-multiply-adds of the K members' Dense/Conv layers (2 FLOPs each).
+Ratios are against path 3 without XLA (the naive graph); achieved GFLOP/s
+counts the multiply-adds of the K members' Dense/Conv layers (2 FLOPs each).
+The 1-minute load average before and after the run is recorded: the CPU may be
+shared with other processes, which slows every path alike (round-robin) but
+lowers the absolute numbers.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 
@@ -111,7 +124,13 @@ def device_info():
     info["device"] = gpus[0] if gpus else _cpu_name()
     info["device_type"] = "GPU" if gpus else "CPU"
     info["cpu_count"] = _cpu_count()
+    info["load_avg"] = load_average()
     return info
+
+
+def load_average():
+    """The 1-minute load average (runnable processes; ``None`` where the OS does not say)."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 def _cpu_name():
@@ -126,8 +145,6 @@ def _cpu_name():
 
 
 def _cpu_count():
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
@@ -142,28 +159,32 @@ def matmul_function(size=2048):
     return (lambda: keras.ops.convert_to_numpy(compiled.fn(a))), 2 * size**3
 
 
-def matmul_chain_function(models, x):
+def matmul_chain_function(models, x, dtype="float32", jit_compile=True):
     """``fn()`` running only the members' Dense matmuls on ``x`` (XLA), or None if not an MLP.
 
     The same chain of ``(batch, in) @ (in, out)`` products as the members, with no
     bias, activation, softmax or mean: what these matrix shapes reach on this
     device with nothing else in the way. It bounds any implementation of the
     ensemble from above, so the report can tell a slow ensemble from a shape
-    the hardware runs slowly (small contractions, 10-wide outputs).
+    the hardware runs slowly (small contractions, 10-wide outputs). ``dtype``
+    ``"bfloat16"`` multiplies bfloat16 inputs and kernels (the bound of the
+    bfloat16 paths); ``jit_compile=False`` runs it as a plain TF graph.
     """
     dense = [[layer for layer in m.layers if layer.weights] for m in models]
     if not all(layers and all(isinstance(layer, L.Dense) for layer in layers) for layers in dense):
         return None
     flat = int(np.prod(x.shape[1:]))
     inputs = keras.Input(x.shape[1:])
-    hidden = keras.ops.reshape(inputs, (-1, flat))
+    hidden = keras.ops.cast(keras.ops.reshape(inputs, (-1, flat)), dtype)
     outputs = []
     for layers in dense:
         h = hidden
         for layer in layers:
-            h = keras.ops.matmul(h, keras.ops.convert_to_tensor(layer.kernel))
+            # A copy of the kernel: on JAX, Keras' jitted ``predict`` donates (deletes) the variable's array.
+            kernel = keras.ops.convert_to_tensor(keras.ops.convert_to_numpy(layer.kernel))
+            h = keras.ops.matmul(h, keras.ops.cast(kernel, dtype))
         outputs.append(h)
-    compiled = compile_for_inference(keras.Model(inputs, sum(outputs[1:], outputs[0])), jit_compile=True)
+    compiled = compile_for_inference(keras.Model(inputs, sum(outputs[1:], outputs[0])), jit_compile=jit_compile)
     return lambda: compiled(x)
 
 
@@ -191,27 +212,43 @@ def path_functions(models, x, paths=None):
     return {**paths, **_compiled_paths(models, x, COMPILED_PATHS)}
 
 
-# The paths that run through ``compile_for_inference``: path -> (model maker, jit_compile).
+# The paths that run through ``compile_for_inference``: path -> (model maker, its keyword
+# arguments). ``pack`` / ``pack_xla`` are autotuned (lowerings and the unpacked members); the
+# fixed-lowering paths are not, so they time that lowering alone.
+_FIXED = dict(autotune=False)
 COMPILED_PATHS = {
-    "ensemble": (lambda models: ensemble(models, "mean"), False),
-    "ensemble_xla": (lambda models: ensemble(models, "mean"), True),
-    "pack": (lambda models: pack(models, "mean"), False),
-    "pack_xla": (lambda models: pack(models, "mean"), True),
-    "pack_grouped": (lambda models: pack(models, "mean", lowering="grouped"), False),
-    "pack_grouped_xla": (lambda models: pack(models, "mean", lowering="grouped"), True),
-    "pack_loop": (lambda models: pack(models, "mean", lowering="loop"), False),
-    "pack_loop_xla": (lambda models: pack(models, "mean", lowering="loop"), True),
-    "member_xla": (lambda models: models[0], True),
-    "soup_xla": (lambda models: soup(models), True),
+    "ensemble": (lambda models: ensemble(models, "mean"), dict(jit_compile=False)),
+    "ensemble_xla": (lambda models: ensemble(models, "mean"), dict(jit_compile=True)),
+    "pack": (lambda models: pack(models, "mean"), dict(jit_compile=False)),
+    "pack_xla": (lambda models: pack(models, "mean"), dict(jit_compile=True)),
+    "pack_grouped": (lambda models: pack(models, "mean", lowering="grouped"), dict(jit_compile=False, **_FIXED)),
+    "pack_grouped_xla": (lambda models: pack(models, "mean", lowering="grouped"), dict(jit_compile=True, **_FIXED)),
+    "pack_loop": (lambda models: pack(models, "mean", lowering="loop"), dict(jit_compile=False, **_FIXED)),
+    "pack_loop_xla": (lambda models: pack(models, "mean", lowering="loop"), dict(jit_compile=True, **_FIXED)),
+    "member_xla": (lambda models: models[0], dict(jit_compile=True)),
+    "soup_xla": (lambda models: soup(models), dict(jit_compile=True)),
+    "ensemble_bf16": (lambda models: ensemble(models, "mean"), dict(jit_compile=False, dtype="bfloat16")),
+    "ensemble_xla_bf16": (lambda models: ensemble(models, "mean"), dict(jit_compile=True, dtype="bfloat16")),
+    "pack_bf16": (lambda models: pack(models, "mean"), dict(jit_compile=False, dtype="bfloat16")),
+    "pack_xla_bf16": (lambda models: pack(models, "mean"), dict(jit_compile=True, dtype="bfloat16")),
 }
 
 
 def _compiled_paths(models, x, names):
+    """``{name: fn}``; ``fn.inference`` is the ``compile_for_inference`` result (its ``lowerings_``)."""
     paths = {}
     for name in names:
-        make, jit_compile = COMPILED_PATHS[name]
-        paths[name] = (lambda f: lambda: f(x))(compile_for_inference(make(models), jit_compile=jit_compile))
+        make, options = COMPILED_PATHS[name]
+        compiled = compile_for_inference(make(models), **options)
+        paths[name] = (lambda f: lambda: f(x))(compiled)
+        paths[name].inference = compiled
     return paths
+
+
+def autotuned_choice(fn, x):
+    """What ``compile_for_inference`` picked for ``x``'s shape behind path function ``fn`` (or None)."""
+    compiled = getattr(fn, "inference", None)
+    return None if compiled is None else compiled.lowerings_.get(tuple(x.shape))
 
 
 def run(workloads=DEFAULT_WORKLOADS, members=None, batches=(1, 32, 256), repeats=5,
@@ -246,6 +283,10 @@ def run(workloads=DEFAULT_WORKLOADS, members=None, batches=(1, 32, 256), repeats
         chain = matmul_chain_function(models, x)
         if chain is not None:
             functions["matmuls_only"] = chain
+            functions["matmuls_only_graph"] = matmul_chain_function(models, x, jit_compile=False)
+            if "pack_xla_bf16" in functions:
+                functions["matmuls_only_bf16"] = matmul_chain_function(models, x, "bfloat16")
+                functions["matmuls_only_bf16_graph"] = matmul_chain_function(models, x, "bfloat16", False)
         seconds = time_paths(functions, repeats=repeats, target_s=target_s)
         ceiling = matmul_flops / seconds.pop("matmul") / 1e9
         ceilings.append(ceiling)
@@ -254,15 +295,21 @@ def run(workloads=DEFAULT_WORKLOADS, members=None, batches=(1, 32, 256), repeats
             gflops = rate * flops * (1 if path in ("member_xla", "soup_xla") else k) / 1e9
             rows.append(dict(workload=workload, members=k, batch=batch, path=path,
                              samples_per_s=rate, ratio=seconds[BASELINE] / time_per_call,
-                             gflops=gflops, ceiling_gflops=ceiling, ceiling_fraction=gflops / ceiling))
+                             gflops=gflops, ceiling_gflops=ceiling, ceiling_fraction=gflops / ceiling,
+                             autotuned=autotuned_choice(functions[path], x)))
         keras.backend.clear_session()
         progress.update(index + 1)
+    info["load_avg_end"] = load_average()
     return {"info": info, "matmul_gflops": statistics.median(ceilings), "repeats": repeats,
             "results": rows}
 
 
 EK_PATHS = ("ensemble", "ensemble_xla", "pack", "pack_xla", "pack_grouped", "pack_grouped_xla",
             "pack_loop", "pack_loop_xla")
+EK_PATHS_BF16 = ("ensemble_bf16", "ensemble_xla_bf16", "pack_bf16", "pack_xla_bf16")
+# CPU target (issue 4, restated in issue 17): the best path at batch 256 reaches this
+# fraction of the members' bare matmul chain measured in the same run.
+BOUND_FRACTION = 0.9
 
 
 def targets(result, workload="mlp", members=8):
@@ -271,7 +318,9 @@ def targets(result, workload="mlp", members=8):
     Goals: the fastest ensemblekit path is at least 1.5x ``ensemble`` (no XLA)
     at batch <= 32 and at least as fast above; at least 100x the loop of
     ``predict`` calls at batch 32; at least 70% of the matmul ceiling at the
-    largest batch (>= 256).
+    largest batch (>= 256) and, where the run timed ``matmuls_only`` (and
+    ``matmuls_only_bf16``), the best float32 (bfloat16) path at least
+    ``BOUND_FRACTION`` of it (:func:`bound_check`).
 
     Returns:
         A list of ``{"target", "measured", "met"}`` rows.
@@ -299,7 +348,109 @@ def targets(result, workload="mlp", members=8):
                              f"{at['matmuls_only']['ceiling_fraction']:.0%}")
             checks.append(dict(target=f"batch {batch}: >= 70% of the matmul ceiling",
                                measured=measured, met=at[best]["ceiling_fraction"] >= 0.7))
+        if batch == batches[-1] and batch >= 256:
+            checks += [bound_check(at, batch, precision) for precision in ("float32", "bfloat16")
+                       if _bound_path(precision) in at]
     return checks
+
+
+def _bound_path(precision):
+    return "matmuls_only" if precision == "float32" else "matmuls_only_bf16"
+
+
+def _bound_rate(at, precision):
+    """Samples/s of the bound: the faster of ``matmuls_only[_bf16]`` with XLA and ``..._graph`` without."""
+    bound = _bound_path(precision)
+    return max(at[p]["samples_per_s"] for p in (bound, f"{bound}_graph") if p in at)
+
+
+def bound_check(at, batch, precision="float32"):
+    """The best path of ``precision`` against its ``matmuls_only`` bound, both from one round-robin.
+
+    ``at`` maps path -> row for one (workload, K, batch). Both do the same
+    matrix products, so the fraction is the ratio of samples/s; the bound is
+    the faster of the XLA and plain-graph matmul chains.
+    """
+    paths = [p for p in (EK_PATHS if precision == "float32" else EK_PATHS_BF16) if p in at]
+    best = max(paths, key=lambda p: at[p]["samples_per_s"])
+    bound = _bound_path(precision)
+    fraction = at[best]["samples_per_s"] / _bound_rate(at, precision)
+    return dict(target=f"batch {batch}: best {precision} path >= {BOUND_FRACTION:.0%} of {bound}",
+                measured=f"{best}: {fraction:.0%}", met=fraction >= BOUND_FRACTION, best=best,
+                fraction=fraction)
+
+
+# The side-by-side table per precision: naive graph, ensemble + XLA, autotuned pack without and
+# with XLA, then the bound (ratios against the float32 naive graph).
+SIDE_BY_SIDE = {"float32": ("ensemble", "ensemble_xla", "pack", "pack_xla", "matmuls_only"),
+                "bfloat16": ("ensemble_bf16", "ensemble_xla_bf16", "pack_bf16", "pack_xla_bf16",
+                             "matmuls_only_bf16")}
+
+
+def precision_side_by_side(result):
+    """Per (workload, K, batch, precision) timed with the bfloat16 paths: the naive graph, ``ek.ensemble``
+    with XLA, the autotuned ``ek.pack`` without and with XLA (and what each picked) and the
+    ``matmuls_only`` bound, as ratios to the float32 naive graph, plus the best path's fraction of
+    the bound."""
+    table = {}
+    for r in result["results"]:
+        table.setdefault((r["workload"], r["members"], r["batch"]), {})[r["path"]] = r
+    rows = []
+    for (workload, members, batch), at in table.items():
+        if not all(p in at for paths in SIDE_BY_SIDE.values() for p in paths[:4]):
+            continue
+        naive = at[BASELINE]["samples_per_s"]
+        for precision, paths in SIDE_BY_SIDE.items():
+            bounded = paths[4] in at
+            rows.append(dict(workload=workload, members=members, batch=batch, precision=precision,
+                             naive_samples_per_s=naive, paths=paths[:4],
+                             ratios=[at[p]["ratio"] for p in paths[:4]],
+                             picked=[at[p].get("autotuned") for p in paths[:4]],
+                             bound=_bound_rate(at, precision) / naive if bounded else None,
+                             check=bound_check(at, batch, precision) if bounded else None))
+    return rows
+
+
+def _side_by_side_markdown(rows):
+    def cell(ratio, picked):
+        return f"{ratio:.2f}x" + (f" ({picked})" if picked else "")
+
+    lines = ["## Autotuned pack vs ensemble vs naive, float32 and bfloat16", "",
+             "Ratios to the float32 naive graph (`ensemble`: `ek.ensemble` through "
+             "`compile_for_inference` without XLA), all timed in one round-robin per batch. `pack` / "
+             "`pack_xla` is `ek.pack` autotuned per shape; in brackets what it picked (`grouped` / "
+             "`loop` lowering or `ensemble`, the unpacked members). bfloat16 rows run "
+             "`compile_for_inference(dtype=\"bfloat16\")`. `matmuls_only` is the members' bare matmul "
+             "chain in that precision, the faster of XLA and plain graph (the bound); the last column "
+             "is the best path of that precision as a fraction of it.", "",
+             "| workload | K | batch | precision | naive samples/s (float32) | naive | ensemble_xla | "
+             "pack (picked) | pack_xla (picked) | matmuls_only | best / bound |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        cells = [r["workload"], r["members"], r["batch"], r["precision"], f"{r['naive_samples_per_s']:,.0f}",
+                 *(cell(ratio, picked) for ratio, picked in zip(r["ratios"], r["picked"], strict=True)),
+                 "–" if r["bound"] is None else f"{r['bound']:.2f}x",
+                 "–" if r["check"] is None else f"{r['check']['fraction']:.0%} ({r['check']['best']})"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return lines + [""]
+
+
+def bound_lines(result, workload="mlp", members=8):
+    """The lines ``best <precision> path at batch B >= 90% of <bound>: met/NOT met`` for the largest
+    batch (>= 256) of ``workload`` with K=``members``, one per precision timed with its bound."""
+    rows = [r for r in result["results"] if r["workload"] == workload and r["members"] == members]
+    batch = max((r["batch"] for r in rows), default=0)
+    if batch < 256:
+        return []
+    at = {r["path"]: r for r in rows if r["batch"] == batch}
+    lines = []
+    for precision in ("float32", "bfloat16"):
+        if _bound_path(precision) in at:
+            check = bound_check(at, batch, precision)
+            lines.append(f"best {precision} path at batch {batch} >= {BOUND_FRACTION:.0%} of "
+                         f"{_bound_path(precision)}: {'met' if check['met'] else 'NOT met'} "
+                         f"({check['measured']}; {workload}, K={members})")
+    return lines
 
 
 def pack_vs_ensemble(result, workloads=None):
@@ -327,6 +478,11 @@ def to_markdown(result):
     """A Markdown report: device, target checks, and one table row per measurement."""
     info = result["info"]
     versions = ", ".join(f"{k} {info[k]}" for k in ("tensorflow", "jax", "keras") if k in info)
+    load = ""
+    if info.get("load_avg") is not None:
+        load = (f" 1-minute load average {info['load_avg']} before and {info.get('load_avg_end')} after "
+                f"the run on {info['cpu_count']} cores: above the core count, other processes shared "
+                "the CPU, which lowers absolute numbers (ratios are timed round-robin).")
     lines = [
         "# Ensemble throughput",
         "",
@@ -334,7 +490,7 @@ def to_markdown(result):
         f"backend {info['backend']}; {versions}. Median of {result['repeats']} repeats, warm-up "
         f"excluded, paths timed round-robin. Matmul ceiling (2048² float32, XLA, median over "
         f"configurations): {result['matmul_gflops']:.1f} GFLOP/s; each row's fraction uses the "
-        "ceiling measured in its own round-robin.",
+        f"ceiling measured in its own round-robin.{load}",
         "",
     ]
     checks = targets(result)
@@ -342,6 +498,10 @@ def to_markdown(result):
         lines += ["## Targets (K=8 MLP)", "", "| target | measured | met |", "|---|---|---|"]
         lines += [f"| {c['target']} | {c['measured']} | {'yes' if c['met'] else 'NO'} |" for c in checks]
         lines.append("")
+    side_by_side = precision_side_by_side(result)
+    if side_by_side:
+        lines += _side_by_side_markdown(side_by_side)
+        lines += [f"**{line}**" for line in bound_lines(result)] + [""]
     side_by_side = pack_vs_ensemble(result, workloads=tuple(APPLICATIONS))
     if side_by_side:
         lines += ["## Packed vs ensemble (keras.applications members)", "",
@@ -358,7 +518,8 @@ def to_markdown(result):
               "| workload | K | batch | path | samples/s | vs ensemble | GFLOP/s | of ceiling |",
               "|---|---:|---:|---|---:|---:|---:|---:|"]
     for r in result["results"]:
-        lines.append(f"| {r['workload']} | {r['members']} | {r['batch']} | {r['path']} | "
+        picked = f" ({r['autotuned']})" if r.get("autotuned") else ""
+        lines.append(f"| {r['workload']} | {r['members']} | {r['batch']} | {r['path']}{picked} | "
                      f"{r['samples_per_s']:,.0f} | {r['ratio']:.2f}x | {r['gflops']:.2f} | "
                      f"{r['ceiling_fraction']:.1%} |")
     return "\n".join(lines) + "\n"
@@ -461,4 +622,6 @@ def main(args):
         print(f"wrote {path}")
     for check in targets(result):
         print(f"{'met ' if check['met'] else 'MISS'}  {check['target']}: {check['measured']}")
+    for line in bound_lines(result):
+        print(line)
     return 0

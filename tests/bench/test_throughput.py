@@ -32,9 +32,13 @@ def test_paths_compute_the_same_ensemble():
     x = np.random.default_rng(0).normal(size=(3, 40, 1)).astype("float32")
     paths = throughput.path_functions(models, x)
     reference = paths["ensemble"]()
-    for name in ("predict_loop", "tf_function_loop", "ensemble_xla", "pack", "pack_xla",
-                 "pack_grouped", "pack_loop", "pack_loop_xla"):
+    names = ["predict_loop", "ensemble_xla", "pack", "pack_xla", "pack_grouped", "pack_loop", "pack_loop_xla"]
+    if keras.backend.backend() == "tensorflow":
+        names.append("tf_function_loop")
+    for name in names:
         np.testing.assert_allclose(paths[name](), reference, atol=1e-5, err_msg=name)
+    for name in ("ensemble_bf16", "ensemble_xla_bf16", "pack_bf16", "pack_xla_bf16"):
+        np.testing.assert_allclose(paths[name](), reference, atol=2e-2, err_msg=name)
 
 
 def test_matmuls_only_is_the_members_bare_matmul_chain():
@@ -84,7 +88,14 @@ def test_smoke_run_writes_json_markdown_and_png(tmp_path):
     assert saved["info"]["backend"] == keras.backend.backend()
     baseline = [r for r in saved["results"] if r["path"] == "ensemble"][0]
     assert baseline["ratio"] == pytest.approx(1.0)
-    assert "| mlp | 2 | 1 | pack_xla |" in paths[1].read_text()
+    markdown = paths[1].read_text()
+    assert "| mlp | 2 | 1 | pack_xla (" in markdown  # with the way the autotuner picked
+    picked = {r["path"]: r["autotuned"] for r in saved["results"]}
+    assert picked["pack_xla"] in {"grouped", "loop", "ensemble"} and picked["ensemble_xla"] is None
+    assert {"ensemble_bf16", "pack_bf16", "pack_xla_bf16", "ensemble_xla_bf16", "matmuls_only_bf16",
+            "matmuls_only_graph", "matmuls_only_bf16_graph"} <= set(picked)
+    assert picked["pack_grouped_xla"] is None  # fixed lowerings are timed alone, not autotuned
+    assert "## Autotuned pack vs ensemble vs naive, float32 and bfloat16" in markdown
     assert paths[2].read_bytes()[:4] == b"\x89PNG"
 
 
@@ -152,3 +163,53 @@ def test_cli_registers_bench_throughput():
     args = parser.parse_args(["bench", "throughput", "--quick", "--members", "2", "--out", "x"])
     assert args.quick and args.members == [2] and args.out == "x"
     assert callable(args.run)
+
+
+def _bound_result(best_fp32=95.0, best_bf16=80.0):
+    """K=8 MLP rows at batch 32 and 256 with both matmuls_only bounds at 100 samples/s."""
+    rates = {"ensemble": 50.0, "ensemble_xla": 60.0, "pack": 40.0, "pack_xla": best_fp32,
+             "pack_grouped": 30.0, "pack_grouped_xla": 30.0, "pack_loop": 30.0, "pack_loop_xla": 30.0,
+             "predict_loop": 0.01, "matmuls_only": 100.0, "ensemble_bf16": 25.0, "ensemble_xla_bf16": 70.0,
+             "pack_bf16": 20.0, "pack_xla_bf16": best_bf16, "matmuls_only_bf16": 100.0}
+    rows = [dict(workload="mlp", members=8, batch=batch, path=path, samples_per_s=rate,
+                 ratio=rate / rates["ensemble"], gflops=1.0, ceiling_gflops=10.0, ceiling_fraction=0.1,
+                 autotuned="ensemble" if path in ("pack_xla", "pack_xla_bf16") else
+                 "loop" if path in ("pack", "pack_bf16") else None)
+            for batch in (32, 256) for path, rate in rates.items()]
+    return {"info": {"device": "cpu", "device_type": "CPU", "cpu_count": 2, "backend": "tensorflow",
+                     "keras": "3", "load_avg": 3.5, "load_avg_end": 4.0},
+            "matmul_gflops": 10.0, "repeats": 3, "results": rows}
+
+
+def test_best_path_against_the_matmuls_only_bound_per_precision():
+    result = _bound_result(best_fp32=95.0, best_bf16=80.0)
+    assert throughput.bound_lines(result) == [
+        "best float32 path at batch 256 >= 90% of matmuls_only: met (pack_xla: 95%; mlp, K=8)",
+        "best bfloat16 path at batch 256 >= 90% of matmuls_only_bf16: NOT met "
+        "(pack_xla_bf16: 80%; mlp, K=8)"]
+    checks = [c for c in throughput.targets(result) if "matmuls_only" in c["target"] and "best" in c]
+    assert [(c["best"], c["met"]) for c in checks] == [("pack_xla", True), ("pack_xla_bf16", False)]
+    slow = _bound_result(best_fp32=85.0)
+    assert throughput.bound_lines(slow)[0].startswith("best float32 path at batch 256 >= 90% of "
+                                                      "matmuls_only: NOT met (pack_xla: 85%")
+    # The bound is the faster matmul chain: XLA or, here, the plain graph.
+    graph_faster = _bound_result(best_fp32=95.0)
+    graph_faster["results"].append(dict(graph_faster["results"][-1], path="matmuls_only_graph",
+                                        samples_per_s=190.0))
+    assert throughput.bound_lines(graph_faster)[0].startswith(
+        "best float32 path at batch 256 >= 90% of matmuls_only: NOT met (pack_xla: 50%")
+
+
+def test_side_by_side_table_shows_both_precisions_the_pick_and_the_load():
+    result = _bound_result()
+    rows = throughput.precision_side_by_side(result)
+    assert [(r["batch"], r["precision"], r["ratios"][3], r["picked"][3]) for r in rows] == [
+        (32, "float32", 1.9, "ensemble"), (32, "bfloat16", 1.6, "ensemble"),
+        (256, "float32", 1.9, "ensemble"), (256, "bfloat16", 1.6, "ensemble")]
+    markdown = throughput.to_markdown(result)
+    assert ("| mlp | 8 | 256 | float32 | 50 | 1.00x | 1.20x | 0.80x (loop) | 1.90x (ensemble) | 2.00x | "
+            "95% (pack_xla) |") in markdown
+    assert ("| mlp | 8 | 256 | bfloat16 | 50 | 0.50x | 1.40x | 0.40x (loop) | 1.60x (ensemble) | 2.00x | "
+            "80% (pack_xla_bf16) |") in markdown
+    assert "**best float32 path at batch 256 >= 90% of matmuls_only: met" in markdown
+    assert "load average 3.5 before and 4.0 after the run on 2 cores" in markdown

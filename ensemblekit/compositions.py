@@ -16,6 +16,12 @@ calibration, packing, member pruning), ``"trained"`` (a new trained part:
 stacking's meta-learner, a fusion head, pruned and fine-tuned members),
 ``"merge"`` (weight space: one model with one member's cost).
 
+Tasks (:data:`TASKS`): multiclass, binary (one sigmoid unit) and regression
+members; each builder takes the task's analogue (Platt scaling for a binary
+ensemble's temperature, the mean of values for a regression ensemble's logit
+mean); stacking, fusion and channel pruning are multiclass only (a :class:`Skip`
+says so). Metrics per task are :data:`TASK_METRICS`, the first one the default.
+
 Example:
     >>> import keras, numpy as np
     >>> from ensemblekit import compositions
@@ -33,6 +39,10 @@ Example:
     Traceback (most recent call last):
     ...
     ensemblekit.compositions.Skip: needs base= (task vectors are differences from a base model)
+    >>> regressors = [keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)]) for _ in range(2)]
+    >>> rctx = compositions.Context(regressors, x, x[:, 0], task="regression")
+    >>> rctx.metric, compositions.build("ensemble_logit_mean", rctx).note
+    ('rmse', 'mean of the values')
 """
 
 from __future__ import annotations
@@ -45,11 +55,18 @@ import numpy as np
 
 from ensemblekit import metrics
 from ensemblekit._graph import architecture_differences
-from ensemblekit._validate import check_choice, check_labels
+from ensemblekit._outputs import detect_output_kind
+from ensemblekit._validate import check_choice, check_targets
 from ensemblekit.compose._members import MemberSet
 from ensemblekit.merge.barrier import has_batchnorm
 
 KINDS = ("member", "ensemble", "trained", "merge")
+TASKS = ("multiclass", "binary", "regression")
+# What "best" may mean per task (first: the default); all lower-is-better after TASK_LOSSES' sign.
+TASK_METRICS = {"multiclass": ("nll", "accuracy", "brier", "ece"),
+                "binary": ("nll", "accuracy", "brier", "ece", "auroc"),
+                "regression": ("rmse", "mae")}
+HIGHER_IS_BETTER = ("accuracy", "auroc")
 SETTINGS = {
     "best_member_metric": None,  # what "best member" is chosen by (None: the context's metric)
     "min_weight": 1e-3,  # optimize_weights entries below this count as zero (the member is dropped)
@@ -111,12 +128,54 @@ def call_probs(model, x, output_kind=None, batch_size=256):
     return metrics.as_probs(np.concatenate(outputs), model, output_kind)
 
 
+def call_predictions(model, x, task="multiclass", output_kind=None, batch_size=256):
+    """``(prediction, std)`` of ``model`` on ``x`` (float64) in ``task``'s form, by direct calls.
+
+    Multiclass: class probabilities ``(n, classes)`` (:func:`call_probs`); binary: the
+    positive-class probability ``(n,)`` (a sigmoid applied to logits); regression: the
+    values ``(n, units)``. ``std`` is the model's ``"std"`` output (a regression
+    ensemble built with ``uncertainty=True``) or ``None``.
+
+    Example:
+        >>> m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        >>> call_predictions(m, np.zeros((2, 2), "float32"), "binary")[0].tolist()
+        [0.5, 0.5]
+    """
+    if task == "multiclass":
+        return call_probs(model, x, output_kind, batch_size), None
+    batches = [keras.tree.map_structure(keras.ops.convert_to_numpy, model(x[i:i + batch_size], training=False))
+               for i in range(0, len(x), batch_size)]
+    if isinstance(batches[0], dict):
+        outputs = {key: np.concatenate([b[key] for b in batches]).astype("float64") for key in batches[0]}
+        return outputs["prediction"], outputs.get("std")
+    outputs = np.concatenate(batches).astype("float64")
+    if task == "regression":
+        return outputs, None
+    if (output_kind or detect_output_kind(model)) == "logits":
+        outputs = 1.0 / (1.0 + np.exp(-outputs))
+    return outputs.reshape(len(outputs)), None
+
+
+def task_loss(metric, task):
+    """``loss(predictions, y)``, lower is better, of ``metric`` on ``task``'s predictions.
+
+    Example:
+        >>> task_loss("accuracy", "binary")(np.array([0.9, 0.2]), np.array([1, 1]))
+        -0.5
+    """
+    check_choice(metric, TASK_METRICS[task], f"metric for {task}")
+    if task == "regression":
+        return {"rmse": metrics.rmse, "mae": metrics.mae}[metric]
+    fn = metrics.METRICS[metric] if task == "multiclass" else metrics.BINARY_METRICS[metric]
+    return (lambda p, y: -fn(p, y)) if metric in HIGHER_IS_BETTER else fn
+
+
 class Context:
     """What compositions are built from: the members, the data they may learn from, the settings.
 
     Args:
-        members: at least two classifiers (``keras.Model`` or paths) with one input
-            and a ``(batch, classes)`` output.
+        members: at least two models (``keras.Model`` or paths) with one input and one
+            ``(batch, units)`` output: multiclass or binary classifiers, or regressors.
         x_fit, y_fit: held-out data that everything learned fits on (weights,
             selection, stacking, calibration, which member is best).
         x_train, y_train: the members' training data, for compositions that
@@ -125,8 +184,8 @@ class Context:
         budget: the most ``pruned_members`` may cost, in units of the members'
             mean cost (``1.0`` = one member, K = all; see :mod:`ensemblekit.costs`).
         cost: ``"params"``, ``"macs"``, ``"latency"`` or one cost per member.
-        metric: ``"nll"`` or ``"accuracy"`` (or ``"brier"``, ``"ece"``): what the
-            learned compositions optimise.
+        metric: what the learned compositions optimise, one of ``TASK_METRICS[task]``
+            (``None``: the first, ``"nll"`` for classifiers and ``"rmse"`` for regressors).
         seed: seed of alignment, stacking folds and every trained part.
         output_kind: what the members output (``None``: detected per member).
         fit_data: how notes name ``(x_fit, y_fit)``, e.g. ``"fit half"``.
@@ -136,6 +195,7 @@ class Context:
         model_prefix: names built models ``<prefix><composition name>`` (default: Keras's).
         skip_errors: exception types that turn into a :class:`Skip` with their
             first line (the advisor skips, e.g., a merge of an unsupported layer).
+        task: ``None``/``"auto"`` (detect), ``"multiclass"``, ``"binary"`` or ``"regression"``.
 
     Example:
         >>> ms = [keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]) for _ in range(2)]
@@ -145,13 +205,15 @@ class Context:
     """
 
     def __init__(self, members, x_fit, y_fit, *, x_train=None, y_train=None, base=None, budget=None,
-                 cost="params", metric="nll", seed=0, output_kind=None, fit_data="validation split",
-                 bn_data="fit", settings=None, model_prefix=None, skip_errors=()):
-        self.members = MemberSet(members, output_kind, min_count=2, what="compositions")
-        self.members.require_single_classifier()
+                 cost="params", metric=None, seed=0, output_kind=None, fit_data="validation split",
+                 bn_data="fit", settings=None, model_prefix=None, skip_errors=(), task=None):
+        self.members = MemberSet(members, output_kind, min_count=2, what="compositions", task=task)
+        self.members.require_single_output(TASKS)
         self.x_fit = np.asarray(x_fit, dtype="float32")
-        self.y_fit = check_labels(y_fit, len(self.x_fit), self.members.num_classes, param="y_fit")
+        self.y_fit = check_targets(y_fit, len(self.x_fit), self.members.output_shapes[0], self.task, param="y_fit")
         self.x_train, self.y_train = x_train, y_train
+        metric = TASK_METRICS[self.task][0] if metric is None else check_choice(
+            metric, TASK_METRICS[self.task], f"metric for {self.task}")
         self.base, self.budget, self.cost, self.metric, self.seed = base, budget, cost, metric, seed
         self.fit_data = fit_data
         check_choice(bn_data, ("fit", "train"), "bn_data")
@@ -170,6 +232,11 @@ class Context:
     @property
     def output_kinds(self):
         return self.members.output_kinds
+
+    @property
+    def task(self):
+        """The members' task: ``"multiclass"``, ``"binary"`` or ``"regression"``."""
+        return self.members.task
 
     @property
     def labels(self):
@@ -196,9 +263,11 @@ class Context:
         return self._once("has_bn", lambda: any(has_batchnorm(m) for m in self.models))
 
     def fit_probs(self):
-        """The members' probabilities on ``x_fit``, ``(n, K, classes)`` (computed once)."""
+        """The members' predictions on ``x_fit``, members on axis 1 (computed once): probabilities
+        ``(n, K, classes)`` (multiclass), ``(n, K)`` (binary), values ``(n, K, units)`` (regression)."""
         return self._once("fit_probs", lambda: np.stack(
-            [call_probs(m, self.x_fit, k) for m, k in zip(self.models, self.output_kinds)], axis=1))
+            [call_predictions(m, self.x_fit, self.task, k)[0] for m, k in zip(self.models, self.output_kinds)],
+            axis=1))
 
     def set_fit_probs(self, probs):
         """Use ``probs`` (``(n, K, classes)`` on ``x_fit``) instead of computing them."""
@@ -331,22 +400,40 @@ def _all(ctx):
 
 
 def _best_member(ctx):
-    from ensemblekit.compose.weights import metric_loss
-
     metric = ctx.settings["best_member_metric"] or ctx.metric
-    loss = metric_loss(metric)
+    loss = task_loss(metric, ctx.task)
     probs = ctx.fit_probs()
     k = int(np.argmin([loss(probs[:, i], ctx.y_fit) for i in range(len(ctx.models))]))
     fit = ctx.fit_data.replace(" ", "-")
     return Built(ctx.models[k], f"{ctx.labels[k]}, best {fit} {metric}", [k])
 
 
+def _task_method(ctx, method):
+    """``method`` for ``ctx.task``: regression's canonical output is the value itself, so its logit
+    and geometric means are the mean of the values; a vote of values is a :class:`Skip`."""
+    if ctx.task != "regression":
+        return method
+    if method == "vote":
+        raise Skip("a vote needs class decisions; these members are regression")
+    return "mean"
+
+
+def _ensemble_note(ctx, method):
+    if ctx.task == "regression":
+        return "mean of the values"
+    if ctx.task == "binary" and method in ("logit_mean", "geometric"):
+        return "sigmoid of the mean logits"
+    return ENSEMBLE_NOTES[method]
+
+
 def _output_ensemble(method):
     def build(ctx):
         from ensemblekit.compose import ensemble
 
-        model = ensemble(ctx.models, method, output_kind=ctx.output_kinds, name=ctx.model_name(f"ensemble_{method}"))
-        return Built(model, ENSEMBLE_NOTES[method], _all(ctx))
+        used = _task_method(ctx, method)
+        model = ensemble(ctx.models, used, output_kind=ctx.output_kinds, name=ctx.model_name(f"ensemble_{method}"),
+                         task=ctx.task)
+        return Built(model, _ensemble_note(ctx, method), _all(ctx))
     return build
 
 
@@ -358,10 +445,29 @@ def _calibrated(method):
             source = ctx.built(f"ensemble_{method}")
         except Skip:
             raise Skip("the ensemble could not be built") from None
-        model = calibrate(source.model, ctx.x_fit, ctx.y_fit, name=ctx.model_name(f"calibrated_{method}"))
-        temperature = float(model.layers[-1].temperature)
-        return Built(model, f"ensemble, temperature {temperature:.3g} fitted on the {ctx.fit_data}", source.used)
+        if ctx.task == "regression":
+            return _calibrated_regression(ctx, method, source.used)
+        model = calibrate(source.model, ctx.x_fit, ctx.y_fit, name=ctx.model_name(f"calibrated_{method}"),
+                          task=ctx.task)
+        scaling = model.layers[-1]
+        if ctx.task == "binary":
+            fitted = f"Platt scaling (slope {scaling.slope:.3g}, bias {scaling.bias:.3g})"
+        else:
+            fitted = f"temperature {float(scaling.temperature):.3g}"
+        return Built(model, f"ensemble, {fitted} fitted on the {ctx.fit_data}", source.used)
     return build
+
+
+def _calibrated_regression(ctx, method, used):
+    """The mean of the values with the members' spread as ``std``, variance-scaled on the fit data."""
+    from ensemblekit.compose import calibrate, ensemble
+
+    spread = ensemble(ctx.models, _task_method(ctx, method), task="regression", uncertainty=True,
+                      name=ctx.model_name(f"uncertain_{method}"))
+    model = calibrate(spread, ctx.x_fit, ctx.y_fit, name=ctx.model_name(f"calibrated_{method}"), task="regression")
+    scale = model.get_layer("std_scaling").scale
+    return Built(model, f"mean of the values, members' std scaled by {scale:.3g} (variance scaling on the "
+                        f"{ctx.fit_data})", used)
 
 
 def _subset_ensemble(ctx, weights, name):
@@ -372,37 +478,53 @@ def _subset_ensemble(ctx, weights, name):
     if len(indices) == 1:
         return ctx.models[indices[0]], indices
     model = ensemble([ctx.models[i] for i in indices], "weighted", weights=[weights[i] for i in indices],
-                     output_kind=[ctx.output_kinds[i] for i in indices], name=ctx.model_name(name))
+                     output_kind=[ctx.output_kinds[i] for i in indices], name=ctx.model_name(name), task=ctx.task)
     return model, indices
+
+
+def _weights_metric(ctx):
+    """``ctx.metric`` as ``optimize_weights``/``select`` take it (RMSE ranks as MSE does)."""
+    return {"rmse": "mse", "auroc": "nll"}.get(ctx.metric, ctx.metric)
+
+
+def _averaged(ctx):
+    return "values" if ctx.task == "regression" else "probabilities"
 
 
 def _weighted(ctx):
     from ensemblekit.compose import optimize_weights
 
     minimum = ctx.settings["min_weight"]
-    weights = optimize_weights(ctx.models, ctx.x_fit, ctx.y_fit, metric=ctx.metric)
+    weights = optimize_weights(ctx.models, ctx.x_fit, ctx.y_fit, metric=_weights_metric(ctx), task=ctx.task)
     # Members the optimiser all but switched off are dropped: they would cost without contributing.
     weights = np.where(weights < minimum, 0.0, weights)
     weights = weights / weights.sum()
     model, indices = _subset_ensemble(ctx, weights, "weighted")
     shown = ", ".join(f"{i}: {weights[i]:.3g}" for i in indices)
     dropped = f"; weights < {minimum:g} dropped" if len(indices) < len(weights) else ""
-    return Built(model, f"mean of probabilities, member weights {{{shown}}} fitted on the "
+    return Built(model, f"mean of {_averaged(ctx)}, member weights {{{shown}}} fitted on the "
                         f"{ctx.fit_data}{dropped}", indices)
 
 
 def _greedy(ctx):
     from ensemblekit.compose import select
 
-    chosen = select(ctx.models, ctx.x_fit, ctx.y_fit, metric=ctx.metric)
+    chosen = select(ctx.models, ctx.x_fit, ctx.y_fit, metric=_weights_metric(ctx), task=ctx.task)
     counts = np.bincount(chosen, minlength=len(ctx.models))
     model, indices = _subset_ensemble(ctx, counts, "greedy")
     kept = ", ".join(f"{i}" + (f" x{counts[i]}" if counts[i] > 1 else "") for i in indices)
-    return Built(model, f"members {kept} chosen greedily on the {ctx.fit_data} (mean of probabilities)",
+    return Built(model, f"members {kept} chosen greedily on the {ctx.fit_data} (mean of {_averaged(ctx)})",
                  indices)
 
 
+def _multiclass_only(ctx):
+    """Stacking's meta-learner, the fusion head and pruning's fine-tuning are built for class labels."""
+    if ctx.task != "multiclass":
+        raise Skip(f"multiclass members only; these are {ctx.task}")
+
+
 def _stack_logistic(ctx):
+    _multiclass_only(ctx)
     from ensemblekit.compose import stack
 
     cv = ctx.settings["stack_cv"]
@@ -418,6 +540,7 @@ def _fit(ctx, model, epochs):
 
 
 def _fuse_concat(ctx):
+    _multiclass_only(ctx)
     from ensemblekit.compose import fuse
 
     epochs = ctx.settings["fuse_epochs"]
@@ -428,6 +551,7 @@ def _fuse_concat(ctx):
 
 
 def _pruned_channels(ctx):
+    _multiclass_only(ctx)
     from ensemblekit.compose import ensemble
     from ensemblekit.prune import channels
 
@@ -451,12 +575,14 @@ def _distilled_student(ctx):
     epochs, temperature = ctx.settings["distill_epochs"], ctx.settings["distill_temperature"]
     student, report = distill(teacher, best.model, ctx.x_train, ctx.y_train, temperature=temperature,
                               epochs=epochs, batch_size=ctx.settings["batch_size"], seed=ctx.seed,
-                              verbose=0)
+                              verbose=0, task=ctx.task)
     student.name = ctx.model_name("distilled_student")
-    labels = "labels and soft targets" if ctx.y_train is not None else "soft targets only"
+    targets = "targets" if ctx.task == "regression" else "soft targets"
+    labels = f"labels and {targets}" if ctx.y_train is not None else f"{targets} only"
     return Built(student, f"member {best.used[0]}'s architecture and weights, distilled from ensemble_mean "
-                          f"({epochs} epochs on {len(ctx.x_train)} training inputs, {labels}, "
-                          f"T={temperature:g}; training took {report.seconds:.1f} s)")
+                          f"({epochs} epochs on {len(ctx.x_train)} training inputs, {labels}"
+                          f"{'' if ctx.task == 'regression' else f', T={temperature:g}'}; "
+                          f"training took {report.seconds:.1f} s)")
 
 
 def _merged(ctx, name, models, method, **params):
@@ -487,7 +613,8 @@ def _packed(reduce):
     def build(ctx):
         from ensemblekit.pack import pack
 
-        model = pack(ctx.models, reduce=reduce, output_kind=ctx.output_kinds[0], name=ctx.model_name(f"packed_{reduce}"))
+        model = pack(ctx.models, reduce=_task_method(ctx, reduce), output_kind=ctx.output_kinds[0],
+                     name=ctx.model_name(f"packed_{reduce}"), task=ctx.task)
         return Built(model, "the ensemble as one wide model (same outputs; its own latency)", _all(ctx))
     return build
 
@@ -498,6 +625,8 @@ def _pruned_members(ctx):
     count = len(ctx.models)
     if ctx.budget >= count:
         raise Skip(f"budget {ctx.budget:g} covers all {count} members")
+    if ctx.task != "multiclass":
+        return _pruned_members_of_task(ctx)
     try:
         kept = select_members(ctx.models, ctx.x_fit, ctx.y_fit, budget=ctx.budget, cost=ctx.member_costs(),
                              metric=ctx.metric)
@@ -506,6 +635,29 @@ def _pruned_members(ctx):
     weights = "/".join(f"{w:.2f}" for w in kept.weights)
     return Built(kept.model, f"members {', '.join(map(str, kept.indices))} (weights {weights}) kept under "
                              f"the budget, chosen on the {ctx.fit_data}", kept.indices)
+
+
+def _pruned_members_of_task(ctx):
+    """``select_members`` for binary and regression members: the same greedy selection under the budget.
+
+    (``ek.prune.select_members`` scores class log-probabilities only.)
+    """
+    from ensemblekit.compose.weights import greedy_selection, validation_predictions
+    from ensemblekit.compose.weights import task_loss as selection_loss
+    from ensemblekit.costs import budget_limit
+
+    costs = np.asarray(ctx.member_costs(), dtype="float64")
+    limit = budget_limit(ctx.budget, costs)
+    if costs.min() > limit * (1 + 1e-9):
+        raise Skip(f"no member fits budget {ctx.budget:g}: the cheapest costs {costs.min() / costs.mean():.3g}x")
+    _, predictions, y, _ = validation_predictions(ctx.models, ctx.x_fit, ctx.y_fit, "pruned_members",
+                                                  task=ctx.task)
+    _, loss = selection_loss(_weights_metric(ctx), ctx.task)
+    counts = greedy_selection(predictions, y, loss, costs=costs, limit=limit).counts
+    model, indices = _subset_ensemble(ctx, counts / counts.sum(), "pruned_members")
+    weights = "/".join(f"{counts[i] / counts.sum():.2f}" for i in indices)
+    return Built(model, f"members {', '.join(map(str, indices))} (weights {weights}) kept under the budget, "
+                        f"chosen on the {ctx.fit_data}", indices)
 
 
 def _entries():
@@ -611,5 +763,5 @@ def build_each(selection, ctx):
         yield label, entry, result
 
 
-__all__ = ["KINDS", "REGISTRY", "REQUIREMENTS", "SETTINGS", "Built", "Composition", "Context", "Skip",
-           "build", "build_each", "call_probs", "get", "names"]
+__all__ = ["KINDS", "REGISTRY", "REQUIREMENTS", "SETTINGS", "TASKS", "TASK_METRICS", "Built", "Composition",
+           "Context", "Skip", "build", "build_each", "call_predictions", "call_probs", "get", "names", "task_loss"]

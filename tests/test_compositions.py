@@ -188,3 +188,53 @@ def test_skip_errors_turn_into_skips_once(members, toy_data):
         assert [(label, str(result)) for label, _, result in results] == [("label", "unsupported layer 'x'")]
     finally:
         del REGISTRY["_failing"]
+
+
+@pytest.fixture(scope="module")
+def binary_members(toy_data):
+    x, y = toy_data
+    labels = (y > 0).astype("int64")
+    members = []
+    for seed in range(2):
+        keras.utils.set_random_seed(seed)
+        model = keras.Sequential([keras.Input((x.shape[1],)), keras.layers.Dense(8, "relu"),
+                                  keras.layers.Dense(1, activation="sigmoid")])
+        model.compile(keras.optimizers.Adam(1e-2), "binary_crossentropy")
+        model.fit(x, labels, epochs=3, verbose=0)
+        members.append(model)
+    return members, x, labels
+
+
+def test_binary_context_builds_each_composition_as_its_task_analogue(binary_members):
+    members, x, labels = binary_members
+    ctx = Context(members, x[:100], labels[:100], budget=1.0)
+    assert ctx.task == "binary" and ctx.metric == "nll" and ctx.fit_probs().shape == (100, 2)
+    ensemble = build("ensemble_logit_mean", ctx)
+    assert ensemble.note == "sigmoid of the mean logits"
+    expected = ek.ensemble(members, "logit_mean", task="binary")
+    np.testing.assert_allclose(np.asarray(ensemble.model(x[100:])), np.asarray(expected(x[100:])), atol=1e-6)
+    assert "Platt scaling" in build("calibrated_logit_mean", ctx).note
+    best = build("best_member", ctx).used[0]
+    fit_nll = [ek.evaluate(m, x[:100], labels[:100])["nll"] for m in members]
+    assert best == int(np.argmin(fit_nll))
+    assert build("pruned_members", ctx).used == [best]  # budget 1.0: one member, the best by greedy NLL
+    with pytest.raises(Skip, match="multiclass members only; these are binary"):
+        build("stack_logistic", ctx)
+
+
+def test_regression_context_averages_values_and_skips_votes(toy_data):
+    x, y = toy_data
+    values = (x[:, 0] + x[:, 1]).astype("float32")
+    members = [keras.Sequential([keras.Input((x.shape[1],)), keras.layers.Dense(1)]) for _ in range(2)]
+    ctx = Context(members, x[:100], values[:100], task="regression")
+    assert ctx.metric == "rmse" and ctx.y_fit.shape == (100, 1)
+    mean = build("ensemble_logit_mean", ctx).model(x[:5])
+    expected = (np.asarray(members[0](x[:5])) + np.asarray(members[1](x[:5]))) / 2
+    np.testing.assert_allclose(np.asarray(mean), expected, atol=1e-6)
+    with pytest.raises(Skip, match="a vote needs class decisions"):
+        build("ensemble_vote", ctx)
+    calibrated = build("calibrated_logit_mean", ctx)
+    assert "variance scaling" in calibrated.note
+    assert sorted(calibrated.model(x[:5])) == ["prediction", "std"]
+    with pytest.raises(ValueError, match="metric for regression"):
+        Context(members, x[:100], values[:100], task="regression", metric="nll")

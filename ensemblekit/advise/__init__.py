@@ -8,7 +8,9 @@ member, soups, TIES, output ensembles, calibrated / weighted / greedy / packed /
 budget-pruned ensembles), scores each on the score half with
 :mod:`ensemblekit.metrics`, costs each (:mod:`ensemblekit.costs`: parameters,
 MACs, measured latency) and recommends the best one within a budget, preferring
-the cheaper of two candidates that score alike.
+the cheaper of two candidates that score alike. Members may be multiclass or
+binary classifiers (NLL first; Platt scaling for a binary ensemble) or
+regressors (RMSE first; loss barriers in MSE).
 
 Modules: ``core`` (the flow, :class:`Advice`), ``recommend`` (the choice),
 ``table`` (``str(advice)``), ``cli`` (``ensemblekit advise``). This package is
@@ -26,13 +28,15 @@ from ensemblekit.advise.core import (
     MERGES,
     METRICS,
     ROW_KEYS,
+    TASK_METRICS,
+    TASK_ROW_KEYS,
     Advice,
     advise,
     split_indices,
 )
 from ensemblekit.advise.recommend import TOLERANCE, recommend
 
-__all__ = ["CANDIDATES", "MERGES", "METRICS", "ROW_KEYS", "TOLERANCE", "Advice", "advise", "recommend",
-           "split_indices"]
+__all__ = ["CANDIDATES", "MERGES", "METRICS", "ROW_KEYS", "TASK_METRICS", "TASK_ROW_KEYS", "TOLERANCE", "Advice",
+           "advise", "recommend", "split_indices"]
 
 make_callable(__name__, advise)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ensemblekit.advise.core import METRICS, advise
+from ensemblekit.advise.core import TASK_METRICS, TASKS, advise
 from ensemblekit.costs import COSTS
 from ensemblekit.datasets import load_data_spec
 
@@ -18,17 +18,26 @@ def register_cli(subparsers):
         >>> register_cli(parser.add_subparsers())
         >>> parser.parse_args(["advise", "a.keras", "b.keras", "--data", "digits"]).budget is None
         True
+        >>> args = parser.parse_args(["advise", "a.keras", "b.keras", "--data", "v.npz", "--task", "regression"])
+        >>> args.task, args.metric
+        ('regression', None)
     """
     parser = subparsers.add_parser(
         "advise", help="merge or ensemble? score every option on held-out data and recommend one",
-        description="Measure soups, aligned merges, TIES and output ensembles of the members on "
-                    "held-out data (half to fit, half to score) and recommend one within a budget.")
+        description="Measure soups, aligned merges, TIES and output ensembles of the members "
+                    "(multiclass, binary or regression) on held-out data (half to fit, half to score) "
+                    "and recommend one within a budget.")
     parser.add_argument("models", nargs="+", help="member .keras/.h5 files (at least 2)")
     parser.add_argument("--data", required=True,
                         help="mnist1d or digits (their test split), or an .npz with x_val/y_val (or x/y)")
     parser.add_argument("--budget", type=float, default=None, help="single-member costs allowed (1.0 = one)")
     parser.add_argument("--cost", choices=COSTS, default="params")
-    parser.add_argument("--metric", choices=METRICS, default="nll")
+    metrics = list(dict.fromkeys(m for names in TASK_METRICS.values() for m in names))
+    parser.add_argument("--metric", choices=metrics, default=None,
+                        help="what 'best' means (default: nll for classifiers, rmse for regression)")
+    parser.add_argument("--task", choices=("auto", *TASKS), default=None,
+                        help="the members' task (default: detected; a linear one-unit output needs "
+                             "binary or regression)")
     parser.add_argument("--base", default=None, help="the model the members were fine-tuned from (enables TIES)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fit/score split")
     parser.add_argument("--json", default=None, help="also write the advice as JSON to this path")
@@ -43,7 +52,7 @@ def _run_cli(args):
     models = load_members(args.models, min_count=2, what="advise")
     x, y = load_data_spec(args.data, model_input_shape(models[0]))
     advice = advise(models, x, y, budget=args.budget, cost=args.cost, metric=args.metric,
-                    base=args.base, verbose=0 if args.quiet else 1, seed=args.seed)
+                    base=args.base, verbose=0 if args.quiet else 1, seed=args.seed, task=args.task)
     if args.quiet:
         print(advice)
     if args.json:

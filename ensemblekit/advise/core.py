@@ -15,14 +15,17 @@ import numpy as np
 
 from ensemblekit import compositions, metrics
 from ensemblekit._io import load_model
-from ensemblekit._validate import check_choice, check_labels
+from ensemblekit._validate import check_choice, check_targets
 from ensemblekit.advise.recommend import recommend
 from ensemblekit.advise.table import format_table
 from ensemblekit.compose._members import MemberSet, _shapes_compatible
 from ensemblekit.costs import COSTS, check_budget, latencies, macs
-from ensemblekit.merge.barrier import POINTS, loss_barrier
+from ensemblekit.merge.barrier import BARRIER_LOSSES, POINTS, loss_barrier
 
-METRICS = ("nll", "accuracy")
+METRICS = ("nll", "accuracy")  # multiclass (and binary); TASK_METRICS has every task's
+# What advise ranks by, per task (first: the default): NLL for classifiers, RMSE for regressors.
+TASK_METRICS = {"multiclass": METRICS, "binary": METRICS, "regression": ("rmse", "mae")}
+TASKS = tuple(TASK_METRICS)
 PATH_T = POINTS
 # Latencies within 10% over the budget count as within it: repeated timings of
 # one model on a shared CPU differ by that much (README, throughput section).
@@ -44,6 +47,13 @@ CANDIDATES = {
 MERGES = tuple(name for name, entry in CANDIDATES.items() if compositions.get(entry).kind == "merge")
 ROW_KEYS = ("name", "kind", "accuracy", "nll", "brier", "ece", "params", "macs", "latency_ms",
             "cost_ratio", "within_budget", "note")
+_COST_KEYS = ROW_KEYS[6:]
+# A row's keys per task: the task's metrics (ensemblekit.metrics), then the costs.
+TASK_ROW_KEYS = {
+    "multiclass": ROW_KEYS,
+    "binary": ("name", "kind", "accuracy", "auroc", "nll", "brier", "ece", *_COST_KEYS),
+    "regression": ("name", "kind", "rmse", "mae", "nll", "coverage", *_COST_KEYS),
+}
 
 
 @dataclasses.dataclass
@@ -54,18 +64,24 @@ class Advice:
         recommendation: name of the recommended candidate (a row's ``name``), or
             ``None`` when no candidate fits the budget.
         reason: one paragraph quoting the numbers behind the choice.
-        rows: one dict per candidate: ``name``, ``kind`` (``"member"``, ``"merge"``,
-            ``"ensemble"``), ``accuracy``, ``nll``, ``brier``, ``ece`` (score half;
-            ``None`` when skipped), ``params``, ``macs`` (per sample),
+        rows: one dict per candidate (keys ``TASK_ROW_KEYS[task]``): ``name``, ``kind``
+            (``"member"``, ``"merge"``, ``"ensemble"``, ``"trained"``), the task's metrics
+            on the score half (``None`` when skipped) — multiclass ``accuracy``, ``nll``,
+            ``brier``, ``ece``; binary also ``auroc``; regression ``rmse``, ``mae``, and
+            ``nll`` (Gaussian) and ``coverage`` (±1.96σ) where the candidate has a std —
+            then ``params``, ``macs`` (per sample),
             ``latency_ms`` (batch 256, only for ``cost="latency"``), ``cost_ratio``
             (cost / one member's cost), ``within_budget``, ``note`` (what it is, or
             why it was skipped).
         barriers: ``{"0-k": {...}}`` per member pair: ``t``, ``path_nll``,
             ``barrier`` and, when alignment worked, ``aligned_path_nll`` and
-            ``aligned_barrier`` (nats, score-half NLL); empty when merges are impossible.
+            ``aligned_barrier`` (score-half NLL in nats; binary cross-entropy for binary
+            members; for regression ``path_mse``/``aligned_path_mse``, the barrier in
+            MSE); empty when merges are impossible.
         notes: advisor-wide remarks (e.g. why weight-space merges were skipped).
         budget, cost, metric, seed: the settings used.
         fit_size, score_size: samples in the fit and score halves.
+        task: the members' task (``"multiclass"``, ``"binary"`` or ``"regression"``).
         models: ``{name: keras.Model}`` of every built candidate (not in ``to_dict``).
 
     Example:
@@ -90,6 +106,7 @@ class Advice:
     seed: int
     fit_size: int
     score_size: int
+    task: str = "multiclass"
     models: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def to_dict(self):
@@ -123,13 +140,13 @@ def split_indices(n_samples, seed=0):
     return np.sort(order[:half]), np.sort(order[half:])
 
 
-def advise(models, x_val, y_val, budget=None, cost="params", metric="nll", base=None, verbose=1,
+def advise(models, x_val, y_val, budget=None, cost="params", metric=None, base=None, verbose=1,
            seed=0, x_train=None, y_train=None, task=None):
     """Measure merging and ensembling options on held-out data and recommend one.
 
     ``(x_val, y_val)`` is split (seeded, :func:`split_indices`) into a *fit*
     half and a *score* half. Everything fitted — the best member's choice, the
-    calibration temperature, ensemble weights, greedy and budgeted selection,
+    calibration (temperature, Platt or variance scaling), ensemble weights, greedy and budgeted selection,
     BatchNorm statistics of merged models — uses the fit half only; every
     reported metric and loss barrier is measured on the score half, so the
     candidates that learn from validation data are not flattered by it.
@@ -156,33 +173,47 @@ def advise(models, x_val, y_val, budget=None, cost="params", metric="nll", base=
 
     The recommendation is the best candidate by ``metric`` among those within
     ``budget``; when a cheaper one is within the tolerance (0.5 accuracy point,
-    or 1% relative NLL) of it, the cheaper one is recommended and the reason
-    says so.
+    or 1% relative NLL, RMSE or MAE) of it, the cheaper one is recommended and
+    the reason says so.
+
+    Per task (``task=``, detected when ``None``):
+
+    * multiclass: the candidates above, scored by accuracy, NLL, Brier and ECE;
+      ``ensemble_calibrated`` is temperature scaling; the barrier is in NLL (nats).
+    * binary (one sigmoid unit, or one logit with ``task="binary"``): the same
+      candidates on the positive-class probability, scored by the binary metrics
+      (accuracy, AUROC, NLL, Brier, ECE; ``ek.evaluate``'s); ``ensemble_calibrated``
+      is Platt scaling; the barrier is in binary cross-entropy (nats).
+    * regression: scored by RMSE (the default ``metric``) and MAE; ``ensemble`` and
+      ``packed`` average the values; ``ensemble_calibrated`` is that mean with the
+      members' spread as its std, variance-scaled on the fit half, which adds a
+      Gaussian ``nll`` and ``coverage`` (its RMSE is the ensemble's); the barrier is
+      in MSE.
 
     Args:
-        models: list of at least two members (``keras.Model`` or ``.keras``/``.h5`` paths),
-            classifiers with one input and a ``(batch, classes)`` output.
+        models: list of at least two members (``keras.Model`` or ``.keras``/``.h5`` paths)
+            with one input and one ``(batch, units)`` output: multiclass or binary
+            classifiers, or regressors.
         x_val, y_val: held-out data the members were not trained on (at least 4 samples;
-            labels as integers or one-hot).
+            labels as integers or one-hot; 0/1 for binary; values for regression).
         budget: ``None`` (no limit) or how many single-member costs may be spent
             (``1.0`` = one member, the mean of the members' costs; the one meaning
             of budgets, ``ensemblekit.costs``).
         cost: ``"params"``, ``"macs"`` (per sample) or ``"latency"`` (batch 256 through
             ``ek.compile_for_inference``, timed round-robin on this device; within 10%
             over the budget counts as within, timing noise).
-        metric: ``"nll"`` or ``"accuracy"``: what "best" means.
+        metric: what "best" means: ``"nll"`` or ``"accuracy"`` (classifiers), ``"rmse"``
+            or ``"mae"`` (regression); ``None``: ``"nll"``, or ``"rmse"`` for regression.
         base: the model the members were fine-tuned from (model or path); enables ``ties``.
         verbose: 1 shows a progress bar and prints the table; 0 is silent.
         seed: seed of the fit/score split (and of weight matching).
         x_train, y_train: the members' training inputs (labels optional), for the
             ``distilled_student`` candidate; without them it is skipped.
-        task: the members' task as in ``ek.ensemble`` (``None`` detects it). advise
-            compares multiclass classifiers (its candidates — soups, loss barriers,
-            temperature scaling, distillation — are scored on class probabilities);
-            for ``"binary"``, ``"multilabel"`` or ``"regression"`` members it raises
-            one ``ValueError`` naming the task and the tools that do take it
-            (``ek.ensemble``/``ek.pack`` with ``task=``, ``ek.optimize_weights``,
-            ``ek.select``, ``ek.calibrate``, ``ek.evaluate``).
+        task: the members' task as in ``ek.ensemble``: ``None``/``"auto"`` (detect),
+            ``"multiclass"``, ``"binary"`` or ``"regression"`` (a linear one-unit output
+            needs it). ``"multilabel"`` members are refused with one ``ValueError``
+            naming the tools that take them (``ek.ensemble``/``ek.pack`` with ``task=``,
+            ``ek.calibrate``, ``ek.evaluate``).
 
     Returns:
         An :class:`Advice` (``recommendation``, ``reason``, ``rows``, ``barriers``,
@@ -197,14 +228,24 @@ def advise(models, x_val, y_val, budget=None, cost="params", metric="nll", base=
         >>> advice = ek.advise([make(0), make(1)], x, y, budget=1.0, verbose=0)
         >>> [row["cost_ratio"] <= 1.0 for row in advice.rows if row["name"] == advice.recommendation]
         [True]
+
+        Regressors (a linear output: ``task="regression"``) are ranked by RMSE:
+
+        >>> reg = lambda s: (keras.utils.set_random_seed(s), keras.Sequential(
+        ...     [keras.Input((4,)), keras.layers.Dense(8, "relu"), keras.layers.Dense(1)]))[1]
+        >>> advice = ek.advise([reg(0), reg(1)], x, x[:, 0], task="regression", verbose=0)
+        >>> advice.task, advice.metric, list(advice.rows[0])[:6]
+        ('regression', 'rmse', ['name', 'kind', 'rmse', 'mae', 'nll', 'coverage'])
     """
     budget = check_budget(budget)
     check_choice(cost, COSTS, "cost")
-    check_choice(metric, METRICS, "metric")
+    if metric is not None:
+        check_choice(metric, sorted({m for names in TASK_METRICS.values() for m in names}), "metric")
     if verbose not in (0, 1):
         raise ValueError(f"verbose must be 0 or 1, got {verbose!r}.")
     setup = _setup(models, x_val, y_val, base, budget, metric, seed, x_train, y_train, task)
     ctx = setup.ctx
+    metric = ctx.metric
     steps = (len(ctx.models) - 1) * (ctx.architecture_difference is None) + len(CANDIDATES) + (cost == "latency")
     progress = keras.utils.Progbar(steps, verbose=verbose, unit_name="step")
     barriers = _barriers(setup, progress)
@@ -221,7 +262,7 @@ def advise(models, x_val, y_val, budget=None, cost="params", metric="nll", base=
     rows = [_row(setup, c, cost, budget, timed) for c in candidates]
     recommendation, reason = recommend(rows, metric, budget, cost, barriers)
     advice = Advice(recommendation, reason, rows, barriers, setup.notes, budget, cost, metric, seed,
-                    len(ctx.y_fit), len(setup.y_score),
+                    len(ctx.y_fit), len(setup.y_score), ctx.task,
                     {c.name: c.model for c in candidates if c.model is not None})
     if verbose:
         print(advice)
@@ -235,7 +276,7 @@ class _Setup:
     ctx: compositions.Context  # members, fit half, base, budget, metric: what candidates are built from
     x_score: np.ndarray
     y_score: np.ndarray
-    score_probs: np.ndarray  # (n_score, K, classes)
+    score_probs: np.ndarray  # (n_score, K, classes); binary (n_score, K); regression (n_score, K, units)
     notes: list
     member_params: np.ndarray
     member_macs: np.ndarray
@@ -255,14 +296,14 @@ def _check_x(x_val, members):
 
 def _check_task(members):
     """One ``ValueError`` for members advise cannot compare, naming their task and what takes it."""
-    if members.task == "multiclass":
+    if members.task in TASKS:
         return
     task = members.task
     raise ValueError(
-        f"advise supports multiclass members; {members.labels[0]}'s output is {task} (task={task!r}), and "
-        "its candidates (soups, loss barriers, temperature scaling, distillation) score class "
-        f"probabilities. For {task} members use ek.ensemble(members, task={task!r}) or ek.pack, "
-        f"ek.optimize_weights / ek.select(..., task={task!r}), ek.calibrate and ek.evaluate.")
+        f"advise supports multiclass, binary and regression members; {members.labels[0]}'s output is {task} "
+        f"(task={task!r}), and its candidates (soups, loss barriers, calibration, distillation) score one "
+        f"prediction per sample. For {task} members use ek.ensemble(members, task={task!r}) or "
+        f"ek.pack(..., task={task!r}), ek.calibrate and ek.evaluate.")
 
 
 def _load_base(base):
@@ -276,20 +317,23 @@ def _load_base(base):
 def _setup(models, x_val, y_val, base, budget, metric, seed, x_train=None, y_train=None, task=None):
     members = MemberSet(models, min_count=2, what="advise", task=task)
     _check_task(members)
-    members.require_single_classifier()
+    members.require_single_output(TASKS)
+    if metric is not None and metric not in TASK_METRICS[members.task]:
+        options = ", ".join(map(repr, TASK_METRICS[members.task]))
+        raise ValueError(f"metric {metric!r} does not apply to {members.task} members; expected one of {options}.")
     base = _load_base(base)
     x = _check_x(x_val, members)
-    y = check_labels(y_val, len(x), members.num_classes, param="y_val")
+    y = check_targets(y_val, len(x), members.output_shapes[0], members.task, param="y_val")
     fit, score = split_indices(len(x), seed)
     ctx = compositions.Context(
         members.models, x[fit], y[fit], base=base, budget=budget, metric=metric, seed=seed,
         x_train=None if x_train is None else np.asarray(x_train, dtype="float32"),
-        y_train=None if y_train is None else check_labels(y_train, len(x_train), members.num_classes,
-                                                          param="y_train"),
+        y_train=None if y_train is None else check_targets(y_train, len(x_train), members.output_shapes[0],
+                                                           members.task, param="y_train"),
         output_kind=members.output_kinds, fit_data="fit half", bn_data="fit", model_prefix="advise_",
-        skip_errors=(ValueError,))  # an unsupported layer, a nested BatchNorm, ...: a skipped row
+        skip_errors=(ValueError,), task=members.task)  # an unsupported layer, ...: a skipped row
     notes = [f"weight-space merges skipped: {ctx.architecture_difference}"] if ctx.architecture_difference else []
-    score_probs = np.stack([compositions.call_probs(m, x[score], kind)
+    score_probs = np.stack([compositions.call_predictions(m, x[score], members.task, kind)[0]
                             for m, kind in zip(members.models, members.output_kinds)], axis=1)
     return _Setup(ctx, x[score], y[score], score_probs, notes,
                   np.array([m.count_params() for m in members.models], dtype="float64"),
@@ -309,16 +353,17 @@ def _barriers(setup, progress):
         aligned, align_reason = None, str(reason)
         setup.notes.append(align_reason)
     bn_data = ctx.x_fit if ctx.has_bn else None
+    path = f"path_{BARRIER_LOSSES[ctx.task]}"
     barriers = {}
     for k in range(1, len(ctx.models)):
         plain = loss_barrier(ctx.models[0], ctx.models[k], setup.x_score, setup.y_score, PATH_T, bn_data,
-                             output_kind=ctx.output_kinds[0])
-        entry = {"t": list(PATH_T), "path_nll": plain.path, "barrier": plain.barrier,
-                 "aligned_path_nll": None, "aligned_barrier": None, "note": align_reason or ""}
+                             output_kind=ctx.output_kinds[0], task=ctx.task)
+        entry = {"t": list(PATH_T), path: plain.path, "barrier": plain.barrier,
+                 f"aligned_{path}": None, "aligned_barrier": None, "note": align_reason or ""}
         if aligned is not None:
             matched = loss_barrier(aligned[0], aligned[k], setup.x_score, setup.y_score, PATH_T, bn_data,
-                                   output_kind=ctx.output_kinds[0])
-            entry.update(aligned_path_nll=matched.path, aligned_barrier=matched.barrier)
+                                   output_kind=ctx.output_kinds[0], task=ctx.task)
+            entry.update({f"aligned_{path}": matched.path, "aligned_barrier": matched.barrier})
         barriers[f"0-{k}"] = entry
         progress.add(1)
     return barriers
@@ -331,7 +376,8 @@ class _Candidate:
     name: str
     kind: str
     model: keras.Model | None = None
-    probs: np.ndarray | None = None  # score half
+    probs: np.ndarray | None = None  # score half (the task's prediction: probabilities or values)
+    std: np.ndarray | None = None  # score half, regression candidates with a predictive std
     used: list | None = None  # member indices whose cost it pays (None: cost of `model` itself)
     note: str = ""
 
@@ -344,10 +390,10 @@ def _candidate(setup, name):
     except compositions.Skip as reason:
         return _Candidate(name, entry.kind, note=f"skipped: {reason}")
     if name == "best_member":
-        probs = setup.score_probs[:, built.used[0]]
+        probs, std = setup.score_probs[:, built.used[0]], None
     else:
-        probs = compositions.call_probs(built.model, setup.x_score)
-    return _Candidate(name, entry.kind, built.model, probs, built.used, built.note)
+        probs, std = compositions.call_predictions(built.model, setup.x_score, setup.ctx.task)
+    return _Candidate(name, entry.kind, built.model, probs, std, built.used, built.note)
 
 
 # --- costs --------------------------------------------------------------------------------------
@@ -377,11 +423,11 @@ def _measure_latencies(setup, candidates, progress):
 
 
 def _row(setup, candidate, cost, budget, timed):
-    row = dict.fromkeys(ROW_KEYS)
+    row = dict.fromkeys(TASK_ROW_KEYS[setup.ctx.task])
     row.update(name=candidate.name, kind=candidate.kind, note=candidate.note, within_budget=False)
     if candidate.probs is None:
         return row
-    row.update(metrics.score_probs(candidate.probs, setup.y_score))
+    row.update(_scores(setup.ctx.task, candidate.probs, candidate.std, setup.y_score))
     if candidate.used is None:
         row["params"], row["macs"] = int(candidate.model.count_params()), int(macs(candidate.model))
     else:
@@ -395,3 +441,20 @@ def _row(setup, candidate, cost, budget, timed):
     slack = 1 + LATENCY_NOISE if cost == "latency" else 1 + 1e-9
     row["within_budget"] = budget is None or row["cost_ratio"] <= budget * slack
     return row
+
+
+def _scores(task, prediction, std, y):
+    """The task's metrics (:mod:`ensemblekit.metrics`, as ``ek.evaluate`` reports them) of one candidate."""
+    if task == "multiclass":
+        return metrics.score_probs(prediction, y)
+    if task == "binary":
+        scores = {name: fn(prediction, y) for name, fn in metrics.BINARY_METRICS.items() if name != "auroc"}
+        try:
+            scores["auroc"] = metrics.auroc(prediction, y)
+        except ValueError:  # one class only in the score half: AUROC is undefined
+            scores["auroc"] = None
+        return scores
+    scores = {"rmse": metrics.rmse(prediction, y), "mae": metrics.mae(prediction, y)}
+    if std is not None:
+        scores.update(nll=metrics.gaussian_nll(prediction, std, y), coverage=metrics.coverage(prediction, std, y))
+    return scores

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 # A cheaper candidate is preferred when the better one wins by less than this:
-# accuracy in absolute terms (0.5 point), NLL relative to the better NLL (1%).
-TOLERANCE = {"accuracy": 0.005, "nll": 0.01}
+# accuracy in absolute terms (0.5 point); NLL, RMSE and MAE relative to the better value (1%).
+TOLERANCE = {"accuracy": 0.005, "nll": 0.01, "rmse": 0.01, "mae": 0.01}
+LABELS = {"accuracy": "accuracy", "nll": "NLL", "rmse": "RMSE", "mae": "MAE"}
 
 
 def _loss(row, metric):
-    return row["nll"] if metric == "nll" else -row["accuracy"]
+    return -row["accuracy"] if metric == "accuracy" else row[metric]
 
 
 def _gap(row, best, metric):
     """How much worse ``row`` is than ``best``, in the tolerance's unit."""
     if metric == "accuracy":
         return best["accuracy"] - row["accuracy"]
-    return (row["nll"] - best["nll"]) / max(best["nll"], 1e-12)
+    return (row[metric] - best[metric]) / max(best[metric], 1e-12)
 
 
 def _describe_gap(row, best, metric):
@@ -25,19 +26,20 @@ def _describe_gap(row, best, metric):
 
 
 def _value(row, metric):
-    return f"accuracy {row['accuracy']:.4f}" if metric == "accuracy" else f"NLL {row['nll']:.4f}"
+    return f"{LABELS[metric]} {row[metric]:.4f}"
 
 
 def recommend(rows, metric, budget, cost, barriers):
     """``(name or None, reason)``: the recommended row and one paragraph quoting its numbers.
 
     Among scored rows within budget, the best by ``metric``; a cheaper row within
-    :data:`TOLERANCE` of it (0.5 accuracy point, or 1% relative NLL) is preferred.
+    :data:`TOLERANCE` of it (0.5 accuracy point, or 1% relative NLL, RMSE or MAE)
+    is preferred.
 
     Args:
-        rows: dicts with ``name``, ``nll``, ``accuracy``, ``cost_ratio``, ``within_budget``
-            (``nll`` is ``None`` for skipped rows).
-        metric: ``"nll"`` or ``"accuracy"``.
+        rows: dicts with ``name``, ``metric``'s key, ``cost_ratio``, ``within_budget``
+            (the metric is ``None`` for skipped rows).
+        metric: ``"nll"`` or ``"accuracy"`` (classifiers), ``"rmse"`` or ``"mae"`` (regression).
         budget: the budget in single-member costs, or ``None``.
         cost: the cost's name, for the reason.
         barriers: the advisor's loss barriers (``{}`` for none), summarised in the reason.
@@ -47,8 +49,12 @@ def recommend(rows, metric, budget, cost, barriers):
         ...         dict(name="ensemble", nll=0.400, accuracy=0.91, cost_ratio=3.0, within_budget=True)]
         >>> recommend(rows, "nll", None, "params", {})[0]
         'soup'
+        >>> rows = [dict(name="soup", rmse=0.52, cost_ratio=1.0, within_budget=True),
+        ...         dict(name="ensemble", rmse=0.40, cost_ratio=2.0, within_budget=True)]
+        >>> recommend(rows, "rmse", None, "params", {})[1][:48]
+        'ensemble has the best RMSE 0.4000 with no budget'
     """
-    scored = [r for r in rows if r["nll"] is not None]
+    scored = [r for r in rows if r[metric] is not None]
     eligible = [r for r in scored if r["within_budget"]]
     tolerance = "0.5 points" if metric == "accuracy" else "1%"
     if not eligible:
@@ -69,7 +75,7 @@ def recommend(rows, metric, budget, cost, barriers):
     else:
         fraction = best["cost_ratio"] / max(chosen["cost_ratio"], 1e-12)
         reason = (f"{chosen['name']} is within {_describe_gap(chosen, best, metric)} of {best['name']} "
-                  f"({_value(chosen, metric)} vs {best['nll' if metric == 'nll' else 'accuracy']:.4f}; "
+                  f"({_value(chosen, metric)} vs {best[metric]:.4f}; "
                   f"tolerance {tolerance}) at 1/{fraction:.3g} the cost ({chosen['cost_ratio']:.2f}x vs "
                   f"{best['cost_ratio']:.2f}x one member's {cost}), so the cheaper one is preferred")
     over = [r for r in scored if not r["within_budget"] and _loss(r, metric) < _loss(chosen, metric)]
@@ -79,12 +85,24 @@ def recommend(rows, metric, budget, cost, barriers):
     return chosen["name"], reason + _barrier_summary(barriers) + "."
 
 
+def barrier_unit(barriers):
+    """``"nats"`` (NLL barriers of classifiers) or ``"MSE"`` (regression barriers carry ``path_mse``).
+
+    Example:
+        >>> barrier_unit({"0-1": {"path_mse": [0.1], "barrier": 0.0}})
+        'MSE'
+    """
+    return "MSE" if any("path_mse" in entry for entry in barriers.values()) else "nats"
+
+
 def _barrier_summary(barriers):
     if not barriers:
         return ""
     plain = max(entry["barrier"] for entry in barriers.values())
-    text = f"; loss barrier between members up to {plain:.3f} nats"
+    unit = barrier_unit(barriers)
+    spec = ".3f" if unit == "nats" else ".4g"
+    text = f"; loss barrier between members up to {plain:{spec}} {unit}"
     aligned = [entry["aligned_barrier"] for entry in barriers.values() if entry["aligned_barrier"] is not None]
     if aligned:
-        text += f" ({max(aligned):.3f} after alignment)"
+        text += f" ({max(aligned):{spec}} after alignment)"
     return text

@@ -2,6 +2,18 @@
 
 from __future__ import annotations
 
+# The metric columns per task: (row key, header, width, format).
+METRIC_COLUMNS = {
+    "multiclass": (("accuracy", "accuracy", 8, ".4f"), ("nll", "NLL", 7, ".4f"), ("brier", "Brier", 7, ".4f"),
+                   ("ece", "ECE", 7, ".4f")),
+    "binary": (("accuracy", "accuracy", 8, ".4f"), ("auroc", "AUROC", 7, ".4f"), ("nll", "NLL", 7, ".4f"),
+               ("brier", "Brier", 7, ".4f"), ("ece", "ECE", 7, ".4f")),
+    "regression": (("rmse", "RMSE", 8, ".4g"), ("mae", "MAE", 8, ".4g"), ("nll", "NLL", 7, ".4f"),
+                   ("coverage", "cover.", 6, ".3f")),
+}
+_BARRIER_LOSS = {"multiclass": "score-half NLL, nats", "binary": "score-half binary cross-entropy, nats",
+                 "regression": "score-half MSE"}
+
 
 def _cell(value, spec):
     if value is None:
@@ -14,6 +26,10 @@ def _cell(value, spec):
 def format_table(advice):
     """``str(advice)``: the settings, one row per candidate, the barriers, notes and the recommendation.
 
+    The metric columns are the task's (:data:`METRIC_COLUMNS`): accuracy, NLL, Brier and
+    ECE for multiclass members, AUROC too for binary ones; RMSE, MAE, and Gaussian NLL
+    and ±1.96σ coverage (where a candidate has a std) for regressors.
+
     Example:
         >>> from ensemblekit.advise.core import Advice
         >>> row = dict(name="soup", kind="merge", accuracy=None, nll=None, brier=None, ece=None, params=None,
@@ -22,23 +38,26 @@ def format_table(advice):
         >>> text.splitlines()[4].split()[:3]
         ['soup', '-', '-']
     """
+    task = getattr(advice, "task", "multiclass")
+    columns = METRIC_COLUMNS[task]
     budget = "none" if advice.budget is None else f"{advice.budget:g}x one member"
-    lines = [f"ek.advise: {len(advice.rows)} candidates; fit half {advice.fit_size} / score half "
+    what = "" if task == "multiclass" else f"{task} members; "
+    lines = [f"ek.advise: {what}{len(advice.rows)} candidates; fit half {advice.fit_size} / score half "
              f"{advice.score_size} samples (seed {advice.seed}); metric {advice.metric}; cost "
              f"{advice.cost}; budget {budget}", ""]
-    header = (f"{'candidate':<20} {'accuracy':>8} {'NLL':>7} {'Brier':>7} {'ECE':>7} {'params':>10} "
+    metric_header = " ".join(f"{header:>{width}}" for _, header, width, _ in columns)
+    header = (f"{'candidate':<20} {metric_header} {'params':>10} "
               f"{'MACs':>10} {'lat. ms':>8} {'cost':>6} {'budget':>6}  note")
     lines += [header, "-" * len(header)]
     for row in advice.rows:
-        within = _cell(row["within_budget"], "") if row["nll"] is not None else "-"
+        within = _cell(row["within_budget"], "") if row[columns[0][0]] is not None else "-"
+        cells = " ".join(f"{_cell(row[key], spec):>{width}}" for key, _, width, spec in columns)
         lines.append(
-            f"{row['name']:<20} {_cell(row['accuracy'], '.4f'):>8} {_cell(row['nll'], '.4f'):>7} "
-            f"{_cell(row['brier'], '.4f'):>7} {_cell(row['ece'], '.4f'):>7} {_cell(row['params'], ','):>10} "
+            f"{row['name']:<20} {cells} {_cell(row['params'], ','):>10} "
             f"{_cell(row['macs'], ','):>10} {_cell(row['latency_ms'], '.3f'):>8} "
             f"{_cell(row['cost_ratio'], '.2f'):>6} {within:>6}  {row['note']}")
     if advice.barriers:
-        lines += ["", "loss barriers (score-half NLL, nats) on the linear path from member 0, "
-                  "t = 0, .25, .5, .75, 1:"]
+        lines += ["", f"loss barriers ({_BARRIER_LOSS[task]}) on the linear path from member 0, t = 0, .25, .5, .75, 1:"]
         for pair, entry in advice.barriers.items():
             aligned = entry["aligned_barrier"]
             after = f"; after align {aligned:.4f}" if aligned is not None else "; no alignment (see below)"

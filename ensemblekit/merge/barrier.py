@@ -9,9 +9,11 @@ Connectivity and the Lottery Ticket Hypothesis", Def. 1; Ainsworth et al.,
 
     barrier = max_t [L(θ_t) - ((1-t) L(θ_A) + t L(θ_B))]
 
-with ``L`` the mean negative log-likelihood (nats) on ``(x, y)``. Near 0: the
-two sit in one basin and averaging their weights works; large: align first
-(``ek.align``) or ensemble their outputs instead.
+with ``L`` the task's loss on ``(x, y)``: the mean negative log-likelihood
+(nats) of a multiclass (softmax) or binary (sigmoid, binary cross-entropy)
+classifier, the mean squared error of a regressor. Near 0: the two sit in one
+basin and averaging their weights works; large: align first (``ek.align``) or
+ensemble their outputs instead.
 """
 
 from __future__ import annotations
@@ -24,14 +26,17 @@ import numpy as np
 
 from ensemblekit import metrics
 from ensemblekit._graph import iter_layers
-from ensemblekit._outputs import as_probs, detect_output_kind
-from ensemblekit._validate import check_labels
+from ensemblekit._outputs import as_probs, check_task, detect_output_kind, detect_task
+from ensemblekit._validate import check_targets
 
 POINTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+# The loss along the path, per task: NLL (nats) of classifiers, MSE of regressors.
+BARRIER_LOSSES = {"multiclass": "nll", "binary": "nll", "regression": "mse"}
 
 
 class LossBarrier(typing.NamedTuple):
-    """What :func:`loss_barrier` measured: ``barrier`` (nats), and ``t`` and ``path`` (NLL at each ``t``)."""
+    """What :func:`loss_barrier` measured: ``barrier`` and ``path`` (the loss at each ``t``) in the
+    task's loss (``BARRIER_LOSSES``: NLL in nats, or MSE), and ``t``."""
 
     barrier: float
     t: tuple
@@ -60,28 +65,47 @@ def _check_points(points):
     return values
 
 
-def _nll(model, x, y, kind, batch_size):
-    """Mean NLL of ``model`` on ``(x, y)`` by direct calls in inference mode (no ``predict`` retracing)."""
-    outputs = [keras.ops.convert_to_numpy(model(x[i:i + batch_size], training=False))
-               for i in range(0, len(x), batch_size)]
-    return metrics.nll(as_probs(np.concatenate(outputs), model, kind), y)
+def _loss(model, x, y, task, kind, batch_size):
+    """Mean loss of ``model`` on ``(x, y)`` by direct calls in inference mode (no ``predict`` retracing).
+
+    Multiclass: NLL of the softmax probabilities; binary: binary cross-entropy of the
+    sigmoid probability; regression: mean squared error of the values.
+    """
+    outputs = np.concatenate([keras.ops.convert_to_numpy(model(x[i:i + batch_size], training=False))
+                              for i in range(0, len(x), batch_size)]).astype("float64")
+    if task == "multiclass":
+        return metrics.nll(as_probs(outputs, model, kind), y)
+    if task == "binary":
+        p = outputs if kind == "probs" else 1.0 / (1.0 + np.exp(-outputs))
+        return metrics.binary_nll(p, y)
+    return float(np.mean((outputs.reshape(y.shape) - y) ** 2))
+
+
+def _barrier_task(model, task):
+    task = check_task(task)[0] or detect_task(model, label=f"loss_barrier: model {model.name!r}")
+    if task not in BARRIER_LOSSES:
+        raise ValueError(f"loss_barrier supports tasks {', '.join(BARRIER_LOSSES)}; model {model.name!r} "
+                         f"is {task} (task={task!r}).")
+    return task
 
 
 def loss_barrier(model_a, model_b, x, y, points=POINTS, reset_bn_data=None, output_kind=None,
-                 batch_size=256):
-    """The loss barrier (nats) between two models on ``(x, y)``, and the NLL along the path.
+                 batch_size=256, task=None):
+    """The loss barrier between two models on ``(x, y)``, and the loss along the path.
 
     Each point ``t`` of ``points`` is the model
-    ``merge([model_a, model_b], "linear", weights=[1-t, t])``; its mean NLL on
-    ``(x, y)`` is one entry of ``path``. The barrier is
+    ``merge([model_a, model_b], "linear", weights=[1-t, t])``; its mean loss on
+    ``(x, y)`` is one entry of ``path``: NLL in nats for classifiers (binary
+    cross-entropy for one sigmoid unit), mean squared error for regressors. The barrier is
     ``max_t [path(t) - ((1-t) path(0) + t path(1))]`` (Frankle et al., 2020).
     Two copies of one model have barrier 0; independently trained models
     usually have a positive one, which ``ek.align`` lowers.
 
     Args:
-        model_a, model_b: classifiers of one architecture (``(batch, classes)`` output).
-        x, y: data to measure the loss on (labels as integers or one-hot); use
-            held-out data.
+        model_a, model_b: models of one architecture: classifiers (``(batch, classes)``
+            or one sigmoid unit) or regressors.
+        x, y: data to measure the loss on (labels as integers or one-hot; 0/1 for
+            binary; values for regression); use held-out data.
         points: the ``t`` values, rising from 0 to 1 with at least one between.
         reset_bn_data: inputs for ``ek.reset_bn``. When given and the models hold
             BatchNorm, every point — the endpoints too — gets its statistics
@@ -90,6 +114,8 @@ def loss_barrier(model_a, model_b, x, y, points=POINTS, reset_bn_data=None, outp
             weights). Ignored for models without BatchNorm.
         output_kind: ``"logits"``/``"probs"`` (default: detected from ``model_a``).
         batch_size: samples per forward pass.
+        task: ``"multiclass"``, ``"binary"`` or ``"regression"`` (``None``/``"auto"``:
+            detected from ``model_a``; a linear one-unit output needs it).
 
     Returns:
         A :class:`LossBarrier` ``(barrier, t, path)``.
@@ -106,15 +132,18 @@ def loss_barrier(model_a, model_b, x, y, points=POINTS, reset_bn_data=None, outp
         (True, (0.0, 0.25, 0.5, 0.75, 1.0))
         >>> loss_barrier(a, b, x, y).barrier > 0  # two different initialisations
         True
+        >>> r = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        >>> loss_barrier(r, r, x, x[:, 0], task="regression").barrier  # MSE along the path
+        0.0
     """
     from ensemblekit.merge.bn import reset_bn
     from ensemblekit.merge.core import merge
 
     t_values = _check_points(points)
     x = np.asarray(x, dtype="float32")
+    task = _barrier_task(model_a, task)
     kind = output_kind or detect_output_kind(model_a)
-    num_classes = model_a.output_shape[-1]
-    labels = check_labels(y, len(x), num_classes, param="y")
+    labels = check_targets(y, len(x), model_a.output_shape[1:], task, param="y")
     reset = reset_bn_data is not None and has_batchnorm(model_a)
     path = []
     for t in t_values:
@@ -124,9 +153,9 @@ def loss_barrier(model_a, model_b, x, y, points=POINTS, reset_bn_data=None, outp
             model = merge([model_a, model_b], "linear", weights=[1 - t, t], name="barrier_point")
             if reset:
                 reset_bn(model, reset_bn_data)
-        path.append(_nll(model, x, labels, kind, batch_size))
+        path.append(_loss(model, x, labels, task, kind, batch_size))
     barrier = max(loss - ((1 - t) * path[0] + t * path[-1]) for t, loss in zip(t_values, path))
     return LossBarrier(float(barrier), t_values, path)
 
 
-__all__ = ["POINTS", "LossBarrier", "has_batchnorm", "loss_barrier"]
+__all__ = ["BARRIER_LOSSES", "POINTS", "LossBarrier", "has_batchnorm", "loss_barrier"]

@@ -85,3 +85,53 @@ def test_bad_points_are_one_line_errors(points, toy_data):
         loss_barrier(make_mlp(0), make_mlp(1), x, y, points="abc")
     with pytest.raises(ValueError, match="y has 199 labels but x has 200 samples"):
         loss_barrier(make_mlp(0), make_mlp(1), x, y[:-1])
+
+
+def _regression_data(n=200, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 8)).astype("float32")
+    return x, (np.sin(x[:, 0]) + 0.5 * x[:, 1] ** 2).astype("float32")
+
+
+def _fit(seed, x, y, activation, loss, hidden=16):
+    keras.utils.set_random_seed(seed)
+    layers = [keras.layers.Dense(hidden, "relu")] if hidden else []
+    model = keras.Sequential([keras.Input((x.shape[1],)), *layers, keras.layers.Dense(1, activation=activation)])
+    model.compile(keras.optimizers.Adam(1e-2), loss)
+    model.fit(x, y, epochs=20, verbose=0)
+    return model
+
+
+def test_regression_barrier_is_in_mse_zero_for_linear_models_positive_for_mlps():
+    x, y = _regression_data()
+    a, b = (_fit(seed, x, y, None, "mse") for seed in (0, 1))
+    result = loss_barrier(a, b, x, y, task="regression")
+    prediction = np.asarray(a(x, training=False))[:, 0]
+    assert result.path[0] == pytest.approx(float(np.mean((prediction - y) ** 2)), rel=1e-5)
+    assert result.barrier > 0  # independent hidden units: averaging them breaks the function
+    # A linear model's output is linear in its weights, so the MSE along the path is convex: no barrier.
+    lin_a, lin_b = (_fit(seed, x, y, None, "mse", hidden=0) for seed in (0, 1))
+    assert loss_barrier(lin_a, lin_b, x, y, task="regression").barrier == pytest.approx(0.0, abs=1e-9)
+
+
+def test_binary_barrier_is_binary_cross_entropy_and_alignment_lowers_it():
+    x, y = _regression_data()
+    labels = (y > np.median(y)).astype("int64")
+    a, b = (_fit(seed, x, labels, "sigmoid", "binary_crossentropy") for seed in (0, 1))
+    result = loss_barrier(a, b, x, labels)  # one sigmoid unit: detected as binary
+    p = np.asarray(b(x, training=False))[:, 0]
+    assert result.path[-1] == pytest.approx(metrics.binary_nll(p, labels), abs=1e-6)
+    assert loss_barrier(a, a, x, labels).barrier == pytest.approx(0.0, abs=1e-9)
+    aligned = align([a, b], reference=0, seed=0, verbose=0)
+    assert loss_barrier(aligned[0], aligned[1], x, labels).barrier < result.barrier
+
+
+def test_a_linear_one_unit_output_needs_task():
+    x, y = _regression_data(20)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)])
+    with pytest.raises(ValueError, match="its task cannot be told"):
+        loss_barrier(model, model, x, y)
+    with pytest.raises(ValueError, match="loss_barrier supports tasks multiclass, binary, regression; model .* "
+                                         "is multilabel"):
+        multilabel = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3, "sigmoid")])
+        loss_barrier(multilabel, multilabel, x, np.zeros((20, 3)))

@@ -483,7 +483,7 @@ def _subset_ensemble(ctx, weights, name):
 
 
 def _weights_metric(ctx):
-    """``ctx.metric`` as ``optimize_weights``/``select`` take it (RMSE ranks as MSE does)."""
+    """``ctx.metric`` as ``optimize_weights``/``select``/``select_members`` take it (RMSE ranks as MSE does)."""
     return {"rmse": "mse", "auroc": "nll"}.get(ctx.metric, ctx.metric)
 
 
@@ -625,39 +625,16 @@ def _pruned_members(ctx):
     count = len(ctx.models)
     if ctx.budget >= count:
         raise Skip(f"budget {ctx.budget:g} covers all {count} members")
-    if ctx.task != "multiclass":
-        return _pruned_members_of_task(ctx)
     try:
         kept = select_members(ctx.models, ctx.x_fit, ctx.y_fit, budget=ctx.budget, cost=ctx.member_costs(),
-                             metric=ctx.metric)
+                              metric=_weights_metric(ctx), task=ctx.task)
     except ValueError as error:
         raise Skip(str(error).splitlines()[0]) from None
+    if len(kept.indices) > 1 and ctx.model_name("pruned_members") is not None:
+        kept.model.name = ctx.model_name("pruned_members")
     weights = "/".join(f"{w:.2f}" for w in kept.weights)
     return Built(kept.model, f"members {', '.join(map(str, kept.indices))} (weights {weights}) kept under "
                              f"the budget, chosen on the {ctx.fit_data}", kept.indices)
-
-
-def _pruned_members_of_task(ctx):
-    """``select_members`` for binary and regression members: the same greedy selection under the budget.
-
-    (``ek.prune.select_members`` scores class log-probabilities only.)
-    """
-    from ensemblekit.compose.weights import greedy_selection, validation_predictions
-    from ensemblekit.compose.weights import task_loss as selection_loss
-    from ensemblekit.costs import budget_limit
-
-    costs = np.asarray(ctx.member_costs(), dtype="float64")
-    limit = budget_limit(ctx.budget, costs)
-    if costs.min() > limit * (1 + 1e-9):
-        raise Skip(f"no member fits budget {ctx.budget:g}: the cheapest costs {costs.min() / costs.mean():.3g}x")
-    _, predictions, y, _ = validation_predictions(ctx.models, ctx.x_fit, ctx.y_fit, "pruned_members",
-                                                  task=ctx.task)
-    _, loss = selection_loss(_weights_metric(ctx), ctx.task)
-    counts = greedy_selection(predictions, y, loss, costs=costs, limit=limit).counts
-    model, indices = _subset_ensemble(ctx, counts / counts.sum(), "pruned_members")
-    weights = "/".join(f"{counts[i] / counts.sum():.2f}" for i in indices)
-    return Built(model, f"members {', '.join(map(str, indices))} (weights {weights}) kept under the budget, "
-                        f"chosen on the {ctx.fit_data}", indices)
 
 
 def _entries():

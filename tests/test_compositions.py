@@ -238,3 +238,7 @@ def test_regression_context_averages_values_and_skips_votes(toy_data):
     assert sorted(calibrated.model(x[:5])) == ["prediction", "std"]
     with pytest.raises(ValueError, match="metric for regression"):
         Context(members, x[:100], values[:100], task="regression", metric="nll")
+    pruned = build("pruned_members", Context(members, x[:100], values[:100], task="regression", budget=1.0))
+    mse = [np.mean((np.asarray(m(x[:100]))[:, 0] - values[:100]) ** 2) for m in members]
+    assert pruned.used == [int(np.argmin(mse))]  # budget 1.0: the member with the lower fit-data MSE
+    assert pruned.note.endswith("kept under the budget, chosen on the validation split")

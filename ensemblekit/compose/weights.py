@@ -17,6 +17,7 @@ from ensemblekit.compose.layers import PlattScaling, StdScaling, TemperatureScal
 
 SCORED_METRICS = ("nll", "brier", "accuracy", "ece")
 REGRESSION_METRICS = {"mse": lambda v, y: float(np.mean((v - y) ** 2)),
+                      "rmse": lambda v, y: float(np.sqrt(np.mean((v - y) ** 2))),
                       "mae": lambda v, y: float(np.mean(np.abs(v - y)))}
 
 
@@ -53,17 +54,6 @@ def task_loss(metric, task):
     return metric, metric_loss(metric)
 
 
-def validation_log_probs(models, x_val, y_val, what, min_count=2):
-    """Validated members, their log-probabilities on ``x_val`` ``(n, K, classes)`` and labels.
-
-    Shared by ``optimize_weights``, ``select`` and ``ensemblekit.prune.select_members``.
-    """
-    members = MemberSet(models, min_count=min_count, what=what)
-    log_probs = members.predict_log_probs(x_val)
-    y = check_labels(y_val, log_probs.shape[0], members.num_classes, param="y_val")
-    return members, log_probs, y
-
-
 def metric_loss(metric):
     """``loss(probs, y)``: lower is better, whatever the metric."""
     check_choice(metric, SCORED_METRICS, "metric")
@@ -83,7 +73,7 @@ def optimize_weights(models, x_val, y_val, metric=None, task=None):
         models: list of members (models or paths).
         x_val, y_val: validation data the members were not trained on.
         metric: ``"nll"`` (default for classifiers), ``"brier"``, ``"accuracy"``
-            or ``"ece"``; for regression ``"mse"`` (default) or ``"mae"``.
+            or ``"ece"``; for regression ``"mse"`` (default), ``"rmse"`` or ``"mae"``.
         task: the members' task as in ``ek.ensemble`` (``None`` detects it);
             multiclass, binary and regression are supported.
 
@@ -106,7 +96,7 @@ def optimize_weights(models, x_val, y_val, metric=None, task=None):
         return loss(np.einsum("k,nk...->n...", special.softmax(theta), probs), y)
 
     theta0 = np.zeros(probs.shape[1])
-    smooth = metric in ("nll", "brier", "mse")
+    smooth = metric in ("nll", "brier", "mse", "rmse")
     result = optimize.minimize(objective, theta0, method="L-BFGS-B" if smooth else "Nelder-Mead")
     best = result.x if objective(result.x) <= objective(theta0) else theta0
     return special.softmax(best)
@@ -217,7 +207,7 @@ def select(models, x_val, y_val, size=None, metric=None, task=None):
         x_val, y_val: validation data.
         size: number of greedy steps.
         metric: ``"nll"`` (default for classifiers), ``"brier"``, ``"accuracy"``
-            or ``"ece"``; for regression ``"mse"`` (default) or ``"mae"``.
+            or ``"ece"``; for regression ``"mse"`` (default), ``"rmse"`` or ``"mae"``.
         task: the members' task as in ``ek.ensemble`` (``None`` detects it);
             multiclass, binary and regression are supported.
 

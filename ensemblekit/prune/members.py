@@ -9,8 +9,16 @@ import numpy as np
 
 from ensemblekit._graph import is_container
 from ensemblekit._io import load_members
-from ensemblekit.compose.weights import greedy_selection, metric_loss, validation_log_probs
+from ensemblekit._validate import check_choice
+from ensemblekit.compose.weights import (
+    REGRESSION_METRICS,
+    SCORED_METRICS,
+    greedy_selection,
+    task_loss,
+    validation_predictions,
+)
 from ensemblekit.costs import COST_UNITS, budget_limit, check_budget, model_costs
+from ensemblekit.metrics import HIGHER_IS_BETTER
 
 
 @dataclasses.dataclass
@@ -24,10 +32,13 @@ class MemberSelection:
         used: total cost of the kept members in units of the members' mean
             cost, the unit of ``budget`` (``used <= budget``; K = all K members).
         budget: the budget the selection ran under (``K / 2`` when ``budget=None``).
-        score: validation ``metric`` of the kept, weighted ensemble.
+        score: validation ``metric`` of the kept, weighted ensemble (its value:
+            higher is better for ``"accuracy"``, lower for the others).
         full_score: validation ``metric`` of all members averaged equally.
-        model: the kept members as one model (``ek.ensemble(..., "weighted")``),
-            or the single kept member.
+        model: the kept members as one model (``ek.ensemble(..., "weighted",
+            task=task)``), or the single kept member.
+        task: the members' task (``"multiclass"``, ``"binary"`` or ``"regression"``).
+        metric: the metric of ``score`` and ``full_score``.
     """
 
     indices: list
@@ -38,6 +49,8 @@ class MemberSelection:
     score: float
     full_score: float
     model: keras.Model
+    task: str
+    metric: str
 
 
 def _member_models(ensemble_or_models):
@@ -65,19 +78,30 @@ def _check_cheapest_fits(models, costs, budget, given, cost):
         f"{costs[cheapest]:g}{unit}: budget must be at least {costs[cheapest] / mean:.3g}.")
 
 
-def select_members(ensemble_or_models, x_val, y_val, budget=None, cost="params", metric="nll", steps=None):
+def _selection_loss(metric, task):
+    """``(metric, loss)`` of ``task``'s selection metric; one error naming the metric and the task."""
+    if metric is not None:
+        choices = tuple(REGRESSION_METRICS) if task == "regression" else SCORED_METRICS
+        check_choice(metric, choices, f"metric for {task} members")
+    return task_loss(metric, task)
+
+
+def select_members(ensemble_or_models, x_val, y_val, budget=None, cost="params", metric=None, steps=None,
+                   task=None):
     """Keep the ensemble members that best fit a cost budget (Caruana et al., 2004).
 
     Greedy forward selection with replacement on validation data
     (:func:`ensemblekit.compose.weights.greedy_selection`): each step adds the
     member (possibly one already kept, which costs nothing more) whose addition
-    gives the best ``metric`` of the averaged probabilities, among the members
-    whose cost still fits the budget; the best prefix is kept.
+    gives the best ``metric`` of the averaged predictions (probabilities of a
+    classifier, values of a regressor), among the members whose cost still fits
+    the budget; the best prefix is kept.
 
     Args:
         ensemble_or_models: an ``ek.ensemble(...)`` model (its nested members
             are used) or a list of members (models or paths).
-        x_val, y_val: validation data the members were not trained on.
+        x_val, y_val: validation data the members were not trained on
+            (class labels, 0/1 labels of a binary classifier, or targets).
         budget: the most the kept members may cost together, in units of the
             members' mean cost (``1.0`` = one member's cost, ``K`` = all K
             members; the one meaning of budgets, see :mod:`ensemblekit.costs`).
@@ -87,12 +111,18 @@ def select_members(ensemble_or_models, x_val, y_val, budget=None, cost="params",
             :mod:`ensemblekit.costs`: median seconds per call on a batch of 256
             of each member compiled by ``ek.compile_for_inference``, the members
             timed round-robin on this device.
-        metric: ``"nll"``, ``"brier"``, ``"accuracy"`` or ``"ece"``.
+        metric: for classifiers (multiclass, and binary scored as two classes)
+            ``"nll"`` (default), ``"brier"``, ``"accuracy"`` or ``"ece"``; for
+            regression ``"mse"`` (default), ``"rmse"`` or ``"mae"``.
         steps: greedy steps (default ``2 * K``).
+        task: the members' task as in ``ek.ensemble``: ``None``/``"auto"``
+            (detect), ``"multiclass"``, ``"binary"`` or ``"regression"``
+            (``"multilabel"`` is refused with a ``ValueError``).
 
     Returns:
         A :class:`MemberSelection` (``indices``, ``weights``, ``model``,
-        ``used`` and ``budget`` in mean member costs, scores, costs).
+        ``used`` and ``budget`` in mean member costs, scores, costs, ``task``
+        and ``metric``).
 
     Example:
         >>> import keras, numpy as np
@@ -100,27 +130,32 @@ def select_members(ensemble_or_models, x_val, y_val, budget=None, cost="params",
         >>> kept = select_members(ms, np.random.rand(20, 4), np.arange(20) % 3, budget=2.0)
         >>> len(kept.indices) <= 2 and kept.used <= 2.0
         True
+        >>> regressors = [keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)]) for _ in range(3)]
+        >>> x = np.random.rand(20, 4)
+        >>> kept = select_members(regressors, x, x.sum(axis=1), budget=1.0, task="regression")
+        >>> kept.task, kept.metric, len(kept.indices)
+        ('regression', 'mse', 1)
     """
     from ensemblekit.compose.ensemble import ensemble
 
     models = _member_models(ensemble_or_models)
     given = check_budget(budget)
     budget = len(models) / 2 if given is None else given
-    loss = metric_loss(metric)
+    member_set, predictions, y, task = validation_predictions(models, x_val, y_val, "select_members()", task=task)
+    metric, loss = _selection_loss(metric, task)
     costs = model_costs(models, cost)
     _check_cheapest_fits(models, costs, budget, given, cost)
-    member_set, log_probs, y = validation_log_probs(models, x_val, y_val, "select_members()")
-    probs = np.exp(log_probs)
-    selection = greedy_selection(probs, y, loss, steps, costs=costs, limit=budget_limit(budget, costs))
+    selection = greedy_selection(predictions, y, loss, steps, costs=costs, limit=budget_limit(budget, costs))
     indices = [int(i) for i in np.flatnonzero(selection.counts)]
     weights = [float(selection.counts[i] / selection.counts.sum()) for i in indices]
     kept = [member_set.models[i] for i in indices]
     model = kept[0] if len(kept) == 1 else ensemble(
-        kept, "weighted", weights=weights, output_kind=[member_set.output_kinds[i] for i in indices])
+        kept, "weighted", weights=weights, output_kind=[member_set.output_kinds[i] for i in indices], task=task)
+    sign = -1.0 if metric in HIGHER_IS_BETTER else 1.0  # greedy_selection minimises a loss
     return MemberSelection(
         indices=indices, weights=weights, cost=costs.tolist(),
-        used=float(costs[indices].sum() / costs.mean()), budget=budget, score=selection.score,
-        full_score=float(loss(probs.mean(axis=1), y)), model=model)
+        used=float(costs[indices].sum() / costs.mean()), budget=budget, score=sign * selection.score,
+        full_score=sign * float(loss(predictions.mean(axis=1), y)), model=model, task=task, metric=metric)
 
 
 __all__ = ["MemberSelection", "select_members"]

@@ -104,3 +104,126 @@ def test_bad_budgets_and_costs_get_clear_errors(trained_members):
         select_members(models, xv, yv, steps=0)
     with pytest.raises(ValueError, match="nested member models"):
         select_members(models[0], xv, yv)
+
+
+def _synthetic(task, seed=0):
+    """200 samples of 8 features: 0/1 labels (binary) or noisy values (regression); 120 to train, 80 to select."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(200, 8)).astype("float32")
+    signal = x[:, 0] + 0.5 * x[:, 1] - 0.5 * x[:, 2] * x[:, 3]
+    if task == "binary":
+        y = (signal > 0).astype("int64")
+    else:
+        y = (signal + 0.1 * rng.normal(size=200)).astype("float32")
+    return (x[:120], y[:120]), (x[120:], y[120:])
+
+
+def _task_members(task):
+    """Two small trained MLPs, one big trained MLP, one small MLP trained on flipped targets (a bad
+    member); one output unit each."""
+    (x, y), validation = _synthetic(task)
+    flipped = 1 - y if task == "binary" else -y
+    loss = "binary_crossentropy" if task == "binary" else "mse"
+    models = []
+    for seed, hidden, targets in [(0, 8, y), (1, 8, y), (2, 96, y), (3, 8, flipped)]:
+        model = make_mlp(seed, classes=1, hidden=hidden, name=f"{task[0]}{seed}")
+        if task == "binary":  # the MLP's logits, then a sigmoid
+            model = keras.Sequential([model, keras.layers.Activation("sigmoid")], name=f"{task[0]}{seed}")
+        model.compile(keras.optimizers.Adam(0.02), loss, jit_compile=False)
+        model.fit(x, targets, epochs=12, batch_size=40, verbose=0)
+        models.append(model)
+    return models, validation
+
+
+@pytest.fixture(scope="module")
+def binary_members():
+    return _task_members("binary")
+
+
+@pytest.fixture(scope="module")
+def regression_members():
+    return _task_members("regression")
+
+
+def _weighted_mean(models, kept, x, logits=False):
+    """The numpy reference: the kept members' predictions ``(n,)`` averaged with the selection's weights."""
+    outputs = [np.asarray(models[i].predict(x, verbose=0), dtype="float64")[:, 0] for i in kept.indices]
+    if logits:
+        outputs = [1.0 / (1.0 + np.exp(-out)) for out in outputs]
+    return sum(w * out for w, out in zip(kept.weights, outputs))
+
+
+def _bernoulli_nll(p, y):
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def test_binary_members_are_detected_and_scored_as_two_classes(binary_members):
+    models, (xv, yv) = binary_members
+    kept = select_members(models, xv, yv, budget=1.2)
+    assert (kept.task, kept.metric) == ("binary", "nll")
+    assert 2 not in kept.indices and 3 not in kept.indices  # too big for the budget; flipped
+    assert kept.used <= 1.2 and sum(kept.weights) == pytest.approx(1.0)
+    p = _weighted_mean(models, kept, xv)
+    assert kept.score == pytest.approx(_bernoulli_nll(p, yv), rel=1e-4)
+    np.testing.assert_allclose(kept.model.predict(xv, verbose=0)[:, 0], p, atol=1e-5)  # one unit, like the members
+    everything = np.mean([np.asarray(m.predict(xv, verbose=0), "float64")[:, 0] for m in models], axis=0)
+    assert kept.full_score == pytest.approx(_bernoulli_nll(everything, yv), rel=1e-4)
+    accuracy = select_members(models, xv, yv, budget=1.2, metric="accuracy")
+    assert accuracy.metric == "accuracy" and 0.5 < accuracy.score <= 1.0  # the value, higher is better
+    assert accuracy.score == pytest.approx(np.mean((_weighted_mean(models, accuracy, xv) > 0.5) == yv))
+    assert accuracy.full_score == pytest.approx(np.mean((everything > 0.5) == yv))
+
+
+def test_binary_logit_members_need_task_binary_and_give_probabilities(binary_members):
+    sigmoid_members, (xv, yv) = binary_members
+    models = [member.layers[0] for member in sigmoid_members]  # the trained MLPs, logits out
+    with pytest.raises(ValueError, match="pass task='binary'"):
+        select_members(models, xv, yv)
+    kept = select_members(models, xv, yv, budget=3.0, task="binary", metric="brier")
+    assert kept.task == "binary" and 3 not in kept.indices and kept.used <= 3.0
+    p = _weighted_mean(models, kept, xv, logits=True)
+    assert kept.score == pytest.approx(2 * np.mean((p - yv) ** 2), rel=1e-4)  # two-class Brier
+    if len(kept.indices) > 1:
+        np.testing.assert_allclose(kept.model.predict(xv, verbose=0)[:, 0], p, atol=1e-5)
+
+
+def test_regression_selection_scores_the_weighted_mean_of_values(regression_members):
+    models, (xv, yv) = regression_members
+    costs = model_costs(models, "params")
+    kept = select_members(models, xv, yv, budget=1.2, task="regression")
+    assert (kept.task, kept.metric) == ("regression", "mse")
+    assert 2 not in kept.indices and 3 not in kept.indices
+    assert kept.used <= 1.2 and kept.used == pytest.approx(costs[kept.indices].sum() / costs.mean())
+    values = _weighted_mean(models, kept, xv)
+    assert kept.score == pytest.approx(np.mean((values - yv) ** 2), rel=1e-5)
+    np.testing.assert_allclose(np.asarray(kept.model.predict(xv, verbose=0))[:, 0], values, rtol=1e-5, atol=1e-5)
+    assert kept.score < kept.full_score  # the flipped member hurts the plain mean
+    rmse = select_members(models, xv, yv, budget=1.2, task="regression", metric="rmse")
+    assert rmse.indices == kept.indices and rmse.score == pytest.approx(np.sqrt(kept.score), rel=1e-6)
+    mae = select_members(models, xv, yv, budget=1.2, task="regression", metric="mae")
+    assert mae.score == pytest.approx(np.mean(np.abs(_weighted_mean(models, mae, xv) - yv)), rel=1e-5)
+
+
+def test_task_mismatches_get_errors_naming_the_metric_and_the_task(binary_members, regression_members):
+    binary, (xb, yb) = binary_members
+    regressors, (xr, yr) = regression_members
+    with pytest.raises(ValueError, match=r"Unknown metric for binary members 'mse'; expected one of 'nll', "):
+        select_members(binary, xb, yb, metric="mse")
+    with pytest.raises(ValueError, match=r"Unknown metric for regression members 'nll'; expected one of 'mse', "
+                                         r"'rmse', 'mae'"):
+        select_members(regressors, xr, yr, task="regression", metric="nll")
+    with pytest.raises(ValueError, match=r"Unknown metric for multiclass members 'rmse'"):
+        select_members(make_three_class(), xb, yb % 3, metric="rmse")
+    with pytest.raises(ValueError, match="task 'multiclass' "):
+        select_members(regressors, xr, yr, task="multiclass")
+    with pytest.raises(ValueError, match="y_val"):
+        select_members(binary, xb, yr)  # values are not 0/1 labels
+    multilabel = [keras.Sequential([keras.Input((8,)), keras.layers.Dense(3, activation="sigmoid")])
+                  for _ in range(2)]
+    with pytest.raises(ValueError, match=r"select_members\(\) does not support multilabel members yet"):
+        select_members(multilabel, xb, np.stack([yb] * 3, axis=1))
+
+
+def make_three_class():
+    return [make_mlp(seed, hidden=4, name=f"c{seed}") for seed in range(2)]

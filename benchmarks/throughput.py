@@ -7,7 +7,10 @@ picks the grouped or loop lowering or the unpacked members per shape, and the ro
 float32 and bfloat16, with the ``matmuls_only`` bound, and prints the line "best float32 path at
 batch 256 >= 90% of matmuls_only: met/NOT met" computed from the run (K=8 MLP:
 ``--workloads mlp --members 8`` is the short run that gives it). The 1-minute load average
-before and after is recorded in the header.
+before and after is recorded in the header. ``pack_auto`` / ``ensemble_auto`` run
+``compile_for_inference(jit_compile="auto")`` (XLA or the plain graph, timed per shape); the
+report's "jit_compile=auto" table says what each picked and how it compares with the faster
+fixed setting.
 ``--workloads mobilenetv2`` times K=4 MobileNetV2 members, ``ek.pack`` vs ``ek.ensemble``
 (each through ``compile_for_inference``) at batch 1/32/256, into throughput_mobilenetv2.*.
 The harness lives in ``ensemblekit.bench.throughput``; ``ensemblekit bench throughput``

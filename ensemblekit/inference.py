@@ -2,7 +2,11 @@
 
 On TensorFlow the model is traced once per input shape and dtype into a
 concrete function that later calls run directly (with ``jit_compile=True``: one
-XLA cluster); on JAX it is ``jax.jit`` of ``model.stateless_call``.
+XLA cluster); on JAX it is ``jax.jit`` of ``model.stateless_call``. On CPU,
+XLA is not always the faster (it was slower than the plain TF graph for
+``ek.ensemble`` at batch >= 32 and several times slower for depthwise
+convolutions), so ``jit_compile="auto"`` times both per input shape and keeps
+the faster (``f.jit_compile_``).
 
 Packed models (``ek.pack``) hold grouped Dense layers that can run their K
 members as one einsum over a stacked kernel (``"grouped"``) or as K matmuls
@@ -29,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import tempfile
 import warnings
@@ -37,8 +40,8 @@ import warnings
 import keras
 import numpy as np
 
-from ensemblekit._graph import iter_layers
 from ensemblekit._io import pad_to_batches
+from ensemblekit._packed import output_layers, rebuild_members, unpack_record
 from ensemblekit._timing import time_paths
 
 LOWERINGS = ("auto", "grouped", "loop")
@@ -120,6 +123,9 @@ class InferenceFunction:
     ``"loop"`` (the packed model with that grouped-dense lowering),
     ``"packed"`` (a packed model whose lowerings are fixed) or ``"ensemble"``
     (its members as separate graphs, :func:`unpacked_ensemble`).
+    ``jit_compile_`` maps each compiled input shape to whether its call runs
+    as one XLA cluster (``True``; always on JAX) or a plain TF graph
+    (``False``); with ``jit_compile="auto"`` that is what measured fastest.
 
     Example:
         >>> import keras
@@ -128,12 +134,14 @@ class InferenceFunction:
         (5, 1)
     """
 
-    def __init__(self, model, fn, jit_compile, to_numpy=keras.ops.convert_to_numpy, lowerings=None):
+    def __init__(self, model, fn, jit_compile, to_numpy=keras.ops.convert_to_numpy, lowerings=None,
+                 jit_choices=None):
         self.model = model
         self.fn = fn
         self.jit_compile = jit_compile
         self._to_numpy = to_numpy
         self.lowerings_ = {} if lowerings is None else lowerings
+        self.jit_compile_ = {} if jit_choices is None else jit_choices
 
     def __call__(self, x):
         return self._to_numpy(self.fn(x))
@@ -153,7 +161,16 @@ def compile_for_inference(model, jit_compile=True, autotune=True, dtype=None):
 
     Args:
         model: any built ``keras.Model`` with one input.
-        jit_compile: compile with XLA (TensorFlow); JAX always compiles.
+        jit_compile: ``True``: compile with XLA (TensorFlow); ``False``: a
+            plain TF graph; ``"auto"``: for each new input shape compile both,
+            time them on that input and keep the faster (``f.jit_compile_``
+            records the choice). On CPU XLA is often slower than the plain
+            graph at batch >= 32 and for depthwise convolutions, faster at
+            small batches. For a packed model, ``"auto"`` times the ways of
+            ``autotune`` as plain graphs against the ``"grouped"`` lowering
+            with XLA, and compiles the other ways with XLA only if that one
+            wins (XLA compilations are the slow ones; see
+            :func:`_compile_fastest`). JAX always compiles.
         autotune: for a packed model (``ek.pack``), compile on the first input
             of each shape every way of running it -- both lowerings of its
             ``"auto"`` grouped layers (see :class:`LoweringPolicy`) and its
@@ -180,7 +197,12 @@ def compile_for_inference(model, jit_compile=True, autotune=True, dtype=None):
         >>> x = np.ones((2, 4), "float32")
         >>> bool(np.allclose(f(x), model.predict(x, verbose=0), atol=1e-6))
         True
+        >>> auto = compile_for_inference(model, jit_compile="auto")
+        >>> bool(np.allclose(auto(x), f(x), atol=1e-6)), list(auto.jit_compile_) == [(2, 4)]
+        (True, True)
     """
+    if isinstance(jit_compile, str) and jit_compile != "auto":
+        raise ValueError(f"jit_compile must be True, False or 'auto'; got {jit_compile!r}.")
     if not isinstance(model, keras.Model):
         raise TypeError(f"compile_for_inference expects a keras.Model, got {type(model).__name__}.")
     if not model.built or not getattr(model, "inputs", None):
@@ -188,20 +210,23 @@ def compile_for_inference(model, jit_compile=True, autotune=True, dtype=None):
     if dtype is not None:
         model = with_compute_dtype(model, dtype)
     backend = keras.backend.backend()
-    lowerings = {}
+    lowerings, jit_choices = {}, {}
     tuner = _Autotuner(model, DTYPE_POLICIES.get(dtype), lowerings) if autotune else None
     if tuner is not None and not tuner.tunes:
         tuner = None
     if backend == "tensorflow":
         import tensorflow as tf
 
-        fn = _shape_dispatch(_tf_compiler(jit_compile), tf.convert_to_tensor, model, tuner)
-        return InferenceFunction(model, fn, jit_compile, to_numpy=_to_numpy, lowerings=lowerings)
+        jits = (True, False) if jit_compile == "auto" else (bool(jit_compile),)
+        fn = _shape_dispatch(_tf_compiler(), tf.convert_to_tensor, model, tuner, jits, jit_choices)
+        return InferenceFunction(model, fn, jit_compile, to_numpy=_to_numpy, lowerings=lowerings,
+                                 jit_choices=jit_choices)
     if backend == "jax":
         import jax.numpy as jnp
 
-        fn = _shape_dispatch(_jax_compiler(), jnp.asarray, model, tuner)
-        return InferenceFunction(model, fn, jit_compile, to_numpy=_to_numpy, lowerings=lowerings)
+        fn = _shape_dispatch(_jax_compiler(), jnp.asarray, model, tuner, (True,), jit_choices)
+        return InferenceFunction(model, fn, jit_compile, to_numpy=_to_numpy, lowerings=lowerings,
+                                 jit_choices=jit_choices)
 
     def fn(x):
         return _float32(model(x, training=False))
@@ -242,16 +267,17 @@ class _Autotuner:
             self._ensemble = None  # no shape runs it: free its weights (rebuilt if a new shape needs it)
 
 
-def _shape_dispatch(compile_for_shape, convert, model, tuner=None):
+def _shape_dispatch(compile_for_shape, convert, model, tuner=None, jits=(True,), jit_choices=None):
     """``fn(x)``: one compiled call per input shape and dtype, made on first use.
 
     A ``tf.function`` matches its signature (and, for numpy input, checks for
     retracing) on every call; at small batches that Python overhead is most of
     the time per call. Here each input shape and dtype is compiled once by
-    ``compile_for_shape(model, lowering, x)`` and later calls go straight to
-    it. With a ``tuner`` (:class:`_Autotuner`), every way of running the model
-    is compiled, timed on the first input, and the fastest kept (recorded in
-    ``tuner.lowerings``).
+    ``compile_for_shape(model, lowering, x, jit_compile)`` and later calls go
+    straight to it. With several ``jits`` (``(True, False)``: XLA or not) or a
+    ``tuner`` (:class:`_Autotuner`), the candidates are compiled, timed on the
+    first input and the fastest kept (see :func:`_compile_fastest`); the
+    choices are recorded in ``tuner.lowerings`` and ``jit_choices``.
     """
     compiled = {}
 
@@ -260,25 +286,53 @@ def _shape_dispatch(compile_for_shape, convert, model, tuner=None):
         key = (tuple(x.shape), str(x.dtype))
         call = compiled.get(key)
         if call is None:
-            if tuner is None:
-                call = compile_for_shape(model, None, x)
-            else:
-                calls = {name: compile_for_shape(way, lowering, x)
-                         for name, (way, lowering) in tuner.ways().items()}
-                choice = _fastest(calls, x)
-                tuner.record(key[0], choice)
-                call = calls[choice]
+            call, jit, way = _compile_fastest(compile_for_shape, model, tuner, jits, x)
+            if tuner is not None:
+                tuner.record(key[0], way)
+            if jit_choices is not None:
+                jit_choices[key[0]] = jit
             compiled[key] = call
         return call(x)
 
     return fn
 
 
-def _tf_compiler(jit_compile):
+def _compile_fastest(compile_for_shape, model, tuner, jits, x):
+    """``(call, jit_compile, way)``: the fastest compiled way of running ``model`` on ``x``.
+
+    The ways are ``model`` itself or, with a ``tuner``, ``tuner.ways()``. With
+    one setting in ``jits`` each way is compiled under it and the fastest kept.
+    With ``(True, False)`` (``jit_compile="auto"``) XLA compilations, the
+    expensive ones, are capped: every way is compiled as a plain graph (cheap)
+    and only the first way (``"grouped"`` for a packed model) with XLA; only if
+    that XLA call is the fastest are the other ways compiled with XLA too and
+    timed against it. So a model XLA runs slowly (depthwise convolutions, large
+    batches on CPU) costs one XLA compilation per shape, and a packed model
+    at most 6 compilations (3 ways x XLA or not), 4 when the plain graph wins.
+    """
+    ways = {None: (model, None)} if tuner is None else tuner.ways()
+    if len(jits) == 1:
+        jit = jits[0]
+        calls = {name: compile_for_shape(way, lowering, x, jit) for name, (way, lowering) in ways.items()}
+        choice = _fastest(calls, x) if len(calls) > 1 else next(iter(calls))
+        return calls[choice], jit, choice
+    default = next(iter(ways))
+    calls = {(name, False): compile_for_shape(way, lowering, x, False) for name, (way, lowering) in ways.items()}
+    calls[default, True] = compile_for_shape(*ways[default], x, True)
+    name, jit = _fastest(calls, x)
+    if jit and len(ways) > 1:
+        calls = {(default, True): calls[default, True],
+                 **{(other, True): compile_for_shape(way, lowering, x, True)
+                    for other, (way, lowering) in ways.items() if other != default}}
+        name, jit = _fastest(calls, x)
+    return calls[name, jit], jit, name
+
+
+def _tf_compiler():
     """``compile_for_shape`` on TF: a concrete function per shape, called without re-binding."""
     import tensorflow as tf
 
-    def compile_for_shape(model, lowering, x):
+    def compile_for_shape(model, lowering, x, jit_compile):
         traced = tf.function(lambda t: _float32(model(t, training=False)), jit_compile=bool(jit_compile))
         if lowering is None and jit_compile:
             lowering = "grouped"  # XLA fuses the one einsum
@@ -292,7 +346,8 @@ def _jax_compiler():
     """``compile_for_shape`` on JAX: ``jax.jit`` of ``stateless_call``, traced now for ``x``'s shape."""
     import jax
 
-    def compile_for_shape(model, lowering, x):
+    def compile_for_shape(model, lowering, x, jit_compile=True):
+        del jit_compile  # always jitted
         step = jax.jit(lambda tv, ntv, t: _float32(model.stateless_call(tv, ntv, t, training=False)[0]))
 
         def call(t):
@@ -364,18 +419,8 @@ def unpacked_ensemble(packed, policy=None):
                          "with one input and one output.")
     source = packed.inputs[0]
     inputs = keras.Input(tuple(source.shape[1:]), dtype=source.dtype, name=source.name)
-    outputs = []
-    for index, config in enumerate(record.member_configs):
-        member = keras.saving.deserialize_keras_object(_inference_config(json.loads(config), policy))
-        # Weighted layers in ``iter_layers`` order, as ``pack`` recorded them (see ``ek.unpack``).
-        weighted = [layer for _, layer in iter_layers(member) if layer.weights]
-        for layer, holder_name in zip(weighted, record.weighted_layers, strict=True):
-            holder = packed.get_layer(holder_name)
-            member_weights = getattr(holder, "member_weights", None)
-            layer.set_weights(holder.get_weights() if member_weights is None else member_weights(index))
-            if callable(getattr(layer, "finalize_state", None)):
-                layer.finalize_state()
-        outputs.append(member(inputs, training=False))
+    members = rebuild_members(packed, record, transform=lambda config: _inference_config(config, policy))
+    outputs = [member(inputs, training=False) for member in members]
     reducer_config = {**record.get_config(), "member_configs": [], "weighted_layers": [],
                       "name": f"{record.name}_members"}
     reducer = type(record).from_config(reducer_config)
@@ -385,12 +430,11 @@ def unpacked_ensemble(packed, policy=None):
 
 def _unpack_record(model):
     """The ``PackedOutput`` layer holding ``model``'s members (``ek.pack``), if it has one input and
-    one output; else ``None``. Read by attribute: this floor does not import ``ensemblekit.pack``."""
-    records = [layer for layer in model.layers if hasattr(layer, "weighted_layers")
-               and hasattr(layer, "member_configs")]
-    if len(records) != 1 or not records[0].member_configs or len(model.inputs) != 1:
+    one output; else ``None``. Read by attribute (``ensemblekit._packed``): this floor does not
+    import ``ensemblekit.pack``."""
+    if len(output_layers(model)) != 1 or len(model.inputs) != 1:
         return None
-    return records[0]
+    return unpack_record(model)
 
 
 def _direct_call(function):

@@ -50,6 +50,8 @@ assert np.abs(fast(x) - expected).max() < 1e-5
 packed.predict(x, verbose=0)  # Keras' jitted predict donates the variables' arrays
 assert np.abs(fast(x) - expected).max() < 1e-5
 assert set(fast.lowerings_.values()) <= {"grouped", "loop", "ensemble"} and len(fast.lowerings_) == 1
+auto = ek.compile_for_inference(packed, jit_compile="auto")  # everything is jitted on JAX
+assert np.abs(auto(x) - expected).max() < 1e-5 and auto.jit_compile_ == {x.shape: True}
 merged = ek.merge([members[0], members[0]], method="linear")
 assert np.abs(merged.predict(x, verbose=0) - members[0].predict(x, verbose=0)).max() < 1e-6
 path = sys.argv[1]

@@ -71,6 +71,73 @@ def test_autotune_times_both_lowerings_per_shape_and_keeps_the_outputs(jit_compi
     assert set(fixed.lowerings_.values()) <= {"packed", "ensemble"} and len(fixed.lowerings_) == 1
 
 
+def test_jit_compile_auto_records_a_choice_per_shape_and_keeps_the_outputs():
+    models = [make_mlp(seed) for seed in range(K)]
+    rng = np.random.default_rng(6)
+    inputs = [rng.normal(size=(rows, 8)).astype("float32") for rows in (3, 200)]
+    tensorflow = keras.backend.backend() == "tensorflow"
+    for model in (ensemble(models, "mean"), pack(models, "mean")):
+        f = compile_for_inference(model, jit_compile="auto")
+        for x in inputs:
+            np.testing.assert_allclose(f(x), model.predict(x, verbose=0), atol=1e-5, rtol=0)
+        assert f.jit_compile == "auto" and set(f.jit_compile_) == {(3, 8), (200, 8)}
+        # TF keeps XLA or the plain graph, whichever was faster; JAX always jits.
+        assert set(f.jit_compile_.values()) <= ({True, False} if tensorflow else {True})
+    assert set(f.lowerings_) == {(3, 8), (200, 8)}
+    assert set(f.lowerings_.values()) <= {"grouped", "loop", "ensemble"}
+    fixed = compile_for_inference(models[0], jit_compile=False)
+    fixed(inputs[0])
+    assert fixed.jit_compile_ == {(3, 8): not tensorflow}  # False asked on TF; JAX jits
+
+
+@pytest.mark.parametrize("xla_wins", [False, True])
+def test_jit_compile_auto_compiles_more_xla_ways_only_when_xla_wins(monkeypatch, xla_wins):
+    models = [make_mlp(seed) for seed in range(K)]
+    timed, compiled = [], []
+
+    def fastest(calls, x):
+        timed.append(sorted(calls, key=str))
+        if all(isinstance(key, str) for key in calls):  # one setting (JAX): the ways by name
+            return "ensemble" if xla_wins else "loop"
+        if len(timed) == 1:  # the plain ways against XLA "grouped"
+            return ("grouped", True) if xla_wins else ("loop", False)
+        return ("ensemble", True)
+
+    monkeypatch.setattr(inference, "_fastest", fastest)
+    original = inference._tf_compiler if keras.backend.backend() == "tensorflow" else inference._jax_compiler
+
+    def recording_compiler():
+        compile_for_shape = original()
+        return lambda way, lowering, x, jit: compiled.append((lowering, jit)) or compile_for_shape(
+            way, lowering, x, jit)
+
+    monkeypatch.setattr(inference, "_tf_compiler", recording_compiler)
+    monkeypatch.setattr(inference, "_jax_compiler", recording_compiler)
+    packed = pack(models, "mean")
+    f = compile_for_inference(packed, jit_compile="auto")
+    x = np.random.default_rng(7).normal(size=(4, 8)).astype("float32")
+    np.testing.assert_allclose(f(x), packed.predict(x, verbose=0), atol=1e-5, rtol=0)
+    if keras.backend.backend() != "tensorflow":
+        assert timed == [["ensemble", "grouped", "loop"]] and f.jit_compile_ == {(4, 8): True}
+        assert f.lowerings_ == {(4, 8): "ensemble" if xla_wins else "loop"}
+        return
+    # Every way as a plain graph, the first ("grouped") also with XLA ...
+    plain = [("grouped", False), ("loop", False), (None, False), ("grouped", True)]
+    assert timed[0] == [("ensemble", False), ("grouped", False), ("grouped", True), ("loop", False)]
+    if xla_wins:  # ... and the other ways with XLA only once XLA won.
+        assert compiled == plain + [("loop", True), (None, True)]
+        assert timed[1:] == [[("ensemble", True), ("grouped", True), ("loop", True)]]
+        assert f.lowerings_ == {(4, 8): "ensemble"} and f.jit_compile_ == {(4, 8): True}
+    else:
+        assert compiled == plain and len(timed) == 1
+        assert f.lowerings_ == {(4, 8): "loop"} and f.jit_compile_ == {(4, 8): False}
+
+
+def test_jit_compile_is_validated():
+    with pytest.raises(ValueError, match="jit_compile must be True, False or 'auto'; got 'xla'"):
+        compile_for_inference(make_mlp(0), jit_compile="xla")
+
+
 @pytest.mark.parametrize("settings", [
     dict(reduce="mean"),
     dict(reduce="logit_mean", uncertainty=True),

@@ -6,8 +6,8 @@ same inputs; warm-up calls (tracing, XLA compilation) are excluded and the
 reported time is the median of ``repeats`` timed repeats. The
 ``keras.applications`` workloads (``mobilenetv2``, ``efficientnetb0``: K=4 members by
 default, run only when asked with ``--workloads``) time the compiled paths
-``ensemble``/``pack`` with and without XLA and ``member_xla``, and the report
-puts packed and ensemble side by side. Paths:
+``ensemble``/``pack`` with and without XLA, with ``jit_compile="auto"`` and
+``member_xla``, and the report puts packed and ensemble side by side. Paths:
 
 1. ``predict_loop``: ``model.predict`` per member, then the mean (the loop users write by hand);
 2. ``tf_function_loop``: a Python loop of member calls inside one ``tf.function``;
@@ -17,6 +17,10 @@ puts packed and ensemble side by side. Paths:
    (``pack_grouped[_xla]``: einsum / grouped conv; ``pack_loop[_xla]``: K ops per
    layer, also timed alone) and the unpacked members (``"ensemble"``); the row's
    ``autotuned`` field says what it picked;
+4b. ``ensemble_auto`` / ``pack_auto``: ``compile_for_inference(jit_compile="auto")``,
+   which also times XLA against the plain graph per shape; the row's ``autotuned``
+   field says what it picked (``"xla"``/``"graph"``, after the way for ``pack_auto``)
+   and the report's "jit_compile=auto" table sets it against the best fixed setting;
 5. ``member_xla`` (one member alone, the floor) and ``soup_xla`` (a weight-averaged
    model: the cost of one member);
 6. a matmul ceiling: GFLOP/s of a 2048x2048 float32 matmul on the same device, timed in
@@ -70,7 +74,8 @@ APPLICATIONS = {"mobilenetv2": "MobileNetV2", "efficientnetb0": "EfficientNetB0"
 DEFAULT_MEMBERS = {"mobilenetv2": (4,), "efficientnetb0": (4,)}
 # Paths timed for keras.applications members (the loops of K calls and both forced
 # lowerings take minutes to trace for a real architecture; they add nothing to the comparison).
-APPLICATION_PATHS = ("ensemble", "ensemble_xla", "pack", "pack_xla", "member_xla")
+APPLICATION_PATHS = ("ensemble", "ensemble_xla", "pack", "pack_xla", "ensemble_auto", "pack_auto",
+                     "member_xla")
 
 
 def build_member(workload, seed):
@@ -225,6 +230,8 @@ COMPILED_PATHS = {
     "pack_grouped_xla": (lambda models: pack(models, "mean", lowering="grouped"), dict(jit_compile=True, **_FIXED)),
     "pack_loop": (lambda models: pack(models, "mean", lowering="loop"), dict(jit_compile=False, **_FIXED)),
     "pack_loop_xla": (lambda models: pack(models, "mean", lowering="loop"), dict(jit_compile=True, **_FIXED)),
+    "ensemble_auto": (lambda models: ensemble(models, "mean"), dict(jit_compile="auto")),
+    "pack_auto": (lambda models: pack(models, "mean"), dict(jit_compile="auto")),
     "member_xla": (lambda models: models[0], dict(jit_compile=True)),
     "soup_xla": (lambda models: soup(models), dict(jit_compile=True)),
     "ensemble_bf16": (lambda models: ensemble(models, "mean"), dict(jit_compile=False, dtype="bfloat16")),
@@ -246,9 +253,21 @@ def _compiled_paths(models, x, names):
 
 
 def autotuned_choice(fn, x):
-    """What ``compile_for_inference`` picked for ``x``'s shape behind path function ``fn`` (or None)."""
+    """What ``compile_for_inference`` picked for ``x``'s shape behind path function ``fn`` (or None).
+
+    The way (``"grouped"``, ``"loop"``, ``"ensemble"``, ``"packed"``) for an
+    autotuned packed model; with ``jit_compile="auto"`` also ``"xla"`` or
+    ``"graph"`` (e.g. ``"loop, graph"``).
+    """
     compiled = getattr(fn, "inference", None)
-    return None if compiled is None else compiled.lowerings_.get(tuple(x.shape))
+    if compiled is None:
+        return None
+    shape = tuple(x.shape)
+    choice = compiled.lowerings_.get(shape)
+    if compiled.jit_compile == "auto" and shape in compiled.jit_compile_:
+        jit = "xla" if compiled.jit_compile_[shape] else "graph"
+        choice = jit if choice is None else f"{choice}, {jit}"
+    return choice
 
 
 def run(workloads=DEFAULT_WORKLOADS, members=None, batches=(1, 32, 256), repeats=5,
@@ -305,7 +324,9 @@ def run(workloads=DEFAULT_WORKLOADS, members=None, batches=(1, 32, 256), repeats
 
 
 EK_PATHS = ("ensemble", "ensemble_xla", "pack", "pack_xla", "pack_grouped", "pack_grouped_xla",
-            "pack_loop", "pack_loop_xla")
+            "pack_loop", "pack_loop_xla", "ensemble_auto", "pack_auto")
+# jit_compile="auto" paths -> the fixed-setting paths they choose among.
+AUTO_PATHS = {"ensemble_auto": ("ensemble", "ensemble_xla"), "pack_auto": ("pack", "pack_xla")}
 EK_PATHS_BF16 = ("ensemble_bf16", "ensemble_xla_bf16", "pack_bf16", "pack_xla_bf16")
 # CPU target (issue 4, restated in issue 17): the best path at batch 256 reaches this
 # fraction of the members' bare matmul chain measured in the same run.
@@ -332,7 +353,7 @@ def targets(result, workload="mlp", members=8):
     batches = sorted({r["batch"] for r in rows})
     for batch in batches:
         at = {r["path"]: r for r in rows if r["batch"] == batch}
-        best = max(EK_PATHS, key=lambda p: at[p]["samples_per_s"])
+        best = max((p for p in EK_PATHS if p in at), key=lambda p: at[p]["samples_per_s"])
         goal = 1.5 if batch <= 32 else 1.0
         checks.append(dict(target=f"batch {batch}: fastest ensemblekit path >= {goal}x ensemble (no XLA)",
                            measured=f"{best}: {at[best]['ratio']:.2f}x", met=at[best]["ratio"] >= goal))
@@ -474,6 +495,41 @@ def pack_vs_ensemble(result, workloads=None):
     return rows
 
 
+def auto_vs_fixed(result):
+    """Per (workload, K, batch, auto path) timed: what ``jit_compile="auto"`` picked and its speed
+    against the faster of the two fixed settings it chose among (``AUTO_PATHS``), same round-robin.
+
+    Returns:
+        Rows with ``path``, ``picked``, ``ratio`` (to the naive graph), ``best_fixed`` (path) and
+        ``vs_best_fixed`` (auto samples/s over the best fixed path's; about 1.0 when it picked right).
+    """
+    table = {}
+    for r in result["results"]:
+        table.setdefault((r["workload"], r["members"], r["batch"]), {})[r["path"]] = r
+    rows = []
+    for (workload, members, batch), at in table.items():
+        for path, fixed in AUTO_PATHS.items():
+            if path in at and all(p in at for p in fixed):
+                best = max(fixed, key=lambda p: at[p]["samples_per_s"])
+                rows.append(dict(workload=workload, members=members, batch=batch, path=path,
+                                 picked=at[path].get("autotuned"), ratio=at[path]["ratio"], best_fixed=best,
+                                 vs_best_fixed=at[path]["samples_per_s"] / at[best]["samples_per_s"]))
+    return rows
+
+
+def _auto_markdown(rows):
+    lines = ['## jit_compile="auto": what it picked', "",
+             '`compile_for_inference(jit_compile="auto")` times XLA against the plain TF graph per shape '
+             "(for `pack` every way as a plain graph, with XLA once the XLA `grouped` lowering wins); `vs best fixed` is its samples/s over the "
+             "faster of the same model compiled with and without XLA (1.00x: it picked right), timed in "
+             "the same round-robin.", "",
+             "| workload | K | batch | path | picked | vs ensemble | best fixed | vs best fixed |",
+             "|---|---:|---:|---|---|---:|---|---:|"]
+    lines += [f"| {r['workload']} | {r['members']} | {r['batch']} | {r['path']} | {r['picked'] or '–'} | "
+              f"{r['ratio']:.2f}x | {r['best_fixed']} | {r['vs_best_fixed']:.2f}x |" for r in rows]
+    return lines + [""]
+
+
 def to_markdown(result):
     """A Markdown report: device, target checks, and one table row per measurement."""
     info = result["info"]
@@ -514,6 +570,9 @@ def to_markdown(result):
                   f"{r['pack']:,.0f} | {r['pack_ratio']:.2f}x | {r['ensemble_xla']:,.0f} | "
                   f"{r['pack_xla']:,.0f} | {r['pack_xla_ratio']:.2f}x |" for r in side_by_side]
         lines.append("")
+    auto = auto_vs_fixed(result)
+    if auto:
+        lines += _auto_markdown(auto)
     lines += ["## All measurements", "",
               "| workload | K | batch | path | samples/s | vs ensemble | GFLOP/s | of ceiling |",
               "|---|---:|---:|---|---:|---:|---:|---:|"]

@@ -48,6 +48,7 @@ from ensemblekit._outputs import (
     detect_task,
     output_names,
 )
+from ensemblekit._packed import rebuild_members, unpack_record
 from ensemblekit._tasks import (
     MemberMixture,
     check_method,
@@ -649,19 +650,7 @@ def unpack(packed):
     """
     if not isinstance(packed, keras.Model):
         raise TypeError(f"unpack expects a keras.Model made by pack, got {type(packed).__name__}.")
-    records = [layer for layer in packed.layers if isinstance(layer, PackedOutput) and layer.member_configs]
-    if len(records) != 1:
+    record = unpack_record(packed)
+    if record is None:
         raise ValueError(f"Model {packed.name!r} was not made by ek.pack (it has no PackedOutput layer).")
-    record = records[0]
-    members = []
-    for index, config in enumerate(record.member_configs):
-        member = keras.saving.deserialize_keras_object(json.loads(config))
-        # Weighted layers in ``iter_layers`` order (nested models expanded), as ``pack`` recorded them.
-        weighted = [layer for _, layer in iter_layers(member) if layer.weights]
-        for layer, packed_name in zip(weighted, record.weighted_layers, strict=True):
-            holder = packed.get_layer(packed_name)
-            layer.set_weights(holder.member_weights(index) if isinstance(holder, _MemberLayer)
-                              else holder.get_weights())
-            _finalize(layer)
-        members.append(member)
-    return members
+    return rebuild_members(packed, record)

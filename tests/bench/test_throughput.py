@@ -32,13 +32,20 @@ def test_paths_compute_the_same_ensemble():
     x = np.random.default_rng(0).normal(size=(3, 40, 1)).astype("float32")
     paths = throughput.path_functions(models, x)
     reference = paths["ensemble"]()
-    names = ["predict_loop", "ensemble_xla", "pack", "pack_xla", "pack_grouped", "pack_loop", "pack_loop_xla"]
+    names = ["predict_loop", "ensemble_xla", "pack", "pack_xla", "pack_grouped", "pack_loop", "pack_loop_xla",
+             "ensemble_auto", "pack_auto"]
     if keras.backend.backend() == "tensorflow":
         names.append("tf_function_loop")
     for name in names:
         np.testing.assert_allclose(paths[name](), reference, atol=1e-5, err_msg=name)
     for name in ("ensemble_bf16", "ensemble_xla_bf16", "pack_bf16", "pack_xla_bf16"):
         np.testing.assert_allclose(paths[name](), reference, atol=2e-2, err_msg=name)
+    # jit_compile="auto" says what it picked: XLA or the plain graph (after the way, for pack).
+    jit_choices = {"xla", "graph"} if keras.backend.backend() == "tensorflow" else {"xla"}
+    assert throughput.autotuned_choice(paths["ensemble_auto"], x) in jit_choices
+    way, jit = throughput.autotuned_choice(paths["pack_auto"], x).split(", ")
+    assert way in {"grouped", "loop", "ensemble"} and jit in jit_choices
+    assert throughput.autotuned_choice(paths["ensemble_xla"], x) is None
 
 
 def test_matmuls_only_is_the_members_bare_matmul_chain():
@@ -198,6 +205,23 @@ def test_best_path_against_the_matmuls_only_bound_per_precision():
                                         samples_per_s=190.0))
     assert throughput.bound_lines(graph_faster)[0].startswith(
         "best float32 path at batch 256 >= 90% of matmuls_only: NOT met (pack_xla: 50%")
+
+
+def test_auto_table_sets_the_pick_against_the_best_fixed_setting():
+    result = _bound_result()
+    base = result["results"][-1]
+    result["results"] += [dict(base, batch=256, path="pack_auto", samples_per_s=90.0, ratio=1.8,
+                               autotuned="ensemble, xla"),
+                          dict(base, batch=256, path="ensemble_auto", samples_per_s=60.0, ratio=1.2,
+                               autotuned="graph")]
+    rows = throughput.auto_vs_fixed(result)
+    assert [(r["path"], r["best_fixed"], round(r["vs_best_fixed"], 3)) for r in rows] == [
+        ("ensemble_auto", "ensemble_xla", 1.0), ("pack_auto", "pack_xla", round(90 / 95, 3))]
+    markdown = throughput.to_markdown(result)
+    assert '## jit_compile="auto": what it picked' in markdown
+    assert "| mlp | 8 | 256 | pack_auto | ensemble, xla | 1.80x | pack_xla | 0.95x |" in markdown
+    # Older results without the auto paths still report (targets skip absent paths).
+    assert throughput.auto_vs_fixed(_bound_result()) == []
 
 
 def test_side_by_side_table_shows_both_precisions_the_pick_and_the_load():

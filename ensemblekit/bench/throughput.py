@@ -648,7 +648,7 @@ def add_arguments(parser):
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=None,
                         help=f"default: {' '.join(DEFAULT_WORKLOADS)}; keras.applications members "
                              f"({', '.join(APPLICATIONS)}: K=4 by default) run only when named; a "
-                             "run of only those writes throughput_<workloads>.*")
+                             "run of a subset writes throughput_<workloads>[_k<K>...].*")
     parser.add_argument("--members", nargs="+", type=int, default=None)
     parser.add_argument("--batches", nargs="+", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (median); >= 5 by default")
@@ -660,6 +660,23 @@ def add_arguments(parser):
 def _default_members(workloads, quick):
     """``{workload: Ks}``: K=4 for keras.applications members, else K=2,8 (quick) or 2,4,8."""
     return {w: DEFAULT_MEMBERS.get(w, (2, 8) if quick else (2, 4, 8)) for w in workloads}
+
+
+def report_stem(args, workloads):
+    """``throughput`` for the full default run; a run of a subset writes its own reports beside it.
+
+    Example:
+        >>> import argparse
+        >>> report_stem(argparse.Namespace(quick=False, members=None, batches=None), DEFAULT_WORKLOADS)
+        'throughput'
+        >>> report_stem(argparse.Namespace(quick=False, members=[8], batches=None), ("mlp",))
+        'throughput_mlp_k8'
+    """
+    parts = ["throughput"]
+    if not args.quick and (tuple(workloads) != DEFAULT_WORKLOADS or args.members or args.batches):
+        parts += list(workloads) + [f"k{k}" for k in args.members or ()]
+        parts += [f"b{b}" for b in args.batches or ()]
+    return "_".join(parts + (["quick"] if args.quick else []))
 
 
 def main(args):
@@ -674,9 +691,7 @@ def main(args):
         target_s=0.03 if quick else 0.05,
         verbose=args.verbose,
     )
-    stem = "throughput_quick" if quick else "throughput"
-    if all(w in APPLICATIONS for w in workloads):  # keep the main reports of the default workloads
-        stem = "_".join(["throughput", *workloads] + (["quick"] if quick else []))
+    stem = report_stem(args, workloads)
     for path in write_reports(result, args.out, stem=stem, with_plot=not args.no_plot):
         print(f"wrote {path}")
     for check in targets(result):

@@ -109,7 +109,7 @@ def markdown(results):
             f"| {before.get('seconds', '')} | {before.get('peak_rss_mb', '')} |")
     lines += [
         "",
-        "Each sweep solves one linear assignment per group whose coupled groups changed, on a "
+        "Weight matching ascends from two starts (the identity and a match of sorted weight slices) and keeps the higher objective; each sweep solves one linear assignment per group whose coupled groups changed, on a "
         "cost matrix kept up to date from the units that moved; sweeps stop when no group's "
         "assignment improves. *Before* is the previous `align`, which permuted every weight of "
         "the model once per weight of every group in every sweep (quadratic in depth).",

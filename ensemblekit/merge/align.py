@@ -221,33 +221,67 @@ def _coupled_groups(spec):
 def weight_matching(spec, reference, other, seed=0, max_iter=100, verbose=0):
     """Permutations of ``other``'s units that maximise ``Σ <W_ref, P W_other>`` (Alg. 1).
 
-    Coordinate ascent from the assignments of :func:`sorted_group_cost`
-    (each group matched by what does not depend on the other groups, not
-    the identity of Alg. 1: a permuted copy of ``reference`` is then put
-    back exactly, where from the identity ascent can stop in a local optimum,
-    as it did for EfficientNetV2's fused blocks): each sweep visits the
-    groups in a seeded random order
-    and solves one linear assignment per group on :func:`group_cost`; sweeps
-    stop when no group's assignment improves, or after ``max_iter``. A group
-    none of whose coupled groups changed since it was last solved would get
-    the same cost matrix and assignment again, so it is skipped; the others'
-    cost matrices are updated from the units that moved
-    (:func:`group_cost_change`). Weights stay in their dtype; each term is
-    computed in float64.
+    Coordinate ascent from two starts, keeping the permutations with the
+    larger objective (:func:`matching_objective`): the identity (Alg. 1's
+    start) and the assignments of :func:`sorted_group_cost` (each group
+    matched by what does not depend on the other groups' order: a permuted
+    copy of ``reference`` is then put back exactly, where from the identity
+    ascent can stop in a local optimum, as it did for EfficientNetV2's fused
+    blocks; on independently trained members either start may end higher).
+    Each sweep visits the groups in a seeded random order and solves one
+    linear assignment per group on :func:`group_cost`; sweeps stop when no
+    group's assignment improves, or after ``max_iter``. A group none of whose
+    coupled groups changed since it was last solved would get the same cost
+    matrix and assignment again, so it is skipped; the others' cost matrices
+    are updated from the units that moved (:func:`group_cost_change`).
+    Weights stay in their dtype; each term is computed in float64.
 
     Args:
         spec: the ``PermutationSpec`` of the architecture.
         reference, other: lists of weight arrays (``weight_refs`` order).
         seed: order of the sweeps over groups.
-        max_iter: at most this many sweeps.
+        max_iter: at most this many sweeps (from each start).
         verbose: 1 shows a ``keras.utils.Progbar`` per sweep, 0 is quiet.
 
     Returns:
         ``{group: perm}``; unit ``i`` of the aligned model is unit ``perm[i]`` of ``other``.
     """
-    rng = np.random.default_rng(seed)
     reference, other = [np.asarray(a) for a in reference], [np.asarray(a) for a in other]
-    perms = {g: _assign(sorted_group_cost(spec, g, reference, other)) for g in spec.sizes}
+    starts = {
+        "sorted slices": {g: _assign(sorted_group_cost(spec, g, reference, other)) for g in spec.sizes},
+        "identity": {g: np.arange(size) for g, size in spec.sizes.items()},
+    }
+    best, best_score = None, -np.inf
+    for name, perms in starts.items():
+        if verbose:
+            print(f"Weight matching from the {name} start")
+        perms = _ascend(spec, reference, other, perms, np.random.default_rng(seed), max_iter, verbose)
+        score = matching_objective(spec, reference, other, perms)
+        if score > best_score + 1e-12 * abs(score):
+            best, best_score = perms, score
+    return best
+
+
+def matching_objective(spec, reference, other, perms):
+    """``Σ <W_ref, P W_other>`` over every weight, in float64: what weight matching maximises.
+
+    Example:
+        >>> import keras, numpy as np
+        >>> from ensemblekit.merge.permutation import permutation_spec
+        >>> m = keras.Sequential([keras.Input((1,)), keras.layers.Dense(2), keras.layers.Dense(1)])
+        >>> a = [np.array([[1., 2.]]), np.zeros(2), np.array([[1.], [2.]]), np.zeros(1)]
+        >>> b = [np.array([[2., 1.]]), np.zeros(2), np.array([[2.], [1.]]), np.zeros(1)]
+        >>> spec = permutation_spec(m)
+        >>> float(matching_objective(spec, a, b, {0: np.array([1, 0])}))
+        10.0
+    """
+    permuted = permute_arrays(other, spec, perms)
+    return sum(float(np.vdot(np.asarray(r, "float64"), np.asarray(p, "float64")))
+               for r, p in zip(reference, permuted))
+
+
+def _ascend(spec, reference, other, perms, rng, max_iter, verbose):
+    """Coordinate ascent over the groups from ``perms`` (see :func:`weight_matching`)."""
     coupled, changes, solved_at = _coupled_groups(spec), dict.fromkeys(spec.sizes, 0), {}
     costs = _CostCache(spec, reference, other)
     sweep = 0

@@ -207,7 +207,9 @@ def test_a_sweep_permutes_each_weight_axis_once_not_the_whole_model_per_group(mo
         return original(array, spec, index, perms, skip_axis)
 
     monkeypatch.setattr(align_module, "permute_weight", counting)
-    align_module.weight_matching(spec, get_arrays(reference), get_arrays(other), max_iter=1)
+    identity = {g: np.arange(n) for g, n in spec.sizes.items()}
+    align_module._ascend(spec, get_arrays(reference), get_arrays(other), identity,
+                         np.random.default_rng(0), max_iter=1, verbose=0)
     weight_axes = [(index, axis) for index, entries in spec.axes.items() for axis, _, _ in entries]
     # 12 hidden layers: 11 kernels with 2 unit axes, the first and the output kernel with 1, 12 biases
     assert len(weight_axes) == 11 * 2 + 2 + 12
@@ -291,16 +293,33 @@ def test_a_group_is_solved_again_only_after_a_coupled_group_changed(monkeypatch)
     # one group, coupled to none: the second sweep would solve the same assignment again
     models = [_randomize(make_mlp(s, hidden=8), s) for s in range(2)]
     spec = permutation_spec(models[0])
-    align_module.weight_matching(spec, get_arrays(models[0]), get_arrays(models[1]))
+    identity = {0: np.arange(spec.sizes[0])}
+    align_module._ascend(spec, get_arrays(models[0]), get_arrays(models[1]), identity,
+                         np.random.default_rng(0), max_iter=100, verbose=0)
     assert solved == [0]
     # two hidden layers share the middle kernel: each is solved again after the other changed
     # (from the identity: the sorted-slices start leaves this pair of MLPs nothing to improve)
     solved.clear()
-    monkeypatch.setattr(align_module, "sorted_group_cost", lambda spec, group, *_: np.eye(spec.sizes[group]))
     models = [_deep_mlp(s, depth=2) for s in range(2)]
     spec = permutation_spec(models[0])
-    align_module.weight_matching(spec, get_arrays(models[0]), get_arrays(models[1]))
+    identity = {g: np.arange(n) for g, n in spec.sizes.items()}
+    align_module._ascend(spec, get_arrays(models[0]), get_arrays(models[1]), identity,
+                         np.random.default_rng(0), max_iter=100, verbose=0)
     assert sorted(set(solved)) == [0, 1] and len(solved) >= 3
+
+
+def test_weight_matching_keeps_the_start_whose_ascent_ends_higher(monkeypatch):
+    reference, other = _deep_mlp(0), _deep_mlp(1)
+    spec = permutation_spec(reference)
+    a, b = get_arrays(reference), get_arrays(other)
+    ends = []
+    original = align_module._ascend
+    monkeypatch.setattr(align_module, "_ascend",
+                        lambda *args: ends.append(original(*args)) or ends[-1])
+    perms = align_module.weight_matching(spec, a, b)
+    scores = [align_module.matching_objective(spec, a, b, end) for end in ends]
+    assert len(ends) == 2  # the sorted-slices start and the identity
+    assert align_module.matching_objective(spec, a, b, perms) == max(scores)
 
 
 def test_verbose_shows_a_progress_bar_per_sweep_and_zero_is_quiet(capsys):

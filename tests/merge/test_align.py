@@ -351,3 +351,19 @@ def test_weight_matching_starts_from_sorted_slices_and_undoes_a_permuted_copy_of
         np.testing.assert_array_equal(align_module._assign(cost), np.argsort(shuffle[group]))
     perms = align_module.weight_matching(spec, arrays, shuffled)
     assert all(np.array_equal(perms[g], np.argsort(p)) for g, p in shuffle.items())
+
+
+def test_a_permuted_copy_reaches_the_bound_from_the_first_start_and_stops_there(monkeypatch):
+    reference = _deep_mlp(0)
+    spec = permutation_spec(reference)
+    arrays = get_arrays(reference)
+    rng = np.random.default_rng(1)
+    shuffle = {g: rng.permutation(n) for g, n in spec.sizes.items()}
+    shuffled = align_module.permute_arrays(arrays, spec, shuffle)
+    starts = []
+    original = align_module._ascend
+    monkeypatch.setattr(align_module, "_ascend", lambda *args: starts.append(1) or original(*args))
+    perms = align_module.weight_matching(spec, arrays, shuffled)
+    assert len(starts) == 1  # the identity start is skipped: nothing can score higher
+    for a, b in zip(arrays, align_module.permute_arrays(shuffled, spec, perms), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -648,7 +648,7 @@ def add_arguments(parser):
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=None,
                         help=f"default: {' '.join(DEFAULT_WORKLOADS)}; keras.applications members "
                              f"({', '.join(APPLICATIONS)}: K=4 by default) run only when named; a "
-                             "run of a subset writes throughput_<workloads>[_k<K>...].*")
+                             "run of other workloads or member counts writes throughput_<workloads>[_k<K>...].*")
     parser.add_argument("--members", nargs="+", type=int, default=None)
     parser.add_argument("--batches", nargs="+", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (median); >= 5 by default")
@@ -667,15 +667,14 @@ def report_stem(args, workloads):
 
     Example:
         >>> import argparse
-        >>> report_stem(argparse.Namespace(quick=False, members=None, batches=None), DEFAULT_WORKLOADS)
+        >>> report_stem(argparse.Namespace(quick=False, members=None), DEFAULT_WORKLOADS)
         'throughput'
-        >>> report_stem(argparse.Namespace(quick=False, members=[8], batches=None), ("mlp",))
+        >>> report_stem(argparse.Namespace(quick=False, members=[8]), ("mlp",))
         'throughput_mlp_k8'
     """
     parts = ["throughput"]
-    if not args.quick and (tuple(workloads) != DEFAULT_WORKLOADS or args.members or args.batches):
+    if not args.quick and (tuple(workloads) != DEFAULT_WORKLOADS or args.members):
         parts += list(workloads) + [f"k{k}" for k in args.members or ()]
-        parts += [f"b{b}" for b in args.batches or ()]
     return "_".join(parts + (["quick"] if args.quick else []))
 
 

@@ -159,6 +159,9 @@ def test_mobilenetv2_workload_defaults_to_four_members_and_its_own_reports(tmp_p
     assert calls["members"] == {"mobilenetv2": (4,)} and calls["batches"] == [1, 256]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["throughput_mobilenetv2.json",
                                                            "throughput_mobilenetv2.md"]
+    args = parser.parse_args(["--workloads", "mlp", "--members", "8", "--out", str(tmp_path), "--no-plot"])
+    assert throughput.main(args) == 0  # a subset of the default run does not overwrite its reports
+    assert (tmp_path / "throughput_mlp_k8.md").exists() and not (tmp_path / "throughput.md").exists()
     main_defaults = parser.parse_args(["--quick"])
     assert throughput._default_members(main_defaults.workloads or ("mlp", "cnn1d"), True) == {
         "mlp": (2, 8), "cnn1d": (2, 8)}

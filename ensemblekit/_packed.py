@@ -19,6 +19,13 @@ import keras
 from ensemblekit._graph import iter_layers
 
 
+def finalize(layer):
+    """Recompute what ``layer`` derives from its weights (``Normalization``'s mean and variance)."""
+    finalize_state = getattr(layer, "finalize_state", None)
+    if callable(finalize_state):
+        finalize_state()
+
+
 def output_layers(model):
     """The layers of ``model`` that reduce packed members (``PackedOutput``: one per packed output)."""
     return [layer for layer in model.layers
@@ -59,8 +66,6 @@ def rebuild_members(packed, record, transform=None):
             holder = packed.get_layer(holder_name)
             member_weights = getattr(holder, "member_weights", None)  # grouped layers: per member
             layer.set_weights(member_weights(index) if callable(member_weights) else holder.get_weights())
-            finalize_state = getattr(layer, "finalize_state", None)  # e.g. Normalization's mean and variance
-            if callable(finalize_state):
-                finalize_state()
+            finalize(layer)
         members.append(member)
     return members

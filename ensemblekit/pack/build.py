@@ -48,7 +48,7 @@ from ensemblekit._outputs import (
     detect_task,
     output_names,
 )
-from ensemblekit._packed import rebuild_members, unpack_record
+from ensemblekit._packed import finalize, rebuild_members, unpack_record
 from ensemblekit._tasks import (
     MemberMixture,
     check_method,
@@ -76,7 +76,6 @@ from ensemblekit.pack.layers import (
     MemberConstants,
     MemberFlatten,
     PackedOutput,
-    _finalize,
     _MemberLayer,
 )
 
@@ -628,7 +627,7 @@ def _load_weights(packed_layer, layers):
         packed_layer.set_member_weights([layer.get_weights() for layer in layers])
     else:
         packed_layer.set_weights(layers[0].get_weights())
-        _finalize(packed_layer)
+        finalize(packed_layer)
 
 
 def unpack(packed):

@@ -44,6 +44,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from ensemblekit._packed import finalize
 from ensemblekit._tasks import (
     METHODS,
     UNCERTAINTY,
@@ -790,20 +791,13 @@ class MemberConstants(_MemberLayer):
     def set_member_weights(self, per_member):
         for layer, weights in zip(self.member_layers, per_member, strict=True):
             layer.set_weights(weights)
-            _finalize(layer)
+            finalize(layer)
 
     def get_config(self):
         config = super().get_config()
         config.update(member_layers=[keras.saving.serialize_keras_object(layer)
                                      for layer in self.member_layers])
         return config
-
-
-def _finalize(layer):
-    """Recompute what a layer derives from its weights (``Normalization``'s mean and variance)."""
-    finalize_state = getattr(layer, "finalize_state", None)
-    if callable(finalize_state):
-        finalize_state()
 
 
 class _GroupedNormalization(_MemberLayer):

@@ -6,6 +6,10 @@ unit), ``"multilabel"`` (several independent sigmoid units) and
 or sigmoid) or ``"logits"`` (before it). Both are detected from the layer that
 produces each output, or given with ``task=`` / ``output_kind=``.
 
+The inputs' side lives here too, beside ``output_names``: ``input_names`` (how
+members' inputs are matched by name) and ``structured_inputs`` (tensors in the
+structure a model takes them), read by ``compose`` and ``pack`` alike.
+
 Every composition turns member outputs into one canonical form per task before
 combining them (``ensemblekit._tasks``); every metric turns a model's raw
 outputs into probabilities. Both read the task and kind from here.
@@ -72,6 +76,50 @@ def output_names(model):
     if isinstance(struct, dict):
         return [str(key) for key in keras.tree.flatten(_key_tree(struct))]
     return [getattr(layer, "name", f"output_{i}") for i, layer in enumerate(output_layers(model))]
+
+
+def input_keys(model):
+    """The keys of ``model``'s dict inputs in ``model.inputs`` order (sorted, as Keras flattens a
+    dict), or ``None`` when it takes one tensor or a list.
+
+    Example:
+        >>> a, b = keras.Input((2,), name="a"), keras.Input((3,), name="b")
+        >>> input_keys(keras.Model({"b": b, "a": a}, keras.layers.Concatenate()([a, b])))
+        ['a', 'b']
+    """
+    struct = getattr(model, "_inputs_struct", None)
+    return sorted(struct) if isinstance(struct, dict) else None
+
+
+def input_names(model):
+    """The names of ``model``'s inputs in ``model.inputs`` order: dict keys for dict inputs, else the
+    input tensors' names.
+
+    Example:
+        >>> a, b = keras.Input((2,), name="a"), keras.Input((3,), name="b")
+        >>> input_names(keras.Model([a, b], keras.layers.Concatenate()([a, b])))
+        ['a', 'b']
+    """
+    keys = input_keys(model)
+    if keys is not None:
+        return [str(key) for key in keys]
+    return [str(getattr(t, "name", f"input_{i}")) for i, t in enumerate(model.inputs)]
+
+
+def structured_inputs(model, tensors):
+    """``tensors`` (one per input, in ``model.inputs`` order) as ``model`` takes them: a dict by
+    input key for dict inputs, else one tensor or a list.
+
+    Example:
+        >>> a, b = keras.Input((2,), name="a"), keras.Input((3,), name="b")
+        >>> m = keras.Model({"a": a, "b": b}, keras.layers.Concatenate()([a, b]))
+        >>> sorted(structured_inputs(m, [np.ones((1, 2)), np.ones((1, 3))]))
+        ['a', 'b']
+    """
+    keys = input_keys(model)
+    if keys is not None:
+        return dict(zip(keys, tensors, strict=True))
+    return tensors[0] if len(tensors) == 1 else list(tensors)
 
 
 def _key_tree(struct):

@@ -11,7 +11,9 @@ from ensemblekit._outputs import (
     check_task,
     detect_output_kind,
     detect_task,
+    input_names,
     output_names,
+    structured_inputs,
 )
 from ensemblekit._tasks import (
     check_variance_kind,
@@ -57,8 +59,8 @@ class MemberSet:
                     f"{label} is not built (no inputs/outputs); call it on data or give it a "
                     "keras.Input first."
                 )
-        self.input_names = _input_names(self.models[0])
-        self.input_orders = [self._match(i, _input_names(m), self.input_names, "input")
+        self.input_names = input_names(self.models[0])
+        self.input_orders = [self._match(i, input_names(m), self.input_names, "input")
                              for i, m in enumerate(self.models)]
         self.output_names = output_names(self.models[0])
         self.output_orders = [self._match(i, output_names(m), self.output_names, "output")
@@ -271,12 +273,9 @@ class MemberSet:
         return results
 
     def _member_inputs(self, index, inputs):
-        model, order = self.models[index], self.input_orders[index]
-        names = _input_names(model)
-        by_member = {names[position]: inputs[name] for name, position in zip(self.input_names, order)}
-        if isinstance(_inputs_struct(model), dict):
-            return by_member
-        return [by_member[name] for name in names]
+        """The shared ``{name: tensor}`` ``inputs`` as member ``index`` takes them (its order, its structure)."""
+        by_position = sorted(zip(self.input_orders[index], self.input_names))
+        return structured_inputs(self.models[index], [inputs[name] for _, name in by_position])
 
     def shared_input(self, name="input"):
         """The composition's input: one ``keras.Input``, or ``{name: keras.Input}`` for several."""
@@ -302,14 +301,6 @@ class MemberSet:
     def predict_log_probs(self, x, batch_size=256):
         """All members' log-probabilities on ``x`` in one compiled pass: ``(n, K, classes)``."""
         return self.predict_stacked(x, batch_size=batch_size, task="multiclass")
-
-
-def _input_names(model):
-    """``model``'s input names: dict keys for dict inputs, else the input tensors' names."""
-    struct = getattr(model, "_inputs_struct", None)
-    if isinstance(struct, dict):
-        return sorted(str(key) for key in struct)
-    return [str(getattr(t, "name", f"input_{i}")) for i, t in enumerate(model.inputs)]
 
 
 def fresh_inputs(model):

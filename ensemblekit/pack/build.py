@@ -47,8 +47,9 @@ from ensemblekit._outputs import (
     detect_output_kind,
     detect_task,
     output_names,
+    structured_inputs,
 )
-from ensemblekit._packed import finalize, rebuild_members, unpack_record
+from ensemblekit._packed import finalize, output_layers, rebuild_members, unpack_record
 from ensemblekit._tasks import (
     MemberMixture,
     check_method,
@@ -209,7 +210,7 @@ def pack(models, reduce="mean", output_kind=None, lowering="auto", name=None, sa
             reduced[j] = mixture(reduced[j], reduced[pairs[j]])
         results[outputs_named[j]] = reduced[j]
     label = reduce if isinstance(reduce, str) else "mixed"
-    return keras.Model(_input_structure(models[0], inputs), _output_structure(results),
+    return keras.Model(structured_inputs(models[0], inputs), _output_structure(results),
                        name=name or f"packed_{label}")
 
 
@@ -223,14 +224,6 @@ def _per_output(value, names, param):
         raise ValueError(f"{param} must name every output {names} once; "
                          f"unknown {unknown}, missing {missing}.")
     return [value[n] for n in names]
-
-
-def _input_structure(model, inputs):
-    """The packed model's inputs in the member's structure: one tensor, a list, or a dict by name."""
-    struct = getattr(model, "_inputs_struct", None)
-    if isinstance(struct, dict):
-        return dict(zip(sorted(struct), inputs, strict=True))
-    return inputs[0] if len(inputs) == 1 else list(inputs)
 
 
 def _output_structure(results):
@@ -248,7 +241,7 @@ def _output_structure(results):
 
 def repack_settings(packed):
     """The ``pack`` keyword arguments that rebuild ``packed``'s reductions (for a re-pack after pruning)."""
-    records = [layer for layer in packed.layers if isinstance(layer, PackedOutput)]
+    records = output_layers(packed)
     if not records:
         raise ValueError(f"Model {packed.name!r} was not made by ek.pack (it has no PackedOutput layer).")
     first = records[0]

@@ -43,7 +43,9 @@ import numpy as np
 from ensemblekit._channels import OPENERS, channel_graph, recreate
 from ensemblekit._graph import graph_nodes
 from ensemblekit._io import predict
+from ensemblekit._packed import output_layers
 from ensemblekit._validate import check_choice
+from ensemblekit.prune.magnitude import check_sparsity
 
 IMPORTANCES = ("l1", "l2", "bn_scale", "taylor")
 ON_UNSUPPORTED = ("warn", "raise")
@@ -404,14 +406,6 @@ def _prune(model, ratio, importance, x, y, round_to, global_ranking, on_unsuppor
     return _rebuild(graph, kept), groups
 
 
-def _check_ratio(ratio):
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float, np.floating)):
-        raise TypeError(f"ratio must be a number in [0, 1), got {type(ratio).__name__}.")
-    if not 0.0 <= float(ratio) < 1.0:
-        raise ValueError(f"ratio must be in [0, 1), got {ratio!r}.")
-    return float(ratio)
-
-
 def channels(model, ratio=0.5, importance="l1", x=None, y=None, round_to=None,
              global_ranking=False, on_unsupported="warn", return_report=False):
     """Remove the least important ``ratio`` of channels from every prunable group; return a smaller model.
@@ -458,32 +452,23 @@ def channels(model, ratio=0.5, importance="l1", x=None, y=None, round_to=None,
     """
     if not isinstance(model, keras.Model):
         raise TypeError(f"channels() needs a keras.Model, got {type(model).__name__}.")
-    ratio = _check_ratio(ratio)
+    ratio = check_sparsity(ratio, "ratio")
     check_choice(importance, IMPORTANCES, "importance")
     check_choice(on_unsupported, ON_UNSUPPORTED, "on_unsupported")
     if importance == "taylor" and x is None:
         raise ValueError("importance='taylor' needs x (and optionally y) to compute gradients.")
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
         raise ValueError(f"round_to must be a positive integer or None, got {round_to!r}.")
-    packed = _pack_record(model)
-    if packed is not None:
-        pruned, groups = _prune_packed(model, packed, ratio, importance, x, y, round_to,
-                                       global_ranking, on_unsupported)
+    if output_layers(model):  # made by ek.pack: its PackedOutput layers hold the members' record
+        pruned, groups = _prune_packed(model, ratio, importance, x, y, round_to, global_ranking,
+                                       on_unsupported)
     else:
         pruned, groups = _prune(model, ratio, importance, x, y, round_to, global_ranking,
                                 on_unsupported)
     return (pruned, ChannelReport(groups)) if return_report else pruned
 
 
-def _pack_record(model):
-    """The ``PackedOutput`` layer of a model made by ``ek.pack``, else ``None``."""
-    from ensemblekit.pack import PackedOutput
-
-    records = [layer for layer in model.layers if isinstance(layer, PackedOutput)]
-    return records[0] if records else None
-
-
-def _prune_packed(model, record, ratio, importance, x, y, round_to, global_ranking, on_unsupported):
+def _prune_packed(model, ratio, importance, x, y, round_to, global_ranking, on_unsupported):
     """Unpack, prune every member's channels on its own, pack again (same counts per member)."""
     from ensemblekit.pack import pack, unpack
     from ensemblekit.pack.build import repack_settings

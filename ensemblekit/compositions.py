@@ -16,11 +16,14 @@ calibration, packing, member pruning), ``"trained"`` (a new trained part:
 stacking's meta-learner, a fusion head, pruned and fine-tuned members),
 ``"merge"`` (weight space: one model with one member's cost).
 
-Tasks (:data:`TASKS`): multiclass, binary (one sigmoid unit) and regression
-members; each builder takes the task's analogue (Platt scaling for a binary
-ensemble's temperature, the mean of values for a regression ensemble's logit
-mean); stacking, fusion and channel pruning are multiclass only (a :class:`Skip`
-says so). Metrics per task are :data:`TASK_METRICS`, the first one the default.
+Tasks (:data:`TASKS`): multiclass, binary (one sigmoid unit), multilabel
+(several sigmoid units, or logits with ``task="multilabel"``) and regression
+members; each builder takes the task's analogue (Platt scaling for a binary or
+multilabel ensemble's temperature, the mean of values for a regression
+ensemble's logit mean); stacking, fusion and channel pruning are multiclass only,
+distillation is not for multilabel members (a :class:`Skip` says so). Metrics per
+task are :data:`TASK_METRICS`, the first one the default; everything learned
+from the fit data scores with the one ``ensemblekit.compose.weights.task_loss``.
 
 Example:
     >>> import keras, numpy as np
@@ -58,15 +61,15 @@ from ensemblekit._graph import architecture_differences
 from ensemblekit._outputs import detect_output_kind
 from ensemblekit._validate import check_choice, check_targets
 from ensemblekit.compose._members import MemberSet
+from ensemblekit.compose.weights import TASK_METRICS as SELECTION_METRICS
+from ensemblekit.compose.weights import check_metric, task_loss
 from ensemblekit.merge.barrier import has_batchnorm
 
 KINDS = ("member", "ensemble", "trained", "merge")
-TASKS = ("multiclass", "binary", "regression")
-# What "best" may mean per task (first: the default); all lower-is-better after TASK_LOSSES' sign.
-TASK_METRICS = {"multiclass": ("nll", "accuracy", "brier", "ece"),
-                "binary": ("nll", "accuracy", "brier", "ece", "auroc"),
-                "regression": ("rmse", "mae")}
-HIGHER_IS_BETTER = ("accuracy", "auroc")
+TASKS = ("multiclass", "binary", "multilabel", "regression")
+# What "best" may mean per task (first: the default): task_loss's metrics, but RMSE, not MSE, for
+# regression (it ranks alike and is what ek.evaluate reports).
+TASK_METRICS = {task: tuple(m for m in names if m != "mse") for task, names in SELECTION_METRICS.items()}
 SETTINGS = {
     "best_member_metric": None,  # what "best member" is chosen by (None: the context's metric)
     "min_weight": 1e-3,  # optimize_weights entries below this count as zero (the member is dropped)
@@ -132,9 +135,10 @@ def call_predictions(model, x, task="multiclass", output_kind=None, batch_size=2
     """``(prediction, std)`` of ``model`` on ``x`` (float64) in ``task``'s form, by direct calls.
 
     Multiclass: class probabilities ``(n, classes)`` (:func:`call_probs`); binary: the
-    positive-class probability ``(n,)`` (a sigmoid applied to logits); regression: the
-    values ``(n, units)``. ``std`` is the model's ``"std"`` output (a regression
-    ensemble built with ``uncertainty=True``) or ``None``.
+    positive-class probability ``(n,)``; multilabel: each label's probability
+    ``(n, labels)`` (a sigmoid applied to logits); regression: the values ``(n, units)``.
+    ``std`` is the model's ``"std"`` output (a regression ensemble built with
+    ``uncertainty=True``) or ``None``. This is ``task_loss``'s form.
 
     Example:
         >>> m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
@@ -153,21 +157,7 @@ def call_predictions(model, x, task="multiclass", output_kind=None, batch_size=2
         return outputs, None
     if (output_kind or detect_output_kind(model)) == "logits":
         outputs = 1.0 / (1.0 + np.exp(-outputs))
-    return outputs.reshape(len(outputs)), None
-
-
-def task_loss(metric, task):
-    """``loss(predictions, y)``, lower is better, of ``metric`` on ``task``'s predictions.
-
-    Example:
-        >>> task_loss("accuracy", "binary")(np.array([0.9, 0.2]), np.array([1, 1]))
-        -0.5
-    """
-    check_choice(metric, TASK_METRICS[task], f"metric for {task}")
-    if task == "regression":
-        return {"rmse": metrics.rmse, "mae": metrics.mae}[metric]
-    fn = metrics.METRICS[metric] if task == "multiclass" else metrics.BINARY_METRICS[metric]
-    return (lambda p, y: -fn(p, y)) if metric in HIGHER_IS_BETTER else fn
+    return (outputs.reshape(len(outputs)) if task == "binary" else outputs), None
 
 
 class Context:
@@ -175,7 +165,7 @@ class Context:
 
     Args:
         members: at least two models (``keras.Model`` or paths) with one input and one
-            ``(batch, units)`` output: multiclass or binary classifiers, or regressors.
+            ``(batch, units)`` output: multiclass, binary or multilabel classifiers, or regressors.
         x_fit, y_fit: held-out data that everything learned fits on (weights,
             selection, stacking, calibration, which member is best).
         x_train, y_train: the members' training data, for compositions that
@@ -185,7 +175,8 @@ class Context:
             mean cost (``1.0`` = one member, K = all; see :mod:`ensemblekit.costs`).
         cost: ``"params"``, ``"macs"``, ``"latency"`` or one cost per member.
         metric: what the learned compositions optimise, one of ``TASK_METRICS[task]``
-            (``None``: the first, ``"nll"`` for classifiers and ``"rmse"`` for regressors).
+            (``None``: the first, ``"nll"`` for classifiers and ``"rmse"`` for regressors;
+            another is a ``ValueError`` naming the metric and the task).
         seed: seed of alignment, stacking folds and every trained part.
         output_kind: what the members output (``None``: detected per member).
         fit_data: how notes name ``(x_fit, y_fit)``, e.g. ``"fit half"``.
@@ -195,7 +186,8 @@ class Context:
         model_prefix: names built models ``<prefix><composition name>`` (default: Keras's).
         skip_errors: exception types that turn into a :class:`Skip` with their
             first line (the advisor skips, e.g., a merge of an unsupported layer).
-        task: ``None``/``"auto"`` (detect), ``"multiclass"``, ``"binary"`` or ``"regression"``.
+        task: ``None``/``"auto"`` (detect), ``"multiclass"``, ``"binary"``, ``"multilabel"``
+            or ``"regression"``.
 
     Example:
         >>> ms = [keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]) for _ in range(2)]
@@ -212,8 +204,8 @@ class Context:
         self.x_fit = np.asarray(x_fit, dtype="float32")
         self.y_fit = check_targets(y_fit, len(self.x_fit), self.members.output_shapes[0], self.task, param="y_fit")
         self.x_train, self.y_train = x_train, y_train
-        metric = TASK_METRICS[self.task][0] if metric is None else check_choice(
-            metric, TASK_METRICS[self.task], f"metric for {self.task}")
+        metric = TASK_METRICS[self.task][0] if metric is None else check_metric(
+            metric, self.task, TASK_METRICS[self.task])
         self.base, self.budget, self.cost, self.metric, self.seed = base, budget, cost, metric, seed
         self.fit_data = fit_data
         check_choice(bn_data, ("fit", "train"), "bn_data")
@@ -235,7 +227,7 @@ class Context:
 
     @property
     def task(self):
-        """The members' task: ``"multiclass"``, ``"binary"`` or ``"regression"``."""
+        """The members' task: ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"regression"``."""
         return self.members.task
 
     @property
@@ -264,7 +256,8 @@ class Context:
 
     def fit_probs(self):
         """The members' predictions on ``x_fit``, members on axis 1 (computed once): probabilities
-        ``(n, K, classes)`` (multiclass), ``(n, K)`` (binary), values ``(n, K, units)`` (regression)."""
+        ``(n, K, classes)`` (multiclass), ``(n, K)`` (binary), ``(n, K, labels)`` (multilabel),
+        values ``(n, K, units)`` (regression)."""
         return self._once("fit_probs", lambda: np.stack(
             [call_predictions(m, self.x_fit, self.task, k)[0] for m, k in zip(self.models, self.output_kinds)],
             axis=1))
@@ -401,7 +394,7 @@ def _all(ctx):
 
 def _best_member(ctx):
     metric = ctx.settings["best_member_metric"] or ctx.metric
-    loss = task_loss(metric, ctx.task)
+    _, loss = task_loss(metric, ctx.task)
     probs = ctx.fit_probs()
     k = int(np.argmin([loss(probs[:, i], ctx.y_fit) for i in range(len(ctx.models))]))
     fit = ctx.fit_data.replace(" ", "-")
@@ -423,6 +416,8 @@ def _ensemble_note(ctx, method):
         return "mean of the values"
     if ctx.task == "binary" and method in ("logit_mean", "geometric"):
         return "sigmoid of the mean logits"
+    if ctx.task == "multilabel" and method in ("logit_mean", "geometric"):
+        return "sigmoid of each label's mean logit"
     return ENSEMBLE_NOTES[method]
 
 
@@ -450,8 +445,9 @@ def _calibrated(method):
         model = calibrate(source.model, ctx.x_fit, ctx.y_fit, name=ctx.model_name(f"calibrated_{method}"),
                           task=ctx.task)
         scaling = model.layers[-1]
-        if ctx.task == "binary":
-            fitted = f"Platt scaling (slope {scaling.slope:.3g}, bias {scaling.bias:.3g})"
+        if ctx.task in ("binary", "multilabel"):
+            shared = " shared by the labels" if ctx.task == "multilabel" else ""
+            fitted = f"Platt scaling{shared} (slope {scaling.slope:.3g}, bias {scaling.bias:.3g})"
         else:
             fitted = f"temperature {float(scaling.temperature):.3g}"
         return Built(model, f"ensemble, {fitted} fitted on the {ctx.fit_data}", source.used)
@@ -568,8 +564,10 @@ def _pruned_channels(ctx):
 
 
 def _distilled_student(ctx):
-    from ensemblekit.distill import distill
+    from ensemblekit.distill import DISTILL_TASKS, distill
 
+    if ctx.task not in DISTILL_TASKS:
+        raise Skip(f"ek.distill takes {', '.join(DISTILL_TASKS)} teachers; these members are {ctx.task}")
     best = ctx.built("best_member")
     teacher = ctx.built("ensemble_mean").model
     epochs, temperature = ctx.settings["distill_epochs"], ctx.settings["distill_temperature"]
@@ -741,4 +739,4 @@ def build_each(selection, ctx):
 
 
 __all__ = ["KINDS", "REGISTRY", "REQUIREMENTS", "SETTINGS", "TASKS", "TASK_METRICS", "Built", "Composition",
-           "Context", "Skip", "build", "build_each", "call_predictions", "call_probs", "get", "names", "task_loss"]
+           "Context", "Skip", "build", "build_each", "call_predictions", "call_probs", "get", "names"]

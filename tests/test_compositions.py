@@ -236,9 +236,54 @@ def test_regression_context_averages_values_and_skips_votes(toy_data):
     calibrated = build("calibrated_logit_mean", ctx)
     assert "variance scaling" in calibrated.note
     assert sorted(calibrated.model(x[:5])) == ["prediction", "std"]
-    with pytest.raises(ValueError, match="metric for regression"):
+    with pytest.raises(ValueError, match=r"^Unknown metric 'nll' for regression members; expected one of 'rmse', "
+                                         r"'mae'\.$"):
         Context(members, x[:100], values[:100], task="regression", metric="nll")
     pruned = build("pruned_members", Context(members, x[:100], values[:100], task="regression", budget=1.0))
     mse = [np.mean((np.asarray(m(x[:100]))[:, 0] - values[:100]) ** 2) for m in members]
     assert pruned.used == [int(np.argmin(mse))]  # budget 1.0: the member with the lower fit-data MSE
     assert pruned.note.endswith("kept under the budget, chosen on the validation split")
+
+
+@pytest.fixture(scope="module")
+def multilabel_members(toy_data):
+    """Two MLPs with three sigmoid units (x0 > 0, x1 > 0.5, x2 > 0): multilabel members."""
+    x, _ = toy_data
+    targets = np.stack([x[:, 0] > 0, x[:, 1] > 0.5, x[:, 2] > 0], axis=1).astype("float32")
+    members = []
+    for seed in range(2):
+        keras.utils.set_random_seed(seed)
+        model = keras.Sequential([keras.Input((x.shape[1],)), keras.layers.Dense(8, "relu"),
+                                  keras.layers.Dense(3, activation="sigmoid")])
+        model.compile(keras.optimizers.Adam(1e-2), "binary_crossentropy")
+        model.fit(x, targets, epochs=3, verbose=0)
+        members.append(model)
+    return members, x, targets
+
+
+def test_multilabel_context_scores_each_label_and_fits_with_the_one_task_loss(multilabel_members):
+    from ensemblekit import metrics
+
+    members, x, targets = multilabel_members
+    ctx = Context(members, x[:100], targets[:100], budget=1.0)
+    assert ctx.task == "multilabel" and ctx.metric == "nll" and ctx.fit_probs().shape == (100, 2, 3)
+    fit_nll = [metrics.multilabel_metrics(np.asarray(m(x[:100])), targets[:100])["nll"] for m in members]
+    best = build("best_member", ctx).used[0]
+    assert best == int(np.argmin(fit_nll))
+    assert build("ensemble_logit_mean", ctx).note == "sigmoid of each label's mean logit"
+    assert "Platt scaling shared by the labels" in build("calibrated_logit_mean", ctx).note
+    assert build("greedy", ctx).used == sorted(set(ek.select(members, x[:100], targets[:100])))
+    assert build("pruned_members", ctx).used == [best]  # budget 1.0: the member with the lower fit NLL
+    weighted = build("weighted", ctx)
+    p = compositions.call_predictions(weighted.model, x[100:], "multilabel")[0]
+    assert p.shape == (len(x) - 100, 3) and 0 < p.min() and p.max() < 1
+    with pytest.raises(Skip, match="^multiclass members only; these are multilabel$"):
+        build("stack_logistic", ctx)
+    with pytest.raises(Skip, match="^ek.distill takes multiclass, binary, regression teachers; these members are "
+                                   "multilabel$"):
+        build("distilled_student", Context(members, x[:100], targets[:100], x_train=x[100:]))
+    with pytest.raises(ValueError, match=r"^Unknown metric 'rmse' for multilabel members; expected one of 'nll', "):
+        Context(members, x[:100], targets[:100], metric="rmse")
+    by_auroc = Context(members, x[:100], targets[:100], metric="auroc")
+    fit_auroc = [metrics.multilabel_metrics(np.asarray(m(x[:100])), targets[:100])["auroc"] for m in members]
+    assert build("best_member", by_auroc).used == [int(np.argmax(fit_auroc))]

@@ -8,9 +8,10 @@ member, soups, TIES, output ensembles, calibrated / weighted / greedy / packed /
 budget-pruned ensembles), scores each on the score half with
 :mod:`ensemblekit.metrics`, costs each (:mod:`ensemblekit.costs`: parameters,
 MACs, measured latency) and recommends the best one within a budget, preferring
-the cheaper of two candidates that score alike. Members may be multiclass or
-binary classifiers (NLL first; Platt scaling for a binary ensemble) or
-regressors (RMSE first; loss barriers in MSE).
+the cheaper of two candidates that score alike. Members may be multiclass,
+binary or multilabel classifiers (NLL first — for multilabel the mean per-label
+binary NLL, every metric a macro mean over labels; Platt scaling for a binary or
+multilabel ensemble) or regressors (RMSE first; loss barriers in MSE).
 
 Modules: ``core`` (the flow, :class:`Advice`), ``recommend`` (the choice),
 ``table`` (``str(advice)``), ``cli`` (``ensemblekit advise``). This package is

@@ -21,11 +21,16 @@ def register_cli(subparsers):
         >>> args = parser.parse_args(["advise", "a.keras", "b.keras", "--data", "v.npz", "--task", "regression"])
         >>> args.task, args.metric
         ('regression', None)
+        >>> args = parser.parse_args(["advise", "a.keras", "b.keras", "--data", "v.npz", "--task", "multilabel",
+        ...                           "--metric", "auroc"])
+        >>> args.task, args.metric
+        ('multilabel', 'auroc')
     """
     parser = subparsers.add_parser(
         "advise", help="merge or ensemble? score every option on held-out data and recommend one",
         description="Measure soups, aligned merges, TIES and output ensembles of the members "
-                    "(multiclass, binary or regression) on held-out data (half to fit, half to score) "
+                    "(multiclass, binary, multilabel or regression) on held-out data (half to fit, half to "
+                    "score; multilabel y_val is 0/1 of shape (n, labels)) "
                     "and recommend one within a budget.")
     parser.add_argument("models", nargs="+", help="member .keras/.h5 files (at least 2)")
     parser.add_argument("--data", required=True,
@@ -34,10 +39,11 @@ def register_cli(subparsers):
     parser.add_argument("--cost", choices=COSTS, default="params")
     metrics = list(dict.fromkeys(m for names in TASK_METRICS.values() for m in names))
     parser.add_argument("--metric", choices=metrics, default=None,
-                        help="what 'best' means (default: nll for classifiers, rmse for regression)")
+                        help="what 'best' means (default: nll for classifiers, rmse for regression; "
+                             "auroc for binary and multilabel)")
     parser.add_argument("--task", choices=("auto", *TASKS), default=None,
                         help="the members' task (default: detected; a linear one-unit output needs "
-                             "binary or regression)")
+                             "binary or regression, multilabel logits need multilabel)")
     parser.add_argument("--base", default=None, help="the model the members were fine-tuned from (enables TIES)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fit/score split")
     parser.add_argument("--json", default=None, help="also write the advice as JSON to this path")

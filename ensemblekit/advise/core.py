@@ -22,9 +22,11 @@ from ensemblekit.compose._members import MemberSet, _shapes_compatible
 from ensemblekit.costs import COSTS, check_budget, latencies, macs
 from ensemblekit.merge.barrier import BARRIER_LOSSES, POINTS, loss_barrier
 
-METRICS = ("nll", "accuracy")  # multiclass (and binary); TASK_METRICS has every task's
-# What advise ranks by, per task (first: the default): NLL for classifiers, RMSE for regressors.
-TASK_METRICS = {"multiclass": METRICS, "binary": METRICS, "regression": ("rmse", "mae")}
+METRICS = ("nll", "accuracy")  # multiclass; TASK_METRICS has every task's
+# What advise ranks by, per task (first: the default): NLL for classifiers, RMSE for regressors;
+# binary and multilabel members may also be ranked by (macro) AUROC.
+TASK_METRICS = {"multiclass": METRICS, "binary": (*METRICS, "auroc"), "multilabel": (*METRICS, "auroc"),
+                "regression": ("rmse", "mae")}
 TASKS = tuple(TASK_METRICS)
 PATH_T = POINTS
 # Latencies within 10% over the budget count as within it: repeated timings of
@@ -52,6 +54,7 @@ _COST_KEYS = ROW_KEYS[6:]
 TASK_ROW_KEYS = {
     "multiclass": ROW_KEYS,
     "binary": ("name", "kind", "accuracy", "auroc", "nll", "brier", "ece", *_COST_KEYS),
+    "multilabel": ("name", "kind", "accuracy", "auroc", "nll", "brier", "ece", *_COST_KEYS),  # macro means
     "regression": ("name", "kind", "rmse", "mae", "nll", "coverage", *_COST_KEYS),
 }
 
@@ -67,7 +70,9 @@ class Advice:
         rows: one dict per candidate (keys ``TASK_ROW_KEYS[task]``): ``name``, ``kind``
             (``"member"``, ``"merge"``, ``"ensemble"``, ``"trained"``), the task's metrics
             on the score half (``None`` when skipped) — multiclass ``accuracy``, ``nll``,
-            ``brier``, ``ece``; binary also ``auroc``; regression ``rmse``, ``mae``, and
+            ``brier``, ``ece``; binary also ``auroc``; multilabel the same five, each the
+            mean over labels of that label's binary metric (``auroc`` ``None`` when a label
+            has one class only in the score half); regression ``rmse``, ``mae``, and
             ``nll`` (Gaussian) and ``coverage`` (±1.96σ) where the candidate has a std —
             then ``params``, ``macs`` (per sample),
             ``latency_ms`` (batch 256, only for ``cost="latency"``), ``cost_ratio``
@@ -76,12 +81,14 @@ class Advice:
         barriers: ``{"0-k": {...}}`` per member pair: ``t``, ``path_nll``,
             ``barrier`` and, when alignment worked, ``aligned_path_nll`` and
             ``aligned_barrier`` (score-half NLL in nats; binary cross-entropy for binary
-            members; for regression ``path_mse``/``aligned_path_mse``, the barrier in
-            MSE); empty when merges are impossible.
+            members, its mean over labels for multilabel ones; for regression
+            ``path_mse``/``aligned_path_mse``, the barrier in MSE); empty when merges are
+            impossible.
         notes: advisor-wide remarks (e.g. why weight-space merges were skipped).
         budget, cost, metric, seed: the settings used.
         fit_size, score_size: samples in the fit and score halves.
-        task: the members' task (``"multiclass"``, ``"binary"`` or ``"regression"``).
+        task: the members' task (``"multiclass"``, ``"binary"``, ``"multilabel"`` or
+            ``"regression"``).
         models: ``{name: keras.Model}`` of every built candidate (not in ``to_dict``).
 
     Example:
@@ -172,9 +179,9 @@ def advise(models, x_val, y_val, budget=None, cost="params", metric=None, base=N
     the path (endpoints included) gets ``ek.reset_bn`` on the fit half.
 
     The recommendation is the best candidate by ``metric`` among those within
-    ``budget``; when a cheaper one is within the tolerance (0.5 accuracy point,
-    or 1% relative NLL, RMSE or MAE) of it, the cheaper one is recommended and
-    the reason says so.
+    ``budget``; when a cheaper one is within the tolerance (0.5 accuracy or AUROC
+    point, or 1% relative NLL, RMSE or MAE) of it, the cheaper one is recommended
+    and the reason says so.
 
     Per task (``task=``, detected when ``None``):
 
@@ -184,6 +191,18 @@ def advise(models, x_val, y_val, budget=None, cost="params", metric=None, base=N
       candidates on the positive-class probability, scored by the binary metrics
       (accuracy, AUROC, NLL, Brier, ECE; ``ek.evaluate``'s); ``ensemble_calibrated``
       is Platt scaling; the barrier is in binary cross-entropy (nats).
+    * multilabel (several sigmoid units, or logits with ``task="multilabel"``; targets
+      0/1 of shape ``(n, labels)``): each label is a binary problem, and each metric is
+      the unweighted mean over labels of that label's binary metric (``ek.evaluate``'s
+      macro means; accuracy is the fraction of correct label decisions, NLL the mean
+      per-label binary cross-entropy). ``ensemble`` and ``packed`` take the sigmoid of
+      each label's mean logit; ``weighted``, ``greedy`` and ``pruned_subset`` fit the
+      mean of probabilities by that NLL; ``ensemble_calibrated`` is one Platt scaling
+      (slope and bias) shared by the labels, as ``ek.calibrate`` fits it: one
+      temperature plus a shift, two numbers that the fit half pins down even for rare
+      labels, where a slope and bias per label would overfit them; the barrier is
+      the mean per-label binary cross-entropy. ``distilled_student`` is skipped
+      (``ek.distill`` has no multilabel student).
     * regression: scored by RMSE (the default ``metric``) and MAE; ``ensemble`` and
       ``packed`` average the values; ``ensemble_calibrated`` is that mean with the
       members' spread as its std, variance-scaled on the fit half, which adds a
@@ -192,28 +211,29 @@ def advise(models, x_val, y_val, budget=None, cost="params", metric=None, base=N
 
     Args:
         models: list of at least two members (``keras.Model`` or ``.keras``/``.h5`` paths)
-            with one input and one ``(batch, units)`` output: multiclass or binary
-            classifiers, or regressors.
+            with one input and one ``(batch, units)`` output: multiclass, binary or
+            multilabel classifiers, or regressors.
         x_val, y_val: held-out data the members were not trained on (at least 4 samples;
-            labels as integers or one-hot; 0/1 for binary; values for regression).
+            labels as integers or one-hot; 0/1 for binary; 0/1 of shape ``(n, labels)``
+            for multilabel; values for regression).
         budget: ``None`` (no limit) or how many single-member costs may be spent
             (``1.0`` = one member, the mean of the members' costs; the one meaning
             of budgets, ``ensemblekit.costs``).
         cost: ``"params"``, ``"macs"`` (per sample) or ``"latency"`` (batch 256 through
             ``ek.compile_for_inference``, timed round-robin on this device; within 10%
             over the budget counts as within, timing noise).
-        metric: what "best" means: ``"nll"`` or ``"accuracy"`` (classifiers), ``"rmse"``
-            or ``"mae"`` (regression); ``None``: ``"nll"``, or ``"rmse"`` for regression.
+        metric: what "best" means, one of ``TASK_METRICS[task]``: ``"nll"`` or
+            ``"accuracy"`` (classifiers), also ``"auroc"`` (binary and multilabel),
+            ``"rmse"`` or ``"mae"`` (regression); ``None``: ``"nll"``, or ``"rmse"`` for
+            regression. One that does not apply to the task is a ``ValueError`` naming both.
         base: the model the members were fine-tuned from (model or path); enables ``ties``.
         verbose: 1 shows a progress bar and prints the table; 0 is silent.
         seed: seed of the fit/score split (and of weight matching).
         x_train, y_train: the members' training inputs (labels optional), for the
             ``distilled_student`` candidate; without them it is skipped.
         task: the members' task as in ``ek.ensemble``: ``None``/``"auto"`` (detect),
-            ``"multiclass"``, ``"binary"`` or ``"regression"`` (a linear one-unit output
-            needs it). ``"multilabel"`` members are refused with one ``ValueError``
-            naming the tools that take them (``ek.ensemble``/``ek.pack`` with ``task=``,
-            ``ek.calibrate``, ``ek.evaluate``).
+            ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"regression"`` (a linear
+            one-unit output needs it, and so do multilabel logits).
 
     Returns:
         An :class:`Advice` (``recommendation``, ``reason``, ``rows``, ``barriers``,
@@ -276,7 +296,8 @@ class _Setup:
     ctx: compositions.Context  # members, fit half, base, budget, metric: what candidates are built from
     x_score: np.ndarray
     y_score: np.ndarray
-    score_probs: np.ndarray  # (n_score, K, classes); binary (n_score, K); regression (n_score, K, units)
+    score_probs: np.ndarray  # (n_score, K, classes); binary (n_score, K); multilabel (n_score, K, labels);
+    # regression (n_score, K, units)
     notes: list
     member_params: np.ndarray
     member_macs: np.ndarray
@@ -294,16 +315,25 @@ def _check_x(x_val, members):
     return x
 
 
-def _check_task(members):
-    """One ``ValueError`` for members advise cannot compare, naming their task and what takes it."""
-    if members.task in TASKS:
+def _check_auroc(metric, y_score, task):
+    """AUROC ranks only when every label has both classes in the score half; one error otherwise."""
+    if metric != "auroc":
         return
-    task = members.task
-    raise ValueError(
-        f"advise supports multiclass, binary and regression members; {members.labels[0]}'s output is {task} "
-        f"(task={task!r}), and its candidates (soups, loss barriers, calibration, distillation) score one "
-        f"prediction per sample. For {task} members use ek.ensemble(members, task={task!r}) or "
-        f"ek.pack(..., task={task!r}), ek.calibrate and ek.evaluate.")
+    columns = y_score.reshape(len(y_score), -1)
+    for label in range(columns.shape[1]):
+        values = np.unique(columns[:, label])
+        if len(values) < 2:
+            which = f"label {label}" if task == "multilabel" else "the label"
+            raise ValueError(
+                f"metric 'auroc' needs both classes of every label in the score half; {which} is "
+                f"{int(values[0])} in all {len(columns)} score-half samples. Use metric='nll' or more data.")
+
+
+def _multilabel_note(ctx):
+    labels = ctx.members.output_shapes[0][-1]
+    return (f"multilabel members ({labels} labels): accuracy, AUROC, NLL, Brier and ECE are each label's binary "
+            "metric averaged over the labels (ek.evaluate's macro means); ensemble_calibrated is one Platt "
+            "scaling shared by the labels")
 
 
 def _load_base(base):
@@ -316,7 +346,6 @@ def _load_base(base):
 
 def _setup(models, x_val, y_val, base, budget, metric, seed, x_train=None, y_train=None, task=None):
     members = MemberSet(models, min_count=2, what="advise", task=task)
-    _check_task(members)
     members.require_single_output(TASKS)
     if metric is not None and metric not in TASK_METRICS[members.task]:
         options = ", ".join(map(repr, TASK_METRICS[members.task]))
@@ -325,6 +354,7 @@ def _setup(models, x_val, y_val, base, budget, metric, seed, x_train=None, y_tra
     x = _check_x(x_val, members)
     y = check_targets(y_val, len(x), members.output_shapes[0], members.task, param="y_val")
     fit, score = split_indices(len(x), seed)
+    _check_auroc(metric, y[score], members.task)
     ctx = compositions.Context(
         members.models, x[fit], y[fit], base=base, budget=budget, metric=metric, seed=seed,
         x_train=None if x_train is None else np.asarray(x_train, dtype="float32"),
@@ -332,7 +362,9 @@ def _setup(models, x_val, y_val, base, budget, metric, seed, x_train=None, y_tra
                                                            members.task, param="y_train"),
         output_kind=members.output_kinds, fit_data="fit half", bn_data="fit", model_prefix="advise_",
         skip_errors=(ValueError,), task=members.task)  # an unsupported layer, ...: a skipped row
-    notes = [f"weight-space merges skipped: {ctx.architecture_difference}"] if ctx.architecture_difference else []
+    notes = [_multilabel_note(ctx)] if members.task == "multilabel" else []
+    if ctx.architecture_difference:
+        notes.append(f"weight-space merges skipped: {ctx.architecture_difference}")
     score_probs = np.stack([compositions.call_predictions(m, x[score], members.task, kind)[0]
                             for m, kind in zip(members.models, members.output_kinds)], axis=1)
     return _Setup(ctx, x[score], y[score], score_probs, notes,
@@ -448,13 +480,34 @@ def _scores(task, prediction, std, y):
     if task == "multiclass":
         return metrics.score_probs(prediction, y)
     if task == "binary":
-        scores = {name: fn(prediction, y) for name, fn in metrics.BINARY_METRICS.items() if name != "auroc"}
-        try:
-            scores["auroc"] = metrics.auroc(prediction, y)
-        except ValueError:  # one class only in the score half: AUROC is undefined
-            scores["auroc"] = None
-        return scores
+        return _binary_scores(prediction, y)
+    if task == "multilabel":
+        return _macro_scores(prediction, y)
     scores = {"rmse": metrics.rmse(prediction, y), "mae": metrics.mae(prediction, y)}
     if std is not None:
         scores.update(nll=metrics.gaussian_nll(prediction, std, y), coverage=metrics.coverage(prediction, std, y))
     return scores
+
+
+def _binary_scores(p, y):
+    """``metrics.BINARY_METRICS`` of positive-class probabilities; AUROC ``None`` for one class only."""
+    scores = {name: fn(p, y) for name, fn in metrics.BINARY_METRICS.items() if name != "auroc"}
+    try:
+        scores["auroc"] = metrics.auroc(p, y)
+    except ValueError:  # one class only in the score half: AUROC is undefined
+        scores["auroc"] = None
+    return scores
+
+
+def _macro_scores(p, y):
+    """Each label's :func:`_binary_scores`, averaged over labels (``metrics.multilabel_metrics``'s macro
+    means); AUROC is ``None`` when a label has one class only.
+
+    Example:
+        >>> p, y = np.array([[0.9, 0.2], [0.3, 0.6], [0.8, 0.7]]), np.array([[1, 0], [1, 1], [0, 1]])
+        >>> _macro_scores(p, y)["auroc"] == metrics.multilabel_metrics(p, y)["auroc"]
+        True
+    """
+    per_label = [_binary_scores(p[:, label], y[:, label]) for label in range(p.shape[1])]
+    return {name: None if any(row[name] is None for row in per_label) else
+            float(np.mean([row[name] for row in per_label])) for name in per_label[0]}

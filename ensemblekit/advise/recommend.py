@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
-# A cheaper candidate is preferred when the better one wins by less than this:
-# accuracy in absolute terms (0.5 point); NLL, RMSE and MAE relative to the better value (1%).
-TOLERANCE = {"accuracy": 0.005, "nll": 0.01, "rmse": 0.01, "mae": 0.01}
-LABELS = {"accuracy": "accuracy", "nll": "NLL", "rmse": "RMSE", "mae": "MAE"}
+# A cheaper candidate is preferred when the better one wins by less than this: accuracy and
+# AUROC in absolute terms (0.5 point); NLL, RMSE and MAE relative to the better value (1%).
+TOLERANCE = {"accuracy": 0.005, "auroc": 0.005, "nll": 0.01, "rmse": 0.01, "mae": 0.01}
+LABELS = {"accuracy": "accuracy", "auroc": "AUROC", "nll": "NLL", "rmse": "RMSE", "mae": "MAE"}
+HIGHER_IS_BETTER = ("accuracy", "auroc")
 
 
 def _loss(row, metric):
-    return -row["accuracy"] if metric == "accuracy" else row[metric]
+    return -row[metric] if metric in HIGHER_IS_BETTER else row[metric]
 
 
 def _gap(row, best, metric):
     """How much worse ``row`` is than ``best``, in the tolerance's unit."""
-    if metric == "accuracy":
-        return best["accuracy"] - row["accuracy"]
+    if metric in HIGHER_IS_BETTER:
+        return best[metric] - row[metric]
     return (row[metric] - best[metric]) / max(best[metric], 1e-12)
 
 
 def _describe_gap(row, best, metric):
-    if metric == "accuracy":
+    if metric in HIGHER_IS_BETTER:
         return f"{100 * _gap(row, best, metric):.1f} points"
     return f"{100 * _gap(row, best, metric):.1f}%"
 
@@ -33,13 +34,14 @@ def recommend(rows, metric, budget, cost, barriers):
     """``(name or None, reason)``: the recommended row and one paragraph quoting its numbers.
 
     Among scored rows within budget, the best by ``metric``; a cheaper row within
-    :data:`TOLERANCE` of it (0.5 accuracy point, or 1% relative NLL, RMSE or MAE)
-    is preferred.
+    :data:`TOLERANCE` of it (0.5 accuracy or AUROC point, or 1% relative NLL, RMSE
+    or MAE) is preferred.
 
     Args:
         rows: dicts with ``name``, ``metric``'s key, ``cost_ratio``, ``within_budget``
             (the metric is ``None`` for skipped rows).
-        metric: ``"nll"`` or ``"accuracy"`` (classifiers), ``"rmse"`` or ``"mae"`` (regression).
+        metric: ``"nll"``, ``"accuracy"`` or ``"auroc"`` (classifiers), ``"rmse"`` or ``"mae"``
+            (regression).
         budget: the budget in single-member costs, or ``None``.
         cost: the cost's name, for the reason.
         barriers: the advisor's loss barriers (``{}`` for none), summarised in the reason.
@@ -56,7 +58,7 @@ def recommend(rows, metric, budget, cost, barriers):
     """
     scored = [r for r in rows if r[metric] is not None]
     eligible = [r for r in scored if r["within_budget"]]
-    tolerance = "0.5 points" if metric == "accuracy" else "1%"
+    tolerance = "0.5 points" if metric in HIGHER_IS_BETTER else "1%"
     if not eligible:
         cheapest = min(scored, key=lambda r: r["cost_ratio"])
         return None, (f"no candidate fits the budget of {budget:g}x one member's {cost}; the cheapest, "

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-# The metric columns per task: (row key, header, width, format).
+_BINARY_COLUMNS = (("accuracy", "accuracy", 8, ".4f"), ("auroc", "AUROC", 7, ".4f"), ("nll", "NLL", 7, ".4f"),
+                   ("brier", "Brier", 7, ".4f"), ("ece", "ECE", 7, ".4f"))
+# The metric columns per task: (row key, header, width, format); multilabel ones are macro means.
 METRIC_COLUMNS = {
     "multiclass": (("accuracy", "accuracy", 8, ".4f"), ("nll", "NLL", 7, ".4f"), ("brier", "Brier", 7, ".4f"),
                    ("ece", "ECE", 7, ".4f")),
-    "binary": (("accuracy", "accuracy", 8, ".4f"), ("auroc", "AUROC", 7, ".4f"), ("nll", "NLL", 7, ".4f"),
-               ("brier", "Brier", 7, ".4f"), ("ece", "ECE", 7, ".4f")),
+    "binary": _BINARY_COLUMNS,
+    "multilabel": _BINARY_COLUMNS,
     "regression": (("rmse", "RMSE", 8, ".4g"), ("mae", "MAE", 8, ".4g"), ("nll", "NLL", 7, ".4f"),
                    ("coverage", "cover.", 6, ".3f")),
 }
 _BARRIER_LOSS = {"multiclass": "score-half NLL, nats", "binary": "score-half binary cross-entropy, nats",
+                 "multilabel": "score-half binary cross-entropy averaged over labels, nats",
                  "regression": "score-half MSE"}
 
 
@@ -27,8 +30,9 @@ def format_table(advice):
     """``str(advice)``: the settings, one row per candidate, the barriers, notes and the recommendation.
 
     The metric columns are the task's (:data:`METRIC_COLUMNS`): accuracy, NLL, Brier and
-    ECE for multiclass members, AUROC too for binary ones; RMSE, MAE, and Gaussian NLL
-    and ±1.96σ coverage (where a candidate has a std) for regressors.
+    ECE for multiclass members, AUROC too for binary ones and multilabel ones (macro
+    means over labels); RMSE, MAE, and Gaussian NLL and ±1.96σ coverage (where a
+    candidate has a std) for regressors.
 
     Example:
         >>> from ensemblekit.advise.core import Advice

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import keras
 import numpy as np
@@ -15,67 +16,148 @@ from ensemblekit._validate import check_choice, check_labels, check_targets
 from ensemblekit.compose._members import MemberSet, fresh_inputs
 from ensemblekit.compose.layers import PlattScaling, StdScaling, TemperatureScaling
 
-SCORED_METRICS = ("nll", "brier", "accuracy", "ece")
 REGRESSION_METRICS = {"mse": lambda v, y: float(np.mean((v - y) ** 2)),
                       "rmse": lambda v, y: float(np.sqrt(np.mean((v - y) ** 2))),
                       "mae": lambda v, y: float(np.mean(np.abs(v - y)))}
+# What learning from validation data can score, per task (first: the default). Binary and
+# multilabel members are scored as ek.evaluate scores them: the binary metrics of the positive-class
+# probability (per label, then the unweighted mean over labels, sklearn's average="macro").
+TASK_METRICS = {
+    "multiclass": ("nll", "brier", "accuracy", "ece"),
+    "binary": ("nll", "brier", "accuracy", "ece", "auroc"),
+    "multilabel": ("nll", "brier", "accuracy", "ece", "auroc"),
+    "regression": tuple(REGRESSION_METRICS),
+}
+SCORED_METRICS = TASK_METRICS["multiclass"]
 
 
 def validation_predictions(models, x_val, y_val, what, min_count=2, task=None):
     """Validated members, their predictions on ``x_val`` ``(n, K, ...)``, targets and the task.
 
-    Multiclass: probabilities and integer labels. Binary: two-class
-    probabilities ``[1 - p, p]`` and 0/1 labels, so every classification metric
-    applies. Regression: values and targets of the output's shape. Multilabel
-    and several outputs are refused with one clear error.
+    The predictions are in :func:`task_loss`'s form: class probabilities
+    ``(n, K, classes)`` and integer labels (multiclass); positive-class
+    probabilities ``(n, K)`` and 0/1 labels (binary); per-label probabilities
+    ``(n, K, labels)`` and 0/1 targets ``(n, labels)`` (multilabel); values and
+    targets of the output's shape (regression). Several outputs are refused with
+    one clear error.
+
+    Example:
+        >>> import keras
+        >>> ms = [keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, "sigmoid")]) for _ in range(3)]
+        >>> _, p, y, task = validation_predictions(ms, np.zeros((5, 4)), [0, 1, 0, 1, 1], "a test")
+        >>> p.shape, y.shape, task
+        ((5, 3), (5,), 'binary')
     """
     members = MemberSet(models, min_count=min_count, what=what, task=task)
     if not members.single_io:
         raise ValueError(f"{what} supports members with one input and one output; {members.labels[0]} "
                          f"has inputs {members.input_names} and outputs {members.output_names}.")
-    if members.task == "multilabel":
-        raise ValueError(f"{what} does not support multilabel members yet ({members.labels[0]}); "
-                         "use ek.ensemble(..., 'mean') or fit one binary ensemble per label.")
     stacked = members.predict_stacked(x_val)
     y = check_targets(y_val, stacked.shape[0], stacked.shape[2:], members.task, param="y_val")
-    if members.task == "binary":
-        p = special.expit(stacked[..., 0])
-        return members, np.stack([1.0 - p, p], axis=-1), y, "binary"
-    return members, stacked if members.task == "regression" else np.exp(stacked), y, members.task
+    if members.task == "regression":
+        return members, stacked, y, "regression"
+    if members.task == "multiclass":
+        return members, np.exp(stacked), y, "multiclass"
+    p = special.expit(stacked)  # binary and multilabel members are canonically logits
+    return members, p[..., 0] if members.task == "binary" else p, y, members.task
+
+
+def check_metric(metric, task, choices=None):
+    """``metric`` if it is one of ``choices`` (default ``TASK_METRICS[task]``), else one ``ValueError``
+    naming the metric, the task and the choices.
+
+    Example:
+        >>> check_metric("mse", "binary")
+        Traceback (most recent call last):
+        ...
+        ValueError: Unknown metric 'mse' for binary members; expected one of 'nll', 'brier', 'accuracy', 'ece', 'auroc'.
+    """
+    check_choice(task, tuple(TASK_METRICS), "task")
+    choices = TASK_METRICS[task] if choices is None else choices
+    if metric not in choices:
+        options = ", ".join(map(repr, choices))
+        raise ValueError(f"Unknown metric {metric!r} for {task} members; expected one of {options}.")
+    return metric
 
 
 def task_loss(metric, task):
-    """``loss(predictions, y)`` (lower is better) for ``metric`` (``None``: NLL, or MSE for regression)."""
+    """``(metric, loss)``: ``loss(predictions, y)`` of ``metric`` on ``task``'s predictions, lower is better.
+
+    The one scoring rule of everything learned from validation data (weights,
+    greedy and budgeted selection, the best member of a composition). Predictions
+    are in :func:`validation_predictions`'s form: class probabilities
+    ``(n, classes)`` (multiclass, :data:`ensemblekit.metrics.METRICS`); the
+    positive-class probability ``(n,)`` (binary,
+    :data:`ensemblekit.metrics.BINARY_METRICS`: Brier is ``mean((p - y)²)``, as
+    ``ek.evaluate``); per-label probabilities ``(n, labels)`` (multilabel: each
+    label's binary metric, averaged over labels as ``ek.evaluate``'s macro means);
+    values (regression). Accuracy and AUROC are negated.
+
+    Args:
+        metric: one of ``TASK_METRICS[task]``; ``None``: the first (``"nll"``, or
+            ``"mse"`` for regression).
+        task: ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"regression"``.
+
+    Returns:
+        ``(metric, loss)``, the metric's name (``None`` resolved) and the function.
+
+    Example:
+        >>> task_loss(None, "multilabel")[0]
+        'nll'
+        >>> task_loss("accuracy", "binary")[1](np.array([0.9, 0.2]), np.array([1, 1]))
+        -0.5
+        >>> loss = task_loss("auroc", "multilabel")[1]   # label 0 ranked right, label 1 wrong
+        >>> loss(np.array([[0.9, 0.2], [0.1, 0.8]]), np.array([[1, 1], [0, 0]]))
+        -0.5
+    """
+    check_choice(task, tuple(TASK_METRICS), "task")
+    metric = TASK_METRICS[task][0] if metric is None else check_metric(metric, task)
     if task == "regression":
-        metric = metric or "mse"
-        check_choice(metric, tuple(REGRESSION_METRICS), "metric for regression")
         return metric, REGRESSION_METRICS[metric]
-    metric = metric or "nll"
-    return metric, metric_loss(metric)
+    if task == "multiclass":
+        fn = metrics.METRICS[metric]
+    elif task == "binary":
+        fn = metrics.BINARY_METRICS[metric]
+    else:
+        fn = functools.partial(_macro, metrics.BINARY_METRICS[metric])
+    return metric, (lambda p, y: -fn(p, y)) if metric in metrics.HIGHER_IS_BETTER else fn
+
+
+def _macro(fn, p, y):
+    """The unweighted mean over labels (the last axis) of ``fn`` on each label (sklearn's ``"macro"``)."""
+    p, y = np.asarray(p), np.asarray(y)
+    return float(np.mean([fn(p[..., label], y[..., label]) for label in range(p.shape[-1])]))
 
 
 def metric_loss(metric):
-    """``loss(probs, y)``: lower is better, whatever the metric."""
-    check_choice(metric, SCORED_METRICS, "metric")
-    fn = metrics.METRICS[metric]
-    return (lambda p, y: -fn(p, y)) if metric in metrics.HIGHER_IS_BETTER else fn
+    """``loss(probs, y)`` of multiclass probabilities, lower is better: ``task_loss(metric, "multiclass")``'s.
+
+    Example:
+        >>> round(metric_loss("nll")(np.array([[0.5, 0.5]]), np.array([0])), 4)
+        0.6931
+    """
+    return task_loss(metric, "multiclass")[1]
 
 
 def optimize_weights(models, x_val, y_val, metric=None, task=None):
     """Find the member weights (on the simplex) that minimise ``metric`` on validation data.
 
-    The weighted mean of member probabilities is scored; weights are
-    ``softmax(θ)`` and ``θ`` is optimised with L-BFGS (scipy), so they stay
-    non-negative and sum to one. ``"nll"`` and ``"brier"`` are smooth; for
-    ``"accuracy"`` and ``"ece"`` a Nelder-Mead search is used instead.
+    The weighted mean of member probabilities (values, for regression) is
+    scored by :func:`task_loss`; weights are ``softmax(θ)`` and ``θ`` is
+    optimised with L-BFGS (scipy), so they stay non-negative and sum to one.
+    ``"nll"``, ``"brier"``, ``"mse"`` and ``"rmse"`` are smooth; for the others
+    (``"accuracy"``, ``"ece"``, ``"auroc"``, ``"mae"``) a Nelder-Mead search is used instead.
 
     Args:
         models: list of members (models or paths).
-        x_val, y_val: validation data the members were not trained on.
-        metric: ``"nll"`` (default for classifiers), ``"brier"``, ``"accuracy"``
-            or ``"ece"``; for regression ``"mse"`` (default), ``"rmse"`` or ``"mae"``.
+        x_val, y_val: validation data the members were not trained on (0/1 targets
+            of shape ``(n, labels)`` for multilabel members).
+        metric: one of ``TASK_METRICS[task]``: ``"nll"`` (default for classifiers),
+            ``"brier"``, ``"accuracy"`` or ``"ece"``, and ``"auroc"`` for binary and
+            multilabel members (multilabel: each label's metric, averaged over labels);
+            for regression ``"mse"`` (default), ``"rmse"`` or ``"mae"``.
         task: the members' task as in ``ek.ensemble`` (``None`` detects it);
-            multiclass, binary and regression are supported.
+            multiclass, binary, multilabel and regression are supported.
 
     Returns:
         ``np.ndarray`` of shape ``(K,)``, non-negative, summing to one; pass it
@@ -138,10 +220,11 @@ def greedy_selection(probs, y, loss, steps=None, costs=None, limit=None):
     still fits ``limit`` are candidates.
 
     Args:
-        probs: ``(n, K, classes)`` member probabilities on validation data.
-        y: ``(n,)`` integer labels.
-        loss: ``loss(probs, y)`` of ``(n, classes)`` probabilities, lower is
-            better (e.g. :func:`metric_loss`).
+        probs: ``(n, K, ...)`` member predictions on validation data in
+            :func:`task_loss`'s form (e.g. ``(n, K, classes)`` probabilities).
+        y: the targets ``loss`` takes (e.g. ``(n,)`` integer labels).
+        loss: ``loss(predictions, y)`` of the averaged ``(n, ...)`` predictions,
+            lower is better (e.g. ``task_loss("nll", task)[1]``).
         steps: greedy steps (default ``2 * K``).
         costs: ``None`` or ``(K,)`` positive costs of the members.
         limit: ``None`` (no limit) or the most the chosen members may cost in
@@ -198,18 +281,18 @@ def select(models, x_val, y_val, size=None, metric=None, task=None):
 
     Starting from the empty ensemble, each step adds the member (possibly one
     already chosen) whose addition gives the best validation ``metric`` of the
-    averaged probabilities. After ``size`` steps (default ``2 * K``) the prefix
-    with the best score is returned, so extra steps never hurt. The selection
-    itself is :func:`greedy_selection` (no cost limit).
+    averaged probabilities (:func:`task_loss`). After ``size`` steps (default
+    ``2 * K``) the prefix with the best score is returned, so extra steps never
+    hurt. The selection itself is :func:`greedy_selection` (no cost limit).
 
     Args:
         models: list of members.
         x_val, y_val: validation data.
         size: number of greedy steps.
-        metric: ``"nll"`` (default for classifiers), ``"brier"``, ``"accuracy"``
-            or ``"ece"``; for regression ``"mse"`` (default), ``"rmse"`` or ``"mae"``.
+        metric: as in :func:`optimize_weights`: one of ``TASK_METRICS[task]``
+            (default ``"nll"``, or ``"mse"`` for regression).
         task: the members' task as in ``ek.ensemble`` (``None`` detects it);
-            multiclass, binary and regression are supported.
+            multiclass, binary, multilabel and regression are supported.
 
     Returns:
         ``list[int]`` of member indices, with repeats; weights of the selected

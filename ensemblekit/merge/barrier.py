@@ -11,9 +11,10 @@ Connectivity and the Lottery Ticket Hypothesis", Def. 1; Ainsworth et al.,
 
 with ``L`` the task's loss on ``(x, y)``: the mean negative log-likelihood
 (nats) of a multiclass (softmax) or binary (sigmoid, binary cross-entropy)
-classifier, the mean squared error of a regressor. Near 0: the two sit in one
-basin and averaging their weights works; large: align first (``ek.align``) or
-ensemble their outputs instead.
+classifier, the mean per-label binary cross-entropy of a multilabel one (each
+label's Bernoulli NLL, averaged over labels), the mean squared error of a
+regressor. Near 0: the two sit in one basin and averaging their weights works;
+large: align first (``ek.align``) or ensemble their outputs instead.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from ensemblekit._outputs import as_probs, check_task, detect_output_kind, detec
 from ensemblekit._validate import check_targets
 
 POINTS = (0.0, 0.25, 0.5, 0.75, 1.0)
-# The loss along the path, per task: NLL (nats) of classifiers, MSE of regressors.
-BARRIER_LOSSES = {"multiclass": "nll", "binary": "nll", "regression": "mse"}
+# The loss along the path, per task: NLL (nats) of classifiers (per label, averaged, for
+# multilabel ones), MSE of regressors.
+BARRIER_LOSSES = {"multiclass": "nll", "binary": "nll", "multilabel": "nll", "regression": "mse"}
 
 
 class LossBarrier(typing.NamedTuple):
@@ -69,24 +71,23 @@ def _loss(model, x, y, task, kind, batch_size):
     """Mean loss of ``model`` on ``(x, y)`` by direct calls in inference mode (no ``predict`` retracing).
 
     Multiclass: NLL of the softmax probabilities; binary: binary cross-entropy of the
-    sigmoid probability; regression: mean squared error of the values.
+    sigmoid probability; multilabel: the binary cross-entropy of every label, averaged
+    (each label has one value per sample, so this is also the mean of the per-label means);
+    regression: mean squared error of the values.
     """
     outputs = np.concatenate([keras.ops.convert_to_numpy(model(x[i:i + batch_size], training=False))
                               for i in range(0, len(x), batch_size)]).astype("float64")
     if task == "multiclass":
         return metrics.nll(as_probs(outputs, model, kind), y)
-    if task == "binary":
+    if task in ("binary", "multilabel"):
         p = outputs if kind == "probs" else 1.0 / (1.0 + np.exp(-outputs))
         return metrics.binary_nll(p, y)
     return float(np.mean((outputs.reshape(y.shape) - y) ** 2))
 
 
 def _barrier_task(model, task):
-    task = check_task(task)[0] or detect_task(model, label=f"loss_barrier: model {model.name!r}")
-    if task not in BARRIER_LOSSES:
-        raise ValueError(f"loss_barrier supports tasks {', '.join(BARRIER_LOSSES)}; model {model.name!r} "
-                         f"is {task} (task={task!r}).")
-    return task
+    """The task given, or detected from ``model`` (every task has a loss in ``BARRIER_LOSSES``)."""
+    return check_task(task)[0] or detect_task(model, label=f"loss_barrier: model {model.name!r}")
 
 
 def loss_barrier(model_a, model_b, x, y, points=POINTS, reset_bn_data=None, output_kind=None,
@@ -96,16 +97,18 @@ def loss_barrier(model_a, model_b, x, y, points=POINTS, reset_bn_data=None, outp
     Each point ``t`` of ``points`` is the model
     ``merge([model_a, model_b], "linear", weights=[1-t, t])``; its mean loss on
     ``(x, y)`` is one entry of ``path``: NLL in nats for classifiers (binary
-    cross-entropy for one sigmoid unit), mean squared error for regressors. The barrier is
+    cross-entropy for one sigmoid unit, its mean over labels for several),
+    mean squared error for regressors. The barrier is
     ``max_t [path(t) - ((1-t) path(0) + t path(1))]`` (Frankle et al., 2020).
     Two copies of one model have barrier 0; independently trained models
     usually have a positive one, which ``ek.align`` lowers.
 
     Args:
-        model_a, model_b: models of one architecture: classifiers (``(batch, classes)``
-            or one sigmoid unit) or regressors.
+        model_a, model_b: models of one architecture: classifiers (``(batch, classes)``,
+            one sigmoid unit, or several for multilabel) or regressors.
         x, y: data to measure the loss on (labels as integers or one-hot; 0/1 for
-            binary; values for regression); use held-out data.
+            binary; 0/1 of shape ``(n, labels)`` for multilabel; values for regression);
+            use held-out data.
         points: the ``t`` values, rising from 0 to 1 with at least one between.
         reset_bn_data: inputs for ``ek.reset_bn``. When given and the models hold
             BatchNorm, every point — the endpoints too — gets its statistics
@@ -114,8 +117,9 @@ def loss_barrier(model_a, model_b, x, y, points=POINTS, reset_bn_data=None, outp
             weights). Ignored for models without BatchNorm.
         output_kind: ``"logits"``/``"probs"`` (default: detected from ``model_a``).
         batch_size: samples per forward pass.
-        task: ``"multiclass"``, ``"binary"`` or ``"regression"`` (``None``/``"auto"``:
-            detected from ``model_a``; a linear one-unit output needs it).
+        task: ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"regression"``
+            (``None``/``"auto"``: detected from ``model_a``; a linear one-unit output,
+            or multilabel logits, needs it).
 
     Returns:
         A :class:`LossBarrier` ``(barrier, t, path)``.

@@ -9,14 +9,7 @@ import numpy as np
 
 from ensemblekit._graph import is_container
 from ensemblekit._io import load_members
-from ensemblekit._validate import check_choice
-from ensemblekit.compose.weights import (
-    REGRESSION_METRICS,
-    SCORED_METRICS,
-    greedy_selection,
-    task_loss,
-    validation_predictions,
-)
+from ensemblekit.compose.weights import greedy_selection, task_loss, validation_predictions
 from ensemblekit.costs import COST_UNITS, budget_limit, check_budget, model_costs
 from ensemblekit.metrics import HIGHER_IS_BETTER
 
@@ -37,7 +30,7 @@ class MemberSelection:
         full_score: validation ``metric`` of all members averaged equally.
         model: the kept members as one model (``ek.ensemble(..., "weighted",
             task=task)``), or the single kept member.
-        task: the members' task (``"multiclass"``, ``"binary"`` or ``"regression"``).
+        task: the members' task (``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"regression"``).
         metric: the metric of ``score`` and ``full_score``.
     """
 
@@ -78,14 +71,6 @@ def _check_cheapest_fits(models, costs, budget, given, cost):
         f"{costs[cheapest]:g}{unit}: budget must be at least {costs[cheapest] / mean:.3g}.")
 
 
-def _selection_loss(metric, task):
-    """``(metric, loss)`` of ``task``'s selection metric; one error naming the metric and the task."""
-    if metric is not None:
-        choices = tuple(REGRESSION_METRICS) if task == "regression" else SCORED_METRICS
-        check_choice(metric, choices, f"metric for {task} members")
-    return task_loss(metric, task)
-
-
 def select_members(ensemble_or_models, x_val, y_val, budget=None, cost="params", metric=None, steps=None,
                    task=None):
     """Keep the ensemble members that best fit a cost budget (Caruana et al., 2004).
@@ -101,7 +86,8 @@ def select_members(ensemble_or_models, x_val, y_val, budget=None, cost="params",
         ensemble_or_models: an ``ek.ensemble(...)`` model (its nested members
             are used) or a list of members (models or paths).
         x_val, y_val: validation data the members were not trained on
-            (class labels, 0/1 labels of a binary classifier, or targets).
+            (class labels, 0/1 labels of a binary classifier, 0/1 targets
+            ``(n, labels)`` of a multilabel one, or regression targets).
         budget: the most the kept members may cost together, in units of the
             members' mean cost (``1.0`` = one member's cost, ``K`` = all K
             members; the one meaning of budgets, see :mod:`ensemblekit.costs`).
@@ -111,13 +97,16 @@ def select_members(ensemble_or_models, x_val, y_val, budget=None, cost="params",
             :mod:`ensemblekit.costs`: median seconds per call on a batch of 256
             of each member compiled by ``ek.compile_for_inference``, the members
             timed round-robin on this device.
-        metric: for classifiers (multiclass, and binary scored as two classes)
-            ``"nll"`` (default), ``"brier"``, ``"accuracy"`` or ``"ece"``; for
-            regression ``"mse"`` (default), ``"rmse"`` or ``"mae"``.
+        metric: one of ``ensemblekit.compose.weights.TASK_METRICS[task]``
+            (``task_loss``, the one scoring rule of selections): for classifiers
+            ``"nll"`` (default), ``"brier"``, ``"accuracy"`` or ``"ece"``, and
+            ``"auroc"`` for binary and multilabel members (scored as ``ek.evaluate``
+            scores them: the positive-class probability, per label and averaged
+            over labels); for regression ``"mse"`` (default), ``"rmse"`` or ``"mae"``.
+            An unknown one is a ``ValueError`` naming the metric and the task.
         steps: greedy steps (default ``2 * K``).
         task: the members' task as in ``ek.ensemble``: ``None``/``"auto"``
-            (detect), ``"multiclass"``, ``"binary"`` or ``"regression"``
-            (``"multilabel"`` is refused with a ``ValueError``).
+            (detect), ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"regression"``.
 
     Returns:
         A :class:`MemberSelection` (``indices``, ``weights``, ``model``,
@@ -142,7 +131,7 @@ def select_members(ensemble_or_models, x_val, y_val, budget=None, cost="params",
     given = check_budget(budget)
     budget = len(models) / 2 if given is None else given
     member_set, predictions, y, task = validation_predictions(models, x_val, y_val, "select_members()", task=task)
-    metric, loss = _selection_loss(metric, task)
+    metric, loss = task_loss(metric, task)
     costs = model_costs(models, cost)
     _check_cheapest_fits(models, costs, budget, given, cost)
     selection = greedy_selection(predictions, y, loss, steps, costs=costs, limit=budget_limit(budget, costs))

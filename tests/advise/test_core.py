@@ -246,12 +246,3 @@ def test_distilled_student_is_a_candidate_with_its_training_cost_stated(data, me
     assert row["params"] == _rows(advice)["best_member"]["params"] and np.isfinite(row["nll"])
     student, best = advice.models["distilled_student"], advice.models["best_member"]
     assert not np.allclose(student.get_weights()[0], best.get_weights()[0])  # trained, on a copy
-
-
-def test_multilabel_members_are_refused_with_what_to_use_instead():
-    x, y = np.random.default_rng(0).normal(size=(12, 8)).astype("float32"), np.zeros((12, 3), "float32")
-    multilabel = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3, activation="sigmoid")])
-    with pytest.raises(ValueError, match=r"advise supports multiclass, binary and regression members; member 0 .* "
-                                         r"output is multilabel \(task='multilabel'\).*ek.ensemble\(members, "
-                                         r"task='multilabel'\)"):
-        ek.advise([multilabel, multilabel], x, y, verbose=0)

@@ -31,3 +31,13 @@ def test_reason_quotes_the_largest_barriers():
     name, reason = recommend(rows, "nll", None, "params", barriers)
     assert name == "soup"
     assert reason.endswith("; loss barrier between members up to 0.700 nats (0.200 after alignment).")
+
+
+def test_auroc_is_higher_is_better_with_a_half_point_tolerance():
+    rows = [dict(_row("soup", 0.40, 0.9, 1.0), auroc=0.952), dict(_row("ensemble", 0.39, 0.9, 3.0), auroc=0.955),
+            dict(_row("skipped", None, None, None, within=False), auroc=None)]
+    name, reason = recommend(rows, "auroc", None, "params", {})
+    assert name == "soup" and "within 0.3 points of ensemble (AUROC 0.9520 vs 0.9550; tolerance 0.5 points)" in reason
+    rows[0]["auroc"] = 0.940
+    name, reason = recommend(rows, "auroc", None, "params", {})
+    assert name == "ensemble" and "1.5 points worse, beyond the 0.5 points tolerance" in reason

@@ -6,7 +6,7 @@ import pytest
 
 import ensemblekit as ek
 from ensemblekit import metrics
-from ensemblekit.compose.weights import greedy_selection, metric_loss
+from ensemblekit.compose.weights import TASK_METRICS, greedy_selection, metric_loss, task_loss
 from tests.conftest import make_mlp, train_mlp
 
 
@@ -131,19 +131,55 @@ def test_optimize_weights_and_select_for_regression_prefer_the_accurate_member()
     assert weights.argmax() == 1 and weights[1] > 0.9
     chosen = ek.select(members, x, y, task="regression", metric="mae")
     assert set(chosen) == {1}
-    with pytest.raises(ValueError, match="Unknown metric for regression 'nll'"):
+    with pytest.raises(ValueError, match=r"^Unknown metric 'nll' for regression members; expected one of 'mse', "
+                                         r"'rmse', 'mae'\.$"):
         ek.optimize_weights(members, x, y, metric="nll", task="regression")
 
 
-def test_optimize_weights_for_binary_members_scores_two_class_probabilities():
+def test_optimize_weights_for_binary_members_scores_the_positive_class_probability():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(300, 4)).astype("float32")
     members = _task_members(1, "sigmoid")
     y = (members[2].predict(x, verbose=0)[:, 0] > rng.uniform(size=300)).astype(int)
     weights = ek.optimize_weights(members, x, y)
     assert weights.argmax() == 2
-    with pytest.raises(ValueError, match="multilabel"):
-        ek.optimize_weights(_task_members(3, "sigmoid"), x, np.zeros((300, 3)))
+    assert ek.select(members, x, y, metric="auroc")[0] == 2  # greedy steps need no smooth metric
+
+
+def test_optimize_weights_and_select_for_multilabel_members_prefer_the_member_the_labels_follow():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(300, 4)).astype("float32")
+    members = _task_members(3, "sigmoid")
+    p = members[1].predict(x, verbose=0)
+    y = (p > rng.uniform(size=p.shape)).astype("float32")  # each label drawn from member 1's probability
+    weights = ek.optimize_weights(members, x, y, task="multilabel")
+    assert weights.argmax() == 1 and weights[1] > 0.8
+    assert ek.select(members, x, y)[0] == 1
+    nll = task_loss("nll", "multilabel")[1]
+    stacked = np.stack([m.predict(x, verbose=0) for m in members], axis=1)
+    weighted = np.einsum("k,nkl->nl", weights, stacked)
+    assert nll(weighted, y) <= nll(stacked.mean(axis=1), y) + 1e-9
+    with pytest.raises(ValueError, match=r"y_val must hold 0/1 targets of shape \(300, 3\)"):
+        ek.optimize_weights(members, x, y[:, :2])
+
+
+def test_task_loss_is_the_one_rule_binary_as_ek_evaluate_multilabel_as_its_macro_means():
+    p, y = np.array([0.9, 0.3, 0.6, 0.2]), np.array([1, 0, 0, 1])
+    assert task_loss(None, "binary")[0] == "nll" and task_loss(None, "regression")[0] == "mse"
+    assert task_loss("brier", "binary")[1](p, y) == pytest.approx(np.mean((p - y) ** 2))  # not the two-class 2x
+    assert task_loss("nll", "binary")[1](p, y) == pytest.approx(metrics.nll(np.stack([1 - p, p], 1), y))
+    assert task_loss("auroc", "binary")[1](p, y) == -metrics.auroc(p, y)  # higher is better: negated
+    labels = np.array([[0.9, 0.2, 0.6], [0.3, 0.7, 0.4], [0.8, 0.6, 0.1], [0.1, 0.4, 0.7]])
+    targets = np.array([[1, 0, 1], [0, 1, 0], [1, 0, 0], [0, 1, 1]])
+    macro = metrics.multilabel_metrics(labels, targets)  # what ek.evaluate reports for multilabel outputs
+    for name in TASK_METRICS["multilabel"]:
+        sign = -1 if name in metrics.HIGHER_IS_BETTER else 1
+        assert task_loss(name, "multilabel")[1](labels, targets) == pytest.approx(sign * macro[name]), name
+    with pytest.raises(ValueError, match=r"^Unknown metric 'mse' for binary members; expected one of 'nll', "
+                                         r"'brier', 'accuracy', 'ece', 'auroc'\.$"):
+        task_loss("mse", "binary")
+    with pytest.raises(ValueError, match=r"^Unknown task 'ranking'; expected one of 'multiclass', "):
+        task_loss(None, "ranking")
 
 
 def test_calibrate_binary_is_platt_scaling(tmp_path):

@@ -158,7 +158,7 @@ def _bernoulli_nll(p, y):
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
-def test_binary_members_are_detected_and_scored_as_two_classes(binary_members):
+def test_binary_members_are_detected_and_scored_on_the_positive_class(binary_members):
     models, (xv, yv) = binary_members
     kept = select_members(models, xv, yv, budget=1.2)
     assert (kept.task, kept.metric) == ("binary", "nll")
@@ -183,7 +183,7 @@ def test_binary_logit_members_need_task_binary_and_give_probabilities(binary_mem
     kept = select_members(models, xv, yv, budget=3.0, task="binary", metric="brier")
     assert kept.task == "binary" and 3 not in kept.indices and kept.used <= 3.0
     p = _weighted_mean(models, kept, xv, logits=True)
-    assert kept.score == pytest.approx(2 * np.mean((p - yv) ** 2), rel=1e-4)  # two-class Brier
+    assert kept.score == pytest.approx(np.mean((p - yv) ** 2), rel=1e-4)  # binary Brier, as ek.evaluate's
     if len(kept.indices) > 1:
         np.testing.assert_allclose(kept.model.predict(xv, verbose=0)[:, 0], p, atol=1e-5)
 
@@ -208,12 +208,12 @@ def test_regression_selection_scores_the_weighted_mean_of_values(regression_memb
 def test_task_mismatches_get_errors_naming_the_metric_and_the_task(binary_members, regression_members):
     binary, (xb, yb) = binary_members
     regressors, (xr, yr) = regression_members
-    with pytest.raises(ValueError, match=r"Unknown metric for binary members 'mse'; expected one of 'nll', "):
+    with pytest.raises(ValueError, match=r"^Unknown metric 'mse' for binary members; expected one of 'nll', "):
         select_members(binary, xb, yb, metric="mse")
-    with pytest.raises(ValueError, match=r"Unknown metric for regression members 'nll'; expected one of 'mse', "
-                                         r"'rmse', 'mae'"):
+    with pytest.raises(ValueError, match=r"^Unknown metric 'nll' for regression members; expected one of 'mse', "
+                                         r"'rmse', 'mae'\.$"):
         select_members(regressors, xr, yr, task="regression", metric="nll")
-    with pytest.raises(ValueError, match=r"Unknown metric for multiclass members 'rmse'"):
+    with pytest.raises(ValueError, match=r"^Unknown metric 'rmse' for multiclass members"):
         select_members(make_three_class(), xb, yb % 3, metric="rmse")
     with pytest.raises(ValueError, match="task 'multiclass' "):
         select_members(regressors, xr, yr, task="multiclass")
@@ -221,8 +221,24 @@ def test_task_mismatches_get_errors_naming_the_metric_and_the_task(binary_member
         select_members(binary, xb, yr)  # values are not 0/1 labels
     multilabel = [keras.Sequential([keras.Input((8,)), keras.layers.Dense(3, activation="sigmoid")])
                   for _ in range(2)]
-    with pytest.raises(ValueError, match=r"select_members\(\) does not support multilabel members yet"):
-        select_members(multilabel, xb, np.stack([yb] * 3, axis=1))
+    with pytest.raises(ValueError, match=r"^Unknown metric 'mse' for multilabel members; expected one of 'nll', "):
+        select_members(multilabel, xb, np.stack([yb] * 3, axis=1), metric="mse")
+
+
+def test_multilabel_selection_scores_the_mean_per_label_nll(binary_members):
+    _, (xv, yv) = binary_members
+    targets = np.stack([yv, 1 - yv, (xv[:, 0] > 0).astype("int64")], axis=1)
+    models = []
+    for seed in range(3):
+        keras.utils.set_random_seed(seed)
+        models.append(keras.Sequential([keras.Input((xv.shape[1],)), keras.layers.Dense(3, activation="sigmoid")],
+                                       name=f"labels_{seed}"))
+    kept = select_members(models, xv, targets, budget=2.0)
+    assert (kept.task, kept.metric) == ("multilabel", "nll") and len(kept.indices) <= 2
+    outputs = [np.asarray(models[i].predict(xv, verbose=0), "float64") for i in kept.indices]
+    p = sum(w * out for w, out in zip(kept.weights, outputs))
+    assert kept.score == pytest.approx(_bernoulli_nll(p, targets), rel=1e-4)  # every label's NLL, averaged
+    np.testing.assert_allclose(np.asarray(kept.model.predict(xv, verbose=0)), p, atol=1e-5)
 
 
 def make_three_class():

@@ -87,7 +87,7 @@ def test_side_by_side_training_keeps_each_members_best_validation_epoch(tasks):
     assert not np.allclose(members[0].get_weights()[0], members[1].get_weights()[0])
 
 
-@pytest.mark.slow  # four tasks, 2 members, 2 folds, 2 epochs (~20 s on 2 cores)
+@pytest.mark.slow  # four tasks, 2 members, 2 folds, 2 epochs (~25 s on 2 cores)
 def test_smoke_tiny_run_of_every_task(tasks, tmp_path):
     result = tasks.run(quick=True, seed=1, members=2, epochs=2, k=2)
     assert sorted(result["tasks"]) == ["breast_cancer", "diabetes", "mnist1d_cnn_ood", "mnist1d_ood"]
@@ -101,20 +101,27 @@ def test_smoke_tiny_run_of_every_task(tasks, tmp_path):
             nll["ensemble"] < nll["member chosen on validation"])
         assert all(isinstance(met, bool) for met in goals.values())
     for name in ("breast_cancer", "mnist1d_ood", "mnist1d_cnn_ood"):
+        part = result["tasks"][name]
+        rows = {row["name"]: row for row in part["rows"]}
         # the NLL of a mean of probabilities is at most the members' mean NLL (Jensen), row by row
-        nll = result["tasks"][name]["nll"]
-        assert nll["ensemble"] <= nll["mean member"] + 1e-6, name
+        assert rows["ensemble (mean)"]["nll"] <= part["nll"]["mean member"] + 1e-6, name
+        # the ensemble of the goals is, fold by fold, the method with the lower validation NLL
+        assert len(part["method_chosen_on_validation"]) == part["folds"] == 2, name
+        if len(set(part["method_chosen_on_validation"])) == 1:
+            method = part["method_chosen_on_validation"][0]
+            assert part["nll"]["ensemble"] == pytest.approx(rows[f"ensemble ({method})"]["nll"]), name
+        assert list(rows)[-1] == "ensemble, method chosen on validation (per fold)", name
     binary = result["tasks"]["breast_cancer"]
     assert binary["samples"] == 569 and len(binary["best_epochs"]) == binary["folds"] == 2
-    assert [row["name"] for row in binary["rows"]][-1] == "ensemble (mean)"
     for name in ("mnist1d_ood", "mnist1d_cnn_ood"):
         ood = result["tasks"][name]
-        assert sorted(ood["rows"][-1]["ood"]) == ["entropy", "max_prob", "mutual_information"]
-        assert ood["in_distribution"] + ood["out_of_distribution"] == 1000  # mnist1d's test rows
-        aurocs = [row["ood"]["max_prob"]["auroc"] for row in ood["rows"]]
+        assert ood["samples"] + ood["out_of_distribution"] == 5000  # every mnist1d row, train and test
+        rows = {row["name"]: row for row in ood["rows"]}
+        assert sorted(rows["ensemble (mean)"]["ood_auroc"]) == ["entropy", "max_prob", "mutual_information"]
+        aurocs = [rows[f"member {i}"]["ood_auroc"]["max_prob"] for i in range(2)]
         assert all(0 <= a <= 1 for a in aurocs)
-        assert ood["goals"]["ensemble MI OOD AUROC > member 0's max-prob AUROC"] == (
-            ood["rows"][-1]["ood"]["mutual_information"]["auroc"] > aurocs[0])
+        chosen_mi = rows["ensemble, method chosen on validation (per fold)"]["ood_auroc"]["mutual_information"]
+        assert ood["goals"]["ensemble MI OOD AUROC > member 0's max-prob AUROC"] == (chosen_mi > aurocs[0])
     regression = result["tasks"]["diabetes"]
     assert regression["samples"] == 442 and len(regression["variance_scales"]) == 2
     scaled, unscaled = regression["rows"][-1], regression["rows"][-2]

@@ -194,15 +194,20 @@ def test_skip_errors_turn_into_skips_once(members, toy_data):
 def binary_members(toy_data):
     x, y = toy_data
     labels = (y > 0).astype("int64")
+    return _sigmoid_mlps(x, labels, 1), x, labels
+
+
+def _sigmoid_mlps(x, targets, units):
+    """Two MLPs (seeds 0, 1) ending in ``Dense(units, sigmoid)``, 3 epochs of binary cross-entropy."""
     members = []
     for seed in range(2):
         keras.utils.set_random_seed(seed)
         model = keras.Sequential([keras.Input((x.shape[1],)), keras.layers.Dense(8, "relu"),
-                                  keras.layers.Dense(1, activation="sigmoid")])
+                                  keras.layers.Dense(units, activation="sigmoid")])
         model.compile(keras.optimizers.Adam(1e-2), "binary_crossentropy")
-        model.fit(x, labels, epochs=3, verbose=0)
+        model.fit(x, targets, epochs=3, verbose=0)
         members.append(model)
-    return members, x, labels
+    return members
 
 
 def test_binary_context_builds_each_composition_as_its_task_analogue(binary_members):
@@ -250,15 +255,7 @@ def multilabel_members(toy_data):
     """Two MLPs with three sigmoid units (x0 > 0, x1 > 0.5, x2 > 0): multilabel members."""
     x, _ = toy_data
     targets = np.stack([x[:, 0] > 0, x[:, 1] > 0.5, x[:, 2] > 0], axis=1).astype("float32")
-    members = []
-    for seed in range(2):
-        keras.utils.set_random_seed(seed)
-        model = keras.Sequential([keras.Input((x.shape[1],)), keras.layers.Dense(8, "relu"),
-                                  keras.layers.Dense(3, activation="sigmoid")])
-        model.compile(keras.optimizers.Adam(1e-2), "binary_crossentropy")
-        model.fit(x, targets, epochs=3, verbose=0)
-        members.append(model)
-    return members, x, targets
+    return _sigmoid_mlps(x, targets, 3), x, targets
 
 
 def test_multilabel_context_scores_each_label_and_fits_with_the_one_task_loss(multilabel_members):

@@ -48,17 +48,79 @@ def _meta_head(meta, n_features, n_classes, n_members, seed, task="multiclass"):
 def _fit_meta(meta, features, y, shape, epochs, batch_size, seed, validation=None, task="multiclass"):
     """Train a meta-learner; return it and the best epoch on ``validation`` (0 = untrained)."""
     head = _meta_head(meta, features.shape[1], *shape, seed, task=task)
-    head.compile(optimizer=keras.optimizers.Adam(1e-3), loss=_HEAD[task][1])
+    head.compile(optimizer=keras.optimizers.Adam(1e-3), loss=_HEAD[task][1],
+                 steps_per_execution=1 if _replicated(head) else -(-len(features) // batch_size))
     if validation is None:
         if epochs:
-            head.fit(features, y, epochs=epochs, batch_size=batch_size, verbose=0)
+            _fit_head(head, features, y, epochs, batch_size, seed)
         return head, epochs
-    initial = _mean_loss(head, *validation, task=task)
-    stopper = keras.callbacks.EarlyStopping(patience=10)
-    history = head.fit(features, y, epochs=epochs, batch_size=batch_size, verbose=0,
-                       validation_data=validation, callbacks=[stopper])
-    losses = [initial, *history.history.get("val_loss", [])]
-    return head, int(np.argmin(losses))
+    stopper = _ValidationStopper(validation, task, patience=10)
+    stopper.set_model(head)
+    _fit_head(head, features, y, epochs, batch_size, seed, callbacks=[stopper])
+    return head, int(np.argmin(stopper.losses))
+
+
+def _replicated(model):
+    """Whether ``model`` trains under a ``tf.distribute`` strategy with several replicas."""
+    strategy = getattr(model, "distribute_strategy", None)
+    return strategy is not None and strategy.num_replicas_in_sync > 1
+
+
+def _fit_head(head, features, y, epochs, batch_size, seed, callbacks=None):
+    """``head.fit`` for ``epochs`` passes over ``(features, y)``, the rows in :func:`_epoch_orders`.
+
+    Arrays get a new input pipeline every epoch, which on a meta-learner's few
+    hundred rows costs more than the epoch's steps; so the batches come from one
+    endless generator that Keras keeps for the whole fit, an epoch's steps in one
+    call (``steps_per_execution``). Under a ``tf.distribute`` strategy with several
+    replicas (which cannot split a generator's batches), one ``fit`` per epoch on
+    the rows in the same order, so both compute the same steps.
+    """
+    features, y = np.asarray(features, "float32"), np.asarray(y)
+    orders = _epoch_orders(len(features), seed)
+    if _replicated(head):
+        for epoch in range(epochs):
+            order = next(orders)
+            head.fit(features[order], y[order], batch_size=batch_size, initial_epoch=epoch, epochs=epoch + 1,
+                     shuffle=False, verbose=0, callbacks=callbacks)
+            if head.stop_training:
+                return
+        return
+    batches = ((features[order[start:start + batch_size]], y[order[start:start + batch_size]])
+               for order in orders for start in range(0, len(order), batch_size))
+    head.fit(batches, steps_per_epoch=-(-len(features) // batch_size), epochs=epochs, shuffle=False, verbose=0,
+             callbacks=callbacks)
+
+
+def _epoch_orders(n_rows, seed):
+    """Endless row orders, a fresh seeded permutation of ``range(n_rows)`` per epoch."""
+    rng = np.random.default_rng(seed)
+    while True:
+        yield rng.permutation(n_rows)
+
+
+class _ValidationStopper(keras.callbacks.Callback):
+    """Early stopping on the validation loss, computed in one direct call per epoch (:func:`_mean_loss`).
+
+    ``losses[0]`` is the untrained head's, ``losses[e]`` the loss after epoch ``e``.
+    Keras' own ``validation_data`` would build an evaluation dataset every epoch,
+    which on a meta-learner's few hundred rows costs more than the epoch.
+    """
+
+    def __init__(self, validation, task, patience):
+        super().__init__()
+        self.validation, self.task, self.patience = validation, task, patience
+        self.losses = []
+
+    def set_model(self, model):
+        super().set_model(model)
+        if not self.losses:
+            self.losses.append(_mean_loss(model, *self.validation, task=self.task))
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.losses.append(_mean_loss(self.model, *self.validation, task=self.task))
+        if len(self.losses) - 1 - int(np.argmin(self.losses)) >= self.patience:
+            self.model.stop_training = True
 
 
 def _mean_loss(head, features, y, task="multiclass"):

@@ -9,7 +9,7 @@ import pytest
 import ensemblekit as ek
 from ensemblekit import compositions
 from ensemblekit.advise import CANDIDATES, MERGES, ROW_KEYS, TOLERANCE, split_indices
-from tests.advise.conftest import toy
+from tests.advise.conftest import rows_by_name, toy
 from tests.conftest import bn_model_and_copy, train_mlp
 
 ENSEMBLE_KINDS = ("ensemble", "ensemble_calibrated", "weighted", "greedy", "packed", "pruned_subset")
@@ -43,10 +43,6 @@ def fine_tunes(data):
     return base, models, ek.advise(models, x_val, y_val, budget=1.0, base=base, verbose=0)
 
 
-def _rows(advice):
-    return {row["name"]: row for row in advice.rows}
-
-
 def test_split_is_deterministic_disjoint_and_complete():
     fit, score = split_indices(101, seed=3)
     again_fit, again_score = split_indices(101, seed=3)
@@ -64,7 +60,7 @@ def test_metrics_are_on_the_score_half_and_fitting_on_the_fit_half(data, indepen
     models, advice = independent
     fit, score = split_indices(len(xv), seed=0)
     assert (advice.fit_size, advice.score_size) == (len(fit), len(score))
-    rows = _rows(advice)
+    rows = rows_by_name(advice)
     for name in ("ensemble", "ensemble_calibrated", "aligned_soup"):
         by_hand = ek.evaluate(advice.models[name], xv[score], yv[score])
         for key in ("accuracy", "nll", "brier", "ece"):
@@ -87,12 +83,12 @@ def test_barrier_of_copies_is_zero_with_batchnorm_reset(data, capsys):
         assert entry["t"] == [0.0, 0.25, 0.5, 0.75, 1.0]
         assert abs(entry["barrier"]) < 1e-6 and abs(entry["aligned_barrier"]) < 1e-6
         assert max(entry["path_nll"]) - min(entry["path_nll"]) < 1e-6
-    assert "BatchNorm statistics reset on the fit half" in _rows(advice)["soup"]["note"]
+    assert "BatchNorm statistics reset on the fit half" in rows_by_name(advice)["soup"]["note"]
 
 
 def test_fine_tunes_of_one_base_recommend_a_merge_under_budget_one(fine_tunes, independent):
     _, _, advice = fine_tunes
-    rows = _rows(advice)
+    rows = rows_by_name(advice)
     chosen = rows[advice.recommendation]
     assert chosen["cost_ratio"] <= 1.0
     assert advice.recommendation in MERGES or (
@@ -109,7 +105,7 @@ def test_fine_tunes_of_one_base_recommend_a_merge_under_budget_one(fine_tunes, i
 
 def test_independent_members_ensemble_beats_soup_and_alignment_lowers_the_barrier(independent):
     _, advice = independent
-    rows = _rows(advice)
+    rows = rows_by_name(advice)
     assert min(rows[name]["nll"] for name in ENSEMBLE_KINDS if rows[name]["nll"] is not None) \
         <= rows["soup"]["nll"]
     assert rows["soup"]["nll"] > rows["ensemble"]["nll"] * (1 + TOLERANCE["nll"])  # no shared basin
@@ -125,18 +121,18 @@ def test_budget_one_never_recommends_a_costlier_candidate(fine_tunes, data):
     for row in advice.rows:
         if row["cost_ratio"] is not None:
             assert row["within_budget"] == (row["cost_ratio"] <= 1.0)
-    assert _rows(advice)[advice.recommendation]["cost_ratio"] <= 1.0
+    assert rows_by_name(advice)[advice.recommendation]["cost_ratio"] <= 1.0
     _, (xv, yv) = data
     tight = ek.advise(models, xv, yv, budget=0.5, verbose=0)
     assert tight.recommendation is None and "no candidate fits" in tight.reason
-    assert _rows(tight)["pruned_subset"]["note"].startswith("skipped: budget=")
+    assert rows_by_name(tight)["pruned_subset"]["note"].startswith("skipped: budget=")
 
 
 def test_different_architectures_skip_merges_with_a_reason(data, independent, capsys):
     (x, y), (xv, yv) = data
     models = [independent[0][0], train_mlp(5, x, y, epochs=3, learning_rate=1e-2, hidden=24)]
     advice = ek.advise(models, xv, yv, budget=1.0, verbose=1)
-    rows = _rows(advice)
+    rows = rows_by_name(advice)
     for name in (*MERGES, "packed"):
         assert rows[name]["nll"] is None
         assert rows[name]["note"].startswith("skipped: members differ in architecture: member 1")
@@ -194,7 +190,7 @@ def test_latency_cost_times_every_candidate(data, independent):
     advice = ek.advise(independent[0][:2], xv, yv, budget=1.5, cost="latency", verbose=0)
     scored = [row for row in advice.rows if row["nll"] is not None]
     assert len(scored) >= 8 and all(row["latency_ms"] > 0 for row in scored)
-    rows = _rows(advice)
+    rows = rows_by_name(advice)
     # cost_ratio is latency over one member's (mean) latency, so ratios of rows match ratios of latencies.
     assert rows["ensemble"]["cost_ratio"] / rows["best_member"]["cost_ratio"] == pytest.approx(
         rows["ensemble"]["latency_ms"] / rows["best_member"]["latency_ms"], rel=1e-6)
@@ -205,10 +201,10 @@ def test_metric_accuracy_scores_the_same_rows(independent, data):
     _, (xv, yv) = data
     models, by_nll = independent
     by_accuracy = ek.advise(models, xv, yv, metric="accuracy", verbose=0)
-    rows = _rows(by_accuracy)
+    rows = rows_by_name(by_accuracy)
     best = max(r["accuracy"] for r in by_accuracy.rows if r["nll"] is not None)
     assert rows[by_accuracy.recommendation]["accuracy"] > best - TOLERANCE["accuracy"]
-    assert _rows(by_nll)["ensemble"]["nll"] == pytest.approx(rows["ensemble"]["nll"])
+    assert rows_by_name(by_nll)["ensemble"]["nll"] == pytest.approx(rows["ensemble"]["nll"])
 
 
 def test_candidates_are_registry_entries_with_the_registry_kind(independent):
@@ -240,9 +236,9 @@ def test_distilled_student_is_a_candidate_with_its_training_cost_stated(data, me
     without = {row["name"]: row for row in ek.advise(members, x_val, y_val, verbose=0).rows}
     assert without["distilled_student"]["note"].startswith("skipped: needs training inputs")
     advice = ek.advise(members, x_val, y_val, budget=1.0, verbose=0, x_train=x, y_train=y)
-    row = _rows(advice)["distilled_student"]
+    row = rows_by_name(advice)["distilled_student"]
     assert row["cost_ratio"] == 1.0 and row["within_budget"]
     assert "distilled from ensemble_mean" in row["note"] and "training took" in row["note"]
-    assert row["params"] == _rows(advice)["best_member"]["params"] and np.isfinite(row["nll"])
+    assert row["params"] == rows_by_name(advice)["best_member"]["params"] and np.isfinite(row["nll"])
     student, best = advice.models["distilled_student"], advice.models["best_member"]
     assert not np.allclose(student.get_weights()[0], best.get_weights()[0])  # trained, on a copy

@@ -1,7 +1,6 @@
 """``ek.advise`` on multilabel members (digits: odd?, > 4?, divisible by 3?): every metric the macro mean
 of per-label binary metrics, ranked by the mean per-label binary NLL, checked against numpy."""
 
-import json
 
 import keras
 import numpy as np
@@ -10,11 +9,10 @@ from sklearn.metrics import roc_auc_score
 
 import ensemblekit as ek
 from ensemblekit import metrics
-from ensemblekit.advise import CANDIDATES, TASK_ROW_KEYS, TOLERANCE, split_indices
-from ensemblekit.cli import main
+from ensemblekit.advise import CANDIDATES, TASK_ROW_KEYS, TOLERANCE
 from ensemblekit.compose.layers import PlattScaling
 from ensemblekit.merge import loss_barrier
-from tests.conftest import save_all
+from tests.advise.conftest import advise_cli, rows_by_name, score_half
 
 LABELS = 3
 METRIC_KEYS = ("accuracy", "auroc", "nll", "brier", "ece")
@@ -49,16 +47,6 @@ def multilabel():
     return members, (xv, yv), advice
 
 
-def _rows(advice):
-    return {row["name"]: row for row in advice.rows}
-
-
-def _score_half(data):
-    x, y = data
-    _, score = split_indices(len(x), seed=0)
-    return x[score], y[score]
-
-
 def _sigmoid(z):
     return 1.0 / (1.0 + np.exp(-z))
 
@@ -86,8 +74,8 @@ def _assert_row(row, p, y):
 
 def test_rows_are_macro_binary_metrics_of_the_members_predictions(multilabel):
     members, data, advice = multilabel
-    x_score, y_score = _score_half(data)
-    rows = _rows(advice)
+    x_score, y_score = score_half(data)
+    rows = rows_by_name(advice)
     assert advice.task == "multilabel" and advice.metric == "nll"
     assert [row["name"] for row in advice.rows] == list(CANDIDATES)
     assert all(list(row) == list(TASK_ROW_KEYS["multilabel"]) for row in advice.rows)
@@ -109,21 +97,21 @@ def test_rows_are_macro_binary_metrics_of_the_members_predictions(multilabel):
 
 def test_calibration_is_one_platt_scaling_shared_by_the_labels(multilabel):
     members, data, advice = multilabel
-    x_score, y_score = _score_half(data)
+    x_score, y_score = score_half(data)
     calibrated = advice.models["ensemble_calibrated"]
     platt = calibrated.layers[-1]
     assert isinstance(platt, PlattScaling) and platt.slope > 0
     mean_logit = np.mean([_logits(m, x_score) for m in members], axis=0)
     expected = _sigmoid(platt.slope * mean_logit + platt.bias)
     np.testing.assert_allclose(np.asarray(calibrated(x_score)), expected, atol=1e-5)
-    row = _rows(advice)["ensemble_calibrated"]
+    row = rows_by_name(advice)["ensemble_calibrated"]
     assert row["note"].startswith("ensemble, Platt scaling shared by the labels (slope ")
     _assert_row(row, expected, y_score)
 
 
 def test_barrier_is_the_mean_per_label_cross_entropy_on_the_path(multilabel):
     members, data, advice = multilabel
-    x_score, y_score = _score_half(data)
+    x_score, y_score = score_half(data)
     for k in (1, 2):
         entry = advice.barriers[f"0-{k}"]
         plain = loss_barrier(members[0], members[k], x_score, y_score, task="multilabel")
@@ -139,7 +127,7 @@ def test_recommendation_is_the_cheapest_within_one_percent_of_the_best_nll(multi
     _, _, advice = multilabel
     fitting = [row for row in advice.rows if row["nll"] is not None and row["within_budget"]]
     best = min(row["nll"] for row in fitting)
-    chosen = _rows(advice)[advice.recommendation]
+    chosen = rows_by_name(advice)[advice.recommendation]
     assert chosen["within_budget"] and chosen["nll"] <= best * (1 + TOLERANCE["nll"])
     close = [row for row in fitting if row["nll"] <= best * (1 + TOLERANCE["nll"])]
     assert chosen["cost_ratio"] == min(row["cost_ratio"] for row in close)
@@ -149,8 +137,8 @@ def test_recommendation_is_the_cheapest_within_one_percent_of_the_best_nll(multi
 
 def test_recommended_and_composed_models_save_load_and_score_as_their_rows(multilabel, tmp_path):
     _, data, advice = multilabel
-    x_score, y_score = _score_half(data)
-    rows = _rows(advice)
+    x_score, y_score = score_half(data)
+    rows = rows_by_name(advice)
     for name in dict.fromkeys([advice.recommendation, "ensemble_calibrated", "packed", "weighted"]):
         path = tmp_path / f"{name}.keras"
         advice.models[name].save(path)
@@ -164,7 +152,7 @@ def test_metric_auroc_ranks_by_macro_auroc_and_wrong_metrics_are_errors(multilab
     members, (xv, yv), _ = multilabel
     by_auroc = ek.advise(members[:2], xv, yv, metric="auroc", task="multilabel", verbose=0)
     scored = [row["auroc"] for row in by_auroc.rows if row["auroc"] is not None]
-    chosen = _rows(by_auroc)[by_auroc.recommendation]
+    chosen = rows_by_name(by_auroc)[by_auroc.recommendation]
     assert by_auroc.metric == "auroc" and chosen["auroc"] >= max(scored) - TOLERANCE["auroc"]
     assert f"AUROC {chosen['auroc']:.4f}" in by_auroc.reason
     with pytest.raises(ValueError, match=r"^metric 'rmse' does not apply to multilabel members; expected one of "
@@ -193,17 +181,12 @@ def test_sigmoid_members_are_detected_and_score_as_their_logit_twins(multilabel)
     assert detected.task == "multilabel"
     for name in ("best_member", "ensemble", "ensemble_calibrated", "weighted", "soup"):
         for key in ("nll", "accuracy", "auroc"):
-            assert _rows(detected)[name][key] == pytest.approx(_rows(advice)[name][key], abs=1e-5), (name, key)
+            assert rows_by_name(detected)[name][key] == pytest.approx(rows_by_name(advice)[name][key], abs=1e-5), (name, key)
 
 
 def test_cli_task_multilabel_writes_macro_rows(tmp_path, capsys, multilabel):
     members, (xv, yv), _ = multilabel
-    paths = save_all(members[:2], tmp_path)
-    np.savez(tmp_path / "val.npz", x_val=xv, y_val=yv)
-    args = ["advise", *map(str, paths), "--data", str(tmp_path / "val.npz"), "--task", "multilabel", "-q",
-            "--json", str(tmp_path / "advice.json")]
-    assert main(args) == 0
-    written = json.loads((tmp_path / "advice.json").read_text())
+    written = advise_cli(members[:2], xv, yv, tmp_path, "multilabel")
     assert written["task"] == "multilabel" and written["metric"] == "nll"
     assert set(written["rows"][0]) == set(TASK_ROW_KEYS["multilabel"])
     assert written["rows"][0]["auroc"] is not None

@@ -1,7 +1,6 @@
 """``ek.advise`` on binary (breast cancer) and regression (diabetes) members: the task's metrics,
 calibration and loss barrier, ranked by the task's primary metric."""
 
-import json
 
 import keras
 import numpy as np
@@ -9,11 +8,10 @@ import pytest
 
 import ensemblekit as ek
 from ensemblekit import metrics
-from ensemblekit.advise import CANDIDATES, TASK_ROW_KEYS, TOLERANCE, split_indices
-from ensemblekit.cli import main
+from ensemblekit.advise import CANDIDATES, TASK_ROW_KEYS, TOLERANCE
 from ensemblekit.compose.layers import PlattScaling
 from ensemblekit.merge import loss_barrier
-from tests.conftest import save_all
+from tests.advise.conftest import advise_cli, rows_by_name, score_half
 
 
 def _standardised(x, y, seed=0):
@@ -63,20 +61,10 @@ def regression():
     return members, (xt, yt), (xv, yv), advice
 
 
-def _rows(advice):
-    return {row["name"]: row for row in advice.rows}
-
-
-def _score_half(data):
-    x, y = data
-    _, score = split_indices(len(x), seed=0)
-    return x[score], y[score]
-
-
 def test_binary_rows_are_the_binary_metrics_of_ek_evaluate(binary):
     members, data, advice = binary
-    x_score, y_score = _score_half(data)
-    rows = _rows(advice)
+    x_score, y_score = score_half(data)
+    rows = rows_by_name(advice)
     assert advice.task == "binary" and advice.metric == "nll"
     assert [row["name"] for row in advice.rows] == list(CANDIDATES)
     assert all(list(row) == list(TASK_ROW_KEYS["binary"]) for row in advice.rows)
@@ -92,7 +80,7 @@ def test_binary_rows_are_the_binary_metrics_of_ek_evaluate(binary):
 
 def test_binary_calibration_is_platt_scaling_and_keeps_the_ranking(binary):
     _, _, advice = binary
-    rows = _rows(advice)
+    rows = rows_by_name(advice)
     calibrated = advice.models["ensemble_calibrated"]
     assert isinstance(calibrated.layers[-1], PlattScaling) and calibrated.layers[-1].slope > 0
     assert rows["ensemble_calibrated"]["note"].startswith("ensemble, Platt scaling (slope ")
@@ -102,7 +90,7 @@ def test_binary_calibration_is_platt_scaling_and_keeps_the_ranking(binary):
 
 def test_binary_barrier_is_binary_cross_entropy_on_the_score_half(binary):
     members, data, advice = binary
-    x_score, y_score = _score_half(data)
+    x_score, y_score = score_half(data)
     for k in (1, 2):
         entry = advice.barriers[f"0-{k}"]
         plain = loss_barrier(members[0], members[k], x_score, y_score, task="binary")
@@ -117,7 +105,7 @@ def test_binary_recommendation_is_the_best_nll_within_tolerance(binary):
     _, _, advice = binary
     scored = [row for row in advice.rows if row["nll"] is not None]
     best = min(row["nll"] for row in scored)
-    chosen = _rows(advice)[advice.recommendation]
+    chosen = rows_by_name(advice)[advice.recommendation]
     assert chosen["nll"] <= best * (1 + TOLERANCE["nll"])
     assert f"NLL {chosen['nll']:.4f}" in advice.reason and "nats" in advice.reason
     table = str(advice)
@@ -126,8 +114,8 @@ def test_binary_recommendation_is_the_best_nll_within_tolerance(binary):
 
 def test_regression_rows_rank_by_rmse_with_mae_and_no_classification_metrics(regression):
     members, _, data, advice = regression
-    x_score, y_score = _score_half(data)
-    rows = _rows(advice)
+    x_score, y_score = score_half(data)
+    rows = rows_by_name(advice)
     assert advice.task == "regression" and advice.metric == "rmse"
     assert all(list(row) == list(TASK_ROW_KEYS["regression"]) for row in advice.rows)
     best = rows["best_member"]
@@ -146,8 +134,8 @@ def test_regression_rows_rank_by_rmse_with_mae_and_no_classification_metrics(reg
 
 def test_regression_calibration_is_variance_scaling_of_the_members_spread(regression):
     _, _, data, advice = regression
-    x_score, y_score = _score_half(data)
-    rows = _rows(advice)
+    x_score, y_score = score_half(data)
+    rows = rows_by_name(advice)
     calibrated = rows["ensemble_calibrated"]
     assert calibrated["rmse"] == pytest.approx(rows["ensemble"]["rmse"], abs=1e-6)
     assert "variance scaling" in calibrated["note"]
@@ -161,7 +149,7 @@ def test_regression_calibration_is_variance_scaling_of_the_members_spread(regres
 
 def test_regression_barrier_is_mse_and_alignment_lowers_it(regression):
     members, _, data, advice = regression
-    x_score, y_score = _score_half(data)
+    x_score, y_score = score_half(data)
     for k in (1, 2):
         entry = advice.barriers[f"0-{k}"]
         assert "path_nll" not in entry
@@ -188,19 +176,14 @@ def test_regression_metric_mae_and_wrong_metrics(regression):
 def test_regression_distilled_student_trains_on_the_ensemble_values(regression):
     members, (xt, yt), (xv, yv), _ = regression
     advice = ek.advise(members[:2], xv, yv, budget=1.0, task="regression", x_train=xt, y_train=yt, verbose=0)
-    row = _rows(advice)["distilled_student"]
+    row = rows_by_name(advice)["distilled_student"]
     assert row["cost_ratio"] == 1.0 and np.isfinite(row["rmse"]) and "T=" not in row["note"]
     assert "labels and targets" in row["note"]
 
 
 def test_cli_task_regression_writes_rmse_rows(tmp_path, capsys, regression):
     members, _, (xv, yv), _ = regression
-    paths = save_all(members[:2], tmp_path)
-    np.savez(tmp_path / "val.npz", x_val=xv, y_val=yv)
-    args = ["advise", *map(str, paths), "--data", str(tmp_path / "val.npz"), "--task", "regression", "-q",
-            "--json", str(tmp_path / "advice.json")]
-    assert main(args) == 0
-    written = json.loads((tmp_path / "advice.json").read_text())
+    written = advise_cli(members[:2], xv, yv, tmp_path, "regression")
     assert written["task"] == "regression" and written["metric"] == "rmse"
     assert set(written["rows"][0]) == set(TASK_ROW_KEYS["regression"])
     assert "RMSE" in capsys.readouterr().out

@@ -160,8 +160,16 @@ class PlattScaling(keras.layers.Layer):
     """``sigmoid(a · logit(p) + b)``: Platt scaling of a binary (or multilabel) classifier's output.
 
     Args:
-        slope, bias: fitted by ``ensemblekit.calibrate`` (``task="binary"``).
+        slope, bias: fitted by ``ensemblekit.calibrate``: one float each, shared by
+            every unit; or one per label (lists as long as the last axis,
+            ``calibrate(..., per_label=True)``).
         kind: ``"probs"`` or ``"logits"``, what the wrapped model outputs.
+
+    Example:
+        >>> import numpy as np
+        >>> layer = PlattScaling(slope=[1.0, 2.0], bias=[0.0, -1.0], kind="logits")
+        >>> np.round(keras.ops.convert_to_numpy(layer(np.array([[0.0, 0.5]]))), 3)
+        array([[0.5, 0.5]], dtype=float32)
     """
 
     output_kind = "probs"
@@ -169,10 +177,12 @@ class PlattScaling(keras.layers.Layer):
 
     def __init__(self, slope=1.0, bias=0.0, kind="probs", **kwargs):
         super().__init__(**kwargs)
-        self.slope, self.bias, self.kind = float(slope), float(bias), kind
+        self.slope, self.bias, self.kind = _scalar_or_list(slope), _scalar_or_list(bias), kind
 
     def call(self, inputs):
-        return ops.sigmoid(self.slope * canonical(inputs, "binary", self.kind) + self.bias)
+        z = canonical(inputs, "binary", self.kind)
+        slope, bias = (ops.convert_to_tensor(v, dtype=z.dtype) for v in (self.slope, self.bias))
+        return ops.sigmoid(slope * z + bias)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -181,6 +191,13 @@ class PlattScaling(keras.layers.Layer):
         config = super().get_config()
         config.update(slope=self.slope, bias=self.bias, kind=self.kind)
         return config
+
+
+def _scalar_or_list(value):
+    """A float, or a list of floats for a per-label value (what ``get_config`` writes back)."""
+    if isinstance(value, (list, tuple)) or getattr(value, "ndim", 0):
+        return [float(v) for v in value]
+    return float(value)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

@@ -343,6 +343,16 @@ def fit_platt(logits, y):
     return float(best[0]), float(best[1])
 
 
+def _fit_platt_layer(logits, y, per_label):
+    """``(slope, bias)`` for :class:`PlattScaling`: floats, or per label (the last axis) lists."""
+    if not per_label:
+        return fit_platt(logits, y)
+    labels = logits.shape[-1]
+    logits, y = logits.reshape(-1, labels), np.asarray(y).reshape(-1, labels)  # dense maps: every position
+    pairs = [fit_platt(logits[:, label], y[:, label]) for label in range(labels)]
+    return [a for a, _ in pairs], [b for _, b in pairs]
+
+
 def fit_std_scale(mean, std, y):
     """The ``s`` making ``(y - mean) / (s · std)`` unit-variance: ``s² = mean(((y - mean) / std)²)``.
 
@@ -356,13 +366,16 @@ def fit_std_scale(mean, std, y):
     return float(np.sqrt(np.mean(z ** 2)))
 
 
-def calibrate(model, x_val, y_val, output_kind=None, name=None, task=None):
+def calibrate(model, x_val, y_val, output_kind=None, name=None, task=None, per_label=False):
     """Calibrate a model on validation data, per task.
 
     * multiclass: temperature scaling (Guo et al., 2017) — one ``T`` fitted on
       validation NLL; the output becomes ``softmax(log p / T)``; accuracy unchanged.
     * binary / multilabel: Platt scaling — ``sigmoid(a · logit(p) + b)`` with one
-      ``(a, b)`` fitted on validation NLL.
+      ``(a, b)`` fitted on validation NLL, shared by the labels; with
+      ``per_label=True`` one ``(a, b)`` per label (each label's own NLL), as
+      scikit-learn calibrates a one-vs-rest classifier — worth it when every label
+      has enough positives in the validation data, else a rare label's fit overfits.
     * regression: variance scaling of the std of a model made by
       ``ek.ensemble(..., task="regression", uncertainty=True)`` (or ``ek.pack``):
       ``std`` becomes ``s · std`` with ``s² = mean(((y - μ) / σ)²)``, so that
@@ -377,6 +390,8 @@ def calibrate(model, x_val, y_val, output_kind=None, name=None, task=None):
         name: name of the returned model (default ``"<model>_calibrated"``).
         task: the model's task (``None`` detects it; a model whose outputs include
             ``"prediction"`` and ``"std"`` is a regression ensemble).
+        per_label: multilabel (and binary) models: fit Platt scaling per label
+            instead of once for all labels.
 
     Returns:
         A ``keras.Model`` with the model's inputs and outputs, calibrated. The
@@ -405,6 +420,9 @@ def calibrate(model, x_val, y_val, output_kind=None, name=None, task=None):
             f"calibrate scales a regression ensemble's std; {members.labels[0]} outputs values only. "
             "Calibrate ek.ensemble(members, task='regression', uncertainty=True) instead."
         )
+    if per_label and members.task not in ("binary", "multilabel"):
+        raise ValueError(f"per_label=True applies to binary and multilabel models (Platt scaling per label); "
+                         f"{members.labels[0]} is {members.task}.")
     model, kind = members.models[0], members.output_kinds[0]
     stacked = members.predict_stacked(x_val)[:, 0]
     inputs = members.shared_input()
@@ -413,7 +431,7 @@ def calibrate(model, x_val, y_val, output_kind=None, name=None, task=None):
         layer = TemperatureScaling(fit_temperature(stacked, y), kind=kind, name="temperature_scaling")
     else:  # 0/1 targets of the output's shape, binary too (a (n, 1) column is fine)
         y = check_targets(y_val, stacked.shape[0], stacked.shape[1:], "multilabel", param="y_val")
-        layer = PlattScaling(*fit_platt(stacked, y), kind=kind, name="platt_scaling")
+        layer = PlattScaling(*_fit_platt_layer(stacked, y, per_label), kind=kind, name="platt_scaling")
     return keras.Model(inputs, layer(model(inputs)), name=name or f"{model.name}_calibrated")
 
 

@@ -198,6 +198,35 @@ def test_calibrate_binary_is_platt_scaling(tmp_path):
     np.testing.assert_array_equal(keras.saving.load_model(path, safe_mode=True).predict(x, verbose=0)[:, 0], p)
 
 
+def test_calibrate_multilabel_per_label_fits_each_labels_own_platt_scaling(tmp_path):
+    from ensemblekit.compose.layers import PlattScaling
+    from ensemblekit.compose.weights import fit_platt
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(1500, 4)).astype("float32")
+    model = _task_members(3, None, count=1)[0]  # three logits
+    z = model.predict(x, verbose=0)
+    truth = np.array([[0.5, -0.3], [2.0, 0.5], [1.0, 0.0]])  # each label's own (slope, bias)
+    y = (rng.uniform(size=z.shape) < 1 / (1 + np.exp(-(z * truth[:, 0] + truth[:, 1])))).astype("float32")
+    shared = ek.calibrate(model, x[:1000], y[:1000], task="multilabel", output_kind="logits")
+    per_label = ek.calibrate(model, x[:1000], y[:1000], task="multilabel", output_kind="logits", per_label=True)
+    layer = per_label.get_layer("platt_scaling")
+    assert isinstance(shared.get_layer("platt_scaling").slope, float) and len(layer.slope) == 3
+    for label in range(3):  # the fit of each column alone, and near the truth
+        assert (layer.slope[label], layer.bias[label]) == pytest.approx(fit_platt(z[:1000, label], y[:1000, label]))
+        assert abs(layer.slope[label] - truth[label, 0]) < 0.3 and abs(layer.bias[label] - truth[label, 1]) < 0.3
+    p = per_label.predict(x, verbose=0)
+    np.testing.assert_allclose(p, 1 / (1 + np.exp(-(z * np.array(layer.slope) + np.array(layer.bias)))), atol=1e-5)
+    held = [metrics.multilabel_metrics(m.predict(x[1000:], verbose=0), y[1000:])["nll"] for m in (shared, per_label)]
+    assert held[1] < held[0]  # labels miscalibrated in different ways: one (a, b) cannot fix all three
+    path = tmp_path / "per_label.keras"
+    per_label.save(path)
+    np.testing.assert_array_equal(keras.saving.load_model(path, safe_mode=True).predict(x, verbose=0), p)
+    assert PlattScaling.from_config(layer.get_config()).slope == layer.slope
+    with pytest.raises(ValueError, match="per_label=True applies to binary and multilabel models"):
+        ek.calibrate(_task_members(3, "softmax", count=1)[0], x, np.arange(len(x)) % 3, per_label=True)
+
+
 def test_calibrate_regression_scales_the_std_to_cover():
     rng = np.random.default_rng(3)
     x = rng.normal(size=(2000, 4)).astype("float32")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from ensemblekit.metrics import HIGHER_IS_BETTER
+
 # A cheaper candidate is preferred when the better one wins by less than this: accuracy and
 # AUROC in absolute terms (0.5 point); NLL, RMSE and MAE relative to the better value (1%).
 TOLERANCE = {"accuracy": 0.005, "auroc": 0.005, "nll": 0.01, "rmse": 0.01, "mae": 0.01}
 LABELS = {"accuracy": "accuracy", "auroc": "AUROC", "nll": "NLL", "rmse": "RMSE", "mae": "MAE"}
-HIGHER_IS_BETTER = ("accuracy", "auroc")
 
 
 def _loss(row, metric):

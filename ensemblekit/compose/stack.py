@@ -48,15 +48,12 @@ def _meta_head(meta, n_features, n_classes, n_members, seed, task="multiclass"):
 def _fit_meta(meta, features, y, shape, epochs, batch_size, seed, validation=None, task="multiclass"):
     """Train a meta-learner; return it and the best epoch on ``validation`` (0 = untrained)."""
     head = _meta_head(meta, features.shape[1], *shape, seed, task=task)
-    head.compile(optimizer=keras.optimizers.Adam(1e-3), loss=_HEAD[task][1],
-                 steps_per_execution=1 if _replicated(head) else -(-len(features) // batch_size))
     if validation is None:
-        if epochs:
-            _fit_head(head, features, y, epochs, batch_size, seed)
+        _fit_head(head, _HEAD[task][1], features, y, epochs, batch_size, seed)
         return head, epochs
     stopper = _ValidationStopper(validation, task, patience=10)
     stopper.set_model(head)
-    _fit_head(head, features, y, epochs, batch_size, seed, callbacks=[stopper])
+    _fit_head(head, _HEAD[task][1], features, y, epochs, batch_size, seed, callbacks=[stopper])
     return head, int(np.argmin(stopper.losses))
 
 
@@ -66,8 +63,9 @@ def _replicated(model):
     return strategy is not None and strategy.num_replicas_in_sync > 1
 
 
-def _fit_head(head, features, y, epochs, batch_size, seed, callbacks=None):
-    """``head.fit`` for ``epochs`` passes over ``(features, y)``, the rows in :func:`_epoch_orders`.
+def _fit_head(head, loss, features, y, epochs, batch_size, seed, callbacks=None):
+    """Compile ``head`` (Adam 1e-3, ``loss``) and fit it for ``epochs`` passes over ``(features, y)``,
+    the rows in :func:`_epoch_orders` (none for ``epochs=0``).
 
     Arrays get a new input pipeline every epoch, which on a meta-learner's few
     hundred rows costs more than the epoch's steps; so the batches come from one
@@ -76,9 +74,13 @@ def _fit_head(head, features, y, epochs, batch_size, seed, callbacks=None):
     replicas (which cannot split a generator's batches), one ``fit`` per epoch on
     the rows in the same order, so both compute the same steps.
     """
+    replicated, steps = _replicated(head), -(-len(features) // batch_size)
+    head.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, steps_per_execution=1 if replicated else steps)
+    if not epochs:
+        return
     features, y = np.asarray(features, "float32"), np.asarray(y)
     orders = _epoch_orders(len(features), seed)
-    if _replicated(head):
+    if replicated:
         for epoch in range(epochs):
             order = next(orders)
             head.fit(features[order], y[order], batch_size=batch_size, initial_epoch=epoch, epochs=epoch + 1,
@@ -88,8 +90,7 @@ def _fit_head(head, features, y, epochs, batch_size, seed, callbacks=None):
         return
     batches = ((features[order[start:start + batch_size]], y[order[start:start + batch_size]])
                for order in orders for start in range(0, len(order), batch_size))
-    head.fit(batches, steps_per_epoch=-(-len(features) // batch_size), epochs=epochs, shuffle=False, verbose=0,
-             callbacks=callbacks)
+    head.fit(batches, steps_per_epoch=steps, epochs=epochs, shuffle=False, verbose=0, callbacks=callbacks)
 
 
 def _epoch_orders(n_rows, seed):

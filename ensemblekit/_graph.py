@@ -122,22 +122,28 @@ def set_arrays(model, arrays):
         ref.assign(array)
 
 
-def architecture_differences(models, labels=None):
+def architecture_differences(models, labels=None, skip_adapters=False):
     """List every incompatibility between the weights of ``models`` and model 0.
 
     Weights are matched by position, layer type and slot within the layer, not
     by name (independently built models have different auto-generated layer
     and variable names), and each difference names the weight path in both
-    models and both shapes.
+    models and both shapes. ``skip_adapters`` leaves LoRA factors out (merging
+    reads effective kernels, so a member with adapters matches one without).
 
     Returns:
         A list of one-line strings; empty when all models are compatible.
     """
     labels = labels or [f"model {i} ({m.name!r})" for i, m in enumerate(models)]
-    reference = weight_refs(models[0])
+
+    def refs_of(model):
+        refs = weight_refs(model)
+        return [r for r in refs if r.name not in _ADAPTER_NAMES] if skip_adapters else refs
+
+    reference = refs_of(models[0])
     problems = []
     for label, model in zip(labels[1:], models[1:]):
-        refs = weight_refs(model)
+        refs = refs_of(model)
         for position in range(max(len(reference), len(refs))):
             ref0 = reference[position] if position < len(reference) else None
             ref = refs[position] if position < len(refs) else None
@@ -153,13 +159,133 @@ def architecture_differences(models, labels=None):
     return problems
 
 
-def check_same_architecture(models, labels=None):
-    """Raise one ``ValueError`` listing every incompatible weight, if any."""
-    problems = architecture_differences(models, labels)
+# Configuration keys that do not change the function a layer computes at inference: names,
+# how weights were initialized or regularized, seeds, and the LoRA rank (the effective kernel
+# is what merging reads).
+_INERT_KEYS = {"name", "trainable", "seed", "lora_rank", "lora_alpha", "activity_regularizer"}
+_INERT_SUFFIXES = ("_initializer", "_regularizer", "_constraint")
+_DROPOUT_KEYS = {"rate", "noise_shape", "stddev"}
+_ADAPTER_NAMES = {"lora_kernel_a", "lora_kernel_b", "lora_embeddings_a", "lora_embeddings_b"}
+
+
+def _function_config(layer):
+    """``layer``'s configuration without the keys that do not change its inference function."""
+    try:
+        config = dict(layer.get_config())
+    except Exception:  # a layer without get_config cannot be compared; its weights still are
+        return {}
+    dropout = isinstance(layer, (keras.layers.Dropout, keras.layers.GaussianNoise,
+                                 keras.layers.GaussianDropout, keras.layers.AlphaDropout))
+    return {key: value for key, value in config.items()
+            if key not in _INERT_KEYS and not key.endswith(_INERT_SUFFIXES)
+            and "dropout" not in key and not (dropout and key in _DROPOUT_KEYS)}
+
+
+def _same_value(a, b):
+    try:
+        return bool(np.all(np.asarray(a == b))) if not isinstance(a, (dict, list, tuple)) else a == b
+    except Exception:
+        return repr(a) == repr(b)
+
+
+def config_differences(models, labels=None):
+    """List every layer configuration key that differs from model 0 and changes the function.
+
+    Weight-space merging is defined for one architecture: two layers with equal
+    weight shapes but another activation, epsilon, padding, strides, axis or
+    dtype policy compute different functions. Initializers, regularizers,
+    constraints, names, seeds, dropout rates and LoRA ranks are ignored.
+
+    Returns:
+        A list of one-line strings naming the member, the layer and the key.
+    """
+    labels = labels or [f"model {i} ({m.name!r})" for i, m in enumerate(models)]
+    reference = list(iter_layers(models[0]))
+    problems = []
+    for label, model in zip(labels[1:], models[1:]):
+        for (path0, layer0), (path, layer) in zip(reference, iter_layers(model)):
+            if type(layer0) is not type(layer):
+                continue  # reported by architecture_differences when it holds weights
+            config0, config = _function_config(layer0), _function_config(layer)
+            for key in sorted(set(config0) | set(config)):
+                if not _same_value(config0.get(key), config.get(key)):
+                    problems.append(
+                        f"{label}: layer {path!r} has {key}={config.get(key)!r} but "
+                        f"{labels[0]}'s {path0!r} has {key}={config0.get(key)!r}"
+                    )
+    return problems
+
+
+def special_layers(model):
+    """``[(path, kind)]`` for every layer (nested ones too) whose variables are not plain
+    weights: ``"lora"`` (LoRA enabled), a quantization mode (``"int8"``, ``"int4"``,
+    ``"float8"``...) or ``"savedmodel"`` (a ``TFSMLayer``: no Keras layers inside)."""
+    found = []
+    for path, leaf in iter_layers(model):
+        for layer in leaf._flatten_layers(include_self=True, recursive=True):
+            where = path if layer is leaf else f"{path}/{layer.name}"
+            if type(layer).__name__ == "TFSMLayer":
+                found.append((where, "savedmodel"))
+            if getattr(layer, "lora_enabled", False):
+                found.append((where, "lora"))
+            mode = getattr(layer, "quantization_mode", None)
+            if mode:
+                found.append((where, mode))
+    return found
+
+
+def check_plain_layers(models, labels=None, function="this function", adapted_ok=False):
+    """Refuse members this function cannot read layer by layer, naming member, layer and why.
+
+    A ``TFSMLayer`` (a SavedModel) is always refused: it has no Keras layers or
+    weights to read. LoRA-enabled and quantized layers are refused unless
+    ``adapted_ok`` (``merge`` reads their effective float weights).
+    """
+    labels = labels or [f"model {i} ({m.name!r})" for i, m in enumerate(models)]
+    for label, model in zip(labels, models):
+        for path, kind in special_layers(model):
+            if kind == "savedmodel":
+                raise ValueError(
+                    f"{function}: {label}: layer {path!r} is a TFSMLayer (a SavedModel); it has no "
+                    "Keras layers or weights to read. Use the Keras model it was exported from."
+                )
+            if adapted_ok:
+                continue
+            if kind == "lora":
+                raise ValueError(
+                    f"{function}: {label}: layer {path!r} has LoRA enabled; its kernel alone is not "
+                    "the function it computes. Fold the adapters first: ek.merge([member]) returns "
+                    "the member with plain layers holding W + (alpha/rank)·A·B."
+                )
+            raise ValueError(
+                f"{function}: {label}: layer {path!r} is {kind}-quantized; {function} works on "
+                "float layers. Pass the float members (and quantize the result with ek.quantize), "
+                "or dequantize with ek.merge([member], quantize=False)."
+            )
+
+
+def check_same_architecture(models, labels=None, function=None, adapted_ok=False):
+    """Raise one ``ValueError`` listing every incompatible weight or function-changing
+    configuration key, if any; refuse layers ``function`` cannot read (``check_plain_layers``).
+
+    With ``adapted_ok`` (merging), LoRA adapter factors are not compared (a member
+    with adapters merges with one without), nor are quantized layers refused.
+    """
+    labels = labels or [f"model {i} ({m.name!r})" for i, m in enumerate(models)]
+    prefix = f"{function}: " if function else ""
+    check_plain_layers(models, labels, function or "this function", adapted_ok)
+    problems = architecture_differences(models, labels, skip_adapters=adapted_ok)
     if problems:
         raise ValueError(
-            f"Models do not share one architecture ({len(problems)} incompatible weights):\n  "
-            + "\n  ".join(problems)
+            f"{prefix}Models do not share one architecture ({len(problems)} incompatible "
+            "weights):\n  " + "\n  ".join(problems)
+        )
+    problems = config_differences(models, labels)
+    if problems:
+        raise ValueError(
+            f"{prefix}Models are not one architecture: {len(problems)} layer configuration "
+            "key(s) that change the function differ (weight-space merging needs one function "
+            "family):\n  " + "\n  ".join(problems)
         )
 
 

@@ -25,6 +25,12 @@ from ensemblekit.merge.engine import (
     merge_weights,
 )
 from ensemblekit.merge.methods import get_method
+from ensemblekit.merge.variables import (
+    check_mergeable,
+    float_template,
+    quantization_plan,
+    requantize,
+)
 
 
 @dataclasses.dataclass
@@ -46,7 +52,7 @@ class MergeReport:
 
 
 def merge(models, method="linear", base=None, weights=None, *, template=None, stream="auto",
-          name=None, safe_mode=True, verbose=0, return_report=False, **params):
+          name=None, quantize=True, safe_mode=True, verbose=0, return_report=False, **params):
     """Merge models of one architecture into one model with the cost of one member.
 
     Methods (parameters in brackets; any per-tensor parameter and ``weights``
@@ -65,8 +71,20 @@ def merge(models, method="linear", base=None, weights=None, *, template=None, st
     - ``"greedy_soup"``: uniform soup of members added greedily by validation
       accuracy (Wortsman et al., 2022) [``x_val``, ``y_val``].
 
-    Architectures are checked before any arithmetic; NaN/inf in a member is
-    an error; non-float weights are copied from the base (or first member).
+    Architectures are checked before any arithmetic: weight shapes, and every
+    layer configuration key that changes the function (activation, epsilon,
+    padding, strides, axis, dtype policy...), refused naming the layer and the
+    key. NaN/inf in a member is an error. Each variable is merged by the rule of
+    its kind (``ensemblekit.merge.variables``): trainable weights by the method,
+    normalization statistics as the members' weighted mean, integer and seed
+    state copied from the base (or first member).
+
+    LoRA-enabled layers merge on their effective kernel ``W + (alpha/rank)·A·B``
+    and come out as plain layers; int8/int4-quantized layers are dequantized by
+    Keras' rule, merged in float and quantized again in the members' mode and
+    block size (``quantize=False`` keeps the float result). float8, GPTQ and AWQ
+    layers are refused. A one-member ``merge([model])`` folds LoRA adapters (or
+    dequantizes, with ``quantize=False``) without changing the function.
 
     Args:
         models: list of ``keras.Model`` or paths (``.keras``, ``.h5``,
@@ -79,6 +97,8 @@ def merge(models, method="linear", base=None, weights=None, *, template=None, st
         stream: ``"auto"`` streams when every member is a ``.keras``/
             ``.weights.h5`` path; ``True`` requires it; ``False`` loads all.
         name: name of the merged model (default ``"merged_<method>"``).
+        quantize: re-quantize layers that were quantized in the members (in
+            their mode and block size); ``False`` returns float layers.
         safe_mode: used when loading ``.keras`` files.
         verbose: 1 shows a progress bar.
         return_report: also return a :class:`MergeReport` (e.g. which members
@@ -120,26 +140,30 @@ def merge(models, method="linear", base=None, weights=None, *, template=None, st
     base_model = base if base is None or isinstance(base, keras.Model) else load_model(
         base, safe_mode=safe_mode, label="base")
     labels = [member_label(i, m) for i, m in enumerate(members)]
+    everyone, everyone_labels = list(members), list(labels)
     if base_model is not None:
-        members_and_base = members + [base_model]
-        check_same_architecture(members_and_base, labels + [f"base ({base_model.name!r})"])
-    else:
-        check_same_architecture(members, labels)
+        everyone.append(base_model)
+        everyone_labels.append(f"base ({base_model.name!r})")
+    check_same_architecture(everyone, everyone_labels, function="merge", adapted_ok=True)
+    for model, label in zip(everyone, everyone_labels):
+        check_mergeable(model, label)
+    quantized = quantization_plan(members[0]) if quantize else []
 
     def linear_merge(subset):
         linear = get_method("linear")
-        return merge_weights(keras.models.clone_model(members[0]),
-                             [ModelSource(m, f"member {i}") for i, m in enumerate(subset)],
-                             None, linear, np.ones(len(subset)), linear.check_params({}))
+        soup = float_template(members[0])
+        merge_weights(soup, [ModelSource(m, f"member {i}", soup) for i, m in enumerate(subset)],
+                      None, linear, np.ones(len(subset)), linear.check_params({}))
+        return requantize(soup, quantized)
 
     members, member_weights = merge_method.prepare(members, base_model, member_weights, checked,
                                                    linear_merge, verbose=verbose)
-    output = keras.models.clone_model(members[0])
-    output.name = name
-    sources = [ModelSource(m, member_label(i, m)) for i, m in enumerate(members)]
-    base_source = None if base_model is None else ModelSource(base_model, f"base ({base_model.name!r})")
+    output = float_template(members[0], name=name)
+    sources = [ModelSource(m, member_label(i, m), output) for i, m in enumerate(members)]
+    base_source = None if base_model is None else ModelSource(
+        base_model, f"base ({base_model.name!r})", output)
     merge_weights(output, sources, base_source, merge_method, member_weights, checked, verbose)
-    return _with_report(output, merge_method, checked, False, return_report)
+    return _with_report(requantize(output, quantized), merge_method, checked, False, return_report)
 
 
 def _with_report(output, merge_method, params, streamed, return_report):

@@ -16,17 +16,27 @@ import numpy as np
 
 from ensemblekit._graph import weight_refs
 from ensemblekit.merge.methods import resolve_per_layer
+from ensemblekit.merge.variables import STATE, STATISTIC, float_readers, variable_kinds
 
 
 class ModelSource:
-    """Reads the weights of an in-memory model, in ``weight_refs`` order."""
+    """Reads an in-memory model's float weights in the ``weight_refs`` order of ``template``.
 
-    def __init__(self, model, label):
+    ``template`` is the merged model's float architecture
+    (``variables.float_template``): LoRA-enabled layers are read as their
+    effective kernel, quantized ones dequantized (``ensemblekit.merge.variables``).
+    Without a template the model's own weights are read as they are.
+    """
+
+    def __init__(self, model, label, template=None):
         self.model, self.label = model, label
-        self.refs = weight_refs(model)
+        if template is None:
+            self.readers = [ref.numpy for ref in weight_refs(model)]
+        else:
+            self.readers = float_readers(model, template, label)
 
     def read(self, index):
-        return self.refs[index].numpy()
+        return self.readers[index]()
 
 
 def check_member_weights(weights, n_members, method_name):
@@ -60,8 +70,11 @@ def _check_finite(array, label, path):
 def merge_weights(output, sources, base_source, method, weights, params, verbose=0):
     """Fill ``output``'s weights by merging ``sources`` tensor by tensor.
 
-    Non-float weights (counters, seeds, integer tables) are copied from the
-    base (or the first member), never averaged.
+    Each weight is merged by the rule of its kind
+    (``ensemblekit.merge.variables.variable_kinds``): trainable weights by the
+    method, normalization statistics by ``method.merge_statistic``, and
+    integer, boolean and seed state copied from the base (or the first member),
+    never averaged.
 
     Args:
         output: the model to write into (architecture of the members).
@@ -74,9 +87,10 @@ def merge_weights(output, sources, base_source, method, weights, params, verbose
     refs = weight_refs(output)
     paths = [ref.path for ref in refs]
     per_tensor = resolve_per_layer({**method.tensor_params(params), "weights": weights}, paths)
+    kinds = variable_kinds(output, f"merged model {output.name!r}")
     progress = keras.utils.Progbar(len(refs), verbose=verbose, unit_name="weight")
     for index, ref in enumerate(refs):
-        if not ref.is_float:
+        if kinds[index] == STATE:
             ref.assign((base_source or sources[0]).read(index))
             progress.add(1)
             continue
@@ -91,7 +105,10 @@ def merge_weights(output, sources, base_source, method, weights, params, verbose
             _check_finite(base, base_source.label, ref.path)
         resolved = dict(per_tensor[index])
         member_weights = resolved.pop("weights")
-        merged = method.merge_tensor(tensors, base, member_weights, ref.path, **resolved)
+        if kinds[index] == STATISTIC:
+            merged = method.merge_statistic(tensors, member_weights, ref.path, **resolved)
+        else:
+            merged = method.merge_tensor(tensors, base, member_weights, ref.path, **resolved)
         _check_finite(merged, f"merged model ({method.name})", ref.path)
         ref.assign(merged)
         progress.add(1)

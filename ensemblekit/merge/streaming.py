@@ -23,8 +23,9 @@ import h5py
 import keras
 import numpy as np
 
-from ensemblekit._graph import weight_refs
+from ensemblekit._graph import special_layers, weight_refs
 from ensemblekit.merge.engine import merge_weights
+from ensemblekit.merge.variables import float_template
 
 STREAM_SUFFIXES = (".keras", ".weights.h5")
 _ZIP_WEIGHTS = "model.weights.h5"
@@ -195,6 +196,25 @@ def _template_model(first, template, safe_mode):
     return keras.saving.deserialize_keras_object(config, safe_mode=safe_mode)
 
 
+def _float_architecture(model, first):
+    """``model`` as the float architecture the files are merged into; quantized files refused.
+
+    Keras folds LoRA adapters into the kernel when it saves, so a LoRA model's
+    file holds plain kernels: its float template (no adapters) matches it. A
+    quantized file holds integer codes and scales, which must not be averaged
+    tensor by tensor.
+    """
+    quantized = [(path, kind) for path, kind in special_layers(model) if kind not in ("lora",)]
+    if quantized:
+        path, kind = quantized[0]
+        raise ValueError(
+            f"merge: {first.label}: layer {path!r} is stored {kind}-quantized; streamed merging "
+            "reads tensors one by one and cannot dequantize them. Use stream=False (members are "
+            "dequantized, merged in float and quantized again)."
+        )
+    return float_template(model)
+
+
 def map_weights(model, first):
     """The h5 dataset path of every weight of ``model`` in member 0's file."""
     groups = first.layer_groups()
@@ -253,7 +273,7 @@ def merge_files(models, method, base, weights, params, template=None, name=None,
             base_source = H5Source(base, f"base ({Path(os.fspath(base)).name!r})")
             sources.append(base_source)
         members = sources[:-1] if base_source is not None else sources
-        output = _template_model(members[0], template, safe_mode)
+        output = _float_architecture(_template_model(members[0], template, safe_mode), members[0])
         refs, paths = map_weights(output, members[0])
         problems = file_differences(refs, paths, sources)
         if problems:

@@ -184,6 +184,17 @@ class MergeMethod:
         raise NotImplementedError
 
 
+    def merge_statistic(self, tensors, weights, path, **params):
+        """Merge a normalization statistic (moving mean or variance): the members' mean,
+        weighted by their merge weights when those are non-negative with a positive sum
+        (uniform otherwise), so a variance stays a variance. Methods with their own
+        interpolation (``slerp``) override it."""
+        weights = np.asarray(weights, dtype="float64")
+        if np.any(weights < 0) or not np.sum(weights) > 0:
+            weights = np.ones(len(tensors))
+        return np.tensordot(weights / np.sum(weights), np.stack(tensors), axes=1)
+
+
 def deltas(tensors, base):
     """Task vectors ``θ_i - θ_base`` stacked on a new leading axis."""
     return np.stack([t - base for t in tensors])

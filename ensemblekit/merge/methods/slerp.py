@@ -41,3 +41,6 @@ class Slerp(MergeMethod):
 
     def merge_tensor(self, tensors, base, weights, path, t=0.5):
         return slerp(tensors[0], tensors[1], t)
+
+    def merge_statistic(self, tensors, weights, path, t=0.5):
+        return (1 - t) * tensors[0] + t * tensors[1]

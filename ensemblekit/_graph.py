@@ -165,6 +165,7 @@ def architecture_differences(models, labels=None, skip_adapters=False):
 _INERT_KEYS = {"name", "trainable", "seed", "lora_rank", "lora_alpha", "activity_regularizer"}
 _INERT_SUFFIXES = ("_initializer", "_regularizer", "_constraint")
 _DROPOUT_KEYS = {"rate", "noise_shape", "stddev"}
+_SAVEDMODEL_LAYER = getattr(keras.layers, "TFSMLayer", None)
 _ADAPTER_NAMES = {"lora_kernel_a", "lora_kernel_b", "lora_embeddings_a", "lora_embeddings_b"}
 
 
@@ -224,7 +225,7 @@ def special_layers(model):
     for path, leaf in iter_layers(model):
         for layer in leaf._flatten_layers(include_self=True, recursive=True):
             where = path if layer is leaf else f"{path}/{layer.name}"
-            if type(layer).__name__ == "TFSMLayer":
+            if _SAVEDMODEL_LAYER is not None and isinstance(layer, _SAVEDMODEL_LAYER):
                 found.append((where, "savedmodel"))
             if getattr(layer, "lora_enabled", False):
                 found.append((where, "lora"))

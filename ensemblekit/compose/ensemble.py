@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 import keras
 
+from ensemblekit._io import savedmodel_layers
 from ensemblekit._tasks import (
     METHODS,
     MemberMixture,
@@ -31,7 +34,9 @@ def ensemble(models, method="mean", weights=None, name=None, output_kind=None, a
     several inputs and outputs (matched by name, else by position).
 
     Args:
-        models: list of ``keras.Model`` or paths to ``.keras``/``.h5`` files.
+        models: list of ``keras.Model`` or paths to ``.keras``/``.h5`` files or to
+            TensorFlow SavedModel directories (TensorFlow backend; run through
+            ``keras.layers.TFSMLayer``, whose output kind cannot be read: pass ``output_kind``).
         method: how to combine each output, or ``{output name: method}``.
             Multiclass, binary, multilabel: ``"mean"`` (average of probabilities),
             ``"logit_mean"`` (softmax/sigmoid of the mean logits), ``"geometric"``
@@ -109,6 +114,7 @@ def ensemble(models, method="mean", weights=None, name=None, output_kind=None, a
     """
     members = MemberSet(models, output_kind=output_kind, adapters=adapters, input_shape=input_shape,
                         safe_mode=safe_mode, task=task, variance=variance, variance_kind=variance_kind)
+    _warn_savedmodel_members(members)
     methods = _methods(method, members)
     if "weighted" in methods and weights is None:
         raise ValueError("method 'weighted' needs weights=[...], one per member.")
@@ -144,6 +150,19 @@ def ensemble(models, method="mean", weights=None, name=None, output_kind=None, a
         outputs = next(iter(outputs.values()))
     label = method if isinstance(method, str) else "mixed"
     return keras.Model(inputs, outputs, name=name or f"ensemble_{label}")
+
+
+def _warn_savedmodel_members(members):
+    """Say, once per member holding a ``TFSMLayer``, that a saved ensemble loads only with ``safe_mode=False``."""
+    for label, model in zip(members.labels, members.models):
+        for _, layer in savedmodel_layers(model)[:1]:
+            warnings.warn(
+                f"ensemble(): {label} is a TensorFlow SavedModel (keras.layers.TFSMLayer from "
+                f"{layer.filepath!r}); a .keras file of this ensemble loads only with "
+                "keras.saving.load_model(path, safe_mode=False) (safe_mode=False in ensemblekit), "
+                "with that SavedModel in place.",
+                stacklevel=3,
+            )
 
 
 def _methods(method, members):

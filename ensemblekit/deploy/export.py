@@ -214,7 +214,8 @@ def export(model, path, format="tf_saved_model", probe=None, atol=1e-5, seed=0, 
 
     Args:
         model: a single-input ``keras.Model``, or a path to a ``.keras`` file
-            (loaded in ``safe_mode``).
+            (loaded in ``safe_mode``) or to a TensorFlow SavedModel directory
+            (TensorFlow backend; an ensemble holding one exports too).
         path: the SavedModel folder, or the ``.onnx`` file, to write.
         format: ``"tf_saved_model"`` or ``"onnx"`` (needs ``pip install
             "ensemblekit[onnx]"``).

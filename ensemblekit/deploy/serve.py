@@ -92,7 +92,8 @@ class ServedModel:
     outputs (a list or a dict of outputs) answer every output by name.
 
     Args:
-        model: a ``keras.Model`` or a path to a ``.keras``/``.h5`` file (loaded in ``safe_mode``).
+        model: a ``keras.Model``, a path to a ``.keras``/``.h5`` file (loaded in ``safe_mode``),
+            or a TensorFlow SavedModel directory (``ensemblekit._io.load_savedmodel``).
         name: the name in the URL (default: the file's stem, or ``model.name``).
         safe_mode: passed to ``keras.saving.load_model`` for paths.
         version: the version number served at ``/v1/models/NAME/versions/N`` (default 1).
@@ -108,8 +109,10 @@ class ServedModel:
     def __init__(self, model, name=None, safe_mode=True, version=1):
         started = time.perf_counter()
         if isinstance(model, (str, os.PathLike)):
-            name = name or os.path.splitext(os.path.basename(os.fspath(model)))[0]
-            model = load_model(model, safe_mode=safe_mode)
+            path = os.fspath(model)
+            model = load_model(path, safe_mode=safe_mode)
+            # a SavedModel folder's name is often a version ("models/clf/1"): its model is "clf_1"
+            name = name or (model.name if os.path.isdir(path) else os.path.splitext(os.path.basename(path))[0])
         self.load_seconds = time.perf_counter() - started
         if not isinstance(model, keras.Model):
             raise TypeError(
@@ -902,7 +905,8 @@ def serve(model=None, name=None, host="127.0.0.1", port=8000, max_batch=DEFAULT_
 
     Args:
         model: a ``keras.Model`` (with one input or several named ones), a
-            path to a ``.keras``/``.h5`` file (loaded in ``safe_mode``), a
+            path to a ``.keras``/``.h5`` file (loaded in ``safe_mode``) or a
+            TensorFlow SavedModel directory (TensorFlow backend), a
             ``{name: model or path}`` mapping to serve several at
             ``/v1/models/NAME`` each, or ``{name: {version: model or path}}``
             to serve versions at ``/v1/models/NAME/versions/N`` (unversioned

@@ -439,7 +439,8 @@ def align(models, reference=0, method="weight_matching", x=None, seed=0, max_ite
         raise ValueError(f"reference must be a member index in [0, {len(members) - 1}], got {reference!r}.")
     if method == "activation_matching" and x is None:
         raise ValueError("align method 'activation_matching' needs x= (inputs to correlate units on).")
-    check_same_architecture(members, [member_label(i, m) for i, m in enumerate(members)])
+    check_same_architecture(members, [member_label(i, m) for i, m in enumerate(members)],
+                            function="align")
     spec = permutation_spec(members[reference], nested=method == "weight_matching")
     reference_arrays = get_arrays(members[reference])
     aligned, permutations = [], []

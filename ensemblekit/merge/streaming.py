@@ -204,7 +204,7 @@ def _float_architecture(model, first):
     quantized file holds integer codes and scales, which must not be averaged
     tensor by tensor.
     """
-    quantized = [(path, kind) for path, kind in special_layers(model) if kind not in ("lora",)]
+    quantized = [(path, kind) for path, kind in special_layers(model) if kind not in ("lora", "savedmodel")]
     if quantized:
         path, kind = quantized[0]
         raise ValueError(

@@ -103,7 +103,7 @@ def effective_kernel(layer):
         >>> layer = keras.layers.Dense(2)
         >>> layer.build((3,))
         >>> layer.enable_lora(1)
-        >>> layer.lora_kernel_b.assign(np.ones((1, 2)))
+        >>> _ = layer.lora_kernel_b.assign(np.ones((1, 2)))
         >>> expected = layer._kernel.numpy() + layer.lora_kernel_a.numpy() @ np.ones((1, 2))
         >>> bool(np.allclose(effective_kernel(layer), expected, atol=1e-6))
         True

@@ -161,7 +161,7 @@ def pack(models, reduce="mean", output_kind=None, lowering="auto", name=None, sa
     check_choice(lowering, LOWERINGS, "lowering")
     models = load_members(models, min_count=2, what="pack", safe_mode=safe_mode)
     labels = [member_label(i, m) for i, m in enumerate(models)]
-    check_same_architecture(models, labels)
+    check_same_architecture(models, labels, function="pack")
     graphs = [_member_graph(model, label) for model, label in zip(models, labels, strict=True)]
     _check_same_layers(graphs, labels)
     outputs_named = output_names(models[0])

@@ -42,7 +42,7 @@ import numpy as np
 
 from ensemblekit._channels import OPENERS, channel_graph, recreate
 from ensemblekit._graph import graph_nodes
-from ensemblekit._io import predict
+from ensemblekit._io import check_no_savedmodel, predict
 from ensemblekit._packed import output_layers
 from ensemblekit._validate import check_choice
 from ensemblekit.prune.magnitude import check_sparsity
@@ -418,7 +418,8 @@ def channels(model, ratio=0.5, importance="l1", x=None, y=None, round_to=None,
             more than once gets a ``ValueError``. A packed model (``ek.pack``)
             is unpacked, each member's channels are pruned on their own (same
             counts for all members) and it is packed again; subclassed models
-            have no graph and get a ``ValueError``.
+            have no graph and get a ``ValueError``, as do models holding a
+            TensorFlow SavedModel (``keras.layers.TFSMLayer``: no layers to read).
         ratio: fraction of channels removed per group, in ``[0, 1)``; ``0``
             returns a model with identical outputs.
         importance: ``"l1"``, ``"l2"``, ``"bn_scale"`` (groups without a
@@ -452,6 +453,7 @@ def channels(model, ratio=0.5, importance="l1", x=None, y=None, round_to=None,
     """
     if not isinstance(model, keras.Model):
         raise TypeError(f"channels() needs a keras.Model, got {type(model).__name__}.")
+    check_no_savedmodel(model, "channels()")
     ratio = check_sparsity(ratio, "ratio")
     check_choice(importance, IMPORTANCES, "importance")
     check_choice(on_unsupported, ON_UNSUPPORTED, "on_unsupported")

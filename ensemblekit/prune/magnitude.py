@@ -28,6 +28,7 @@ import keras
 import numpy as np
 
 from ensemblekit._graph import iter_layers, weight_refs
+from ensemblekit._io import check_no_savedmodel
 from ensemblekit._validate import check_choice
 
 SCOPES = ("global", "layer")
@@ -362,7 +363,9 @@ def magnitude(model, sparsity=0.8, scope="global", schedule=None, n_m=None, laye
 
     Args:
         model: a built Keras model (nested members inside a composed model are
-            pruned too: their kernels are ordinary weights of the walk).
+            pruned too: their kernels are ordinary weights of the walk). A model
+            holding a TensorFlow SavedModel (``keras.layers.TFSMLayer``) is refused
+            with a ``ValueError``: it has no Keras layers to prune.
         sparsity: fraction of targeted weights to zero, in ``[0, 1)``
             (ignored with ``schedule`` or ``n_m``).
         scope: ``"global"`` (one magnitude threshold over all targeted kernels,
@@ -396,6 +399,8 @@ def magnitude(model, sparsity=0.8, scope="global", schedule=None, n_m=None, laye
     if n_m is not None and schedule is not None:
         raise ValueError("n_m fixes the sparsity pattern; it cannot be combined with a schedule.")
     sparsity = check_sparsity(sparsity) if n_m is None else 1.0 - n_m[0] / n_m[1]
+    if isinstance(model, keras.Model):
+        check_no_savedmodel(model, "magnitude()")
     copy = copy_model(model)
     refs = select_kernels(copy, layers)
     state = PruningState(masks={ref.path: np.ones(ref.shape, "float32") for ref in refs},

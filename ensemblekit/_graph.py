@@ -211,7 +211,8 @@ def config_differences(models, labels=None):
             for key in sorted(set(config0) | set(config)):
                 if not _same_value(config0.get(key), config.get(key)):
                     problems.append(
-                        f"{label}: layer {path!r} has {key}={config.get(key)!r} but "
+                        f"{label}: layer {path!r} ({type(layer).__name__}) has "
+                        f"{key}={config.get(key)!r} but "
                         f"{labels[0]}'s {path0!r} has {key}={config0.get(key)!r}"
                     )
     return problems
@@ -265,28 +266,38 @@ def check_plain_layers(models, labels=None, function="this function", adapted_ok
             )
 
 
-def check_same_architecture(models, labels=None, function=None, adapted_ok=False):
-    """Raise one ``ValueError`` listing every incompatible weight or function-changing
-    configuration key, if any; refuse layers ``function`` cannot read (``check_plain_layers``).
+def check_same_architecture(models, labels=None, function=None, adapted_ok=False,
+                            same_function=False):
+    """Raise one ``ValueError`` listing every incompatible weight, if any; refuse layers
+    ``function`` cannot read (``check_plain_layers``).
 
-    With ``adapted_ok`` (merging), LoRA adapter factors are not compared (a member
-    with adapters merges with one without), nor are quantized layers refused.
+    With ``same_function`` (merging: one set of weights for all), every layer
+    configuration key that changes the function must match too
+    (:func:`config_differences`); ``pack`` carries per-member constants and
+    checks its own. With ``adapted_ok`` (merging), LoRA adapter factors are not
+    compared (a member with adapters merges with one without), nor are
+    quantized layers refused.
     """
     labels = labels or [f"model {i} ({m.name!r})" for i, m in enumerate(models)]
     prefix = f"{function}: " if function else ""
     check_plain_layers(models, labels, function or "this function", adapted_ok)
+    configs = config_differences(models, labels) if same_function else []
+    # A dtype policy (float32, mixed_float16, int8_from_float32...) that differs also changes
+    # the weights' shapes and dtypes: saying so first names the cause.
+    precision = [problem for problem in configs if " has dtype=" in problem]
+    if precision:
+        raise ValueError(f"{prefix}Models do not share one dtype policy:\n  " + "\n  ".join(precision))
     problems = architecture_differences(models, labels, skip_adapters=adapted_ok)
     if problems:
         raise ValueError(
             f"{prefix}Models do not share one architecture ({len(problems)} incompatible "
             "weights):\n  " + "\n  ".join(problems)
         )
-    problems = config_differences(models, labels)
-    if problems:
+    if configs:
         raise ValueError(
-            f"{prefix}Models are not one architecture: {len(problems)} layer configuration "
-            "key(s) that change the function differ (weight-space merging needs one function "
-            "family):\n  " + "\n  ".join(problems)
+            f"{prefix}Models are not one architecture: {len(configs)} layer configuration "
+            "key(s) that change the function differ (the members must compute one function "
+            "family):\n  " + "\n  ".join(configs)
         )
 
 

@@ -17,6 +17,9 @@ outputs into probabilities. Both read the task and kind from here.
 
 from __future__ import annotations
 
+import warnings
+import weakref
+
 import keras
 import numpy as np
 from keras import ops
@@ -60,6 +63,110 @@ def _activation_name(layer):
         return "softmax"
     activation = getattr(layer, "activation", None)
     return getattr(activation, "__name__", str(activation))
+
+
+# Activations Keras itself defines: a layer ending in one of these says what it outputs.
+_KERAS_ACTIVATIONS = frozenset(
+    name for name in dir(keras.activations)
+    if not name.startswith("_") and name not in ("get", "serialize", "deserialize")
+) | {"linear", "softmax", "sigmoid"}
+
+
+def _readable(layer):
+    """True when ``layer``'s output activation can be read from the layer itself.
+
+    Opaque layers cannot be read: a ``TFSMLayer`` (a SavedModel), a ``Lambda``,
+    a custom layer whose ``call`` may end in ``keras.ops.softmax``, a layer
+    with a custom activation function, or a reshaping/merging layer that
+    passes on what came before it.
+    """
+    if getattr(layer, "output_kind", None) in OUTPUT_KINDS or getattr(layer, "task", None) in TASKS:
+        return True
+    if isinstance(layer, keras.layers.Softmax):
+        return True
+    if isinstance(layer, keras.layers.Lambda) or not hasattr(layer, "activation"):
+        return False
+    return _activation_name(layer) in _KERAS_ACTIVATIONS
+
+
+_PROBED = weakref.WeakKeyDictionary()  # model -> {output index: "softmax"|"sigmoid"|"linear"}
+_PROBE_ROWS = 32
+
+
+def probe_activation(model, index=0, label=None):
+    """What output ``index`` of ``model`` is, told by running it on a probe batch.
+
+    Used when the producing layer is opaque (see ``_readable``). The batch is
+    built from the model's input specs (standard normal floats scaled by 3,
+    integers 0/1 for integer inputs such as token ids, 8 for unknown lengths).
+    Rows ``>= 0`` summing to 1 over the last axis mean ``"softmax"``; values in
+    ``[0, 1]`` that do not mean ``"sigmoid"``; any value outside ``[0, 1]``
+    means ``"linear"``. A warning names the model and says how to state it.
+
+    Returns:
+        ``"softmax"``, ``"sigmoid"`` or ``"linear"``.
+
+    Raises:
+        ValueError: no probe can be built (string inputs, no inputs) or the
+            outputs are not finite; the message asks for ``output_kind=``/``task=``.
+    """
+    name = label or f"Model {getattr(model, 'name', '?')!r}"
+    cached = _PROBED.setdefault(model, {})
+    if index in cached:
+        return cached[index]
+    layer = output_layers(model)[index]
+    where = (f"{name}: output {index} ends in layer {getattr(layer, 'name', '?')!r} "
+             f"({type(layer).__name__}), whose activation cannot be read")
+    ask = "pass output_kind='probs' or 'logits' (and task=) to say what it outputs."
+    outputs = _probe_outputs(model, where, ask)
+    values = np.asarray(keras.ops.convert_to_numpy(outputs[index]), dtype="float64")
+    if values.size == 0 or not np.all(np.isfinite(values)):
+        raise ValueError(f"{where}, and a probe batch gave non-finite outputs; {ask}")
+    inside = bool(np.all(values >= 0) and np.all(values <= 1))
+    rows_sum_to_one = values.ndim >= 2 and values.shape[-1] >= 2 and bool(
+        np.allclose(values.sum(axis=-1), 1.0, atol=1e-3))
+    activation = ("softmax" if inside and rows_sum_to_one else "sigmoid" if inside else "linear")
+    reading = {"softmax": "rows >= 0 summing to 1: probabilities (softmax)",
+               "sigmoid": "values in [0, 1]: probabilities per unit (sigmoid)",
+               "linear": "values outside [0, 1]: logits or values"}[activation]
+    warnings.warn(f"{where}; a probe batch of {_PROBE_ROWS} rows gave {reading}, so it is read "
+                  f"so. To state it and silence this warning, {ask}", UserWarning, stacklevel=3)
+    cached[index] = activation
+    return activation
+
+
+def _probe_outputs(model, where, ask):
+    inputs = getattr(model, "inputs", None) if isinstance(model, keras.Model) else None
+    if not inputs:
+        raise ValueError(f"{where}, and the model has no input specs to probe it with; {ask}")
+    rng = np.random.default_rng(0)
+    batch = []
+    for tensor in inputs:
+        shape = (_PROBE_ROWS, *[8 if d is None else d for d in tensor.shape[1:]])
+        dtype = str(tensor.dtype)
+        if "int" in dtype:
+            batch.append(rng.integers(0, 2, size=shape).astype(dtype))
+        elif "float" in dtype:
+            batch.append((3 * rng.standard_normal(shape)).astype(dtype))
+        elif "bool" in dtype:
+            batch.append(np.zeros(shape, dtype="bool"))
+        else:
+            raise ValueError(f"{where}, and no probe batch can be built for its {dtype} input "
+                             f"{getattr(tensor, 'name', '?')!r}; {ask}")
+    try:
+        outputs = model(structured_inputs(model, batch), training=False)
+    except Exception as error:  # a model that cannot run on random inputs
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{where}, and running it on a probe batch failed ({reason}); {ask}") from None
+    return keras.tree.flatten(outputs)
+
+
+def _activation(model, index, label=None):
+    """The output activation of output ``index``: read from its layer, else probed."""
+    layer = output_layers(model)[index] if isinstance(model, keras.Model) else model
+    if _readable(layer) or not isinstance(model, keras.Model):
+        return _activation_name(layer)
+    return probe_activation(model, index, label)
 
 
 def output_names(model):
@@ -134,7 +241,9 @@ def detect_task(model, index=0, label=None):
     ``"multilabel"`` (several); ensemblekit's own layers declare their task. A
     linear ``(batch, classes >= 2)`` output is read as multiclass logits (the
     0.1 behaviour); any other linear output is ambiguous (binary logits?
-    regression?) and raises a ``ValueError`` asking for ``task=``.
+    regression?) and raises a ``ValueError`` asking for ``task=``. An opaque
+    producing layer (a ``TFSMLayer``, a custom layer) is probed
+    (:func:`probe_activation`).
 
     Args:
         model: a ``keras.Model``.
@@ -154,7 +263,7 @@ def detect_task(model, index=0, label=None):
     declared = getattr(layer, "task", None)
     if declared in TASKS:
         return _sigmoid_task(units) if declared in ("binary", "multilabel") else declared
-    activation = _activation_name(layer)
+    activation = _activation(model, index, label)
     if activation == "softmax":
         return "multiclass"
     if activation == "sigmoid":
@@ -214,18 +323,22 @@ def check_task(task, names=None):
     return [None if value == "auto" else value for value in tasks]
 
 
-def detect_output_kind(model, index=0):
+def detect_output_kind(model, index=0, label=None):
     """``"probs"`` if ``model``'s output ends in a softmax or sigmoid, else ``"logits"``.
 
     Looks at the layer producing output ``index`` (recursing into nested
     models): a ``Softmax`` layer, an ``Activation("softmax")`` or
     ``"sigmoid"``, any layer whose ``activation`` is one of them, or a layer
     that declares ``output_kind`` (ensemblekit's combiners,
-    ``TemperatureScaling`` and ``PackedOutput``).
+    ``TemperatureScaling`` and ``PackedOutput``). Where that layer is opaque (a
+    ``TFSMLayer``, a ``Lambda``, a custom layer, a custom activation), the model
+    is run on a probe batch instead and a warning says so
+    (:func:`probe_activation`).
 
     Args:
         model: a ``keras.Model`` (or a layer).
         index: which output.
+        label: how warnings and errors name the model (default: its name).
 
     Returns:
         ``"probs"`` or ``"logits"``.
@@ -243,7 +356,7 @@ def detect_output_kind(model, index=0):
     declared = getattr(layer, "output_kind", None)
     if declared in OUTPUT_KINDS:
         return declared
-    return "probs" if _activation_name(layer) in ("softmax", "sigmoid") else "logits"
+    return "probs" if _activation(model, index, label) in ("softmax", "sigmoid") else "logits"
 
 
 def check_output_kinds(output_kind, n_members):

@@ -27,7 +27,7 @@ import numbers
 import keras
 import numpy as np
 
-from ensemblekit._graph import iter_layers, model_input_shape, weight_refs
+from ensemblekit._graph import iter_layers, model_input_shape, special_layers, weight_refs
 from ensemblekit._timing import batch_seconds
 from ensemblekit._validate import check_choice
 from ensemblekit.inference import compile_for_inference
@@ -96,6 +96,12 @@ def macs(model):
         >>> macs(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]))
         12
     """
+    opaque = [path for path, kind in special_layers(model) if kind == "savedmodel"]
+    if opaque:
+        raise ValueError(
+            f"macs: model {model.name!r}: layer {opaque[0]!r} is a TFSMLayer (a SavedModel), whose "
+            "multiply-accumulates cannot be counted; use cost='params' or 'latency'."
+        )
     return int(sum(layer_macs(layer) for _, layer in iter_layers(model)))
 
 

@@ -144,7 +144,8 @@ def merge(models, method="linear", base=None, weights=None, *, template=None, st
     if base_model is not None:
         everyone.append(base_model)
         everyone_labels.append(f"base ({base_model.name!r})")
-    check_same_architecture(everyone, everyone_labels, function="merge", adapted_ok=True)
+    check_same_architecture(everyone, everyone_labels, function="merge", adapted_ok=True,
+                            same_function=True)
     for model, label in zip(everyone, everyone_labels):
         check_mergeable(model, label)
     quantized = quantization_plan(members[0]) if quantize else []

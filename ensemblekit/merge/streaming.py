@@ -23,7 +23,7 @@ import h5py
 import keras
 import numpy as np
 
-from ensemblekit._graph import special_layers, weight_refs
+from ensemblekit._graph import config_differences, special_layers, weight_refs
 from ensemblekit.merge.engine import merge_weights
 from ensemblekit.merge.variables import float_template
 
@@ -215,6 +215,29 @@ def _float_architecture(model, first):
     return float_template(model)
 
 
+def _check_configs(architecture, sources, safe_mode):
+    """Refuse files whose layer configurations change the function (activation, epsilon...).
+
+    Each ``.keras`` file's architecture is built from its ``config.json`` one at
+    a time (weights initialized, not read) and compared with the merge's;
+    ``.weights.h5`` files carry no configuration and take the template's.
+    """
+    for source in sources:
+        if source.config is None:
+            continue
+        try:
+            other = keras.saving.deserialize_keras_object(source.config, safe_mode=safe_mode)
+        except Exception:  # no model described (weights-only archive): the template's layers hold
+            continue
+        problems = config_differences([architecture, other], ["the merged architecture", source.label])
+        del other
+        if problems:
+            raise ValueError(
+                f"merge: Models are not one architecture: {len(problems)} layer configuration "
+                "key(s) that change the function differ:\n  " + "\n  ".join(problems)
+            )
+
+
 def map_weights(model, first):
     """The h5 dataset path of every weight of ``model`` in member 0's file."""
     groups = first.layer_groups()
@@ -273,7 +296,8 @@ def merge_files(models, method, base, weights, params, template=None, name=None,
             base_source = H5Source(base, f"base ({Path(os.fspath(base)).name!r})")
             sources.append(base_source)
         members = sources[:-1] if base_source is not None else sources
-        output = _float_architecture(_template_model(members[0], template, safe_mode), members[0])
+        architecture = _template_model(members[0], template, safe_mode)
+        output = _float_architecture(architecture, members[0])
         refs, paths = map_weights(output, members[0])
         problems = file_differences(refs, paths, sources)
         if problems:
@@ -281,6 +305,7 @@ def merge_files(models, method, base, weights, params, template=None, name=None,
                 f"Models do not share one architecture ({len(problems)} incompatible weights):\n  "
                 + "\n  ".join(problems)
             )
+        _check_configs(architecture, sources, safe_mode)
         for source in sources:
             source.bind(paths)
         if name:

@@ -125,7 +125,7 @@ def test_float8_members_are_refused_with_the_reason():
 
 
 def test_members_with_another_activation_are_refused_naming_layer_and_key():
-    with pytest.raises(ValueError, match=r"member 1 .*layer 'dense_\d+' has activation='tanh'.*'relu'"):
+    with pytest.raises(ValueError, match=r"member 1 .*layer 'dense_\d+' \(Dense\) has activation='tanh'.*'relu'"):
         ek.merge([mlp(0, "relu"), mlp(1, "tanh")])
 
 
@@ -232,3 +232,12 @@ def test_pack_and_align_refuse_adapted_members(kind):
         ek.pack(members)
     with pytest.raises(ValueError, match=rf"align: member 0 .*{reason}"):
         ek.align(members)
+
+
+def test_streamed_files_with_another_activation_are_refused(tmp_path):
+    paths = []
+    for i, activation in enumerate(["relu", "tanh"]):
+        paths.append(str(tmp_path / f"a{i}.keras"))
+        mlp(i, activation).save(paths[-1])
+    with pytest.raises(ValueError, match=r"member 1 \('a1.keras'\): layer 'dense.*' \(Dense\) has activation='tanh'"):
+        ek.merge(paths, stream=True)

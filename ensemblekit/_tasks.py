@@ -86,6 +86,27 @@ def _weighted_sum(stacked, weights):
     return ops.sum(stacked * ops.reshape(weights, shape), axis=1)
 
 
+def keep_non_finite(result, stacked, task):
+    """``result`` with NaN wherever a member's canonical output feeding it is non-finite.
+
+    A combination must not turn a member's NaN into a number: sorting (``"trimmed_mean"``
+    cuts it off), ``argmax`` (a vote) and clipping would. Positions are the element-wise
+    ones of ``result``; for multiclass a class distribution is NaN as a whole.
+
+    Example:
+        >>> import numpy as np
+        >>> stacked = np.array([[[1.0], [np.nan]], [[1.0], [2.0]]], "float32")
+        >>> keras.ops.convert_to_numpy(keep_non_finite(stacked[:, 0], stacked, "regression")).ravel().tolist()
+        [nan, 1.0]
+    """
+    bad = ops.any(ops.logical_not(ops.isfinite(stacked)), axis=1)
+    if task == "multiclass":
+        bad = ops.any(bad, axis=-1, keepdims=len(result.shape) == len(bad.shape))
+    # Adding NaN-or-0, not where(bad, nan, result): tf2onnx turns a float select into
+    # arithmetic (cond·a + (1 - cond)·b), and 0·NaN would make every row NaN.
+    return result + ops.cast(ops.where(bad, float("nan"), 0.0), result.dtype)
+
+
 def member_probs(stacked, task):
     """Per-member probabilities from canonical ``(batch, K, ...)`` outputs (classification)."""
     return ops.exp(stacked) if task == "multiclass" else ops.sigmoid(stacked)
@@ -111,6 +132,10 @@ def reduce_members(stacked, task, method, weights=None, trim=0.2, threshold=0.5)
         >>> keras.ops.convert_to_numpy(reduce_members(x, "regression", "median")).tolist()
         [[2.0]]
     """
+    return keep_non_finite(_reduce(stacked, task, method, weights, trim, threshold), stacked, task)
+
+
+def _reduce(stacked, task, method, weights, trim, threshold):
     count = stacked.shape[1]
     w = _weights(weights, count, stacked.dtype)
     if task == "regression":
@@ -180,7 +205,7 @@ def member_uncertainty(stacked, task, weights=None, threshold=0.5):
     if task == "regression":
         mean = _weighted_sum(stacked, w)
         variance = _weighted_sum(ops.square(stacked - ops.expand_dims(mean, 1)), w)
-        return {"std": ops.sqrt(ops.maximum(variance, 0.0))}
+        return {"std": keep_non_finite(ops.sqrt(ops.maximum(variance, 0.0)), stacked, task)}
     probs = member_probs(stacked, task)
     mean = _weighted_sum(probs, w)
     predictive = _entropy(mean, task)
@@ -189,12 +214,13 @@ def member_uncertainty(stacked, task, weights=None, threshold=0.5):
         differs = ops.not_equal(ops.argmax(probs, axis=-1), ops.expand_dims(ops.argmax(mean, axis=-1), 1))
     else:
         differs = ops.not_equal(probs > threshold, ops.expand_dims(mean > threshold, 1))
-    return {
+    values = {
         "predictive_entropy": predictive,
         "expected_entropy": expected,
         "mutual_information": ops.maximum(predictive - expected, 0.0),
         "disagreement": _weighted_sum(ops.cast(differs, stacked.dtype), w),
     }
+    return {key: keep_non_finite(value, stacked, task) for key, value in values.items()}
 
 
 class _MemberLayer(keras.layers.Layer):
@@ -496,11 +522,11 @@ class MemberMixture(keras.layers.Layer):
         return ops.cast(values, "float32")
 
     def call(self, means, variances):
-        moments = mixture_moments(self._stacked(means),
-                                  to_variance(self._stacked(variances), self.variance_kind),
-                                  self.member_weights)
+        means, variances = self._stacked(means), to_variance(self._stacked(variances), self.variance_kind)
+        moments = mixture_moments(means, variances, self.member_weights)
+        both = ops.concatenate([means, variances], axis=1)
         keys = ("prediction", "variance", *(MIXTURE_UNCERTAINTY if self.uncertainty else ()))
-        return {key: moments[key] for key in keys}
+        return {key: keep_non_finite(moments[key], both, "regression") for key in keys}
 
     def get_config(self):
         config = super().get_config()

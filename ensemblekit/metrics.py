@@ -21,12 +21,14 @@ the uncertainty outputs of ``ensemble(..., uncertainty=True)``, and scores every
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import keras
 import numpy as np
 from scipy.special import expit
 from scipy.stats import rankdata
 
+from ensemblekit._graph import graph_operations, is_container, own_nodes
 from ensemblekit._io import predict
 from ensemblekit._outputs import (
     TASKS,
@@ -36,7 +38,7 @@ from ensemblekit._outputs import (
     detect_task,
     output_names,
 )
-from ensemblekit._validate import check_choice, check_labels
+from ensemblekit._validate import check_choice, check_labels, member_label
 
 _EPSILON = 1e-12
 
@@ -45,6 +47,10 @@ def _check_probs(probs):
     probs = np.asarray(probs, dtype="float64")
     if probs.ndim != 2:
         raise ValueError(f"probabilities must have shape (n, classes); got {probs.shape}.")
+    bad = np.flatnonzero(~np.isfinite(probs).all(axis=1))
+    if bad.size:  # argmax would read a NaN row as class 0
+        raise ValueError(f"probabilities must be finite; {bad.size} of {len(probs)} rows are not (first: row "
+                         f"{bad[0]}). ek.evaluate scores the finite rows and reports non_finite_rows.")
     return probs
 
 
@@ -508,6 +514,198 @@ def ood_detection(scores_in, scores_out):
     return {name: fn(scores, is_ood) for name, fn in OOD_METRICS.items()}
 
 
+# --- non-finite outputs: found, traced to a member, never scored -------------------------------
+
+
+def _several_inputs(x):
+    """Whether ``x`` is a dict or list of arrays (several inputs), as ``_io.pad_to_batches`` reads it."""
+    return isinstance(x, dict) or (isinstance(x, (list, tuple)) and bool(x) and all(hasattr(a, "shape") for a in x))
+
+
+def _input_arrays(x):
+    """The arrays of ``x`` (an array, or a dict/list of arrays), or ``None`` for data that is not arrays."""
+    leaves = keras.tree.flatten(x) if _several_inputs(x) else [x]
+    if not all(isinstance(a, (list, tuple)) or hasattr(a, "__array__") for a in leaves):
+        return None
+    arrays = [np.asarray(a) for a in leaves]
+    return arrays if all(a.ndim for a in arrays) else None
+
+
+def _take_rows(x, rows):
+    """``x`` (an array, or a dict/list of arrays) restricted to ``rows``."""
+    if _several_inputs(x):
+        return keras.tree.map_structure(lambda a: np.asarray(a)[rows], x)
+    return np.asarray(x)[rows]
+
+
+def _rows_not_finite(values):
+    """``(n,)`` bool: the rows (first axis) where a numeric array of ``values`` holds NaN or inf."""
+    arrays = [np.asarray(keras.ops.convert_to_numpy(a)) for a in keras.tree.flatten(values)]
+    bad = np.zeros(len(arrays[0]), dtype=bool)
+    for array in arrays:
+        if np.issubdtype(array.dtype, np.number) and array.ndim:
+            bad |= ~np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+    return bad
+
+
+def _eager(model, x, rows, batch_size):
+    """``model`` called op by op (no traced graph) on ``x``'s ``rows``: numpy, in its output structure."""
+    parts = [keras.tree.map_structure(keras.ops.convert_to_numpy,
+                                      model(_take_rows(x, rows[start:start + batch_size]), training=False))
+             for start in range(0, len(rows), batch_size)]
+    return keras.tree.map_structure(lambda *arrays: np.concatenate(arrays), *parts)
+
+
+def non_finite_rows(model, x, outputs, batch_size=256):
+    """The rows of ``x`` on which ``model``'s outputs are non-finite (NaN or inf), as an ``(n,)`` bool array.
+
+    ``outputs`` are ``model``'s predictions on ``x`` (any structure of arrays, rows
+    first). Rows whose inputs hold NaN or inf are run again through ``model`` op by
+    op: on CPU, TensorFlow's graph optimiser fuses ``Dense`` (or a convolution), its
+    bias and a ReLU into one oneDNN kernel that turns NaN into 0, so a traced
+    prediction can be finite where the model's function is not. A model that
+    handles non-finite inputs itself (imputes them) keeps those rows.
+
+    Example:
+        >>> import keras
+        >>> m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(4, activation="relu"), keras.layers.Dense(1)])
+        >>> x = np.array([[0.0, 1.0], [np.nan, 1.0]], "float32")
+        >>> non_finite_rows(m, x, m.predict(x, verbose=0)).tolist()
+        [False, True]
+    """
+    bad = _rows_not_finite(outputs)
+    arrays = _input_arrays(x)
+    if arrays is None:
+        return bad
+    suspects = np.zeros_like(bad)
+    for array in arrays:
+        if np.issubdtype(array.dtype, np.number) and len(array) == len(bad):
+            suspects |= ~np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+    suspects = np.flatnonzero(suspects & ~bad)
+    if suspects.size:
+        bad[suspects] = _rows_not_finite(_eager(model, x, suspects, batch_size))
+    return bad
+
+
+def _source_members(model):
+    """``[(member, its output tensors, fed by the inputs)]``: the nested models of ``model``'s graph that
+    no other nested model feeds (an ensemble's members, not a stack's meta-learner), in graph order."""
+    try:
+        operations, calls = graph_operations(model), own_nodes(model)
+    except ValueError:  # no functional graph: no members to name
+        return []
+    downstream, members = set(), []
+    for operation, parents in operations:
+        if any(is_container(parent) or id(parent) in downstream for parent in parents):
+            downstream.add(id(operation))
+        elif is_container(operation) and len(calls.get(id(operation), ())) == 1:
+            direct = all(isinstance(parent, keras.layers.InputLayer) for parent in parents)
+            members.append((operation, calls[id(operation)][0].output_tensors, direct))
+    return members
+
+
+def non_finite_members(model, x, rows, batch_size=256):
+    """The members of a composition ``model`` whose outputs are non-finite on ``rows`` of ``x``.
+
+    Members are the nested models that no other nested model feeds (``ek.ensemble``'s
+    members, ``ek.stack``'s members without its meta-learner); a model wrapping ONE
+    composition (a calibrated ensemble) is searched inside. Each runs op by op on
+    those rows (see :func:`non_finite_rows`).
+
+    Args:
+        model: a ``keras.Model``.
+        x: its inputs (an array, or a dict/list of arrays).
+        rows: ``(n,)`` bool array or row indices of ``x``.
+        batch_size: rows per call.
+
+    Returns:
+        ``[(label, count)]``: ``"member 1 ('mlp_1')"`` and on how many of the rows it is
+        non-finite; empty when ``model`` holds no nested members (or none is non-finite).
+    """
+    rows = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows)
+    members = _source_members(model)
+    if not members or not rows.size:
+        return []
+    if len(members) == 1 and members[0][2]:
+        found = non_finite_members(members[0][0], x, rows, batch_size)
+        if found:
+            return found
+    graph = getattr(model, "_functional", None) or model  # Sequential's functional form
+    inputs = getattr(graph, "_inputs_struct", None)  # as the model takes them: one, a dict or a list
+    inputs = model.inputs if inputs is None else inputs
+    probe = keras.Model(inputs, [tensor for _, tensors, _ in members for tensor in tensors])
+    outputs, found, start = keras.tree.flatten(_eager(probe, x, rows, batch_size)), [], 0
+    for index, (member, tensors, _) in enumerate(members):
+        count = int(_rows_not_finite(outputs[start:start + len(tensors)]).sum())
+        start += len(tensors)
+        if count:
+            found.append((member_label(index, member), count))
+    return found
+
+
+def _rows_phrase(count):
+    return f"{count} row{'' if count == 1 else 's'}"
+
+
+def check_finite_members(models, x, predictions, what, param="x", labels=None, batch_size=256):
+    """Refuse data on which a member's outputs are non-finite: one ``ValueError`` naming the member.
+
+    What learns from data (``calibrate``, ``optimize_weights``, ``select``, ``stack``)
+    cannot fit on NaN, and must not fit on rows a traced graph coerced to numbers
+    (see :func:`non_finite_rows`).
+
+    Args:
+        models: the members (``keras.Model``).
+        x: their inputs.
+        predictions: per member, its predictions on ``x`` (rows first; e.g.
+            ``stacked[:, k]`` of ``MemberSet.predict_stacked``).
+        what: the function, as errors name it (``"optimize_weights"``).
+        param: the argument holding ``x``.
+        labels: how errors name the members (default ``"member 1 ('name')"``).
+        batch_size: rows per call.
+
+    Example:
+        >>> import keras
+        >>> m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)], name="m")
+        >>> x = np.array([[0.0, 1.0], [np.nan, 1.0]], "float32")
+        >>> check_finite_members([m], x, [m.predict(x, verbose=0)], "fit")
+        Traceback (most recent call last):
+        ...
+        ValueError: fit: member 0 ('m') outputs non-finite values on 1 row of x (first: row 1); fit needs finite member outputs: drop or repair those rows (NaN or inf inputs?) or fix the member.
+    """
+    labels = labels or [member_label(index, model) for index, model in enumerate(models)]
+    found = [(label, model, rows) for label, model, prediction in zip(labels, models, predictions, strict=True)
+             if (rows := non_finite_rows(model, x, prediction, batch_size)).any()]
+    if not found:
+        return
+    label, model, rows = found[0]
+    inner = non_finite_members(model, x, rows, batch_size)
+    via = f", from its {', '.join(name for name, _ in inner)}" if inner else ""
+    also = f" (also {', '.join(other for other, _, _ in found[1:])})" if len(found) > 1 else ""
+    raise ValueError(
+        f"{what}: {label} outputs non-finite values on {_rows_phrase(int(rows.sum()))} of {param} "
+        f"(first: row {int(np.flatnonzero(rows)[0])}){via}{also}; {what} needs finite member outputs: "
+        "drop or repair those rows (NaN or inf inputs?) or fix the member."
+    )
+
+
+def _finite_outputs(model, x, outputs, param, batch_size):
+    """``(outputs on the finite rows, kept rows or None, non-finite count)``; warns when rows are dropped."""
+    bad = non_finite_rows(model, x, outputs, batch_size)
+    count = int(bad.sum())
+    if not count:
+        return outputs, None, 0
+    members = non_finite_members(model, x, bad, batch_size)
+    source = ", ".join(f"{label} ({_rows_phrase(n)})" for label, n in members) or f"model {model.name!r}"
+    where = (f"{count} of {len(bad)} rows of {param} have non-finite outputs "
+             f"(first: row {int(np.flatnonzero(bad)[0])}), from {source}")
+    if count == len(bad):
+        raise ValueError(f"evaluate: {where}; there is nothing to score.")
+    warnings.warn(f"evaluate: {where}; the metrics are over the {len(bad) - count} finite rows "
+                  f"(non_finite_rows={count}).", UserWarning, stacklevel=3)
+    return {name: value[~bad] for name, value in outputs.items()}, ~bad, count
+
+
 # --- evaluate: predict once, score every output by its task ----------------------------------
 
 UNCERTAINTY_KEYS = ("predictive_entropy", "expected_entropy", "mutual_information", "disagreement", "std",
@@ -628,7 +826,8 @@ def evaluate(model, x, y, task=None, output_kind=None, batch_size=256, x_ood=Non
         model: a ``keras.Model``. Its task per output is read from the layer producing
             it (``ensemblekit._outputs.detect_task``); outputs of
             ``ensemble(..., uncertainty=True)`` are paired with their prediction.
-        x: inputs.
+        x: inputs. Rows on which the outputs are non-finite are counted
+            (``"non_finite_rows"``) and left out of the metrics, with a warning.
         y: labels or values; for several prediction outputs a dict by output name.
         task: ``None`` (detect), one task, or ``{output name: task}``; needed for
             linear outputs (binary logits, regression).
@@ -643,6 +842,13 @@ def evaluate(model, x, y, task=None, output_kind=None, batch_size=256, x_ood=Non
 
     Returns:
         The metric dict of the one prediction output, or ``{output name: metric dict}``.
+        Rows on which the model's outputs are NaN or inf are not scored: the metrics
+        are over the finite rows, each metric dict then holds ``"non_finite_rows"`` (how
+        many rows of ``x`` were left out; ``"non_finite_ood_rows"`` for ``x_ood``) and a
+        ``UserWarning`` names the count, the first row and the members of a composition
+        that are non-finite there (else the model). Rows whose inputs are non-finite are
+        run again op by op, since TensorFlow's fused CPU kernels can turn NaN into 0
+        (:func:`non_finite_rows`). No finite row at all: ``ValueError``.
 
     Example:
         >>> import keras, numpy as np
@@ -654,12 +860,16 @@ def evaluate(model, x, y, task=None, output_kind=None, batch_size=256, x_ood=Non
         ['entropy', 'max_prob']
     """
     label = f"Model {getattr(model, 'name', '?')!r}"
-    outputs = predict_outputs(model, x, batch_size)
+    outputs, kept, dropped = _finite_outputs(model, x, predict_outputs(model, x, batch_size), "x", batch_size)
     names, groups = list(outputs), _group_outputs(list(outputs))
     predictions = list(groups)
     tasks, kinds = check_task(task, predictions), _per_output(output_kind, predictions, "output_kind")
-    targets = _targets(y, predictions, label)
-    ood_outputs = None if x_ood is None else predict_outputs(model, x_ood, batch_size)
+    targets = {name: _rows_of(target, kept) for name, target in _targets(y, predictions, label).items()}
+    ood_outputs, ood_dropped = None, 0
+    if x_ood is not None:
+        ood_outputs, _, ood_dropped = _finite_outputs(model, x_ood, predict_outputs(model, x_ood, batch_size),
+                                                      "x_ood", batch_size)
+    counts = {"non_finite_rows": dropped, "non_finite_ood_rows": ood_dropped}
     results = {}
     for name, output_task, kind in zip(predictions, tasks, kinds, strict=True):
         index = names.index(name)
@@ -674,7 +884,16 @@ def evaluate(model, x, y, task=None, output_kind=None, batch_size=256, x_ood=Non
         except ValueError as error:
             raise ValueError(f"{label}, output {name!r} ({output_task}, shape "
                              f"{outputs[name].shape}): {error}") from None
+        results[name].update({key: count for key, count in counts.items() if count})
     return results[predictions[0]] if len(predictions) == 1 else results
+
+
+def _rows_of(target, kept):
+    """``target`` on the ``kept`` rows (all when ``None``; a target of another length is left to the checks)."""
+    if kept is None:
+        return target
+    target = np.asarray(target)
+    return target[kept] if target.ndim and len(target) == len(kept) else target
 
 
 def _targets(y, predictions, label):

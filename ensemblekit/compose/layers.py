@@ -13,7 +13,7 @@ import keras
 from keras import ops
 
 from ensemblekit._outputs import to_log_probs
-from ensemblekit._tasks import canonical
+from ensemblekit._tasks import canonical, keep_non_finite
 
 PACKAGE = "ensemblekit"
 
@@ -60,7 +60,8 @@ class Combiner(keras.layers.Layer):
     def call(self, inputs):
         inputs = [ops.cast(x, "float32") for x in inputs]  # combine in float32 under mixed precision
         log_probs = [to_log_probs(x, kind) for x, kind in zip(inputs, self.kinds)]
-        return self.combine(log_probs, self._weights_or_uniform())
+        combined = self.combine(log_probs, self._weights_or_uniform())
+        return keep_non_finite(combined, ops.stack(log_probs, axis=1), self.task)  # a vote's argmax drops NaN
 
     def combine(self, log_probs, weights):
         raise NotImplementedError

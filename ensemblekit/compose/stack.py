@@ -9,6 +9,7 @@ from ensemblekit._tasks import MemberStack
 from ensemblekit._validate import check_choice, check_targets
 from ensemblekit.compose._members import MemberSet
 from ensemblekit.compose.layers import MemberLogProbs
+from ensemblekit.metrics import check_finite_members
 
 META_HEADS = ("logistic", "mlp")
 STACK_TASKS = ("multiclass", "binary", "regression")
@@ -167,9 +168,9 @@ def _refit_member(model, kind, x, y, epochs, batch_size):
     return clone
 
 
-def _meta_features(members, x, passthrough):
-    features = members.predict_stacked(x)
-    features = features.reshape(features.shape[0], -1)
+def _meta_features(stacked, x, passthrough):
+    """The meta-learner's inputs: the members' canonical outputs ``stacked`` (``(n, K, units)``), flattened."""
+    features = stacked.reshape(stacked.shape[0], -1)
     if passthrough:
         features = np.concatenate([features, np.asarray(x, "float64").reshape(len(x), -1)], axis=1)
     return features
@@ -185,8 +186,8 @@ def _refit_out_of_fold(members, x, y, folds, passthrough, member_epochs, batch_s
 
     features = None
     for held_out in folds:
-        fold_features = _meta_features(refit(np.setdiff1d(np.arange(len(x)), held_out)),
-                                       x[held_out], passthrough)
+        fold_members = refit(np.setdiff1d(np.arange(len(x)), held_out))
+        fold_features = _meta_features(fold_members.predict_stacked(x[held_out]), x[held_out], passthrough)
         if features is None:
             features = np.zeros((len(x), fold_features.shape[1]))
         features[held_out] = fold_features
@@ -222,7 +223,8 @@ def stack(models, x, y, meta="logistic", cv=5, passthrough=False, refit_members=
 
     Args:
         models: list of members (models or paths).
-        x, y: data for the meta-learner (labels as integers or one-hot).
+        x, y: data for the meta-learner (labels as integers or one-hot); rows on which a
+            member's outputs are NaN or inf are refused (``ValueError`` naming the member).
         meta: ``"logistic"`` (softmax regression), ``"mlp"`` (one hidden layer
             of 64) or any ``keras.Model`` taking ``(batch, features)`` to
             probabilities (it is cloned; its weights are not used).
@@ -265,11 +267,14 @@ def stack(models, x, y, meta="logistic", cv=5, passthrough=False, refit_members=
     steps = cv * (3 if refit_members else 1) + (1 if refit_members else 0)
     progress = keras.utils.Progbar(steps, unit_name="step", verbose=verbose)
 
+    stacked = members.predict_stacked(x)
+    check_finite_members(members.models, x, [stacked[:, k] for k in range(len(members))], "stack", "x",
+                         members.labels)
     if refit_members:
         features, members = _refit_out_of_fold(members, x, y, folds, passthrough, member_epochs,
                                                batch_size, progress)
     else:
-        features = _meta_features(members, x, passthrough)
+        features = _meta_features(stacked, x, passthrough)
 
     shape = (members.num_classes, len(members))
     best_epochs = []

@@ -12,7 +12,7 @@ from scipy import optimize, special
 from ensemblekit import metrics
 from ensemblekit._io import load_members, predict
 from ensemblekit._outputs import output_names
-from ensemblekit._validate import check_choice, check_labels, check_targets
+from ensemblekit._validate import check_choice, check_labels, check_targets, member_label
 from ensemblekit.compose._members import MemberSet, fresh_inputs
 from ensemblekit.compose.layers import PlattScaling, StdScaling, TemperatureScaling
 
@@ -53,6 +53,8 @@ def validation_predictions(models, x_val, y_val, what, min_count=2, task=None):
         raise ValueError(f"{what} supports members with one input and one output; {members.labels[0]} "
                          f"has inputs {members.input_names} and outputs {members.output_names}.")
     stacked = members.predict_stacked(x_val)
+    metrics.check_finite_members(members.models, x_val, [stacked[:, k] for k in range(len(members))], what,
+                                 "x_val", members.labels)
     y = check_targets(y_val, stacked.shape[0], stacked.shape[2:], members.task, param="y_val")
     if members.task == "regression":
         return members, stacked, y, "regression"
@@ -151,7 +153,8 @@ def optimize_weights(models, x_val, y_val, metric=None, task=None):
     Args:
         models: list of members (models or paths).
         x_val, y_val: validation data the members were not trained on (0/1 targets
-            of shape ``(n, labels)`` for multilabel members).
+            of shape ``(n, labels)`` for multilabel members). Rows on which a member's
+            outputs are NaN or inf are refused (``ValueError`` naming the member).
         metric: one of ``TASK_METRICS[task]``: ``"nll"`` (default for classifiers),
             ``"brier"``, ``"accuracy"`` or ``"ece"``, and ``"auroc"`` for binary and
             multilabel members (multilabel: each label's metric, averaged over labels);
@@ -287,7 +290,8 @@ def select(models, x_val, y_val, size=None, metric=None, task=None):
 
     Args:
         models: list of members.
-        x_val, y_val: validation data.
+        x_val, y_val: validation data; rows on which a member's outputs are NaN or inf
+            are refused (``ValueError`` naming the member).
         size: number of greedy steps.
         metric: as in :func:`optimize_weights`: one of ``TASK_METRICS[task]``
             (default ``"nll"``, or ``"mse"`` for regression).
@@ -385,7 +389,8 @@ def calibrate(model, x_val, y_val, output_kind=None, name=None, task=None, per_l
 
     Args:
         model: a model (any composed model included) or a path.
-        x_val, y_val: validation data.
+        x_val, y_val: validation data; rows on which the model's outputs are NaN or inf
+            are refused (``ValueError`` naming the model, and its member when it is a composition).
         output_kind: ``"logits"``/``"probs"`` if detection of a final softmax/sigmoid is not enough.
         name: name of the returned model (default ``"<model>_calibrated"``).
         task: the model's task (``None`` detects it; a model whose outputs include
@@ -425,6 +430,7 @@ def calibrate(model, x_val, y_val, output_kind=None, name=None, task=None, per_l
                          f"{members.labels[0]} is {members.task}.")
     model, kind = members.models[0], members.output_kinds[0]
     stacked = members.predict_stacked(x_val)[:, 0]
+    metrics.check_finite_members([model], x_val, [stacked], "calibrate", "x_val", members.labels)
     inputs = members.shared_input()
     if members.task == "multiclass":
         y = check_labels(y_val, stacked.shape[0], members.num_classes, param="y_val")
@@ -438,6 +444,7 @@ def calibrate(model, x_val, y_val, output_kind=None, name=None, task=None, per_l
 def _scale_std(model, x_val, y_val, name, key="std"):
     """Variance scaling of output ``key``: ``"std"`` becomes ``s · std``, ``"variance"`` ``s² · variance``."""
     out = predict(model, x_val)
+    metrics.check_finite_members([model], x_val, [out], "calibrate", "x_val", [member_label(0, model)])
     std = np.sqrt(np.maximum(out[key], 0.0)) if key == "variance" else out[key]
     scale = fit_std_scale(out["prediction"].astype("float64"), std, y_val)
     inputs = fresh_inputs(model)

@@ -9,6 +9,7 @@ Example:
 """
 
 from ensemblekit import advise, deploy, merge, pack, prune
+from ensemblekit._data import predict
 from ensemblekit._outputs import detect_output_kind
 from ensemblekit.advise import Advice
 from ensemblekit.compose import (
@@ -51,6 +52,7 @@ __all__ = [
     "optimize_weights",
     "pack",
     "pareto",
+    "predict",
     "prune",
     "quantize",
     "QuantizeReport",

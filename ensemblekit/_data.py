@@ -1,0 +1,339 @@
+"""The one data path: every kind of data ``model.predict`` accepts, as batches, in one pass.
+
+Keras has one place that turns arrays, dicts and lists of arrays,
+``tf.data.Dataset``, ``keras.utils.PyDataset``, Python generators (and, under
+other backends, torch ``DataLoader`` and grain) into batches: its data
+adapters. This module asks them (so every kind Keras reads, we read) and adds
+what composing models needs on top:
+
+- :func:`predict`: one model's outputs on ``x`` as numpy, batch by batch, each
+  batch padded to one shape so a traced function is not traced again for the
+  last partial batch;
+- :func:`collect`: several models' outputs *and* the labels and sample weights
+  in ONE pass, so they stay aligned even when a dataset reshuffles on every
+  iteration; rows whose inputs are NaN/inf are kept aside (few) for checks that
+  must run them again;
+- one ``ValueError``/``TypeError`` per kind of bad data, naming the function and
+  the argument: ``y`` given beside a dataset that yields its own, labels
+  missing, an endless dataset without ``steps``, an empty one, x and y of
+  different lengths, a one-shot generator where the data must be read twice.
+
+Nothing else in the package converts or batches user data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+
+import keras
+import numpy as np
+
+DEFAULT_BATCH_SIZE = 256
+
+
+def _adapters():
+    # Keras' adapters are not exported; this is the one place that reaches for them.
+    from keras.src.trainers import data_adapters
+
+    return data_adapters
+
+
+def _kind(x):
+    """How errors name the kind of ``x``."""
+    data_adapters = _adapters()
+    if data_adapters.is_tf_dataset(x):
+        return "tf.data.Dataset"
+    if isinstance(x, keras.utils.PyDataset):
+        return "keras.utils.PyDataset"
+    if isinstance(x, types.GeneratorType):
+        return "generator"
+    if data_adapters.is_torch_dataloader(x):
+        return "torch DataLoader"
+    if data_adapters.is_grain_dataset(x):
+        return "grain dataset"
+    return None
+
+
+def _is_factory(x):
+    """A callable that returns a fresh iterator over the data (re-iterable data from generators)."""
+    return isinstance(x, (types.FunctionType, types.MethodType, functools.partial))
+
+
+def _is_iterable(x):
+    """An iterable of batches that Keras has no adapter for (a custom iterable class)."""
+    return (hasattr(x, "__iter__") and not hasattr(x, "shape") and _kind(x) is None
+            and not isinstance(x, (list, tuple, dict, str, bytes)))
+
+
+def is_dataset(x):
+    """True for data that yields its own batches (and maybe labels): not arrays."""
+    return _kind(x) is not None or _is_factory(x) or _is_iterable(x)
+
+
+def check_reiterable(x, function, argument="x"):
+    """Refuse a one-shot generator where ``function`` must read the data more than once."""
+    if isinstance(x, types.GeneratorType):
+        raise ValueError(
+            f"{function}: {argument} is a one-shot Python generator, but {function} reads the data "
+            "more than once; pass arrays, a tf.data.Dataset, a keras.utils.PyDataset, or a callable "
+            "that returns a fresh generator."
+        )
+
+
+@dataclasses.dataclass
+class Collected:
+    """What one pass over the data gave.
+
+    Attributes:
+        outputs: one entry per model: its outputs (numpy, in its output structure), rows first.
+        y: the labels (numpy, or a structure of numpy for several outputs), or ``None``.
+        sample_weight: ``(n,)`` float weights, or ``None``.
+        rows: how many rows the pass saw.
+        suspect_rows: indices of rows whose inputs hold NaN or inf.
+        suspect_inputs: those rows' inputs (in ``x``'s structure), or ``None`` when there are none.
+    """
+
+    outputs: list
+    y: object
+    sample_weight: object
+    rows: int
+    suspect_rows: np.ndarray
+    suspect_inputs: object
+
+
+def batches(x, y=None, sample_weight=None, *, batch_size=None, steps=None, function="predict",
+            argument="x"):
+    """Yield ``(x, y, sample_weight)`` batches of numpy arrays from any data Keras reads.
+
+    ``x`` may be an array, a dict or list of arrays (several inputs, as in
+    Keras), a ``tf.data.Dataset`` (yielding ``x``, ``(x, y)`` or ``(x, y,
+    sample_weight)``), a ``keras.utils.PyDataset``, a generator or a callable
+    returning a fresh iterator. ``y`` and ``sample_weight`` go with arrays only.
+    ``steps`` caps the number of batches (required for endless data).
+
+    Example:
+        >>> [xb.shape for xb, _, _ in batches(np.zeros((5, 2)), batch_size=2)]
+        [(2, 2), (2, 2), (1, 2)]
+    """
+    if _is_factory(x):
+        x = x()
+    if _is_iterable(x):
+        x = (batch for batch in x)
+    kind = _kind(x)
+    if kind is not None and y is not None:
+        raise ValueError(
+            f"{function}: y= was given, but {argument} is a {kind}, which yields its own batches; "
+            f"make it yield (x, y) pairs and leave y=None."
+        )
+    if kind is not None and sample_weight is not None:
+        raise ValueError(f"{function}: sample_weight= was given, but {argument} is a {kind}; make it "
+                         "yield (x, y, sample_weight).")
+    if kind is None:
+        x, y, sample_weight = _as_arrays(x, y, sample_weight, function, argument)
+        batch_size = batch_size or DEFAULT_BATCH_SIZE
+    _check_steps(x, kind, steps, function, argument)
+    try:
+        adapter = _adapters().get_data_adapter(x, y, sample_weight=sample_weight,
+                                               batch_size=batch_size if kind is None else None,
+                                               steps_per_epoch=steps if kind is None else None)
+    except ValueError as error:
+        raise ValueError(f"{function}: {argument}: {_first_line(error)}") from None
+    adapter.on_epoch_begin()
+    try:
+        for step, batch in enumerate(adapter.get_numpy_iterator()):
+            if steps is not None and step >= steps:
+                break
+            yield keras.utils.unpack_x_y_sample_weight(batch)
+    finally:
+        adapter.on_epoch_end()
+
+
+def _as_arrays(x, y, sample_weight, function, argument):
+    """Check in-memory data: numeric arrays (or structures of them) of one length."""
+    if x is None:
+        raise TypeError(f"{function}: {argument} is None; pass arrays or a dataset.")
+    if isinstance(x, (list, tuple)) and x and not all(hasattr(a, "shape") for a in x):
+        x = np.asarray(x)  # a nested list of numbers, not several inputs
+    x = keras.tree.map_structure(_array, x)
+    lengths = {len(a) if np.ndim(a) else 0 for a in keras.tree.flatten(x)}
+    if len(lengths) != 1 or 0 in lengths:
+        shapes = [np.shape(a) for a in keras.tree.flatten(x)]
+        raise ValueError(f"{function}: {argument} must be arrays with one number of rows (at least 1); "
+                         f"got shapes {shapes}.")
+    rows = lengths.pop()
+    if y is not None:
+        y = keras.tree.map_structure(_array, y)
+        for target in keras.tree.flatten(y):
+            if len(target) != rows:
+                raise ValueError(f"{function}: y has {len(target)} rows but {argument} has {rows}.")
+    if sample_weight is not None:
+        sample_weight = np.asarray(sample_weight, dtype="float32")
+        if sample_weight.shape != (rows,):
+            raise ValueError(f"{function}: sample_weight has shape {sample_weight.shape}; expected ({rows},) "
+                             f"(one weight per row of {argument}).")
+    return x, y, sample_weight
+
+
+def _array(value):
+    array = np.asarray(keras.ops.convert_to_numpy(value) if hasattr(value, "numpy") else value)
+    if array.dtype == object:
+        raise TypeError(f"an array of Python objects ({array.shape}) is not numeric data.")
+    return array
+
+
+def _check_steps(x, kind, steps, function, argument):
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"{function}: steps must be a positive integer or None, got {steps!r}.")
+    if steps is not None:
+        return
+    if kind == "tf.data.Dataset":
+        cardinality = int(x.cardinality())
+        if cardinality == -1:  # tf.data.INFINITE_CARDINALITY
+            raise ValueError(f"{function}: {argument} is an endless tf.data.Dataset (repeat()); pass "
+                             "steps= (the number of batches to read).")
+        if cardinality == 0:
+            raise ValueError(f"{function}: {argument} is an empty tf.data.Dataset.")
+    elif kind == "keras.utils.PyDataset":
+        try:
+            count = x.num_batches
+        except NotImplementedError:
+            count = None
+        if count is None:
+            raise ValueError(f"{function}: {argument} is an endless keras.utils.PyDataset "
+                             "(num_batches is None); pass steps= (the number of batches to read).")
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _pad(batch, size):
+    """``batch`` (a structure of arrays) padded with zero rows to ``size`` rows."""
+    def pad(array):
+        missing = size - len(array)
+        if missing <= 0:
+            return array
+        return np.concatenate([array, np.zeros((missing, *array.shape[1:]), array.dtype)])
+
+    return keras.tree.map_structure(pad, batch)
+
+
+def _rows(batch):
+    return len(keras.tree.flatten(batch)[0])
+
+
+def _non_finite_input_rows(batch):
+    bad = np.zeros(_rows(batch), dtype=bool)
+    for array in keras.tree.flatten(batch):
+        array = np.asarray(array)
+        if np.issubdtype(array.dtype, np.number) and array.ndim:
+            bad |= ~np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+    return bad
+
+
+def _runner(model):
+    """A callable running ``model`` on one numpy batch, through its compiled predict step."""
+    return lambda batch: model.predict_on_batch(batch)
+
+
+def collect(models, x, y=None, sample_weight=None, *, batch_size=None, steps=None, function="predict",
+            argument="x", needs_labels=False, verbose=0, runners=None):
+    """Run every model of ``models`` on each batch of ``x`` as it arrives, in one pass.
+
+    Args:
+        models: ``keras.Model`` objects (each gets every batch).
+        x, y, sample_weight, batch_size, steps: the data, as :func:`batches` reads it.
+        function, argument: how errors name the caller and its data argument.
+        needs_labels: refuse data without labels (no ``y`` and a dataset of ``x`` only).
+        verbose: 1 shows Keras' progress bar.
+        runners: optional callables (one per model) running a model on one batch.
+
+    Returns:
+        A :class:`Collected`.
+
+    Example:
+        >>> m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        >>> got = collect([m], np.ones((5, 2)), np.arange(5), batch_size=2)
+        >>> got.outputs[0].shape, got.y.tolist(), got.rows
+        ((5, 1), [0, 1, 2, 3, 4], 5)
+    """
+    runners = runners or [_runner(model) for model in models]
+    outputs = [[] for _ in models]
+    labels, weights, suspects, suspect_inputs = [], [], [], []
+    width, seen = None, 0
+    progress = keras.utils.Progbar(None, verbose=verbose, unit_name="batch") if verbose else None
+    for x_batch, y_batch, w_batch in batches(x, y, sample_weight, batch_size=batch_size, steps=steps,
+                                             function=function, argument=argument):
+        count = _rows(x_batch)
+        width = width or count
+        padded = _pad(x_batch, width) if count < width else x_batch
+        for index, (model, run) in enumerate(zip(models, runners, strict=True)):
+            try:
+                result = run(padded)
+            except Exception as error:  # shapes or dtypes that do not fit the model's inputs
+                raise ValueError(_misfit(function, argument, model, x_batch, error)) from None
+            outputs[index].append(keras.tree.map_structure(lambda a, n=count: np.asarray(a)[:n], result))
+        if needs_labels and y_batch is None:
+            raise ValueError(f"{function}: {argument} yields no labels; pass y= with arrays, or a "
+                             "dataset of (x, y) pairs.")
+        labels.append(y_batch)
+        weights.append(w_batch)
+        bad = _non_finite_input_rows(x_batch)
+        if bad.any():
+            suspects.append(seen + np.flatnonzero(bad))
+            suspect_inputs.append(keras.tree.map_structure(lambda a, b=bad: np.asarray(a)[b], x_batch))
+        seen += count
+        if progress is not None:
+            progress.add(1)
+    if not seen:
+        raise ValueError(f"{function}: {argument} holds no data (the dataset is empty).")
+    return Collected(
+        outputs=[_concatenate(parts) for parts in outputs],
+        y=None if all(label is None for label in labels) else _concatenate(labels),
+        sample_weight=None if all(w is None for w in weights) else np.concatenate(
+            [np.asarray(w, dtype="float64").reshape(-1) for w in weights]),
+        rows=seen,
+        suspect_rows=np.concatenate(suspects) if suspects else np.zeros(0, dtype=int),
+        suspect_inputs=_concatenate(suspect_inputs) if suspect_inputs else None,
+    )
+
+
+def _concatenate(parts):
+    return keras.tree.map_structure(lambda *arrays: np.concatenate([np.asarray(a) for a in arrays]), *parts)
+
+
+def _misfit(function, argument, model, batch, error):
+    shapes = keras.tree.map_structure(lambda a: tuple(np.shape(a)), batch)
+    expected = [(tuple(t.shape), str(t.dtype)) for t in getattr(model, "inputs", None) or []]
+    return (f"{function}: {argument} does not fit model {model.name!r}: a batch of shapes {shapes}, "
+            f"the model takes {expected} ({_first_line(error)}).")
+
+
+def predict(model, x, batch_size=None, steps=None, verbose=0):
+    """``model``'s outputs on ``x`` as numpy, in one pass over any data Keras reads.
+
+    Batches are padded to the first batch's size, so every call sees one
+    input shape (``model.predict`` traces its function again for each new
+    remainder size). Labels a dataset yields are ignored.
+
+    Args:
+        model: a ``keras.Model``.
+        x: arrays, a dict/list of arrays, a ``tf.data.Dataset``, a
+            ``keras.utils.PyDataset``, a generator or a callable returning one.
+        batch_size: rows per batch for arrays (default 256); datasets keep theirs.
+        steps: the number of batches to read (required for endless data).
+        verbose: 1 shows Keras' progress bar.
+
+    Returns:
+        The outputs in the model's output structure (an array, or a dict/list of arrays).
+
+    Example:
+        >>> import keras, numpy as np
+        >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        >>> predict(model, np.ones((3, 2), "float32"), batch_size=2).shape
+        (3, 1)
+    """
+    return collect([model], x, batch_size=batch_size, steps=steps, verbose=verbose).outputs[0]

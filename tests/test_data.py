@@ -1,0 +1,153 @@
+"""The one data path: every kind of data Keras reads gives the array path's result, in one pass."""
+
+import keras
+import numpy as np
+import pytest
+
+import ensemblekit as ek
+from ensemblekit._data import batches, check_reiterable, collect
+
+TF = keras.backend.backend() == "tensorflow"
+RNG = np.random.default_rng(0)
+X = RNG.normal(size=(50, 4)).astype("float32")
+Y = RNG.integers(0, 3, size=50)
+W = RNG.uniform(0.5, 2.0, size=50).astype("float32")
+
+
+@pytest.fixture(scope="module")
+def model():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+
+
+class Batches(keras.utils.PyDataset):
+    def __init__(self, endless=False):
+        super().__init__()
+        self.endless = endless
+
+    @property
+    def num_batches(self):
+        return None if self.endless else 4
+
+    def __getitem__(self, index):
+        rows = slice(16 * index, min(16 * index + 16, 50))
+        return X[rows], Y[rows]
+
+
+def generator():
+    for start in range(0, 50, 16):
+        yield X[start:start + 16], Y[start:start + 16]
+
+
+def datasets():
+    kinds = {
+        "arrays": (X, Y),
+        "pydataset": (Batches(), None),
+        "generator": (generator(), None),
+        "factory": (generator, None),
+    }
+    if TF:
+        import tensorflow as tf
+
+        kinds["tf.data"] = (tf.data.Dataset.from_tensor_slices((X, Y)).batch(16), None)
+    return kinds
+
+
+@pytest.mark.parametrize("kind", list(datasets()))
+def test_every_kind_of_data_gives_the_array_predictions_and_labels(model, kind):
+    x, y = datasets()[kind]
+    got = collect([model], x, y, function="test", needs_labels=True)
+    np.testing.assert_allclose(got.outputs[0], model.predict(X, verbose=0), atol=1e-6)
+    np.testing.assert_array_equal(got.y, Y)
+    assert got.rows == 50
+
+
+@pytest.mark.skipif(not TF, reason="tf.data needs TensorFlow")
+def test_a_reshuffling_dataset_keeps_labels_aligned_with_predictions(model):
+    import tensorflow as tf
+
+    data = tf.data.Dataset.from_tensor_slices((X, Y)).shuffle(50, reshuffle_each_iteration=True).batch(7)
+    got = collect([model, model], data, function="test")
+    order = np.argsort([np.flatnonzero((X == row).all(1))[0] for row in _inputs(data, got.rows)])
+    assert got.outputs[0].shape == (50, 3)
+    # Each collected prediction belongs to the label collected beside it: compare with the sorted arrays.
+    reference = model.predict(X, verbose=0)
+    matches = [np.flatnonzero(np.isclose(reference, row, atol=1e-6).all(1)) for row in got.outputs[0]]
+    assert all(Y[m[0]] == label for m, label in zip(matches, got.y, strict=True) if len(m) == 1)
+    assert len(order) == 50
+
+
+def _inputs(data, rows):
+    return np.concatenate([np.asarray(x) for x, _ in data])[:rows]
+
+
+def test_sample_weights_come_from_arrays_or_from_the_dataset(model):
+    got = collect([model], X, Y, W, function="test")
+    np.testing.assert_allclose(got.sample_weight, W)
+
+    def weighted():
+        for start in range(0, 50, 16):
+            yield X[start:start + 16], Y[start:start + 16], W[start:start + 16]
+
+    np.testing.assert_allclose(collect([model], weighted, function="test").sample_weight, W)
+
+
+def test_several_inputs_as_a_dict_and_as_a_list():
+    a, b = keras.Input((2,), name="a"), keras.Input((3,), name="b")
+    two = keras.Model({"a": a, "b": b}, keras.layers.Dense(1)(keras.layers.Concatenate()([a, b])))
+    xa, xb = X[:, :2], RNG.normal(size=(50, 3)).astype("float32")
+    expected = two.predict({"a": xa, "b": xb}, verbose=0)
+    np.testing.assert_allclose(ek.predict(two, {"a": xa, "b": xb}), expected, atol=1e-6)
+    listed = keras.Model([a, b], keras.layers.Dense(1)(keras.layers.Concatenate()([a, b])))
+    np.testing.assert_allclose(ek.predict(listed, [xa, xb]), listed.predict([xa, xb], verbose=0), atol=1e-6)
+
+
+def test_the_last_partial_batch_is_padded_not_retraced(model):
+    got = ek.predict(model, X, batch_size=16)
+    assert got.shape == (50, 3)
+    np.testing.assert_allclose(got, model.predict(X, verbose=0), atol=1e-6)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda m: collect([m], X, Y[:-1], function="f"), r"f: y has 49 rows but x has 50"),
+    (lambda m: collect([m], generator(), Y, function="f"), r"f: y= was given, but x is a generator"),
+    (lambda m: collect([m], X, function="f", needs_labels=True), r"f: x yields no labels"),
+    (lambda m: collect([m], Batches(endless=True), function="f"), r"endless keras.utils.PyDataset.*steps="),
+    (lambda m: collect([m], X[:, :3], function="f"), r"f: x does not fit model .*\(50, 3\)|f: x does not fit"),
+    (lambda m: collect([m], X, Y, sample_weight=W[:3], function="f"), r"sample_weight has shape \(3,\)"),
+    (lambda m: collect([m], (b for b in []), function="f"), r"f: x"),
+    (lambda m: collect([m], steps=0, x=X, function="f"), r"steps must be a positive integer"),
+])
+def test_bad_data_gets_one_clear_error(model, call, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        call(model)
+
+
+@pytest.mark.skipif(not TF, reason="tf.data needs TensorFlow")
+def test_an_endless_tf_dataset_needs_steps_and_then_stops(model):
+    import tensorflow as tf
+
+    endless = tf.data.Dataset.from_tensor_slices((X, Y)).batch(10).repeat()
+    with pytest.raises(ValueError, match=r"endless tf.data.Dataset.*steps="):
+        collect([model], endless, function="f")
+    assert collect([model], endless, steps=7, function="f").rows == 70
+
+
+def test_one_shot_generators_are_refused_where_data_is_read_twice():
+    check_reiterable(X, "stack")
+    check_reiterable(generator, "stack")
+    with pytest.raises(ValueError, match=r"stack: x is a one-shot Python generator"):
+        check_reiterable(generator(), "stack")
+
+
+def test_rows_with_non_finite_inputs_are_kept_aside(model):
+    x = X.copy()
+    x[[3, 40]] = np.nan
+    got = collect([model], x, batch_size=16, function="f")
+    assert got.suspect_rows.tolist() == [3, 40]
+    assert np.isnan(got.suspect_inputs).all()
+
+
+def test_batches_yields_numpy(model):
+    shapes = [xb.shape for xb, _, _ in batches(X, batch_size=20)]
+    assert shapes == [(20, 4), (20, 4), (10, 4)]

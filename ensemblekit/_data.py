@@ -92,7 +92,10 @@ class Collected:
         sample_weight: ``(n,)`` float weights, or ``None``.
         rows: how many rows the pass saw.
         suspect_rows: indices of rows whose inputs hold NaN or inf.
-        suspect_inputs: those rows' inputs (in ``x``'s structure), or ``None`` when there are none.
+        kept_rows: indices of the rows whose inputs were kept: those with NaN/inf
+            inputs and those on which a model's outputs are NaN/inf (few), so checks
+            can run models on them again (:meth:`inputs_at`).
+        kept_inputs: those rows' inputs (in ``x``'s structure), or ``None``.
     """
 
     outputs: list
@@ -100,7 +103,21 @@ class Collected:
     sample_weight: object
     rows: int
     suspect_rows: np.ndarray
-    suspect_inputs: object
+    kept_rows: np.ndarray
+    kept_inputs: object
+
+    def __len__(self):
+        return self.rows
+
+    def inputs_at(self, rows):
+        """The inputs of ``rows`` (indices among the kept rows), in ``x``'s structure."""
+        rows = np.asarray(rows, dtype=int)
+        positions = np.searchsorted(self.kept_rows, rows)
+        if self.kept_inputs is None or np.any(positions >= len(self.kept_rows)) or np.any(
+                self.kept_rows[np.minimum(positions, len(self.kept_rows) - 1)] != rows):
+            raise ValueError(f"rows {rows[:5].tolist()} of the data were not kept (only rows with "
+                             "non-finite inputs or outputs are).")
+        return keras.tree.map_structure(lambda a: np.asarray(a)[positions], self.kept_inputs)
 
 
 def batches(x, y=None, sample_weight=None, *, batch_size=None, steps=None, function="predict",
@@ -205,9 +222,10 @@ def _check_steps(x, kind, steps, function, argument):
                              "(num_batches is None); pass steps= (the number of batches to read).")
 
 
-def _first_line(error):
+def _first_line(error, limit=300):
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def _pad(batch, size):
@@ -262,7 +280,7 @@ def collect(models, x, y=None, sample_weight=None, *, batch_size=None, steps=Non
     """
     runners = runners or [_runner(model) for model in models]
     outputs = [[] for _ in models]
-    labels, weights, suspects, suspect_inputs = [], [], [], []
+    labels, weights, suspects, kept, kept_inputs = [], [], [], [], []
     width, seen = None, 0
     progress = keras.utils.Progbar(None, verbose=verbose, unit_name="batch") if verbose else None
     for x_batch, y_batch, w_batch in batches(x, y, sample_weight, batch_size=batch_size, steps=steps,
@@ -270,21 +288,26 @@ def collect(models, x, y=None, sample_weight=None, *, batch_size=None, steps=Non
         count = _rows(x_batch)
         width = width or count
         padded = _pad(x_batch, width) if count < width else x_batch
+        bad_outputs = np.zeros(count, dtype=bool)
         for index, (model, run) in enumerate(zip(models, runners, strict=True)):
             try:
                 result = run(padded)
             except Exception as error:  # shapes or dtypes that do not fit the model's inputs
                 raise ValueError(_misfit(function, argument, model, x_batch, error)) from None
-            outputs[index].append(keras.tree.map_structure(lambda a, n=count: np.asarray(a)[:n], result))
+            result = keras.tree.map_structure(lambda a, n=count: np.asarray(a)[:n], result)
+            bad_outputs |= _non_finite_input_rows(result)
+            outputs[index].append(result)
         if needs_labels and y_batch is None:
             raise ValueError(f"{function}: {argument} yields no labels; pass y= with arrays, or a "
                              "dataset of (x, y) pairs.")
         labels.append(y_batch)
         weights.append(w_batch)
         bad = _non_finite_input_rows(x_batch)
-        if bad.any():
-            suspects.append(seen + np.flatnonzero(bad))
-            suspect_inputs.append(keras.tree.map_structure(lambda a, b=bad: np.asarray(a)[b], x_batch))
+        suspects.append(seen + np.flatnonzero(bad))
+        keep = bad | bad_outputs
+        if keep.any():
+            kept.append(seen + np.flatnonzero(keep))
+            kept_inputs.append(keras.tree.map_structure(lambda a, k=keep: np.asarray(a)[k], x_batch))
         seen += count
         if progress is not None:
             progress.add(1)
@@ -296,9 +319,17 @@ def collect(models, x, y=None, sample_weight=None, *, batch_size=None, steps=Non
         sample_weight=None if all(w is None for w in weights) else np.concatenate(
             [np.asarray(w, dtype="float64").reshape(-1) for w in weights]),
         rows=seen,
-        suspect_rows=np.concatenate(suspects) if suspects else np.zeros(0, dtype=int),
-        suspect_inputs=_concatenate(suspect_inputs) if suspect_inputs else None,
+        suspect_rows=np.concatenate(suspects).astype(int),
+        kept_rows=np.concatenate(kept).astype(int) if kept else np.zeros(0, dtype=int),
+        kept_inputs=_concatenate(kept_inputs) if kept_inputs else None,
     )
+
+
+def refuse_sample_weight(data, function):
+    """Sample weights are not used by ``function`` yet: refuse them rather than ignore them."""
+    if data.sample_weight is not None:
+        raise ValueError(f"{function}: sample weights (sample_weight=, or a dataset yielding (x, y, "
+                         "sample_weight)) are not supported yet; they are refused rather than ignored.")
 
 
 def _concatenate(parts):

@@ -29,7 +29,7 @@ from scipy.special import expit
 from scipy.stats import rankdata
 
 from ensemblekit._graph import graph_operations, is_container, own_nodes
-from ensemblekit._io import predict
+from ensemblekit._data import Collected, collect, predict, refuse_sample_weight
 from ensemblekit._outputs import (
     TASKS,
     as_probs,
@@ -532,7 +532,9 @@ def _input_arrays(x):
 
 
 def _take_rows(x, rows):
-    """``x`` (an array, or a dict/list of arrays) restricted to ``rows``."""
+    """``x`` (an array, a dict/list of arrays, or a pass's :class:`Collected`) restricted to ``rows``."""
+    if isinstance(x, Collected):
+        return x.inputs_at(rows)
     if _several_inputs(x):
         return keras.tree.map_structure(lambda a: np.asarray(a)[rows], x)
     return np.asarray(x)[rows]
@@ -560,7 +562,8 @@ def non_finite_rows(model, x, outputs, batch_size=256):
     """The rows of ``x`` on which ``model``'s outputs are non-finite (NaN or inf), as an ``(n,)`` bool array.
 
     ``outputs`` are ``model``'s predictions on ``x`` (any structure of arrays, rows
-    first). Rows whose inputs hold NaN or inf are run again through ``model`` op by
+    first); ``x`` is arrays or the :class:`ensemblekit._data.Collected` of the pass
+    that made them. Rows whose inputs hold NaN or inf are run again through ``model`` op by
     op: on CPU, TensorFlow's graph optimiser fuses ``Dense`` (or a convolution), its
     bias and a ReLU into one oneDNN kernel that turns NaN into 0, so a traced
     prediction can be finite where the model's function is not. A model that
@@ -574,13 +577,16 @@ def non_finite_rows(model, x, outputs, batch_size=256):
         [False, True]
     """
     bad = _rows_not_finite(outputs)
-    arrays = _input_arrays(x)
-    if arrays is None:
-        return bad
     suspects = np.zeros_like(bad)
-    for array in arrays:
-        if np.issubdtype(array.dtype, np.number) and len(array) == len(bad):
-            suspects |= ~np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+    if isinstance(x, Collected):  # one pass over any data kept the rows with non-finite inputs
+        suspects[x.suspect_rows] = True
+    else:
+        arrays = _input_arrays(x)
+        if arrays is None:
+            return bad
+        for array in arrays:
+            if np.issubdtype(array.dtype, np.number) and len(array) == len(bad):
+                suspects |= ~np.isfinite(array.reshape(len(array), -1)).all(axis=1)
     suspects = np.flatnonzero(suspects & ~bad)
     if suspects.size:
         bad[suspects] = _rows_not_finite(_eager(model, x, suspects, batch_size))
@@ -713,7 +719,7 @@ UNCERTAINTY_KEYS = ("predictive_entropy", "expected_entropy", "mutual_informatio
 
 
 def predict_outputs(model, x, batch_size=256):
-    """``{output name: numpy array}`` of ``model`` on ``x``, batched as ``_io.predict``.
+    """``{output name: numpy array}`` of ``model`` on ``x``, batched as ``_data.predict``.
 
     Single-output models give one entry named after their output layer; dict-output
     models (``ensemble(..., uncertainty=True)``, several heads) one per key.
@@ -724,7 +730,11 @@ def predict_outputs(model, x, batch_size=256):
         >>> {name: a.shape for name, a in predict_outputs(m, np.ones((3, 2))).items()}
         {'value': (3, 1)}
     """
-    raw = predict(model, x, batch_size)  # padded batches; several inputs and outputs too
+    return named_outputs(model, predict(model, x, batch_size))
+
+
+def named_outputs(model, raw):
+    """``model``'s raw outputs (numpy, in its output structure) as ``{output name: array}``."""
     arrays = keras.tree.flatten(raw)
     names = sorted(map(str, raw)) if isinstance(raw, dict) else output_names(model)
     if len(names) != len(arrays):
@@ -812,7 +822,8 @@ def _score_output(outputs, extras, name, task, y, ood_outputs):
     return result
 
 
-def evaluate(model, x, y, task=None, output_kind=None, batch_size=256, x_ood=None):
+def evaluate(model, x, y=None, task=None, output_kind=None, batch_size=None, x_ood=None, *,
+             sample_weight=None, steps=None, verbose=0):
     """Score a model on ``(x, y)`` with its task's metrics (see the module docstring).
 
     Multiclass classifiers give exactly ``{"accuracy", "nll", "brier", "ece"}``
@@ -826,19 +837,29 @@ def evaluate(model, x, y, task=None, output_kind=None, batch_size=256, x_ood=Non
         model: a ``keras.Model``. Its task per output is read from the layer producing
             it (``ensemblekit._outputs.detect_task``); outputs of
             ``ensemble(..., uncertainty=True)`` are paired with their prediction.
-        x: inputs. Rows on which the outputs are non-finite are counted
-            (``"non_finite_rows"``) and left out of the metrics, with a warning.
-        y: labels or values; for several prediction outputs a dict by output name.
+        x: anything ``model.predict`` accepts: arrays, a dict/list of arrays (several
+            inputs), a ``tf.data.Dataset`` of ``(x, y)``, a ``keras.utils.PyDataset``, a
+            generator (``steps=`` when endless); read once, batch by batch, the
+            predictions and labels kept (never the inputs). Rows on which the outputs are
+            non-finite are counted (``"non_finite_rows"``) and left out of the metrics,
+            with a warning.
+        y: labels or values (for several prediction outputs a dict by output name);
+            ``None`` when ``x`` is a dataset that yields them.
         task: ``None`` (detect), one task, or ``{output name: task}``; needed for
             linear outputs (binary logits, regression).
         output_kind: ``"logits"`` or ``"probs"`` (or a dict by output name) when the
             final softmax/sigmoid cannot be detected.
-        batch_size: rows per prediction batch.
-        x_ood: out-of-distribution inputs: adds ``"ood"``: for each score of
+        batch_size: rows per prediction batch for arrays (default 256); datasets keep theirs.
+        x_ood: out-of-distribution inputs (any kind of data, as ``x``): adds ``"ood"``: for each score of
             :func:`ood_scores` (``"max_prob"``, ``"entropy"``, and
             ``"mutual_information"`` when the model outputs it; ``"std"`` and/or
             ``"variance"`` for regression)
             ``{"auroc", "aupr", "fpr95"}`` with the OOD samples as positives.
+        sample_weight: per-row weights for arrays. Weighted metrics are not implemented
+            yet: weights (given, or yielded by a dataset) are refused with a
+            ``ValueError`` rather than ignored.
+        steps: batches to read from ``x`` (required when it is endless).
+        verbose: 1 shows Keras' progress bar over the batches.
 
     Returns:
         The metric dict of the one prediction output, or ``{output name: metric dict}``.
@@ -860,14 +881,20 @@ def evaluate(model, x, y, task=None, output_kind=None, batch_size=256, x_ood=Non
         ['entropy', 'max_prob']
     """
     label = f"Model {getattr(model, 'name', '?')!r}"
-    outputs, kept, dropped = _finite_outputs(model, x, predict_outputs(model, x, batch_size), "x", batch_size)
+    data = collect([model], x, y, sample_weight, batch_size=batch_size, steps=steps, function="evaluate",
+                   needs_labels=True, verbose=verbose)
+    refuse_sample_weight(data, "evaluate")
+    batch_size = batch_size or 256
+    outputs, kept, dropped = _finite_outputs(model, data, named_outputs(model, data.outputs[0]), "x",
+                                             batch_size)
     names, groups = list(outputs), _group_outputs(list(outputs))
     predictions = list(groups)
     tasks, kinds = check_task(task, predictions), _per_output(output_kind, predictions, "output_kind")
-    targets = {name: _rows_of(target, kept) for name, target in _targets(y, predictions, label).items()}
+    targets = {name: _rows_of(target, kept) for name, target in _targets(data.y, predictions, label).items()}
     ood_outputs, ood_dropped = None, 0
     if x_ood is not None:
-        ood_outputs, _, ood_dropped = _finite_outputs(model, x_ood, predict_outputs(model, x_ood, batch_size),
+        ood = collect([model], x_ood, batch_size=batch_size, function="evaluate", argument="x_ood")
+        ood_outputs, _, ood_dropped = _finite_outputs(model, ood, named_outputs(model, ood.outputs[0]),
                                                       "x_ood", batch_size)
     counts = {"non_finite_rows": dropped, "non_finite_ood_rows": ood_dropped}
     results = {}

@@ -145,9 +145,90 @@ def test_rows_with_non_finite_inputs_are_kept_aside(model):
     x[[3, 40]] = np.nan
     got = collect([model], x, batch_size=16, function="f")
     assert got.suspect_rows.tolist() == [3, 40]
-    assert np.isnan(got.suspect_inputs).all()
+    assert np.isnan(got.inputs_at([3, 40])).all()
+    with pytest.raises(ValueError, match="were not kept"):
+        got.inputs_at([4])
 
 
 def test_batches_yields_numpy(model):
     shapes = [xb.shape for xb, _, _ in batches(X, batch_size=20)]
     assert shapes == [(20, 4), (20, 4), (10, 4)]
+
+
+# --- every function that reads data: any kind gives the array path's result ----------------------
+
+
+@pytest.fixture(scope="module")
+def members():
+    result = []
+    for seed in range(3):
+        keras.utils.set_random_seed(seed)
+        result.append(keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
+                                        keras.layers.Dense(3, activation="softmax")], name=f"m{seed}"))
+    return result
+
+
+FUNCTIONS = {
+    "evaluate": lambda ms, x, y: ek.evaluate(ek.ensemble(ms, "mean"), x, y),
+    "calibrate": lambda ms, x, y: ek.calibrate(ek.ensemble(ms, "mean"), x, y).layers[-1].temperature,
+    "optimize_weights": lambda ms, x, y: ek.optimize_weights(ms, x, y),
+    "select": lambda ms, x, y: ek.select(ms, x, y, size=4),
+    "stack": lambda ms, x, y: ek.stack(ms, x, y, cv=2, epochs=3, verbose=0).predict(X[:8], verbose=0),
+    "select_members": lambda ms, x, y: _selection(ek.prune.select_members(ms, x, y, budget=2.0)),
+}
+
+
+def _selection(kept):
+    return {"indices": list(kept.indices), "weights": kept.weights, "score": kept.score}
+
+
+def _same(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _same(a[key], b[key])
+    elif isinstance(a, (list, tuple)) and a and not isinstance(a[0], (int, float, np.number)):
+        assert len(a) == len(b)
+        for left, right in zip(a, b):
+            _same(left, right) if not isinstance(left, keras.Model) else None
+    else:
+        np.testing.assert_allclose(np.asarray(a, dtype="float64"), np.asarray(b, dtype="float64"),
+                                   rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", [k for k in datasets() if k != "arrays"])
+@pytest.mark.parametrize("function", list(FUNCTIONS))
+def test_each_function_gives_the_array_result_on_every_kind_of_data(members, function, kind):
+    expected = FUNCTIONS[function](members, X, Y)
+    x, _ = datasets()[kind]
+    _same(FUNCTIONS[function](members, x, None), expected)
+
+
+@pytest.mark.skipif(not TF, reason="tf.data needs TensorFlow")
+def test_a_shuffling_dataset_gives_the_sorted_arrays_metrics(members):
+    import tensorflow as tf
+
+    model = ek.ensemble(members, "mean")
+    shuffled = tf.data.Dataset.from_tensor_slices((X, Y)).shuffle(50, reshuffle_each_iteration=True).batch(9)
+    _same(ek.evaluate(model, shuffled), ek.evaluate(model, X, Y))
+
+
+def test_functions_that_need_labels_refuse_a_dataset_without_them(members):
+    def inputs_only():
+        for start in range(0, 50, 16):
+            yield (X[start:start + 16],)
+
+    with pytest.raises(ValueError, match=r"calibrate: x yields no labels"):
+        ek.calibrate(ek.ensemble(members, "mean"), inputs_only)
+    with pytest.raises(ValueError, match=r"evaluate: x yields no labels"):
+        ek.evaluate(ek.ensemble(members, "mean"), inputs_only)
+
+
+def test_sample_weights_are_refused_not_ignored(members):
+    with pytest.raises(ValueError, match=r"evaluate: sample weights .* refused rather than ignored"):
+        ek.evaluate(ek.ensemble(members, "mean"), X, Y, sample_weight=W)
+
+
+def test_stack_needs_arrays_for_passthrough(members):
+    with pytest.raises(ValueError, match=r"stack: x is a .*passthrough=True"):
+        ek.stack(members, generator, passthrough=True, cv=2, epochs=1, verbose=0)

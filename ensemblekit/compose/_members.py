@@ -5,7 +5,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from ensemblekit._io import load_members, predict
+from ensemblekit._data import collect
+from ensemblekit._io import load_members
 from ensemblekit._outputs import (
     check_output_kinds,
     check_task,
@@ -290,13 +291,22 @@ class MemberSet:
         Log-probabilities (multiclass), logits (binary/multilabel) or values
         (regression), for the output's task or the ``task`` given.
         """
+        return self.collect_stacked(x, output=output, batch_size=batch_size, task=task)[0]
+
+    def collect_stacked(self, x, y=None, sample_weight=None, *, output=0, batch_size=None, steps=None,
+                        task=None, function="predict", needs_labels=False):
+        """``(stacked, collected)``: :meth:`predict_stacked` on any data Keras reads, in one
+        pass that also collects the labels (``collected.y``) and sample weights
+        (``ensemblekit._data.collect``)."""
         from ensemblekit._tasks import MemberStack
 
         inputs = self.shared_input()
         per_member = [outs[output] for outs in self.call_outputs(inputs)]
         stacked = MemberStack(task or self.tasks[output], self.kinds_by_output[output],
                               name="member_stack")(per_member)
-        return np.asarray(predict(keras.Model(inputs, stacked), x, batch_size), dtype="float64")
+        data = collect([keras.Model(inputs, stacked)], x, y, sample_weight, batch_size=batch_size,
+                       steps=steps, function=function, needs_labels=needs_labels)
+        return np.asarray(data.outputs[0], dtype="float64"), data
 
     def predict_log_probs(self, x, batch_size=256):
         """All members' log-probabilities on ``x`` in one compiled pass: ``(n, K, classes)``."""

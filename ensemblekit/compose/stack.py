@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from ensemblekit._data import is_dataset, refuse_sample_weight
 from ensemblekit._tasks import MemberStack
 from ensemblekit._validate import check_choice, check_targets
 from ensemblekit.compose._members import MemberSet
@@ -197,7 +198,7 @@ def _refit_out_of_fold(members, x, y, folds, passthrough, member_epochs, batch_s
     return features, refit_members
 
 
-def stack(models, x, y, meta="logistic", cv=5, passthrough=False, refit_members=False,
+def stack(models, x, y=None, meta="logistic", cv=5, passthrough=False, refit_members=False,
           member_epochs=10, epochs=100, batch_size=64, output_kind=None, seed=0, name=None,
           verbose=1, task=None):
     """Stacked generalisation (Wolpert, 1992): a Keras meta-learner over the members.
@@ -223,8 +224,13 @@ def stack(models, x, y, meta="logistic", cv=5, passthrough=False, refit_members=
 
     Args:
         models: list of members (models or paths).
-        x, y: data for the meta-learner (labels as integers or one-hot); rows on which a
+        x: data for the meta-learner, held out from the members' training: anything
+            ``model.predict`` accepts (arrays, a ``tf.data.Dataset`` of ``(x, y)``, a
+            ``keras.utils.PyDataset``, a generator), read ONCE: the members' predictions
+            and the labels are collected in one pass and the folds split them by index.
+            ``passthrough=True`` and ``refit_members=True`` need arrays. Rows on which a
             member's outputs are NaN or inf are refused (``ValueError`` naming the member).
+        y: labels as integers or one-hot (``None`` when ``x`` yields them).
         meta: ``"logistic"`` (softmax regression), ``"mlp"`` (one hidden layer
             of 64) or any ``keras.Model`` taking ``(batch, features)`` to
             probabilities (it is cloned; its weights are not used).
@@ -257,19 +263,28 @@ def stack(models, x, y, meta="logistic", cv=5, passthrough=False, refit_members=
     if refit_members and task != "multiclass":
         raise ValueError(f"refit_members=True retrains members with a cross-entropy loss; it supports "
                          f"multiclass members, not {task} (pass held-out x instead).")
-    x = np.asarray(x)
-    y = _targets(y, x.shape[0], members.num_classes, task)
-    if not isinstance(cv, (int, np.integer)) or cv < 2 or cv > len(x):
-        raise ValueError(f"cv must be an integer between 2 and the number of samples ({len(x)}), got {cv!r}.")
+    if is_dataset(x) and (passthrough or refit_members):
+        raise ValueError(
+            f"stack: x is a {type(x).__name__}; passthrough=True and refit_members=True train on the "
+            "inputs themselves, so they need x as arrays. With a dataset, stack fits its "
+            "meta-learner on the members' predictions (passthrough=False, refit_members=False)."
+        )
     if not isinstance(meta, keras.Model):
         check_choice(meta, META_HEADS, "meta")
-    folds = _folds(len(x), cv, seed)
+    # One pass: the members' predictions and the labels, aligned; the folds split them by index.
+    stacked, data = members.collect_stacked(x, y, function="stack", needs_labels=True)
+    refuse_sample_weight(data, "stack")
+    rows = data.rows
+    y = _targets(data.y, rows, members.num_classes, task)
+    if not isinstance(cv, (int, np.integer)) or cv < 2 or cv > rows:
+        raise ValueError(f"cv must be an integer between 2 and the number of samples ({rows}), got {cv!r}.")
+    folds = _folds(rows, cv, seed)
     steps = cv * (3 if refit_members else 1) + (1 if refit_members else 0)
     progress = keras.utils.Progbar(steps, unit_name="step", verbose=verbose)
-
-    stacked = members.predict_stacked(x)
-    check_finite_members(members.models, x, [stacked[:, k] for k in range(len(members))], "stack", "x",
+    check_finite_members(members.models, data, [stacked[:, k] for k in range(len(members))], "stack", "x",
                          members.labels)
+    if not is_dataset(x):
+        x = np.asarray(x)
     if refit_members:
         features, members = _refit_out_of_fold(members, x, y, folds, passthrough, member_epochs,
                                                batch_size, progress)
@@ -279,7 +294,7 @@ def stack(models, x, y, meta="logistic", cv=5, passthrough=False, refit_members=
     shape = (members.num_classes, len(members))
     best_epochs = []
     for held_out in folds:
-        train = np.setdiff1d(np.arange(len(x)), held_out)
+        train = np.setdiff1d(np.arange(rows), held_out)
         _, best = _fit_meta(meta, features[train], y[train], shape, epochs, batch_size, seed,
                             validation=(features[held_out], y[held_out]), task=task)
         best_epochs.append(best)

@@ -10,7 +10,8 @@ import numpy as np
 from scipy import optimize, special
 
 from ensemblekit import metrics
-from ensemblekit._io import load_members, predict
+from ensemblekit._data import collect, refuse_sample_weight
+from ensemblekit._io import load_members
 from ensemblekit._outputs import output_names
 from ensemblekit._validate import check_choice, check_labels, check_targets, member_label
 from ensemblekit.compose._members import MemberSet, fresh_inputs
@@ -31,8 +32,11 @@ TASK_METRICS = {
 SCORED_METRICS = TASK_METRICS["multiclass"]
 
 
-def validation_predictions(models, x_val, y_val, what, min_count=2, task=None):
-    """Validated members, their predictions on ``x_val`` ``(n, K, ...)``, targets and the task.
+def validation_predictions(models, x, y, what, min_count=2, task=None, batch_size=None, steps=None):
+    """Validated members, their predictions on ``x`` ``(n, K, ...)``, targets and the task.
+
+    ``x`` is any data Keras reads (``ensemblekit._data``), read once; labels come
+    from ``y`` or from the dataset.
 
     The predictions are in :func:`task_loss`'s form: class probabilities
     ``(n, K, classes)`` and integer labels (multiclass); positive-class
@@ -52,10 +56,12 @@ def validation_predictions(models, x_val, y_val, what, min_count=2, task=None):
     if not members.single_io:
         raise ValueError(f"{what} supports members with one input and one output; {members.labels[0]} "
                          f"has inputs {members.input_names} and outputs {members.output_names}.")
-    stacked = members.predict_stacked(x_val)
-    metrics.check_finite_members(members.models, x_val, [stacked[:, k] for k in range(len(members))], what,
-                                 "x_val", members.labels)
-    y = check_targets(y_val, stacked.shape[0], stacked.shape[2:], members.task, param="y_val")
+    stacked, data = members.collect_stacked(x, y, batch_size=batch_size, steps=steps, function=what,
+                                            needs_labels=True)
+    refuse_sample_weight(data, what)
+    metrics.check_finite_members(members.models, data, [stacked[:, k] for k in range(len(members))], what,
+                                 "x", members.labels)
+    y = check_targets(data.y, stacked.shape[0], stacked.shape[2:], members.task, param="y")
     if members.task == "regression":
         return members, stacked, y, "regression"
     if members.task == "multiclass":
@@ -141,7 +147,7 @@ def metric_loss(metric):
     return task_loss(metric, "multiclass")[1]
 
 
-def optimize_weights(models, x_val, y_val, metric=None, task=None):
+def optimize_weights(models, x, y=None, metric=None, task=None, *, batch_size=None, steps=None):
     """Find the member weights (on the simplex) that minimise ``metric`` on validation data.
 
     The weighted mean of member probabilities (values, for regression) is
@@ -152,8 +158,11 @@ def optimize_weights(models, x_val, y_val, metric=None, task=None):
 
     Args:
         models: list of members (models or paths).
-        x_val, y_val: validation data the members were not trained on (0/1 targets
-            of shape ``(n, labels)`` for multilabel members). Rows on which a member's
+        x: held-out data the members were not trained on: anything ``model.predict``
+            accepts (arrays, a dict/list of arrays, a ``tf.data.Dataset`` of ``(x, y)``,
+            a ``keras.utils.PyDataset``, a generator), read once.
+        y: labels (0/1 targets of shape ``(n, labels)`` for multilabel members), or
+            ``None`` when ``x`` yields them. Rows on which a member's
             outputs are NaN or inf are refused (``ValueError`` naming the member).
         metric: one of ``TASK_METRICS[task]``: ``"nll"`` (default for classifiers),
             ``"brier"``, ``"accuracy"`` or ``"ece"``, and ``"auroc"`` for binary and
@@ -161,6 +170,8 @@ def optimize_weights(models, x_val, y_val, metric=None, task=None):
             for regression ``"mse"`` (default), ``"rmse"`` or ``"mae"``.
         task: the members' task as in ``ek.ensemble`` (``None`` detects it);
             multiclass, binary, multilabel and regression are supported.
+        batch_size: rows per batch for arrays (default 256); datasets keep theirs.
+        steps: batches to read from ``x`` (required when it is endless).
 
     Returns:
         ``np.ndarray`` of shape ``(K,)``, non-negative, summing to one; pass it
@@ -174,7 +185,8 @@ def optimize_weights(models, x_val, y_val, metric=None, task=None):
         >>> bool(np.isclose(w.sum(), 1.0))
         True
     """
-    _, probs, y, task = validation_predictions(models, x_val, y_val, "optimize_weights", task=task)
+    _, probs, y, task = validation_predictions(models, x, y, "optimize_weights", task=task,
+                                               batch_size=batch_size, steps=steps)
     metric, loss = task_loss(metric, task)
 
     def objective(theta):
@@ -279,7 +291,7 @@ def _check_costs(count, costs, limit):
     return costs, float(limit) * (1 + 1e-9)  # budget x mean cost may round just below the sum it allows
 
 
-def select(models, x_val, y_val, size=None, metric=None, task=None):
+def select(models, x, y=None, size=None, metric=None, task=None, *, batch_size=None, steps=None):
     """Greedy forward ensemble selection with replacement (Caruana et al., 2004).
 
     Starting from the empty ensemble, each step adds the member (possibly one
@@ -290,13 +302,19 @@ def select(models, x_val, y_val, size=None, metric=None, task=None):
 
     Args:
         models: list of members.
-        x_val, y_val: validation data; rows on which a member's outputs are NaN or inf
-            are refused (``ValueError`` naming the member).
+        x: held-out data the members were not trained on: anything ``model.predict``
+            accepts (arrays, a dict/list of arrays, a ``tf.data.Dataset`` of ``(x, y)``,
+            a ``keras.utils.PyDataset``, a generator), read once.
+        y: labels (0/1 targets of shape ``(n, labels)`` for multilabel members), or
+            ``None`` when ``x`` yields them. Rows on which a member's
+            outputs are NaN or inf are refused (``ValueError`` naming the member).
         size: number of greedy steps.
         metric: as in :func:`optimize_weights`: one of ``TASK_METRICS[task]``
             (default ``"nll"``, or ``"mse"`` for regression).
         task: the members' task as in ``ek.ensemble`` (``None`` detects it);
             multiclass, binary, multilabel and regression are supported.
+        batch_size: rows per batch for arrays (default 256); datasets keep theirs.
+        steps: batches to read from ``x`` (required when it is endless).
 
     Returns:
         ``list[int]`` of member indices, with repeats; weights of the selected
@@ -310,7 +328,8 @@ def select(models, x_val, y_val, size=None, metric=None, task=None):
         >>> 1 <= len(chosen) <= 4
         True
     """
-    _, probs, y, task = validation_predictions(models, x_val, y_val, "select", min_count=1, task=task)
+    _, probs, y, task = validation_predictions(models, x, y, "select", min_count=1, task=task,
+                                               batch_size=batch_size, steps=steps)
     _, loss = task_loss(metric, task)
     size = None if size is None else _check_steps(size, "size")
     return greedy_selection(probs, y, loss, size).chosen
@@ -370,7 +389,8 @@ def fit_std_scale(mean, std, y):
     return float(np.sqrt(np.mean(z ** 2)))
 
 
-def calibrate(model, x_val, y_val, output_kind=None, name=None, task=None, per_label=False):
+def calibrate(model, x, y=None, output_kind=None, name=None, task=None, per_label=False, *,
+              batch_size=None, steps=None):
     """Calibrate a model on validation data, per task.
 
     * multiclass: temperature scaling (Guo et al., 2017) — one ``T`` fitted on
@@ -389,14 +409,21 @@ def calibrate(model, x_val, y_val, output_kind=None, name=None, task=None, per_l
 
     Args:
         model: a model (any composed model included) or a path.
-        x_val, y_val: validation data; rows on which the model's outputs are NaN or inf
-            are refused (``ValueError`` naming the model, and its member when it is a composition).
+        x: held-out data the members were not trained on: anything ``model.predict``
+            accepts (arrays, a dict/list of arrays, a ``tf.data.Dataset`` of ``(x, y)``,
+            a ``keras.utils.PyDataset``, a generator), read once.
+        y: labels (0/1 targets of shape ``(n, labels)`` for multilabel members), or
+            ``None`` when ``x`` yields them. Rows on which the model's
+            outputs are NaN or inf are refused (``ValueError`` naming the model, and its
+            member when it is a composition).
         output_kind: ``"logits"``/``"probs"`` if detection of a final softmax/sigmoid is not enough.
         name: name of the returned model (default ``"<model>_calibrated"``).
         task: the model's task (``None`` detects it; a model whose outputs include
             ``"prediction"`` and ``"std"`` is a regression ensemble).
         per_label: multilabel (and binary) models: fit Platt scaling per label
             instead of once for all labels.
+        batch_size: rows per batch for arrays (default 256); datasets keep theirs.
+        steps: batches to read from ``x`` (required when it is endless).
 
     Returns:
         A ``keras.Model`` with the model's inputs and outputs, calibrated. The
@@ -413,9 +440,9 @@ def calibrate(model, x_val, y_val, output_kind=None, name=None, task=None, per_l
     """
     loaded = load_members([model], min_count=1, what="calibrate")[0]
     if {"prediction", "variance"} <= set(output_names(loaded)) and task in (None, "auto", "regression"):
-        return _scale_std(loaded, x_val, y_val, name, key="variance")
+        return _scale_std(loaded, x, y, name, key="variance", batch_size=batch_size, steps=steps)
     if {"prediction", "std"} <= set(output_names(loaded)) and task in (None, "auto", "regression"):
-        return _scale_std(loaded, x_val, y_val, name)
+        return _scale_std(loaded, x, y, name, batch_size=batch_size, steps=steps)
     members = MemberSet([loaded], output_kind=output_kind, min_count=1, what="calibrate", task=task)
     if not members.single_io:
         raise ValueError(f"calibrate supports one output (or a regression ensemble's prediction and std); "
@@ -429,24 +456,29 @@ def calibrate(model, x_val, y_val, output_kind=None, name=None, task=None, per_l
         raise ValueError(f"per_label=True applies to binary and multilabel models (Platt scaling per label); "
                          f"{members.labels[0]} is {members.task}.")
     model, kind = members.models[0], members.output_kinds[0]
-    stacked = members.predict_stacked(x_val)[:, 0]
-    metrics.check_finite_members([model], x_val, [stacked], "calibrate", "x_val", members.labels)
+    stacked, data = members.collect_stacked(x, y, batch_size=batch_size, steps=steps, function="calibrate",
+                                            needs_labels=True)
+    refuse_sample_weight(data, "calibrate")
+    stacked = stacked[:, 0]
+    metrics.check_finite_members([model], data, [stacked], "calibrate", "x", members.labels)
     inputs = members.shared_input()
     if members.task == "multiclass":
-        y = check_labels(y_val, stacked.shape[0], members.num_classes, param="y_val")
+        y = check_labels(data.y, stacked.shape[0], members.num_classes, param="y")
         layer = TemperatureScaling(fit_temperature(stacked, y), kind=kind, name="temperature_scaling")
     else:  # 0/1 targets of the output's shape, binary too (a (n, 1) column is fine)
-        y = check_targets(y_val, stacked.shape[0], stacked.shape[1:], "multilabel", param="y_val")
+        y = check_targets(data.y, stacked.shape[0], stacked.shape[1:], "multilabel", param="y")
         layer = PlattScaling(*_fit_platt_layer(stacked, y, per_label), kind=kind, name="platt_scaling")
     return keras.Model(inputs, layer(model(inputs)), name=name or f"{model.name}_calibrated")
 
 
-def _scale_std(model, x_val, y_val, name, key="std"):
+def _scale_std(model, x, y, name, key="std", batch_size=None, steps=None):
     """Variance scaling of output ``key``: ``"std"`` becomes ``s · std``, ``"variance"`` ``s² · variance``."""
-    out = predict(model, x_val)
-    metrics.check_finite_members([model], x_val, [out], "calibrate", "x_val", [member_label(0, model)])
+    data = collect([model], x, y, batch_size=batch_size, steps=steps, function="calibrate", needs_labels=True)
+    refuse_sample_weight(data, "calibrate")
+    out = data.outputs[0]
+    metrics.check_finite_members([model], data, [out], "calibrate", "x", [member_label(0, model)])
     std = np.sqrt(np.maximum(out[key], 0.0)) if key == "variance" else out[key]
-    scale = fit_std_scale(out["prediction"].astype("float64"), std, y_val)
+    scale = fit_std_scale(out["prediction"].astype("float64"), std, data.y)
     inputs = fresh_inputs(model)
     outputs = dict(model(inputs))
     factor = scale ** 2 if key == "variance" else scale

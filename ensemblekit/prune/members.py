@@ -71,7 +71,7 @@ def _check_cheapest_fits(models, costs, budget, given, cost):
         f"{costs[cheapest]:g}{unit}: budget must be at least {costs[cheapest] / mean:.3g}.")
 
 
-def select_members(ensemble_or_models, x_val, y_val, budget=None, cost="params", metric=None, steps=None,
+def select_members(ensemble_or_models, x, y=None, budget=None, cost="params", metric=None, steps=None,
                    task=None):
     """Keep the ensemble members that best fit a cost budget (Caruana et al., 2004).
 
@@ -85,9 +85,12 @@ def select_members(ensemble_or_models, x_val, y_val, budget=None, cost="params",
     Args:
         ensemble_or_models: an ``ek.ensemble(...)`` model (its nested members
             are used) or a list of members (models or paths).
-        x_val, y_val: validation data the members were not trained on
-            (class labels, 0/1 labels of a binary classifier, 0/1 targets
-            ``(n, labels)`` of a multilabel one, or regression targets).
+        x: held-out data the members were not trained on: anything
+            ``model.predict`` accepts (arrays, a ``tf.data.Dataset`` of ``(x, y)``,
+            a ``keras.utils.PyDataset``, a generator), read once.
+        y: class labels, 0/1 labels of a binary classifier, 0/1 targets
+            ``(n, labels)`` of a multilabel one, or regression targets; ``None``
+            when ``x`` yields them.
         budget: the most the kept members may cost together, in units of the
             members' mean cost (``1.0`` = one member's cost, ``K`` = all K
             members; the one meaning of budgets, see :mod:`ensemblekit.costs`).
@@ -130,7 +133,7 @@ def select_members(ensemble_or_models, x_val, y_val, budget=None, cost="params",
     models = _member_models(ensemble_or_models)
     given = check_budget(budget)
     budget = len(models) / 2 if given is None else given
-    member_set, predictions, y, task = validation_predictions(models, x_val, y_val, "select_members()", task=task)
+    member_set, predictions, y, task = validation_predictions(models, x, y, "select_members()", task=task)
     metric, loss = task_loss(metric, task)
     costs = model_costs(models, cost)
     _check_cheapest_fits(models, costs, budget, given, cost)

@@ -34,7 +34,7 @@ def test_optimize_weights_accuracy_metric_and_errors(good_and_bad, toy_data):
     assert np.isclose(w.sum(), 1.0)
     with pytest.raises(ValueError, match="Unknown metric 'auc'"):
         ek.optimize_weights(good_and_bad, x, y, metric="auc")
-    with pytest.raises(ValueError, match="y_val has 5 labels but x has 200"):
+    with pytest.raises(ValueError, match="optimize_weights: y has 5 rows but x has 200"):
         ek.optimize_weights(good_and_bad, x, y[:5])
 
 
@@ -159,7 +159,7 @@ def test_optimize_weights_and_select_for_multilabel_members_prefer_the_member_th
     stacked = np.stack([m.predict(x, verbose=0) for m in members], axis=1)
     weighted = np.einsum("k,nkl->nl", weights, stacked)
     assert nll(weighted, y) <= nll(stacked.mean(axis=1), y) + 1e-9
-    with pytest.raises(ValueError, match=r"y_val must hold 0/1 targets of shape \(300, 3\)"):
+    with pytest.raises(ValueError, match=r"y must hold 0/1 targets of shape \(300, 3\)"):
         ek.optimize_weights(members, x, y[:, :2])
 
 

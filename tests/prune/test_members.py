@@ -217,7 +217,7 @@ def test_task_mismatches_get_errors_naming_the_metric_and_the_task(binary_member
         select_members(make_three_class(), xb, yb % 3, metric="rmse")
     with pytest.raises(ValueError, match="task 'multiclass' "):
         select_members(regressors, xr, yr, task="multiclass")
-    with pytest.raises(ValueError, match="y_val"):
+    with pytest.raises(ValueError, match="^y must hold integer class labels"):
         select_members(binary, xb, yr)  # values are not 0/1 labels
     multilabel = [keras.Sequential([keras.Input((8,)), keras.layers.Dense(3, activation="sigmoid")])
                   for _ in range(2)]

@@ -28,8 +28,8 @@ import numpy as np
 from scipy.special import expit
 from scipy.stats import rankdata
 
-from ensemblekit._graph import graph_operations, is_container, own_nodes
 from ensemblekit._data import Collected, collect, predict, refuse_sample_weight
+from ensemblekit._graph import graph_operations, is_container, own_nodes
 from ensemblekit._outputs import (
     TASKS,
     as_probs,

@@ -171,9 +171,7 @@ def _as_arrays(x, y, sample_weight, function, argument):
     """Check in-memory data: numeric arrays (or structures of them) of one length."""
     if x is None:
         raise TypeError(f"{function}: {argument} is None; pass arrays or a dataset.")
-    if isinstance(x, (list, tuple)) and x and not all(hasattr(a, "shape") for a in x):
-        x = np.asarray(x)  # a nested list of numbers, not several inputs
-    x = keras.tree.map_structure(_array, x)
+    x = _arrays(x)
     lengths = {len(a) if np.ndim(a) else 0 for a in keras.tree.flatten(x)}
     if len(lengths) != 1 or 0 in lengths:
         shapes = [np.shape(a) for a in keras.tree.flatten(x)]
@@ -181,7 +179,7 @@ def _as_arrays(x, y, sample_weight, function, argument):
                          f"got shapes {shapes}.")
     rows = lengths.pop()
     if y is not None:
-        y = keras.tree.map_structure(_array, y)
+        y = _arrays(y)
         for target in keras.tree.flatten(y):
             if len(target) != rows:
                 raise ValueError(f"{function}: y has {len(target)} rows but {argument} has {rows}.")
@@ -191,6 +189,19 @@ def _as_arrays(x, y, sample_weight, function, argument):
             raise ValueError(f"{function}: sample_weight has shape {sample_weight.shape}; expected ({rows},) "
                              f"(one weight per row of {argument}).")
     return x, y, sample_weight
+
+
+def _arrays(value):
+    """``value`` as an array, or a dict/list of arrays (several inputs or outputs, as in Keras).
+
+    A list of numbers (labels ``[0, 1, 2]``) or of lists is ONE array, never several.
+    """
+    if isinstance(value, dict):
+        return {key: _array(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)) and value and all(hasattr(item, "shape") and np.ndim(item)
+                                                          for item in value):
+        return [_array(item) for item in value]
+    return _array(value)
 
 
 def _array(value):

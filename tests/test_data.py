@@ -232,3 +232,43 @@ def test_sample_weights_are_refused_not_ignored(members):
 def test_stack_needs_arrays_for_passthrough(members):
     with pytest.raises(ValueError, match=r"stack: x is a .*passthrough=True"):
         ek.stack(members, generator, passthrough=True, cv=2, epochs=1, verbose=0)
+
+
+@pytest.fixture(scope="module")
+def text_members():
+    """Three keras-hub BERT classifiers from a small config: a dict of three inputs each."""
+    keras_hub = pytest.importorskip("keras_hub")
+    result = []
+    for seed in range(3):
+        keras.utils.set_random_seed(seed)
+        backbone = keras_hub.models.BertBackbone(vocabulary_size=60, num_layers=1, num_heads=2, hidden_dim=16,
+                                                 intermediate_dim=32, max_sequence_length=12)
+        result.append(keras_hub.models.BertTextClassifier(backbone, num_classes=3, preprocessor=None))
+    return result
+
+
+def _tokens(rows=40):
+    rng = np.random.default_rng(1)
+    mask = np.ones((rows, 12), "int32")
+    mask[:, 9:] = 0
+    return ({"token_ids": rng.integers(1, 60, (rows, 12)).astype("int32") * mask,
+             "segment_ids": np.zeros((rows, 12), "int32"), "padding_mask": mask},
+            rng.integers(0, 3, rows))
+
+
+@pytest.mark.parametrize("function", ["evaluate", "calibrate", "optimize_weights", "select", "stack"])
+def test_several_input_text_members_work_with_dicts_and_datasets(text_members, function):
+    x, y = _tokens()
+
+    def generator():
+        for start in range(0, 40, 16):
+            yield {k: v[start:start + 16] for k, v in x.items()}, y[start:start + 16]
+
+    call = {
+        "evaluate": lambda x_, y_: ek.evaluate(ek.ensemble(text_members, "mean"), x_, y_),
+        "calibrate": lambda x_, y_: ek.calibrate(ek.ensemble(text_members, "mean"), x_, y_).layers[-1].temperature,
+        "optimize_weights": lambda x_, y_: ek.optimize_weights(text_members, x_, y_),
+        "select": lambda x_, y_: ek.select(text_members, x_, y_, size=3),
+        "stack": lambda x_, y_: ek.stack(text_members, x_, y_, cv=2, epochs=2, verbose=0).predict(x, verbose=0),
+    }[function]
+    _same(call(generator, None), call(x, y))

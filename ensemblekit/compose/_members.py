@@ -100,6 +100,11 @@ class MemberSet:
     def single_io(self):
         return len(self.input_names) == 1 and len(self.output_names) == 1
 
+    @property
+    def single_output(self):
+        """One output (any number of inputs: a dict of token ids and masks, say)."""
+        return len(self.output_names) == 1
+
     def _match(self, index, names, reference, what):
         """Member ``index``'s positions of the shared ``reference`` inputs/outputs (by name, else position)."""
         if len(names) != len(reference):

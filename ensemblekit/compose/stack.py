@@ -139,9 +139,9 @@ def _mean_loss(head, features, y, task="multiclass"):
 
 
 def _check_stackable(members):
-    if not members.single_io or len(members.output_shapes[0]) != 1 or members.task not in STACK_TASKS:
+    if not members.single_output or len(members.output_shapes[0]) != 1 or members.task not in STACK_TASKS:
         raise ValueError(
-            f"stack supports members with one input and one (batch, units) output of task "
+            f"stack supports members with one (batch, units) output of task "
             f"{', '.join(map(repr, STACK_TASKS))}; {members.labels[0]} has inputs {members.input_names}, "
             f"outputs {members.output_names} of shape (None, {', '.join(map(str, members.output_shapes[0]))}) "
             f"and task {members.task!r} (use ek.ensemble for the others)."
@@ -263,6 +263,10 @@ def stack(models, x, y=None, meta="logistic", cv=5, passthrough=False, refit_mem
     if refit_members and task != "multiclass":
         raise ValueError(f"refit_members=True retrains members with a cross-entropy loss; it supports "
                          f"multiclass members, not {task} (pass held-out x instead).")
+    if (passthrough or refit_members) and len(members.input_names) != 1:
+        raise ValueError(f"stack: passthrough=True and refit_members=True support members with one "
+                         f"input; {members.labels[0]} has {len(members.input_names)} inputs "
+                         f"{members.input_names}.")
     if is_dataset(x) and (passthrough or refit_members):
         raise ValueError(
             f"stack: x is a {type(x).__name__}; passthrough=True and refit_members=True train on the "

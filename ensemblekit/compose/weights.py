@@ -53,9 +53,9 @@ def validation_predictions(models, x, y, what, min_count=2, task=None, batch_siz
         ((5, 3), (5,), 'binary')
     """
     members = MemberSet(models, min_count=min_count, what=what, task=task)
-    if not members.single_io:
-        raise ValueError(f"{what} supports members with one input and one output; {members.labels[0]} "
-                         f"has inputs {members.input_names} and outputs {members.output_names}.")
+    if not members.single_output:
+        raise ValueError(f"{what} supports members with one output; {members.labels[0]} "
+                         f"has outputs {members.output_names}.")
     stacked, data = members.collect_stacked(x, y, batch_size=batch_size, steps=steps, function=what,
                                             needs_labels=True)
     refuse_sample_weight(data, what)
@@ -444,7 +444,7 @@ def calibrate(model, x, y=None, output_kind=None, name=None, task=None, per_labe
     if {"prediction", "std"} <= set(output_names(loaded)) and task in (None, "auto", "regression"):
         return _scale_std(loaded, x, y, name, batch_size=batch_size, steps=steps)
     members = MemberSet([loaded], output_kind=output_kind, min_count=1, what="calibrate", task=task)
-    if not members.single_io:
+    if not members.single_output:
         raise ValueError(f"calibrate supports one output (or a regression ensemble's prediction and std); "
                          f"{members.labels[0]} has outputs {members.output_names}.")
     if members.task == "regression":

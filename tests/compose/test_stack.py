@@ -70,7 +70,7 @@ def test_stack_errors(members, toy_data):
         ek.stack(members, x, y, meta="forest")
     with pytest.raises(ValueError, match="cv must be an integer between 2"):
         ek.stack(members, x, y, cv=1)
-    with pytest.raises(ValueError, match="y has 10 labels but x has 200 samples"):
+    with pytest.raises(ValueError, match="stack: y has 10 rows but x has 200"):
         ek.stack(members, x, y[:10])
     with pytest.raises(ValueError, match=r"labels in \[7, 7\] but the models have 3 classes"):
         ek.stack(members, x, np.full(200, 7))

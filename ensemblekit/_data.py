@@ -292,7 +292,9 @@ def collect(models, x, y=None, sample_weight=None, *, batch_size=None, steps=Non
     runners = runners or [_runner(model) for model in models]
     outputs = [[] for _ in models]
     labels, weights, suspects, kept, kept_inputs = [], [], [], [], []
-    width, seen = None, 0
+    # Arrays: every batch padded to batch_size, so a traced predict function sees one shape for
+    # every call on any data; datasets: padded to their first batch's size.
+    width, seen = (None if is_dataset(x) else batch_size or DEFAULT_BATCH_SIZE), 0
     progress = keras.utils.Progbar(None, verbose=verbose, unit_name="batch") if verbose else None
     for x_batch, y_batch, w_batch in batches(x, y, sample_weight, batch_size=batch_size, steps=steps,
                                              function=function, argument=argument):
@@ -379,3 +381,21 @@ def predict(model, x, batch_size=None, steps=None, verbose=0):
         (3, 1)
     """
     return collect([model], x, batch_size=batch_size, steps=steps, verbose=verbose).outputs[0]
+
+
+def pad_to_batches(x, batch_size):
+    """``(x padded with zero rows to a multiple of batch_size, original row count)``.
+
+    ``x`` is an array, or a dict/list of arrays with the same number of rows.
+    """
+    if isinstance(x, dict) or (isinstance(x, (list, tuple)) and x and all(hasattr(a, "shape") for a in x)):
+        padded = keras.tree.map_structure(lambda a: pad_to_batches(a, batch_size)[0], x)
+        rows = {len(np.asarray(a)) for a in keras.tree.flatten(x)}
+        if len(rows) != 1:
+            raise ValueError(f"the inputs have different numbers of rows: {sorted(rows)}.")
+        return padded, rows.pop()
+    x = np.asarray(x)
+    padding = -len(x) % batch_size
+    if padding:
+        x = np.concatenate([x, np.zeros((padding, *x.shape[1:]), x.dtype)])
+    return x, len(x) - padding

@@ -10,7 +10,6 @@ import zipfile
 from pathlib import Path
 
 import keras
-import numpy as np
 
 from ensemblekit._graph import is_container, iter_layers
 from ensemblekit._validate import member_label
@@ -295,45 +294,3 @@ def atomic_save(model, path, **save_kwargs):
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
-
-
-def predict(model, x, batch_size=256):
-    """``model`` on ``x`` as numpy, in batches of exactly ``batch_size`` rows.
-
-    The last partial batch is padded with zeros (and the padding's outputs
-    dropped), so every call of a model sees one input shape: ``model.predict``
-    would trace its function again for each new remainder size, and
-    TensorFlow warns about "frequent retracing" once the library has scored
-    one model on a few differently sized arrays (fit/score halves, folds).
-
-    Example:
-        >>> import keras, numpy as np
-        >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-        >>> predict(model, np.ones((3, 2), "float32"), batch_size=2).shape
-        (3, 1)
-
-    Several inputs (a dict or list of arrays) and several outputs (a dict or
-    list of arrays, returned in the same structure) work the same way.
-    """
-    x, rows = pad_to_batches(x, batch_size)
-    outputs = model.predict(x, batch_size=batch_size, verbose=0)
-    return keras.tree.map_structure(lambda out: np.asarray(out)[:rows], outputs)
-
-
-def pad_to_batches(x, batch_size):
-    """``(x padded with zero rows to a multiple of batch_size, original row count)``.
-
-    ``x`` is an array, or a dict/list of arrays with the same number of rows.
-    """
-    if isinstance(x, dict) or (isinstance(x, (list, tuple)) and x and all(hasattr(a, "shape") for a in x)):
-        padded = keras.tree.map_structure(lambda a: pad_to_batches(a, batch_size)[0], x)
-        rows = {len(np.asarray(a)) for a in keras.tree.flatten(x)}
-        if len(rows) != 1:
-            raise ValueError(f"the inputs have different numbers of rows: {sorted(rows)}.")
-        return padded, rows.pop()
-    x = np.asarray(x)
-    padding = -len(x) % batch_size
-    if padding:
-        x = np.concatenate([x, np.zeros((padding, *x.shape[1:]), x.dtype)])
-    return x, len(x) - padding
-

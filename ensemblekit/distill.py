@@ -31,8 +31,9 @@ import time
 import keras
 import numpy as np
 
+from ensemblekit._data import batches, check_reiterable, is_dataset, predict
 from ensemblekit._graph import architecture_differences, model_output_shape
-from ensemblekit._io import load_member, load_members, predict
+from ensemblekit._io import load_member, load_members
 from ensemblekit._outputs import (
     check_task,
     detect_output_kind,
@@ -95,16 +96,19 @@ def distill(teacher, student, x, y=None, *, temperature=3.0, alpha=0.5, epochs=1
             of members (models or paths), whose mean-of-probabilities ensemble
             is the teacher (packed with ``ek.pack`` when they share an architecture).
         student: a ``keras.Model`` or a path; it is copied, never modified.
-        x: training inputs (labelled or not).
+        x: training inputs (labelled or not): arrays, or a ``tf.data.Dataset`` /
+            ``keras.utils.PyDataset`` yielding ``x`` or ``(x, y)`` (read once per
+            epoch through Keras' ``fit``; the teacher then runs on every batch and the
+            inputs are never held in memory; augment in the pipeline).
         y: integer labels (0/1 for binary, values for regression), or ``None`` to
-            train on the teacher alone.
+            train on the teacher alone (or when ``x`` yields them).
         temperature: softmax temperature ``T`` of the distillation loss (> 0).
         alpha: weight of the supervised loss, in ``[0, 1]``; the distillation
             loss gets ``1 - alpha`` (ignored, i.e. 0, when ``y`` is None).
         epochs, batch_size: training length.
         augment: a Keras layer (or ``keras.Sequential`` of layers) applied with
             ``training=True`` to each batch; teacher and student see the same view.
-        validation_data: ``(x_val, y_val)`` evaluated after each epoch.
+        validation_data: ``(x_val, y_val)`` or a dataset of ``(x, y)``, evaluated after each epoch.
         cache_teacher: ``"auto"`` caches teacher outputs unless ``augment`` is
             given; ``True`` requires caching (an error with ``augment``);
             ``False`` runs the teacher on every batch.
@@ -134,9 +138,17 @@ def distill(teacher, student, x, y=None, *, temperature=3.0, alpha=0.5, epochs=1
         (True, 'packed ensemble', (None, 3))
     """
     _check_settings(temperature, alpha, epochs, batch_size, cache_teacher, init, width)
-    x = np.asarray(x)
-    if len(x) == 0:
-        raise ValueError("distill: x is empty; give at least one training sample.")
+    streamed = is_dataset(x) or is_dataset(validation_data)
+    labelled = y is not None
+    if is_dataset(x):
+        labelled = _check_dataset(x, y, augment, cache_teacher)
+    else:
+        x = np.asarray(x)
+        if len(x) == 0:
+            raise ValueError("distill: x is empty; give at least one training sample.")
+    if is_dataset(validation_data) and cache_teacher is True:
+        raise ValueError("distill: cache_teacher=True needs validation_data as arrays (x_val, y_val); "
+                         "with a validation dataset the teacher runs on its batches.")
     keras.utils.set_random_seed(seed)
     teacher_model, teacher_label = _teacher_model(teacher, safe_mode, task)
     student_model = _student_copy(load_member(student, 0, safe_mode=safe_mode), init, width)
@@ -146,6 +158,9 @@ def distill(teacher, student, x, y=None, *, temperature=3.0, alpha=0.5, epochs=1
     if y is not None:
         y = check_targets(y, len(x), (num_classes,), task)
     cached, reason = _cache_decision(cache_teacher, augment)
+    if streamed:
+        cached, reason = False, ("a dataset is given: the teacher runs on every batch (the inputs "
+                                 "are never held in memory)")
 
     start = time.perf_counter()
     teacher_view = _view(teacher_model, task, "teacher_view")
@@ -158,6 +173,8 @@ def distill(teacher, student, x, y=None, *, temperature=3.0, alpha=0.5, epochs=1
                            _TEACHER_KEY: _log_probs(teacher_view, validation[0], batch_size)},
                           validation[1])
         teacher_view, student_view = _cached_views(teacher_view, student_view)
+    elif is_dataset(x):
+        data = x
     else:
         data = _Batches(x, y, batch_size, augment, seed)
     if task == "regression":
@@ -171,7 +188,7 @@ def distill(teacher, student, x, y=None, *, temperature=3.0, alpha=0.5, epochs=1
         student_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     distiller = keras.distillation.Distiller(
         teacher_view, student_view, [distillation_loss],
-        student_loss_weight=float(alpha) if y is not None else 0.0,
+        student_loss_weight=float(alpha) if labelled else 0.0,
     )
     distiller.compile(optimizer or keras.optimizers.Adam(1e-3), loss=student_loss)
     fit_kwargs = dict(epochs=epochs, callbacks=callbacks, verbose=verbose, validation_data=validation)
@@ -183,7 +200,7 @@ def distill(teacher, student, x, y=None, *, temperature=3.0, alpha=0.5, epochs=1
     report = DistillReport(
         history={k: [float(v) for v in values] for k, values in history.history.items()},
         teacher_cached=cached, cache_reason=reason, teacher=teacher_label,
-        temperature=float(temperature), alpha=float(alpha) if y is not None else 0.0,
+        temperature=float(temperature), alpha=float(alpha) if labelled else 0.0,
         student_params=student_model.count_params(), teacher_params=teacher_model.count_params(),
         seconds=seconds,
     )
@@ -312,9 +329,34 @@ def _log_probs(teacher_view, x, batch_size):
     return np.asarray(predict(teacher_view, x, batch_size=max(batch_size, 256)), dtype="float32")
 
 
+def _check_dataset(x, y, augment, cache_teacher):
+    """Check a dataset given as ``x``; return whether it yields labels (its first batch tells)."""
+    check_reiterable(x, "distill")
+    if not (_is_tf_dataset(x) or isinstance(x, keras.utils.PyDataset)):
+        raise ValueError(f"distill: x is a {type(x).__name__}; distill trains for several epochs "
+                         "through Keras' fit, so pass arrays, a tf.data.Dataset or a keras.utils.PyDataset.")
+    if y is not None:
+        raise ValueError("distill: y= was given, but x is a dataset, which yields its own labels; "
+                         "make it yield (x, y) pairs and leave y=None.")
+    if augment is not None:
+        raise ValueError("distill: augment= applies to arrays; with a dataset, augment in its pipeline "
+                         "(each batch is seen by teacher and student alike).")
+    if cache_teacher is True:
+        raise ValueError("distill: cache_teacher=True needs x as arrays (the cached teacher outputs "
+                         "are keyed by row); with a dataset the teacher runs on every batch.")
+    _, first_y, _ = next(iter(batches(x, steps=1, function="distill")))
+    return first_y is not None
+
+
+def _is_tf_dataset(x):
+    return type(x).__module__.startswith("tensorflow") and hasattr(x, "cardinality")
+
+
 def _validation(validation_data, num_classes, task):
     if validation_data is None:
         return None
+    if is_dataset(validation_data):
+        return validation_data
     x_val, y_val = validation_data
     x_val = np.asarray(x_val)
     return x_val, check_targets(y_val, len(x_val), (num_classes,), task, param="validation y")

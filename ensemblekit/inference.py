@@ -40,7 +40,7 @@ import warnings
 import keras
 import numpy as np
 
-from ensemblekit._io import pad_to_batches
+from ensemblekit._data import pad_to_batches
 from ensemblekit._packed import output_layers, rebuild_members, unpack_record
 from ensemblekit._timing import time_paths
 

@@ -51,7 +51,7 @@ def test_safe_mode_refuses_lambda_layers(tmp_path):
 
 
 def test_predict_pads_to_one_batch_shape_and_matches_keras_predict():
-    from ensemblekit._io import predict
+    from ensemblekit._data import predict
 
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.BatchNormalization()])

@@ -14,8 +14,9 @@ import keras
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from ensemblekit._data import predict
 from ensemblekit._graph import check_same_architecture, get_arrays, weight_refs
-from ensemblekit._io import load_members, predict
+from ensemblekit._io import load_members
 from ensemblekit._validate import check_choice, member_label
 from ensemblekit.merge.permutation import permutation_spec
 

@@ -41,8 +41,9 @@ import keras
 import numpy as np
 
 from ensemblekit._channels import OPENERS, channel_graph, recreate
+from ensemblekit._data import predict
 from ensemblekit._graph import graph_nodes
-from ensemblekit._io import check_no_savedmodel, predict
+from ensemblekit._io import check_no_savedmodel
 from ensemblekit._packed import output_layers
 from ensemblekit._validate import check_choice
 from ensemblekit.prune.magnitude import check_sparsity

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from ensemblekit._io import predict
+from ensemblekit._data import predict
 from ensemblekit.merge.methods.base import Parameter, check_any, check_int
 from ensemblekit.merge.methods.linear import Linear
 from ensemblekit.metrics import accuracy

@@ -55,10 +55,12 @@ import warnings
 import keras
 import numpy as np
 
+from ensemblekit._data import collect, refuse_sample_weight
 from ensemblekit._graph import iter_layers
+from ensemblekit._outputs import as_probs
 from ensemblekit._validate import check_choice, check_labels
 from ensemblekit.inference import copy_model
-from ensemblekit.metrics import predict_probs, score_probs
+from ensemblekit.metrics import score_probs
 from ensemblekit.pack.layers import PackedOutput
 
 MODES = ("int8", "float8", "int4")
@@ -114,9 +116,9 @@ class QuantizeReport:
         ])
 
 
-def quantize(model, mode="int8", x_val=None, y_val=None, max_accuracy_drop=0.005, task=None,
-             verbose=1, batch_size=256):
-    """Quantize a copy of a classifier with ``keras.Model.quantize`` and verify it on ``(x_val, y_val)``.
+def quantize(model, mode="int8", x=None, y=None, max_accuracy_drop=0.005, task=None,
+             verbose=1, batch_size=None, steps=None):
+    """Quantize a copy of a classifier with ``keras.Model.quantize`` and verify it on ``(x, y)``.
 
     ``model`` itself is never changed: a copy without training state
     (``ensemblekit.inference.copy_model``: no optimizers) is quantized. Both
@@ -129,11 +131,15 @@ def quantize(model, mode="int8", x_val=None, y_val=None, max_accuracy_drop=0.005
             ``GroupedDense`` layers in int8 and int4; in float8 they are refused
             unless something else in them quantizes.
         mode: ``"int8"``, ``"int4"`` or ``"float8"``.
-        x_val, y_val: validation inputs and integer (or one-hot) labels.
+        x: held-out data: anything ``model.predict`` accepts (arrays, a dict of arrays,
+            a ``tf.data.Dataset`` of ``(x, y)``, a ``keras.utils.PyDataset``, a
+            generator); both models run on each batch in one pass.
+        y: integer (or one-hot) labels, or ``None`` when ``x`` yields them.
         max_accuracy_drop: the largest accepted ``accuracy before - accuracy after``.
         task: ``None``/``"auto"`` or ``"multiclass"``; only classifiers are verified.
         verbose: 1 prints the report's summary.
-        batch_size: rows per prediction batch.
+        batch_size: rows per prediction batch for arrays (default 256).
+        steps: batches to read from ``x`` (required when it is endless).
 
     Returns:
         ``(quantized_model, QuantizeReport)``.
@@ -154,7 +160,7 @@ def quantize(model, mode="int8", x_val=None, y_val=None, max_accuracy_drop=0.005
         >>> len(report.quantized), report.agreement > 0.9
         (2, True)
     """
-    _check_arguments(model, mode, x_val, y_val, max_accuracy_drop, task)
+    _check_arguments(model, mode, x, max_accuracy_drop, task)
     quantized = _quantized_copy(model, mode)
     paths, left_float = _quantization_state(quantized)
     if not paths:
@@ -166,10 +172,13 @@ def quantize(model, mode="int8", x_val=None, y_val=None, max_accuracy_drop=0.005
             + (f" For {mode}, quantize the packed model's members: "
                "ek.quantize(ek.ensemble(ek.unpack(packed)), ...)." if packed else "")
         )
-    probs_before = predict_probs(model, x_val, batch_size=batch_size)
-    probs_after = predict_probs(quantized, x_val, batch_size=batch_size)
+    data = collect([model, quantized], x, y, batch_size=batch_size, steps=steps, function="quantize",
+                   needs_labels=True)
+    refuse_sample_weight(data, "quantize")
+    labels = check_labels(data.y, data.rows, model.outputs[0].shape[-1], param="y")
+    probs_before, probs_after = (as_probs(outputs, model) for outputs in data.outputs)
     report = QuantizeReport(
-        mode=mode, before=score_probs(probs_before, y_val), after=score_probs(probs_after, y_val),
+        mode=mode, before=score_probs(probs_before, labels), after=score_probs(probs_after, labels),
         agreement=float(np.mean(probs_before.argmax(-1) == probs_after.argmax(-1))),
         max_abs_diff=float(np.max(np.abs(probs_before - probs_after))),
         quantized=paths, left_float=left_float,
@@ -188,7 +197,7 @@ def quantize(model, mode="int8", x_val=None, y_val=None, max_accuracy_drop=0.005
     return quantized, report
 
 
-def _check_arguments(model, mode, x_val, y_val, max_accuracy_drop, task):
+def _check_arguments(model, mode, x, max_accuracy_drop, task):
     if not isinstance(model, keras.Model):
         raise TypeError(f"quantize expects a keras.Model, got {type(model).__name__}.")
     if not model.built or not getattr(model, "inputs", None):
@@ -197,17 +206,10 @@ def _check_arguments(model, mode, x_val, y_val, max_accuracy_drop, task):
     if task not in TASKS:
         raise ValueError(f"quantize: task={task!r} is not supported; quantize verifies multiclass "
                          "classifiers (task=None or 'multiclass').")
-    if x_val is None or y_val is None:
-        raise ValueError("quantize needs x_val and y_val to verify the quantized model.")
+    if x is None:
+        raise ValueError("quantize needs x (and y, unless x yields labels) to verify the quantized model.")
     if not isinstance(max_accuracy_drop, (int, float)) or max_accuracy_drop < 0:
         raise ValueError(f"max_accuracy_drop must be a number >= 0, got {max_accuracy_drop!r}.")
-    shape = tuple(model.inputs[0].shape[1:])
-    x_shape = tuple(np.shape(x_val))
-    if len(x_shape) != len(shape) + 1 or any(d is not None and d != s for d, s in zip(shape, x_shape[1:])):
-        raise ValueError(f"quantize: x_val has shape {x_shape} but model {model.name!r} takes "
-                         f"inputs of shape {(None, *shape)}.")
-    classes = model.outputs[0].shape[-1]
-    check_labels(y_val, x_shape[0], classes, param="y_val")
 
 
 def _quantized_copy(model, mode):

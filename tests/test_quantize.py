@@ -107,15 +107,17 @@ def test_bad_arguments_raise_one_clear_error(toy_data):
         ek.quantize([model], "int8", x, y)
     with pytest.raises(ValueError, match="mode"):
         ek.quantize(model, "int2", x, y)
-    with pytest.raises(ValueError, match=r"x_val has shape \(200, 5\) but model 'mlp' takes inputs of "
-                                         r"shape \(None, 8\)"):
+    with pytest.raises(ValueError, match=r"quantize: x does not fit model 'mlp': a batch of shapes \(200, 5\), "
+                                         r"the model takes \[\(\(None, 8\)"):
         ek.quantize(model, "int8", x[:, :5], y)
-    with pytest.raises(ValueError, match="y_val has 199 labels but x has 200 samples"):
+    with pytest.raises(ValueError, match="quantize: y has 199 rows but x has 200"):
         ek.quantize(model, "int8", x, y[:-1])
     with pytest.raises(ValueError, match="task='regression' is not supported"):
         ek.quantize(model, "int8", x, y, task="regression")
-    with pytest.raises(ValueError, match="needs x_val and y_val"):
+    with pytest.raises(ValueError, match="quantize: x yields no labels"):
         ek.quantize(model, "int8", x)
+    with pytest.raises(ValueError, match="quantize needs x"):
+        ek.quantize(model, "int8")
 
 
 def test_int8_with_float16_compute_is_refused_naming_the_model(toy_data):

@@ -272,3 +272,16 @@ def test_several_input_text_members_work_with_dicts_and_datasets(text_members, f
         "stack": lambda x_, y_: ek.stack(text_members, x_, y_, cv=2, epochs=2, verbose=0).predict(x, verbose=0),
     }[function]
     _same(call(generator, None), call(x, y))
+
+
+def test_loss_barrier_and_quantize_read_datasets(members):
+    from ensemblekit.merge import loss_barrier
+
+    expected = loss_barrier(members[0], members[1], X, Y, points=3)
+    got = loss_barrier(members[0], members[1], Batches(), points=3)
+    _same(list(got.path), list(expected.path))
+    with pytest.raises(ValueError, match="loss_barrier: x is a one-shot Python generator"):
+        loss_barrier(members[0], members[1], generator(), points=3)
+    _, report = ek.quantize(members[0], "int8", Batches(), max_accuracy_drop=1.0, verbose=0)
+    _, array_report = ek.quantize(members[0], "int8", X, Y, max_accuracy_drop=1.0, verbose=0)
+    _same(report.after, array_report.after)

@@ -26,6 +26,7 @@ import keras
 import numpy as np
 
 from ensemblekit import metrics
+from ensemblekit._data import check_reiterable, collect
 from ensemblekit._graph import iter_layers
 from ensemblekit._outputs import as_probs, check_task, detect_output_kind, detect_task
 from ensemblekit._validate import check_targets
@@ -68,15 +69,17 @@ def _check_points(points):
 
 
 def _loss(model, x, y, task, kind, batch_size):
-    """Mean loss of ``model`` on ``(x, y)`` by direct calls in inference mode (no ``predict`` retracing).
+    """Mean loss of ``model`` on ``(x, y)``, in one pass over any data (``ensemblekit._data``): the
+    labels of each pass go with that pass's outputs, so a reshuffling dataset scores right.
 
     Multiclass: NLL of the softmax probabilities; binary: binary cross-entropy of the
     sigmoid probability; multilabel: the binary cross-entropy of every label, averaged
     (each label has one value per sample, so this is also the mean of the per-label means);
     regression: mean squared error of the values.
     """
-    outputs = np.concatenate([keras.ops.convert_to_numpy(model(x[i:i + batch_size], training=False))
-                              for i in range(0, len(x), batch_size)]).astype("float64")
+    data = collect([model], x, y, batch_size=batch_size, function="loss_barrier", needs_labels=True)
+    outputs = np.asarray(data.outputs[0], dtype="float64")
+    y = check_targets(data.y, data.rows, model.output_shape[1:], task, param="y")
     if task == "multiclass":
         return metrics.nll(as_probs(outputs, model, kind), y)
     if task in ("binary", "multilabel"):
@@ -90,8 +93,8 @@ def _barrier_task(model, task):
     return check_task(task)[0] or detect_task(model, label=f"loss_barrier: model {model.name!r}")
 
 
-def loss_barrier(model_a, model_b, x, y, points=POINTS, reset_bn_data=None, output_kind=None,
-                 batch_size=256, task=None):
+def loss_barrier(model_a, model_b, x, y=None, points=POINTS, reset_bn_data=None, output_kind=None,
+                 batch_size=None, task=None):
     """The loss barrier between two models on ``(x, y)``, and the loss along the path.
 
     Each point ``t`` of ``points`` is the model
@@ -106,7 +109,8 @@ def loss_barrier(model_a, model_b, x, y, points=POINTS, reset_bn_data=None, outp
     Args:
         model_a, model_b: models of one architecture: classifiers (``(batch, classes)``,
             one sigmoid unit, or several for multilabel) or regressors.
-        x, y: data to measure the loss on (labels as integers or one-hot; 0/1 for
+        x, y: data to measure the loss on, read once per point (arrays, a ``tf.data.Dataset``
+            or ``keras.utils.PyDataset`` of ``(x, y)`` with ``y=None``; re-iterable) (labels as integers or one-hot; 0/1 for
             binary; 0/1 of shape ``(n, labels)`` for multilabel; values for regression);
             use held-out data.
         points: the ``t`` values, rising from 0 to 1 with at least one between.
@@ -144,10 +148,9 @@ def loss_barrier(model_a, model_b, x, y, points=POINTS, reset_bn_data=None, outp
     from ensemblekit.merge.core import merge
 
     t_values = _check_points(points)
-    x = np.asarray(x, dtype="float32")
+    check_reiterable(x, "loss_barrier")
     task = _barrier_task(model_a, task)
     kind = output_kind or detect_output_kind(model_a)
-    labels = check_targets(y, len(x), model_a.output_shape[1:], task, param="y")
     reset = reset_bn_data is not None and has_batchnorm(model_a)
     path = []
     for t in t_values:
@@ -157,7 +160,7 @@ def loss_barrier(model_a, model_b, x, y, points=POINTS, reset_bn_data=None, outp
             model = merge([model_a, model_b], "linear", weights=[1 - t, t], name="barrier_point")
             if reset:
                 reset_bn(model, reset_bn_data)
-        path.append(_loss(model, x, labels, task, kind, batch_size))
+        path.append(_loss(model, x, y, task, kind, batch_size))
     barrier = max(loss - ((1 - t) * path[0] + t * path[-1]) for t, loss in zip(t_values, path))
     return LossBarrier(float(barrier), t_values, path)
 

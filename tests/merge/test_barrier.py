@@ -83,7 +83,7 @@ def test_bad_points_are_one_line_errors(points, toy_data):
         loss_barrier(make_mlp(0), make_mlp(1), x, y, points=points)
     with pytest.raises(TypeError, match="points must be a sequence of numbers"):
         loss_barrier(make_mlp(0), make_mlp(1), x, y, points="abc")
-    with pytest.raises(ValueError, match="y has 199 labels but x has 200 samples"):
+    with pytest.raises(ValueError, match="loss_barrier: y has 199 rows but x has 200"):
         loss_barrier(make_mlp(0), make_mlp(1), x, y[:-1])
 
 

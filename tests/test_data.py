@@ -277,11 +277,11 @@ def test_several_input_text_members_work_with_dicts_and_datasets(text_members, f
 def test_loss_barrier_and_quantize_read_datasets(members):
     from ensemblekit.merge import loss_barrier
 
-    expected = loss_barrier(members[0], members[1], X, Y, points=3)
-    got = loss_barrier(members[0], members[1], Batches(), points=3)
+    expected = loss_barrier(members[0], members[1], X, Y, points=(0.0, 0.5, 1.0))
+    got = loss_barrier(members[0], members[1], Batches(), points=(0.0, 0.5, 1.0))
     _same(list(got.path), list(expected.path))
     with pytest.raises(ValueError, match="loss_barrier: x is a one-shot Python generator"):
-        loss_barrier(members[0], members[1], generator(), points=3)
+        loss_barrier(members[0], members[1], generator(), points=(0.0, 0.5, 1.0))
     _, report = ek.quantize(members[0], "int8", Batches(), max_accuracy_drop=1.0, verbose=0)
     _, array_report = ek.quantize(members[0], "int8", X, Y, max_accuracy_drop=1.0, verbose=0)
     _same(report.after, array_report.after)

@@ -109,7 +109,7 @@ def fine_tunes(data):
         members.append(compile_fit(member, x[subset], y[subset], epochs=8, lr=2e-4 * seed, seed=seed))
     member_acc = [accuracy(m, xt, yt) for m in members]
     ensemble_probs = np.mean([softmax(m.predict(xt, verbose=0)) for m in members], axis=0)
-    greedy, greedy_report = merge(members, "greedy_soup", x_val=xv, y_val=yv, return_report=True)
+    greedy, greedy_report = merge(members, "greedy_soup", validation_data=(xv, yv), return_report=True)
     results = {
         "base": accuracy(base, xt, yt),
         "members": member_acc,

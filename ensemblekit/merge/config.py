@@ -20,7 +20,7 @@ from pathlib import Path
 from ensemblekit.merge.methods import METHODS
 
 KEYS = ("method", "models", "base", "weights", "parameters", "template", "output", "stream")
-_NOT_IN_FILES = ("x_val", "y_val")
+_NOT_IN_FILES = ("validation_data",)
 
 
 def _read(path):

@@ -69,7 +69,7 @@ def merge(models, method="linear", base=None, weights=None, *, template=None, st
       ``lambda_``, ``seed``, ``sign_consensus``]; needs ``base``.
     - ``"slerp"``: spherical interpolation of two models [``t=0.5``].
     - ``"greedy_soup"``: uniform soup of members added greedily by validation
-      accuracy (Wortsman et al., 2022) [``x_val``, ``y_val``].
+      accuracy (Wortsman et al., 2022) [``validation_data``: ``(x, y)`` or a dataset].
 
     Architectures are checked before any arithmetic: weight shapes, and every
     layer configuration key that changes the function (activation, epsilon,

@@ -39,7 +39,7 @@ def test_yaml_config_maps_onto_merge_and_saves(members):
     ({"models": ["m0.keras", 3]}, r"config key 'models\[1\]' must be a file path"),
     ({"models": ["m0.keras"], "method": "ties", "parameters": {"dens": 0.2}},
      "config key 'parameters.dens' is not a parameter of 'ties'"),
-    ({"models": ["m0.keras"], "parameters": {"x_val": 1}}, "'parameters.x_val' cannot be given"),
+    ({"models": ["m0.keras"], "parameters": {"validation_data": 1}}, "'parameters.validation_data' cannot be given"),
 ])
 def test_invalid_configs_name_the_key(members, config, message):
     (members / "bad.json").write_text(json.dumps(config))

@@ -68,4 +68,4 @@ def test_missing_file_and_greedy_soup_stream_errors(tmp_path):
         H5Source(tmp_path / "nope.keras", "member 0")
     make_mlp(0).save(tmp_path / "a.keras")
     with pytest.raises(ValueError, match="needs whole models; use stream=False"):
-        merge([tmp_path / "a.keras"] * 2, "greedy_soup", stream=True, x_val=np.zeros((1, 8)), y_val=[0])
+        merge([tmp_path / "a.keras"] * 2, "greedy_soup", stream=True, validation_data=(np.zeros((1, 8)), [0]))

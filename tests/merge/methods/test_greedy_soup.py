@@ -20,7 +20,7 @@ def test_greedy_soup_not_worse_than_best_member_on_validation(toy_data):
     x, y = toy_data
     base = _trained(0, x, y, 2)
     members = [_trained(s, x, y, 3, start=base) for s in range(1, 4)] + [make_mlp(9)]  # one untrained
-    merged, report = merge(members, "greedy_soup", x_val=x, y_val=y, return_report=True)
+    merged, report = merge(members, "greedy_soup", validation_data=(x, y), return_report=True)
     acc = lambda m: np.mean(m.predict(x, verbose=0).argmax(1) == y)  # noqa: E731
     assert acc(merged) >= max(acc(m) for m in members)
     assert 3 not in report.ingredients  # the untrained member is never added
@@ -29,5 +29,28 @@ def test_greedy_soup_not_worse_than_best_member_on_validation(toy_data):
 
 
 def test_greedy_soup_needs_validation_data():
-    with pytest.raises(ValueError, match="needs x_val="):
+    with pytest.raises(ValueError, match="needs validation_data="):
         merge([make_mlp(0), make_mlp(1)], "greedy_soup")
+
+
+def test_greedy_soup_reads_a_dataset_of_x_y_and_refuses_a_one_shot_generator():
+    members = [keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]) for _ in range(3)]
+    x = np.random.default_rng(0).normal(size=(40, 4)).astype("float32")
+    y = np.arange(40) % 3
+
+    class Data(keras.utils.PyDataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            return x[20 * index:20 * index + 20], y[20 * index:20 * index + 20]
+
+    _, from_arrays = merge(members, "greedy_soup", validation_data=(x, y), return_report=True)
+    _, from_dataset = merge(members, "greedy_soup", validation_data=Data(), return_report=True)
+    assert from_dataset.ingredients == from_arrays.ingredients
+
+    def once():
+        yield x, y
+
+    with pytest.raises(ValueError, match="validation_data is a one-shot Python generator"):
+        merge(members, "greedy_soup", validation_data=once())

@@ -157,7 +157,7 @@ def test_members_must_agree_on_task_and_inputs():
 def test_other_compositions_say_what_they_support():
     members = [mlp(1, "sigmoid", seed=s) for s in range(2)]
     assert ek.fuse(members, taps=0).get_layer("head").activation.__name__ == "sigmoid"  # binary: its own head
-    with pytest.raises(ValueError, match="stack supports members with one input and one .* task 'multilabel'"):
+    with pytest.raises(ValueError, match=r"stack supports members with one \(batch, units\) output .* task 'multilabel'"):
         ek.stack([mlp(3, "sigmoid", seed=s) for s in range(2)], X, np.zeros((len(X), 3)), cv=2)
 
 

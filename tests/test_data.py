@@ -285,3 +285,22 @@ def test_loss_barrier_and_quantize_read_datasets(members):
     _, report = ek.quantize(members[0], "int8", Batches(), max_accuracy_drop=1.0, verbose=0)
     _, array_report = ek.quantize(members[0], "int8", X, Y, max_accuracy_drop=1.0, verbose=0)
     _same(report.after, array_report.after)
+
+
+@pytest.mark.skipif(not TF, reason="tf.data needs TensorFlow")
+def test_activation_matching_on_a_reshuffling_dataset_equals_the_arrays():
+    import tensorflow as tf
+
+    def mlp(seed):
+        keras.utils.set_random_seed(seed)
+        return keras.Sequential([keras.Input((4,)), keras.layers.Dense(16, activation="relu"),
+                                 keras.layers.Dense(3)])
+
+    a, b = mlp(0), mlp(1)
+    expected = ek.align([a, b], method="activation_matching", x=X)
+    shuffled = tf.data.Dataset.from_tensor_slices(X).shuffle(50, reshuffle_each_iteration=True).batch(8)
+    got = ek.align([a, b], method="activation_matching", x=shuffled)
+    for left, right in zip(expected[1].get_weights(), got[1].get_weights(), strict=True):
+        np.testing.assert_allclose(left, right, atol=1e-6)
+    with pytest.raises(ValueError, match="align: x is a one-shot Python generator"):
+        ek.align([a, b], method="activation_matching", x=(X[i:i + 8] for i in range(0, 50, 8)))

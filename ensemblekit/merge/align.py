@@ -14,7 +14,7 @@ import keras
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from ensemblekit._data import predict
+from ensemblekit._data import check_reiterable, collect
 from ensemblekit._graph import check_same_architecture, get_arrays, weight_refs
 from ensemblekit._io import load_members
 from ensemblekit._validate import check_choice, member_label
@@ -360,20 +360,24 @@ def activation_matching(spec, reference_model, other_model, x, batch_size=256, v
         layers = spec.sources[group]
         cost = np.zeros((spec.sizes[group],) * 2)
         for layer in layers:
-            ref_features = _features(reference_model, layer.name, x, batch_size)
             other_layer = other_model.layers[reference_model.layers.index(layer)]
-            other_features = _features(other_model, other_layer.name, x, batch_size)
+            ref_features, other_features = _features(
+                [(reference_model, layer.name), (other_model, other_layer.name)], x, batch_size)
             cost += _correlation(ref_features, other_features)
         perms[group] = linear_sum_assignment(cost, maximize=True)[1]
         progress.update(step)
     return perms
 
 
-def _features(model, layer_name, x, batch_size):
-    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
-    extractor = keras.Model(inputs, model.get_layer(layer_name).output)
-    out = np.asarray(predict(extractor, x, batch_size), dtype="float64")
-    return out.reshape(-1, out.shape[-1])
+def _features(model_layers, x, batch_size):
+    """The activations of each ``(model, layer name)`` on ``x``, ``(rows, units)`` each, from ONE pass:
+    rows of the models correspond even when ``x`` is a dataset that reshuffles."""
+    extractors = []
+    for model, layer_name in model_layers:
+        inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+        extractors.append(keras.Model(inputs, model.get_layer(layer_name).output))
+    data = collect(extractors, x, batch_size=batch_size, function="align", argument="x")
+    return [np.asarray(out, dtype="float64").reshape(-1, np.shape(out)[-1]) for out in data.outputs]
 
 
 def _correlation(a, b):
@@ -410,7 +414,9 @@ def align(models, reference=0, method="weight_matching", x=None, seed=0, max_ite
         reference: index of the model the others are aligned to.
         method: ``"weight_matching"`` (Ainsworth et al., 2022, Alg. 1; no data)
             or ``"activation_matching"`` (Sec. 3.1; needs ``x``).
-        x: inputs for activation matching.
+        x: inputs for activation matching: arrays or any re-iterable data ``model.predict``
+            accepts (a dataset's labels are ignored); read once per group of units, the two
+            models on each batch together.
         seed: the random order of weight matching's sweeps.
         max_iter: at most this many sweeps over the groups (weight matching
             stops earlier when a sweep improves no group).
@@ -440,6 +446,8 @@ def align(models, reference=0, method="weight_matching", x=None, seed=0, max_ite
         raise ValueError(f"reference must be a member index in [0, {len(members) - 1}], got {reference!r}.")
     if method == "activation_matching" and x is None:
         raise ValueError("align method 'activation_matching' needs x= (inputs to correlate units on).")
+    if method == "activation_matching":
+        check_reiterable(x, "align")
     check_same_architecture(members, [member_label(i, m) for i, m in enumerate(members)],
                             function="align")
     spec = permutation_spec(members[reference], nested=method == "weight_matching")

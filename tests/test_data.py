@@ -304,3 +304,19 @@ def test_activation_matching_on_a_reshuffling_dataset_equals_the_arrays():
         np.testing.assert_allclose(left, right, atol=1e-6)
     with pytest.raises(ValueError, match="align: x is a one-shot Python generator"):
         ek.align([a, b], method="activation_matching", x=(X[i:i + 8] for i in range(0, 50, 8)))
+
+
+def test_taylor_channel_pruning_reads_a_dataset(members):
+    model = members[0]
+
+    class OneBatch(keras.utils.PyDataset):  # the arrays' batching (64 rows: all 50 in one batch)
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            return X, Y
+
+    from_arrays = ek.prune.channels(model, 0.5, importance="taylor", x=X, y=Y)
+    from_dataset = ek.prune.channels(model, 0.5, importance="taylor", x=OneBatch())
+    for left, right in zip(from_arrays.get_weights(), from_dataset.get_weights(), strict=True):
+        np.testing.assert_allclose(left, right)

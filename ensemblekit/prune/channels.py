@@ -41,7 +41,7 @@ import keras
 import numpy as np
 
 from ensemblekit._channels import OPENERS, channel_graph, recreate
-from ensemblekit._data import predict
+from ensemblekit._data import batches, predict
 from ensemblekit._graph import graph_nodes
 from ensemblekit._io import check_no_savedmodel
 from ensemblekit._packed import output_layers
@@ -160,20 +160,28 @@ def _gradients(model, variables, x, y, loss_fn):
 
 
 def _taylor_scores(graph, kernels, x, y, batch_size=64, max_samples=512):
-    """Per ``WeightAxis`` of ``kernels``: (Σ_filter w·∂L/∂w)² summed over batches (Molchanov et al., 2019)."""
+    """Per ``WeightAxis`` of ``kernels``: (Σ_filter w·∂L/∂w)² summed over batches (Molchanov et al., 2019).
+
+    ``x`` is any data ``model.predict`` accepts (``ensemblekit._data``); at most
+    ``max_samples`` rows are read. Without labels the model's own predictions are the targets.
+    """
     from ensemblekit._outputs import detect_output_kind
 
     model = graph.model
-    x = np.asarray(x)[:max_samples]
-    if y is None:
-        y = predict(model, x).argmax(axis=-1)
-    y = np.asarray(y)[: len(x)]
     from_logits = detect_output_kind(model) == "logits"
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
     variables = [kernel.variable for kernel in kernels]
     scores = [np.zeros(k.variable.shape[k.axis]) for k in kernels]
-    for start in range(0, len(x), batch_size):
-        grads = _gradients(model, variables, x[start:start + batch_size], y[start:start + batch_size], loss_fn)
+    seen = 0
+    for x_batch, y_batch, _ in batches(x, y, batch_size=batch_size, function="prune.channels"):
+        rows = min(len(keras.tree.flatten(x_batch)[0]), max_samples - seen)
+        if rows <= 0:
+            break
+        x_batch = keras.tree.map_structure(lambda a, n=rows: a[:n], x_batch)
+        y_batch = (np.asarray(predict(model, x_batch)).argmax(axis=-1) if y_batch is None
+                   else np.asarray(y_batch)[:rows])
+        seen += rows
+        grads = _gradients(model, variables, x_batch, y_batch, loss_fn)
         for i, (kernel, grad) in enumerate(zip(kernels, grads, strict=True)):
             if grad is not None:
                 product = np.moveaxis(keras.ops.convert_to_numpy(kernel.variable) * grad, kernel.axis, -1)
@@ -426,7 +434,8 @@ def channels(model, ratio=0.5, importance="l1", x=None, y=None, round_to=None,
         importance: ``"l1"``, ``"l2"``, ``"bn_scale"`` (groups without a
             BatchNormalization fall back to ``"l1"`` with a warning) or
             ``"taylor"`` (needs ``x``; TensorFlow or JAX backend).
-        x, y: data for ``"taylor"`` (at most 512 samples are used; ``y``
+        x, y: data for ``"taylor"``: arrays, or any data ``model.predict`` accepts (a
+            dataset of ``(x, y)`` with ``y=None``) (at most 512 samples are used; ``y``
             defaults to the model's own predicted labels).
         round_to: keep a multiple of this many channels per group (e.g. 8).
         global_ranking: rank channels of all groups together (scores divided

@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "ensemblekit.bench.cli",
     "ensemblekit.prune.cli",
     "ensemblekit.advise.cli",
+    "ensemblekit.metrics",
 ]
 
 

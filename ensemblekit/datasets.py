@@ -8,7 +8,9 @@ scikit-learn bundles ``load_digits``. Both are optional dependencies (the
 from __future__ import annotations
 
 import functools
+import os
 
+import keras
 import numpy as np
 
 
@@ -64,8 +66,15 @@ def load_digits(test_size=0.3, seed=0):
     return (x[order[:cut]], y[order[:cut]]), (x[order[cut:]], y[order[cut:]])
 
 
-def load_data_spec(spec, input_shape=None, split="test", option="--data"):
-    """``(x, y)`` named on a command line: ``"mnist1d"``, ``"digits"`` or an ``.npz`` file.
+def load_data_spec(spec, input_shape=None, split="test", option="--data", datasets=False, image_size=None):
+    """``(x, y)`` named on a command line: ``"mnist1d"``, ``"digits"``, an ``.npz`` file or a folder.
+
+    With ``datasets=True`` a folder is read too, never materialised: a folder
+    written by ``tf.data.Dataset.save`` (it holds ``dataset_spec.pb``) is loaded
+    with ``tf.data.Dataset.load``; any other folder is images in class subfolders,
+    read as ``keras.utils.image_dataset_from_directory`` reads them (labels from
+    the sorted subfolder names, files in order, ``image_size`` or the models'
+    input height and width). Both come back as ``(dataset, None)``.
 
     Args:
         spec: ``"mnist1d"``/``"digits"`` (that split of the dataset) or a path to
@@ -85,6 +94,8 @@ def load_data_spec(spec, input_shape=None, split="test", option="--data"):
         >>> x.shape[1:], len(x) == len(y)
         ((64,), True)
     """
+    if os.path.isdir(str(spec)):
+        return _folder(str(spec), input_shape, option, datasets, image_size), None
     if spec in ("mnist1d", "digits"):
         train, test = load_mnist1d() if spec == "mnist1d" else load_digits()
         x, y = train if split == "train" else test
@@ -100,9 +111,37 @@ def load_data_spec(spec, input_shape=None, split="test", option="--data"):
                              f"has {sorted(arrays)}.")
         x, y = arrays[keys[0]], arrays[keys[1]]
     else:
-        raise ValueError(f"{option} must be mnist1d, digits or an .npz file, got {spec!r}.")
+        raise ValueError(f"{option} must be mnist1d, digits, an .npz file"
+                         f"{' or a folder' if datasets else ''}, got {spec!r}.")
     if input_shape is not None and None not in input_shape and x.shape[1:] != tuple(input_shape) and \
             int(np.prod(x.shape[1:])) == int(np.prod(input_shape)):
         x = x.reshape((len(x), *input_shape))
     return x, y
 
+
+def _folder(path, input_shape, option, datasets, image_size):
+    """A saved ``tf.data`` dataset or a folder of images in class subfolders, as a dataset."""
+    if not datasets:
+        raise ValueError(f"{option}: {path!r} is a folder; this command reads arrays (mnist1d, digits "
+                         "or an .npz file).")
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError(f"{option}: reading the folder {path!r} needs the TensorFlow backend "
+                         f"(tf.data); the Keras backend is {keras.backend.backend()!r}.")
+    import tensorflow as tf
+
+    if os.path.exists(os.path.join(path, "dataset_spec.pb")):
+        return tf.data.Dataset.load(path)
+    if image_size is None:
+        if input_shape is None or len(input_shape) != 3 or None in input_shape[:2]:
+            raise ValueError(f"{option}: {path!r} is a folder of images; give --image-size HEIGHT WIDTH "
+                             f"(the model's input shape {input_shape} does not say it).")
+        image_size = tuple(input_shape[:2])
+    channels = input_shape[-1] if input_shape is not None and len(input_shape) == 3 else 3
+    color_mode = {1: "grayscale", 3: "rgb", 4: "rgba"}.get(channels, "rgb")
+    try:
+        return keras.utils.image_dataset_from_directory(
+            path, image_size=tuple(image_size), shuffle=False, batch_size=32, color_mode=color_mode,
+            verbose=False)
+    except ValueError as error:
+        raise ValueError(f"{option}: {path!r} is not a folder of images in class subfolders: "
+                         f"{str(error).strip().splitlines()[0]}") from None

@@ -980,3 +980,47 @@ def pareto(rows, x="throughput", y="accuracy", x_higher_is_better=True, y_higher
     front = [i for i, p in enumerate(points) if not dominated(p)]
     front.sort(key=lambda i: float(rows[i][x]))
     return [rows[i] for i in front]
+
+
+def register_cli(subparsers):
+    """Add ``ensemblekit evaluate MODEL --data D [--image-size H W] [--json]``.
+
+    Example:
+        >>> import argparse
+        >>> parser = argparse.ArgumentParser()
+        >>> register_cli(parser.add_subparsers())
+        >>> args = parser.parse_args(["evaluate", "m.keras", "--data", "images/", "--image-size", "64", "64"])
+        >>> args.model, args.data, args.image_size
+        ('m.keras', 'images/', [64, 64])
+    """
+    parser = subparsers.add_parser(
+        "evaluate", help="score a model on labelled data (its task's metrics)",
+        description="Score one .keras/.h5 model (or SavedModel folder) on labelled data and print its "
+                    "metrics; the data is streamed, never materialised.")
+    parser.add_argument("model", help="the model: a .keras/.h5 file or a SavedModel folder")
+    parser.add_argument("--data", required=True,
+                        help="mnist1d, digits, an .npz file (x_val/y_val or x/y), a folder of images in "
+                             "class subfolders, or a folder written by tf.data.Dataset.save")
+    parser.add_argument("--image-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=None,
+                        help="size image folders are read at (default: the model's input size)")
+    parser.add_argument("--batch-size", type=int, default=None, help="rows per batch for arrays")
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    parser.set_defaults(run=_run_cli)
+
+
+def _run_cli(args):
+    import json
+
+    from ensemblekit._io import load_model
+    from ensemblekit.datasets import load_data_spec
+
+    model = load_model(args.model, label="model")
+    shape = tuple(model.inputs[0].shape[1:]) if len(model.inputs) == 1 else None
+    x, y = load_data_spec(args.data, shape, split="test", datasets=True, image_size=args.image_size)
+    scores = evaluate(model, x, y, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(scores, indent=2, sort_keys=True, default=float))
+    else:
+        for name, value in scores.items():
+            print(f"{name:<20} {value:.4f}" if isinstance(value, numbers.Real) else f"{name:<20} {value}")
+    return 0

@@ -28,7 +28,7 @@ import numpy as np
 from scipy.special import expit
 from scipy.stats import rankdata
 
-from ensemblekit._data import Collected, collect, predict, refuse_sample_weight
+from ensemblekit._data import Collected, collect, predict
 from ensemblekit._graph import graph_operations, is_container, own_nodes
 from ensemblekit._outputs import (
     TASKS,
@@ -54,29 +54,54 @@ def _check_probs(probs):
     return probs
 
 
-def accuracy(probs, y):
-    """Fraction of rows whose argmax equals the label."""
+def _sample_weight(sample_weight, rows):
+    """``sample_weight`` as ``(rows,)`` float64 (non-negative, finite, positive sum), or ``None``.
+
+    Weights given per sample of a dense output (``rows`` positions per sample) are
+    repeated over the positions.
+    """
+    if sample_weight is None:
+        return None
+    weights = np.asarray(sample_weight, dtype="float64").reshape(-1)
+    if weights.size and rows % weights.size == 0 and weights.size != rows:
+        weights = np.repeat(weights, rows // weights.size)
+    if weights.shape != (rows,):
+        raise ValueError(f"sample_weight has {weights.size} values; expected one per row ({rows}).")
+    if not np.all(np.isfinite(weights)) or np.any(weights < 0) or not weights.sum() > 0:
+        raise ValueError("sample_weight must be finite, non-negative numbers with a positive sum.")
+    return weights
+
+
+def _mean(values, weights):
+    """The (weighted) mean of per-row ``values``."""
+    values = np.asarray(values, dtype="float64")
+    return float(np.mean(values)) if weights is None else float(np.sum(values * weights) / np.sum(weights))
+
+
+def accuracy(probs, y, sample_weight=None):
+    """Fraction of rows whose argmax equals the label (weighted by ``sample_weight``)."""
     probs = _check_probs(probs)
     y = check_labels(y, probs.shape[0], probs.shape[1])
-    return float(np.mean(probs.argmax(axis=1) == y))
+    return _mean(probs.argmax(axis=1) == y, _sample_weight(sample_weight, len(y)))
 
 
-def nll(probs, y):
+def nll(probs, y, sample_weight=None):
     """Mean negative log-likelihood of the labels (natural log)."""
     probs = _check_probs(probs)
     y = check_labels(y, probs.shape[0], probs.shape[1])
-    return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], _EPSILON, 1.0))))
+    return _mean(-np.log(np.clip(probs[np.arange(len(y)), y], _EPSILON, 1.0)),
+                 _sample_weight(sample_weight, len(y)))
 
 
-def brier(probs, y):
+def brier(probs, y, sample_weight=None):
     """Multi-class Brier score: mean over rows of ``Σ_c (p_c - 1[y=c])²``."""
     probs = _check_probs(probs)
     y = check_labels(y, probs.shape[0], probs.shape[1])
     onehot = np.eye(probs.shape[1])[y]
-    return float(np.mean(np.sum((probs - onehot) ** 2, axis=1)))
+    return _mean(np.sum((probs - onehot) ** 2, axis=1), _sample_weight(sample_weight, len(y)))
 
 
-def calibration_bins(probs, y, bins=15):
+def calibration_bins(probs, y, bins=15, sample_weight=None):
     """Equal-width confidence bins: per bin the sample count, mean confidence and accuracy.
 
     The bins of :func:`ece` (a reliability diagram plots ``accuracy`` against
@@ -90,23 +115,31 @@ def calibration_bins(probs, y, bins=15):
     """
     probs = _check_probs(probs)
     y = check_labels(y, probs.shape[0], probs.shape[1])
-    return _confidence_bins(probs.max(axis=1), probs.argmax(axis=1) == y, bins)
+    return _confidence_bins(probs.max(axis=1), probs.argmax(axis=1) == y, bins,
+                            _sample_weight(sample_weight, len(y)))
 
 
-def _confidence_bins(confidence, correct, bins):
-    """Per equal-width confidence bin: count, mean confidence, accuracy (``None`` when empty)."""
+def _confidence_bins(confidence, correct, bins, weights=None):
+    """Per equal-width confidence bin: count, (weighted) mean confidence and accuracy (``None`` when
+    empty); with weights also ``"weight"``, each bin's total weight."""
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
     result = {"edges": edges.tolist(), "count": [], "confidence": [], "accuracy": []}
+    if weights is not None:
+        result["weight"] = []
     for b in range(bins):
         in_bin = which == b
         result["count"].append(int(in_bin.sum()))
-        result["confidence"].append(float(confidence[in_bin].mean()) if in_bin.any() else None)
-        result["accuracy"].append(float(correct[in_bin].mean()) if in_bin.any() else None)
+        w = None if weights is None else weights[in_bin]
+        filled = in_bin.any() and (w is None or w.sum() > 0)
+        result["confidence"].append(_mean(confidence[in_bin], w) if filled else None)
+        result["accuracy"].append(_mean(correct[in_bin], w) if filled else None)
+        if weights is not None:
+            result["weight"].append(float(w.sum()))
     return result
 
 
-def ece(probs, y, bins=15):
+def ece(probs, y, bins=15, sample_weight=None):
     """Expected calibration error with ``bins`` equal-width confidence bins.
 
     ``Σ_b (n_b / n) |accuracy_b - confidence_b|`` (Guo et al., 2017).
@@ -116,13 +149,14 @@ def ece(probs, y, bins=15):
         >>> round(ece(np.array([[0.9, 0.1], [0.9, 0.1]]), [0, 1]), 2)
         0.4
     """
-    return _ece_of_bins(calibration_bins(probs, y, bins))
+    return _ece_of_bins(calibration_bins(probs, y, bins, sample_weight))
 
 
 def _ece_of_bins(table):
-    total = sum(table["count"])
-    return float(sum(count / total * abs(acc - conf) for count, acc, conf in
-                     zip(table["count"], table["accuracy"], table["confidence"], strict=True) if count))
+    mass = table.get("weight", table["count"])
+    total = sum(mass)
+    return float(sum(m / total * abs(acc - conf) for m, acc, conf in
+                     zip(mass, table["accuracy"], table["confidence"], strict=True) if m and acc is not None))
 
 
 METRICS = {"accuracy": accuracy, "nll": nll, "brier": brier, "ece": ece}
@@ -130,9 +164,9 @@ METRICS = {"accuracy": accuracy, "nll": nll, "brier": brier, "ece": ece}
 HIGHER_IS_BETTER = {"accuracy", "auroc", "aupr"}
 
 
-def score_probs(probs, y):
-    """All four metrics of ``probs`` against ``y`` as a dict."""
-    return {name: fn(probs, y) for name, fn in METRICS.items()}
+def score_probs(probs, y, sample_weight=None):
+    """All four metrics of ``probs`` against ``y`` as a dict (weighted by ``sample_weight``)."""
+    return {name: fn(probs, y, sample_weight=sample_weight) for name, fn in METRICS.items()}
 
 
 def predict_probs(model, x, output_kind=None, batch_size=256):
@@ -143,7 +177,7 @@ def predict_probs(model, x, output_kind=None, batch_size=256):
 # --- binary: one probability of the positive class per label -------------------------------
 
 
-def _check_binary(p, y, name="p", probabilities=True):
+def _check_binary(p, y, name="p", probabilities=True, sample_weight=None, with_weights=False):
     """``(p, y)`` flattened: float64 scores and int64 0/1 labels of one shape.
 
     ``p`` of shape ``(n, 1)`` goes with ``y`` of shape ``(n,)`` and the other way round.
@@ -163,33 +197,35 @@ def _check_binary(p, y, name="p", probabilities=True):
     if probabilities and (p.min() < 0 or p.max() > 1 or np.isnan(p).any()):
         raise ValueError(f"{name} must be probabilities in [0, 1] (apply a sigmoid to logits); "
                          f"got values in [{p.min():g}, {p.max():g}].")
+    if with_weights:
+        return p, y.astype("int64"), _sample_weight(sample_weight, p.size)
     return p, y.astype("int64")
 
 
-def binary_accuracy(p, y, threshold=0.5):
+def binary_accuracy(p, y, threshold=0.5, sample_weight=None):
     """Fraction of labels with ``(p > threshold) == y`` (``keras.metrics.BinaryAccuracy``'s rule).
 
     Example:
         >>> binary_accuracy([0.9, 0.4, 0.6], [1, 0, 0])
         0.6666666666666666
     """
-    p, y = _check_binary(p, y)
-    return float(np.mean((p > threshold) == y))
+    p, y, w = _check_binary(p, y, sample_weight=sample_weight, with_weights=True)
+    return _mean((p > threshold) == y, w)
 
 
-def binary_nll(p, y):
+def binary_nll(p, y, sample_weight=None):
     """Mean Bernoulli negative log-likelihood ``-[y log p + (1 - y) log(1 - p)]`` (natural log).
 
     Example:
         >>> round(binary_nll([0.8, 0.25], [1, 0]), 4)  # -(log 0.8 + log 0.75) / 2
         0.2554
     """
-    p, y = _check_binary(p, y)
+    p, y, w = _check_binary(p, y, sample_weight=sample_weight, with_weights=True)
     likelihood = np.where(y == 1, p, 1.0 - p)
-    return float(-np.mean(np.log(np.clip(likelihood, _EPSILON, 1.0))))
+    return _mean(-np.log(np.clip(likelihood, _EPSILON, 1.0)), w)
 
 
-def binary_brier(p, y):
+def binary_brier(p, y, sample_weight=None):
     """Mean squared error of the positive-class probability, ``mean((p - y)²)``.
 
     (Half the two-class :func:`brier`, as in ``sklearn.metrics.brier_score_loss``.)
@@ -198,22 +234,22 @@ def binary_brier(p, y):
         >>> round(binary_brier([0.8, 0.3], [1, 0]), 4)  # (0.2² + 0.3²) / 2
         0.065
     """
-    p, y = _check_binary(p, y)
-    return float(np.mean((p - y) ** 2))
+    p, y, w = _check_binary(p, y, sample_weight=sample_weight, with_weights=True)
+    return _mean((p - y) ** 2, w)
 
 
-def binary_calibration_bins(p, y, bins=15):
+def binary_calibration_bins(p, y, bins=15, sample_weight=None):
     """:func:`calibration_bins` of binary probabilities: confidence ``max(p, 1 - p)``.
 
     Example:
         >>> binary_calibration_bins([0.9, 0.2], [1, 1], bins=5)["count"]
         [0, 0, 0, 1, 1]
     """
-    p, y = _check_binary(p, y)
-    return _confidence_bins(np.maximum(p, 1.0 - p), (p > 0.5) == y, bins)
+    p, y, w = _check_binary(p, y, sample_weight=sample_weight, with_weights=True)
+    return _confidence_bins(np.maximum(p, 1.0 - p), (p > 0.5) == y, bins, w)
 
 
-def binary_ece(p, y, bins=15):
+def binary_ece(p, y, bins=15, sample_weight=None):
     """Expected calibration error of binary probabilities (confidence ``max(p, 1 - p)``).
 
     ``Σ_b (n_b / n) |accuracy_b - confidence_b|`` over ``bins`` equal-width bins (Guo et al., 2017).
@@ -222,7 +258,7 @@ def binary_ece(p, y, bins=15):
         >>> round(binary_ece([0.9, 0.9], [1, 0]), 2)
         0.4
     """
-    return _ece_of_bins(binary_calibration_bins(p, y, bins))
+    return _ece_of_bins(binary_calibration_bins(p, y, bins, sample_weight))
 
 
 def _check_two_classes(y, name):
@@ -232,7 +268,7 @@ def _check_two_classes(y, name):
     return positives, len(y) - positives
 
 
-def auroc(scores, y):
+def auroc(scores, y, sample_weight=None):
     """Area under the ROC curve: the chance a random positive outscores a random negative.
 
     Rank-based (Mann-Whitney U; Hanley & McNeil, 1982), ties counted as one half.
@@ -245,21 +281,34 @@ def auroc(scores, y):
         >>> auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
         0.75
     """
+    if sample_weight is not None:  # the weighted Mann-Whitney statistic: the ROC curve's area
+        true_positives, false_positives, positives, negatives = _ranked_counts(
+            scores, y, "auroc", sample_weight)
+        tpr = np.r_[0.0, true_positives / positives]
+        fpr = np.r_[0.0, false_positives / negatives]
+        return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
     scores, y = _check_binary(scores, y, "scores", probabilities=False)
     positives, negatives = _check_two_classes(y, "auroc")
     ranks = rankdata(scores)  # ties get their average rank
     return float((ranks[y == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
-def _ranked_counts(scores, y, name):
-    """True and false positives above each distinct score, highest score first."""
-    scores, y = _check_binary(scores, y, "scores", probabilities=False)
-    positives, negatives = _check_two_classes(y, name)
+def _ranked_counts(scores, y, name, sample_weight=None):
+    """True and false positives (weighted counts with ``sample_weight``) above each distinct
+    score, highest score first, and the positives' and negatives' totals."""
+    scores, y, w = _check_binary(scores, y, "scores", probabilities=False, sample_weight=sample_weight,
+                                 with_weights=True)
+    _check_two_classes(y, name)
+    w = np.ones(len(y)) if w is None else w
     order = np.argsort(-scores, kind="mergesort")
-    scores, y = scores[order], y[order]
+    scores, y, w = scores[order], y[order], w[order]
     last_of_tie = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
-    true_positives = np.cumsum(y)[last_of_tie]
-    return true_positives, last_of_tie + 1 - true_positives, positives, negatives
+    true_positives = np.cumsum(w * y)[last_of_tie]
+    false_positives = np.cumsum(w * (1 - y))[last_of_tie]
+    positives, negatives = float(np.sum(w * y)), float(np.sum(w * (1 - y)))
+    if positives <= 0 or negatives <= 0:
+        raise ValueError(f"{name} needs both classes with positive sample weight.")
+    return true_positives, false_positives, positives, negatives
 
 
 def aupr(scores, y):
@@ -294,17 +343,17 @@ BINARY_METRICS = {"accuracy": binary_accuracy, "auroc": auroc, "nll": binary_nll
                   "brier": binary_brier, "ece": binary_ece}
 
 
-def score_binary(p, y):
+def score_binary(p, y, sample_weight=None):
     """All of ``BINARY_METRICS`` of positive-class probabilities ``p`` against 0/1 labels ``y``.
 
     Example:
         >>> sorted(score_binary([0.9, 0.2, 0.6], [1, 0, 0]))
         ['accuracy', 'auroc', 'brier', 'ece', 'nll']
     """
-    return {name: fn(p, y) for name, fn in BINARY_METRICS.items()}
+    return {name: fn(p, y, sample_weight=sample_weight) for name, fn in BINARY_METRICS.items()}
 
 
-def multilabel_metrics(p, y):
+def multilabel_metrics(p, y, sample_weight=None):
     """The binary metrics of every label and their unweighted (macro) means.
 
     Returns ``{"accuracy", "auroc", "nll", "brier", "ece"}`` (each the mean over
@@ -322,10 +371,11 @@ def multilabel_metrics(p, y):
         raise ValueError(f"multilabel probabilities have shape {p.shape} but y has shape {y.shape}; "
                          "both must be (n, labels).")
     p, y = p.reshape(-1, p.shape[-1]), y.reshape(-1, y.shape[-1])
+    weights = _sample_weight(sample_weight, len(p))
     per_label = []
     for label in range(p.shape[1]):
         try:
-            per_label.append(score_binary(p[:, label], y[:, label]))
+            per_label.append(score_binary(p[:, label], y[:, label], sample_weight=weights))
         except ValueError as error:
             raise ValueError(f"label {label}: {error}") from None
     macro = {name: float(np.mean([row[name] for row in per_label])) for name in BINARY_METRICS}
@@ -353,7 +403,7 @@ def _check_std(std, mean):
     return std
 
 
-def rmse(prediction, y):
+def rmse(prediction, y, sample_weight=None):
     """Root mean squared error over every value.
 
     Example:
@@ -361,10 +411,10 @@ def rmse(prediction, y):
         1.4142135623730951
     """
     prediction, y = _check_values(prediction, y)
-    return float(np.sqrt(np.mean((prediction - y) ** 2)))
+    return float(np.sqrt(_mean((prediction - y).ravel() ** 2, _sample_weight(sample_weight, prediction.size))))
 
 
-def mae(prediction, y):
+def mae(prediction, y, sample_weight=None):
     """Mean absolute error over every value.
 
     Example:
@@ -372,10 +422,10 @@ def mae(prediction, y):
         1.0
     """
     prediction, y = _check_values(prediction, y)
-    return float(np.mean(np.abs(prediction - y)))
+    return _mean(np.abs(prediction - y).ravel(), _sample_weight(sample_weight, prediction.size))
 
 
-def gaussian_nll(mean, std, y):
+def gaussian_nll(mean, std, y, sample_weight=None):
     """Mean negative log-likelihood of ``y`` under ``N(mean, std²)``, per value (natural log).
 
     ``½ log(2π σ²) + (y - μ)² / (2σ²)``, with ``σ²`` floored at 1e-12.
@@ -386,10 +436,11 @@ def gaussian_nll(mean, std, y):
     """
     mean, y = _check_values(mean, y, "mean")
     variance = np.maximum(_check_std(std, mean) ** 2, _EPSILON)
-    return float(np.mean(0.5 * np.log(2 * np.pi * variance) + (y - mean) ** 2 / (2 * variance)))
+    values = 0.5 * np.log(2 * np.pi * variance) + (y - mean) ** 2 / (2 * variance)
+    return _mean(values.ravel(), _sample_weight(sample_weight, mean.size))
 
 
-def coverage(mean, std, y, z=1.96):
+def coverage(mean, std, y, z=1.96, sample_weight=None):
     """Fraction of values inside ``mean ± z·std`` (0.95 for a calibrated Gaussian at z = 1.96).
 
     Example:
@@ -397,14 +448,15 @@ def coverage(mean, std, y, z=1.96):
         0.5
     """
     mean, y = _check_values(mean, y, "mean")
-    return float(np.mean(np.abs(y - mean) <= z * _check_std(std, mean)))
+    inside = np.abs(y - mean) <= z * _check_std(std, mean)
+    return _mean(inside.ravel(), _sample_weight(sample_weight, mean.size))
 
 
 REGRESSION_METRICS = {"rmse": rmse, "mae": mae}
 REGRESSION_STD_METRICS = {"nll": gaussian_nll, "coverage": coverage}
 
 
-def score_task(prediction, y, task="multiclass", std=None):
+def score_task(prediction, y, task="multiclass", std=None, sample_weight=None):
     """Every metric of ``task`` on one output's predictions (probabilities or values).
 
     Args:
@@ -415,6 +467,8 @@ def score_task(prediction, y, task="multiclass", std=None):
         task: one of ``"multiclass"``, ``"binary"``, ``"multilabel"``, ``"regression"``.
         std: regression only: a predictive standard deviation per value, which adds
             ``"nll"`` (Gaussian) and ``"coverage"`` (±1.96σ).
+        sample_weight: one weight per sample (repeated over a dense output's positions
+            and a sample's values); every metric becomes its weighted version.
 
     Returns:
         The task's metrics as a dict (see the module docstring).
@@ -424,15 +478,18 @@ def score_task(prediction, y, task="multiclass", std=None):
         1.0
     """
     check_choice(task, TASKS, "task")
+    w = sample_weight
     if task == "multiclass":
-        return score_probs(*_flatten_dense(np.asarray(prediction, dtype="float64"), np.asarray(y)))
+        return score_probs(*_flatten_dense(np.asarray(prediction, dtype="float64"), np.asarray(y)),
+                           sample_weight=w)
     if task == "binary":
-        return score_binary(prediction, y)
+        return score_binary(prediction, y, sample_weight=w)
     if task == "multilabel":
-        return multilabel_metrics(prediction, y)
-    result = {name: fn(prediction, y) for name, fn in REGRESSION_METRICS.items()}
+        return multilabel_metrics(prediction, y, sample_weight=w)
+    result = {name: fn(prediction, y, sample_weight=w) for name, fn in REGRESSION_METRICS.items()}
     if std is not None:
-        result.update({name: fn(prediction, std, y) for name, fn in REGRESSION_STD_METRICS.items()})
+        result.update({name: fn(prediction, std, y, sample_weight=w)
+                       for name, fn in REGRESSION_STD_METRICS.items()})
     return result
 
 
@@ -794,7 +851,7 @@ def _to_probs(raw, task, kind):
     return expit(raw)
 
 
-def _score_output(outputs, extras, name, task, y, ood_outputs):
+def _score_output(outputs, extras, name, task, y, ood_outputs, sample_weight=None):
     """One output's metrics (and ``"ood"`` when ``ood_outputs`` is given).
 
     A regression output's predictive σ is ``sqrt(variance)`` when the model outputs a
@@ -803,7 +860,7 @@ def _score_output(outputs, extras, name, task, y, ood_outputs):
     std = outputs[extras["std"]] if "std" in extras else None
     if "variance" in extras:
         std = np.sqrt(np.maximum(np.asarray(outputs[extras["variance"]], dtype="float64"), 0.0))
-    result = score_task(outputs[name], y, task, std=std)
+    result = score_task(outputs[name], y, task, std=std, sample_weight=sample_weight)
     if ood_outputs is None:
         return result
     if task == "regression":
@@ -855,9 +912,9 @@ def evaluate(model, x, y=None, task=None, output_kind=None, batch_size=None, x_o
             ``"mutual_information"`` when the model outputs it; ``"std"`` and/or
             ``"variance"`` for regression)
             ``{"auroc", "aupr", "fpr95"}`` with the OOD samples as positives.
-        sample_weight: per-row weights for arrays. Weighted metrics are not implemented
-            yet: weights (given, or yielded by a dataset) are refused with a
-            ``ValueError`` rather than ignored.
+        sample_weight: per-row weights for arrays (a dataset yields its own as ``(x, y,
+            sample_weight)``): every metric becomes its weighted version (ECE's bins by
+            weight, AUROC the weighted ROC area). The OOD scores are unweighted.
         steps: batches to read from ``x`` (required when it is endless).
         verbose: 1 shows Keras' progress bar over the batches.
 
@@ -883,7 +940,6 @@ def evaluate(model, x, y=None, task=None, output_kind=None, batch_size=None, x_o
     label = f"Model {getattr(model, 'name', '?')!r}"
     data = collect([model], x, y, sample_weight, batch_size=batch_size, steps=steps, function="evaluate",
                    needs_labels=True, verbose=verbose)
-    refuse_sample_weight(data, "evaluate")
     batch_size = batch_size or 256
     outputs, kept, dropped = _finite_outputs(model, data, named_outputs(model, data.outputs[0]), "x",
                                              batch_size)
@@ -891,6 +947,7 @@ def evaluate(model, x, y=None, task=None, output_kind=None, batch_size=None, x_o
     predictions = list(groups)
     tasks, kinds = check_task(task, predictions), _per_output(output_kind, predictions, "output_kind")
     targets = {name: _rows_of(target, kept) for name, target in _targets(data.y, predictions, label).items()}
+    weights = None if data.sample_weight is None else _rows_of(data.sample_weight, kept)
     ood_outputs, ood_dropped = None, 0
     if x_ood is not None:
         ood = collect([model], x_ood, batch_size=batch_size, function="evaluate", argument="x_ood")
@@ -907,7 +964,7 @@ def evaluate(model, x, y=None, task=None, output_kind=None, batch_size=None, x_o
             ood_outputs = {**ood_outputs, name: _to_probs(ood_outputs[name], output_task, kind)}
         try:
             results[name] = _score_output(converted, groups[name], name, output_task, targets[name],
-                                          ood_outputs)
+                                          ood_outputs, weights)
         except ValueError as error:
             raise ValueError(f"{label}, output {name!r} ({output_task}, shape "
                              f"{outputs[name].shape}): {error}") from None

@@ -224,9 +224,12 @@ def test_functions_that_need_labels_refuse_a_dataset_without_them(members):
         ek.evaluate(ek.ensemble(members, "mean"), inputs_only)
 
 
-def test_sample_weights_are_refused_not_ignored(members):
-    with pytest.raises(ValueError, match=r"evaluate: sample weights .* refused rather than ignored"):
-        ek.evaluate(ek.ensemble(members, "mean"), X, Y, sample_weight=W)
+def test_sample_weights_are_refused_where_they_are_not_used_yet(members):
+    def weighted():
+        yield X, Y, W
+
+    with pytest.raises(ValueError, match=r"calibrate: sample weights .* refused rather than ignored"):
+        ek.calibrate(ek.ensemble(members, "mean"), weighted)
 
 
 def test_stack_needs_arrays_for_passthrough(members):
@@ -320,3 +323,37 @@ def test_taylor_channel_pruning_reads_a_dataset(members):
     from_dataset = ek.prune.channels(model, 0.5, importance="taylor", x=OneBatch())
     for left, right in zip(from_arrays.get_weights(), from_dataset.get_weights(), strict=True):
         np.testing.assert_allclose(left, right)
+
+
+@pytest.mark.parametrize("task", ["multiclass", "binary", "regression"])
+def test_sample_weights_weight_every_metric(task):
+    from ensemblekit.metrics import score_task
+
+    rng = np.random.default_rng(3)
+    n = 60
+    if task == "multiclass":
+        logits = rng.normal(size=(n, 3))
+        prediction = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        y = rng.integers(0, 3, n)
+    elif task == "binary":
+        prediction, y = rng.uniform(size=(n, 1)), rng.integers(0, 2, n)
+    else:
+        prediction, y = rng.normal(size=(n, 1)), rng.normal(size=n)
+    counts = rng.integers(0, 4, n)  # integer weights: the same as repeating each row that often
+    counts[0] = 1
+    weighted = score_task(prediction, y, task, sample_weight=counts)
+    repeated = score_task(np.repeat(prediction, counts, axis=0), np.repeat(y, counts), task)
+    for key in repeated:
+        assert weighted[key] == pytest.approx(repeated[key], abs=1e-9), key
+
+
+def test_a_dataset_yielding_weights_weights_evaluate(members):
+    model = ek.ensemble(members, "mean")
+
+    def weighted():
+        for start in range(0, 50, 16):
+            yield X[start:start + 16], Y[start:start + 16], W[start:start + 16]
+
+    _same(ek.evaluate(model, weighted), ek.evaluate(model, X, Y, sample_weight=W))
+    unweighted = ek.evaluate(model, X, Y)
+    assert ek.evaluate(model, X, Y, sample_weight=W)["nll"] != pytest.approx(unweighted["nll"], abs=1e-6)

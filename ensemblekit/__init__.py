@@ -19,6 +19,7 @@ from ensemblekit.compose import (
     optimize_weights,
     select,
     stack,
+    tta,
     unfreeze,
 )
 from ensemblekit.deploy import export, serve
@@ -60,6 +61,7 @@ __all__ = [
     "select",
     "serve",
     "stack",
+    "tta",
     "unfreeze",
     "unpack",
 ]

@@ -246,10 +246,15 @@ class MemberSet:
         Keras needs distinct names for the layers of one model. A member whose
         name is taken is wrapped in a thin functional model named
         ``"<name>_<index>"``; the member itself (its name, its layers' names,
-        its weights) is untouched.
+        its weights) is untouched. The same model object given more than once is
+        called more than once (a shared layer: it saves and loads as one).
         """
-        seen, unique = set(), []
+        seen, objects, unique = set(), set(), []
         for index, model in enumerate(self.models):
+            if id(model) in objects:  # the same model again (ek.tta's views): one shared layer
+                unique.append(model)
+                continue
+            objects.add(id(model))
             if model.name in seen:
                 inputs = fresh_inputs(model)
                 model = keras.Model(inputs, model(inputs), name=f"{model.name}_{index}")

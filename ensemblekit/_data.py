@@ -40,8 +40,9 @@ def _adapters():
     return data_adapters
 
 
-def _kind(x):
-    """How errors name the kind of ``x``."""
+def data_kind(x):
+    """The kind of ``x`` as errors name it (``"tf.data.Dataset"``, ``"keras.utils.PyDataset"``,
+    ``"generator"``...), or ``None`` for arrays and other in-memory data."""
     data_adapters = _adapters()
     if data_adapters.is_tf_dataset(x):
         return "tf.data.Dataset"
@@ -63,13 +64,13 @@ def _is_factory(x):
 
 def _is_iterable(x):
     """An iterable of batches that Keras has no adapter for (a custom iterable class)."""
-    return (hasattr(x, "__iter__") and not hasattr(x, "shape") and _kind(x) is None
+    return (hasattr(x, "__iter__") and not hasattr(x, "shape") and data_kind(x) is None
             and not isinstance(x, (list, tuple, dict, str, bytes)))
 
 
 def is_dataset(x):
     """True for data that yields its own batches (and maybe labels): not arrays."""
-    return _kind(x) is not None or _is_factory(x) or _is_iterable(x)
+    return data_kind(x) is not None or _is_factory(x) or _is_iterable(x)
 
 
 def check_reiterable(x, function, argument="x"):
@@ -138,7 +139,7 @@ def batches(x, y=None, sample_weight=None, *, batch_size=None, steps=None, funct
         x = x()
     if _is_iterable(x):
         x = (batch for batch in x)
-    kind = _kind(x)
+    kind = data_kind(x)
     if kind is not None and y is not None:
         raise ValueError(
             f"{function}: y= was given, but {argument} is a {kind}, which yields its own batches; "

@@ -111,8 +111,8 @@ def load_data_spec(spec, input_shape=None, split="test", option="--data", datase
                              f"has {sorted(arrays)}.")
         x, y = arrays[keys[0]], arrays[keys[1]]
     else:
-        raise ValueError(f"{option} must be mnist1d, digits, an .npz file"
-                         f"{' or a folder' if datasets else ''}, got {spec!r}.")
+        choices = "mnist1d, digits, an .npz file or a folder" if datasets else "mnist1d, digits or an .npz file"
+        raise ValueError(f"{option} must be {choices}, got {spec!r}.")
     if input_shape is not None and None not in input_shape and x.shape[1:] != tuple(input_shape) and \
             int(np.prod(x.shape[1:])) == int(np.prod(input_shape)):
         x = x.reshape((len(x), *input_shape))

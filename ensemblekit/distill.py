@@ -31,7 +31,7 @@ import time
 import keras
 import numpy as np
 
-from ensemblekit._data import batches, check_reiterable, is_dataset, predict
+from ensemblekit._data import batches, check_reiterable, data_kind, is_dataset, predict
 from ensemblekit._graph import architecture_differences, model_output_shape
 from ensemblekit._io import load_member, load_members
 from ensemblekit._outputs import (
@@ -332,7 +332,7 @@ def _log_probs(teacher_view, x, batch_size):
 def _check_dataset(x, y, augment, cache_teacher):
     """Check a dataset given as ``x``; return whether it yields labels (its first batch tells)."""
     check_reiterable(x, "distill")
-    if not (_is_tf_dataset(x) or isinstance(x, keras.utils.PyDataset)):
+    if data_kind(x) not in ("tf.data.Dataset", "keras.utils.PyDataset"):
         raise ValueError(f"distill: x is a {type(x).__name__}; distill trains for several epochs "
                          "through Keras' fit, so pass arrays, a tf.data.Dataset or a keras.utils.PyDataset.")
     if y is not None:
@@ -346,10 +346,6 @@ def _check_dataset(x, y, augment, cache_teacher):
                          "are keyed by row); with a dataset the teacher runs on every batch.")
     _, first_y, _ = next(iter(batches(x, steps=1, function="distill")))
     return first_y is not None
-
-
-def _is_tf_dataset(x):
-    return type(x).__module__.startswith("tensorflow") and hasattr(x, "cardinality")
 
 
 def _validation(validation_data, num_classes, task):

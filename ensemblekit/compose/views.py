@@ -92,7 +92,7 @@ class CenterCrop(keras.layers.Layer):
 
     Example:
         >>> import numpy as np
-        >>> CenterCrop(0.5)(np.zeros((1, 8, 8, 3), "float32")).shape
+        >>> tuple(CenterCrop(0.5)(np.zeros((1, 8, 8, 3), "float32")).shape)
         (1, 8, 8, 3)
     """
 

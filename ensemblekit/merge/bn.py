@@ -6,7 +6,7 @@ import keras
 import numpy as np
 
 from ensemblekit._data import batches, check_reiterable
-from ensemblekit._graph import iter_layers
+from ensemblekit._graph import iter_sublayers
 
 
 class _Recorded(Exception):
@@ -15,12 +15,8 @@ class _Recorded(Exception):
 
 def _batch_norm_layers(model):
     """Every BatchNormalization of ``model`` in execution order, nested models and blocks included."""
-    found = []
-    for path, leaf in iter_layers(model):
-        for layer in leaf._flatten_layers(include_self=True, recursive=True):
-            if isinstance(layer, keras.layers.BatchNormalization):
-                found.append((path if layer is leaf else f"{path}/{layer.name}", layer))
-    return found
+    return [(path, layer) for path, layer in iter_sublayers(model)
+            if isinstance(layer, keras.layers.BatchNormalization)]
 
 
 def reset_bn(model, x, steps=None, batch_size=None, verbose=0):

@@ -43,7 +43,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from ensemblekit._graph import iter_layers, weight_refs
+from ensemblekit._graph import iter_layers, iter_sublayers, weight_refs
 
 WEIGHT, STATISTIC, STATE = "weight", "statistic", "state"
 MERGEABLE_MODES = ("int8", "int4")
@@ -78,22 +78,20 @@ def _main_variable(layer):
 
 def check_mergeable(model, label, function="merge"):
     """Refuse quantized layers whose float weights cannot be read (float8, GPTQ, AWQ, other classes)."""
-    for path, leaf in iter_layers(model):
-        for layer in sublayers(leaf):
-            mode = getattr(layer, "quantization_mode", None)
-            where = path if layer is leaf else f"{path}/{layer.name}"
-            if mode and mode not in MERGEABLE_MODES:
-                raise ValueError(
-                    f"{function}: {label}: layer {where!r} is {mode}-quantized; only int8 and int4 "
-                    f"layers can be dequantized exactly ({mode} scales are calibrated per model). "
-                    "Merge the float members and quantize the result with ek.quantize."
-                )
-            if mode and type(layer).__name__ not in _QUANTIZED_CLASSES:
-                raise ValueError(
-                    f"{function}: {label}: layer {where!r} ({type(layer).__name__}) is {mode}-"
-                    "quantized and has no known dequantization rule (Dense, EinsumDense and "
-                    "Embedding have); merge the float members instead."
-                )
+    for where, layer in iter_sublayers(model):
+        mode = getattr(layer, "quantization_mode", None)
+        if mode and mode not in MERGEABLE_MODES:
+            raise ValueError(
+                f"{function}: {label}: layer {where!r} is {mode}-quantized; only int8 and int4 "
+                f"layers can be dequantized exactly ({mode} scales are calibrated per model). "
+                "Merge the float members and quantize the result with ek.quantize."
+            )
+        if mode and type(layer).__name__ not in _QUANTIZED_CLASSES:
+            raise ValueError(
+                f"{function}: {label}: layer {where!r} ({type(layer).__name__}) is {mode}-"
+                "quantized and has no known dequantization rule (Dense, EinsumDense and "
+                "Embedding have); merge the float members instead."
+            )
 
 
 def effective_kernel(layer):
@@ -239,11 +237,10 @@ def variable_kinds(template, label="merged model"):
         ValueError: a non-trainable float variable that is not a known statistic.
     """
     owner = {}
-    for path, leaf in iter_layers(template):
-        for layer in sublayers(leaf):
-            trainable = {id(v) for v in layer._trainable_variables}
-            for variable in own_variables(layer):
-                owner[id(variable)] = (layer, path, id(variable) in trainable)
+    for path, layer in iter_sublayers(template):
+        trainable = {id(v) for v in layer._trainable_variables}
+        for variable in own_variables(layer):
+            owner[id(variable)] = (layer, path, id(variable) in trainable)
     kinds = []
     for ref in weight_refs(template):
         layer, path, trainable = owner.get(id(ref.variable), (ref.layer, ref.layer_path, False))
@@ -266,22 +263,16 @@ def variable_kinds(template, label="merged model"):
 def quantization_plan(model):
     """``[(position, mode, block_size)]`` of ``model``'s quantized sublayers, by position in
     ``layer_pairs`` order."""
-    plan = []
-    position = 0
-    for _, leaf in iter_layers(model):
-        for layer in sublayers(leaf):
-            mode = getattr(layer, "quantization_mode", None)
-            if mode:
-                plan.append((position, mode, getattr(layer.dtype_policy, "block_size", None)))
-            position += 1
-    return plan
+    return [(position, layer.quantization_mode, getattr(layer.dtype_policy, "block_size", None))
+            for position, (_, layer) in enumerate(iter_sublayers(model))
+            if getattr(layer, "quantization_mode", None)]
 
 
 def requantize(template, plan):
     """Quantize ``template``'s sublayers as ``plan`` (from :func:`quantization_plan`) says."""
     if not plan:
         return template
-    layers = [layer for _, leaf in iter_layers(template) for layer in sublayers(leaf)]
+    layers = [layer for _, layer in iter_sublayers(template)]
     for position, mode, block_size in plan:
         config = None
         if mode == "int4":

@@ -270,7 +270,7 @@ def _runner(model):
 
 
 def collect(models, x, y=None, sample_weight=None, *, batch_size=None, steps=None, function="predict",
-            argument="x", needs_labels=False, verbose=0, runners=None):
+            argument="x", needs_labels=False, verbose=0, runners=None, sink=None):
     """Run every model of ``models`` on each batch of ``x`` as it arrives, in one pass.
 
     Args:
@@ -280,6 +280,8 @@ def collect(models, x, y=None, sample_weight=None, *, batch_size=None, steps=Non
         needs_labels: refuse data without labels (no ``y`` and a dataset of ``x`` only).
         verbose: 1 shows Keras' progress bar.
         runners: optional callables (one per model) running a model on one batch.
+        sink: optional callable given each batch's inputs (unpadded), e.g.
+            :meth:`InputStore.append`, to keep them for a later pass in this order.
 
     Returns:
         A :class:`Collected`.
@@ -301,6 +303,8 @@ def collect(models, x, y=None, sample_weight=None, *, batch_size=None, steps=Non
                                              function=function, argument=argument):
         count = _rows(x_batch)
         width = width or count
+        if sink is not None:
+            sink(x_batch)
         padded = _pad(x_batch, width) if count < width else x_batch
         bad_outputs = np.zeros(count, dtype=bool)
         for index, (model, run) in enumerate(zip(models, runners, strict=True)):
@@ -400,3 +404,128 @@ def pad_to_batches(x, batch_size):
     if padding:
         x = np.concatenate([x, np.zeros((padding, *x.shape[1:]), x.dtype)])
     return x, len(x) - padding
+
+
+def row_count(x):
+    """Rows of in-memory data (an array or a structure of arrays), or of a :class:`Rows` dataset."""
+    if isinstance(x, Rows):
+        return len(x.indices)
+    return len(keras.tree.flatten(x)[0])
+
+
+def take(x, indices):
+    """Rows ``indices`` of in-memory data (an array, or a dict/list of arrays), in ``x``'s structure."""
+    return keras.tree.map_structure(lambda a: np.asarray(a)[indices], _arrays(x))
+
+
+class InputStore:
+    """A dataset's inputs written once, in the order one pass read them, to a temporary HDF5 file.
+
+    Functions that must read data again in one fixed order (``ek.advise``
+    splits it by sample index into a fit and a score half) keep a dataset's
+    inputs here instead of in memory: 50,000 images at 224x224 are 30 GB as
+    float32. Reading rows back goes through the file, not a memory map, so the
+    process's resident memory does not grow with the data. The file is deleted
+    when the store is.
+
+    Example:
+        >>> store = InputStore()
+        >>> store.append(np.arange(6.0).reshape(3, 2)); store.append(np.ones((2, 2)))
+        >>> len(store), store.read(np.array([1, 4])).tolist()
+        (5, [[2.0, 3.0], [1.0, 1.0]])
+    """
+
+    def __init__(self):
+        import os
+        import tempfile
+        import weakref
+
+        import h5py
+
+        folder = tempfile.mkdtemp(prefix="ensemblekit-inputs-")
+        path = os.path.join(folder, "inputs.h5")
+        self._file = h5py.File(path, "w")
+        self._structure, self._rows = None, 0
+        self._finalizer = weakref.finalize(self, _remove_store, self._file, folder)
+
+    def __len__(self):
+        return self._rows
+
+    def append(self, batch):
+        """Write one batch (an array or a structure of arrays) after the rows already kept."""
+        leaves = [np.asarray(a) for a in keras.tree.flatten(batch)]
+        if not len(leaves[0]):
+            return
+        if not self._rows:
+            self._structure = keras.tree.map_structure(lambda _: 0, batch)
+            for index, leaf in enumerate(leaves):
+                self._file.create_dataset(str(index), shape=(0, *leaf.shape[1:]), dtype=leaf.dtype,
+                                          maxshape=(None, *leaf.shape[1:]),
+                                          chunks=(max(1, min(len(leaf), 256)), *leaf.shape[1:]))
+        count = len(leaves[0])
+        for index, leaf in enumerate(leaves):
+            stored = self._file[str(index)]
+            if leaf.shape[1:] != stored.shape[1:]:
+                raise ValueError(f"a batch of shape {leaf.shape} follows batches of shape "
+                                 f"{(None, *stored.shape[1:])}; every batch must have one row shape.")
+            stored.resize(self._rows + count, axis=0)
+            stored[self._rows:] = leaf
+        self._rows += count
+
+    def read(self, indices):
+        """Rows ``indices`` (sorted) in the inputs' structure."""
+        indices = np.asarray(indices, dtype=int)
+        low, high = int(indices[0]), int(indices[-1]) + 1
+        leaves = [self._file[str(i)][low:high][indices - low] for i in range(len(self._file))]
+        return keras.tree.pack_sequence_as(self._structure, leaves)
+
+    def close(self):
+        self._finalizer()
+
+
+def _remove_store(file, folder):
+    import shutil
+
+    try:
+        file.close()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class Rows(keras.utils.PyDataset):
+    """Rows ``indices`` of some inputs (in-memory arrays or an :class:`InputStore`) with their
+    labels, as a re-iterable ``keras.utils.PyDataset`` of ``(x, y)`` batches in one fixed order.
+
+    Every function that reads data reads it; ``ek.advise`` passes its fit and
+    score halves of a dataset this way.
+
+    Example:
+        >>> rows = Rows(np.arange(10.0)[:, None], np.array([1, 3, 5]), np.arange(10) % 2, batch_size=2)
+        >>> len(rows), [b[1].tolist() for b in rows]
+        (2, [[1, 1], [1]])
+    """
+
+    def __init__(self, source, indices, y=None, batch_size=DEFAULT_BATCH_SIZE):
+        super().__init__()
+        self.source, self.indices = source, np.sort(np.asarray(indices, dtype=int))
+        self.y, self.batch_size = y, int(batch_size)
+
+    def __len__(self):
+        return -(-len(self.indices) // self.batch_size)
+
+    @property
+    def num_batches(self):
+        return len(self)
+
+    def __getitem__(self, index):
+        if index >= len(self):
+            raise IndexError(index)
+        rows = self.indices[index * self.batch_size:(index + 1) * self.batch_size]
+        x = self.source.read(rows) if isinstance(self.source, InputStore) else take(self.source, rows)
+        if self.y is None:
+            return x
+        return x, keras.tree.map_structure(lambda a: np.asarray(a)[rows], self.y)
+
+    def labels(self):
+        """The labels of these rows (``None`` when there are none)."""
+        return None if self.y is None else keras.tree.map_structure(lambda a: np.asarray(a)[self.indices], self.y)

@@ -56,7 +56,7 @@ from collections.abc import Callable
 import keras
 import numpy as np
 
-from ensemblekit import metrics
+from ensemblekit import _data, metrics
 from ensemblekit._graph import architecture_differences
 from ensemblekit._outputs import detect_output_kind
 from ensemblekit._validate import check_choice, check_targets
@@ -103,6 +103,9 @@ class Built:
         note: one line: what it is, with what was fitted (weights, temperature, kept members).
         used: indices of the members whose cost it pays (an ensemble of them),
             or ``None`` when its cost is the model's own (merges, stacking, fusion).
+        from_members: for compositions of the members' outputs: a function from
+            the members' raw outputs (one per member, in ``ctx.models``' order) to
+            the model's raw outputs, so scoring it calls no member again.
 
     Example:
         >>> Built(keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)]), "a note", [0]).used
@@ -112,29 +115,60 @@ class Built:
     model: keras.Model
     note: str
     used: list | None = None
+    from_members: Callable | None = dataclasses.field(default=None, repr=False)
+
+    def outputs(self, ctx, half="fit"):
+        """The model's raw outputs on ``ctx``'s fit data (``half="fit"``), or on the data
+        ``ctx.set_member_outputs`` was given as ``half``, from the members' outputs when
+        :attr:`from_members` is known (the members are not called again)."""
+        if self.from_members is not None:
+            return self.from_members(ctx.member_outputs(half))
+        if half != "fit":
+            raise ValueError(f"{self.model.name}: outputs on {half!r} need from_members.")
+        return call_outputs(self.model, ctx.x_fit)
 
 
-def call_probs(model, x, output_kind=None, batch_size=256):
-    """Probabilities (float64) of ``model`` on ``x`` by direct calls in inference mode.
+def call_outputs(model, x, batch_size=256):
+    """``model``'s raw outputs (numpy, its output structure) on ``x`` by direct calls in inference mode.
 
-    Not ``model.predict``: that traces a new ``tf.function`` for every fresh
-    model (about 0.2 s each, with retracing warnings), and the advisor scores a
-    dozen throwaway merged models.
-
-    Example:
-        >>> m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
-        >>> call_probs(m, np.zeros((3, 2), "float32")).tolist()
-        [[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]]
+    ``x`` is in-memory data or a dataset (``ensemblekit._data`` reads it; labels
+    it yields are ignored). Not ``model.predict``: that traces a new
+    ``tf.function`` for every fresh model (about 0.2 s each, with retracing
+    warnings), and the advisor scores a dozen throwaway merged models.
     """
-    outputs = [keras.ops.convert_to_numpy(model(x[i:i + batch_size], training=False))
-               for i in range(0, len(x), batch_size)]
-    return metrics.as_probs(np.concatenate(outputs), model, output_kind)
+    if not _data.is_dataset(x):
+        x = _data.Rows(x, np.arange(_data.row_count(x)), batch_size=batch_size)
+    parts = [_numpy(model(x_batch, training=False)) for x_batch, _, _ in _data.batches(x, function="call_outputs")]
+    return keras.tree.map_structure(lambda *arrays: np.concatenate(arrays), *parts)
 
 
-def call_predictions(model, x, task="multiclass", output_kind=None, batch_size=256):
-    """``(prediction, std)`` of ``model`` on ``x`` (float64) in ``task``'s form, by direct calls.
+def _numpy(outputs):
+    """Outputs as numpy; a list of one output (a functional model's ``[output]``) as that output."""
+    if isinstance(outputs, (list, tuple)) and len(outputs) == 1:
+        outputs = outputs[0]
+    return keras.tree.map_structure(keras.ops.convert_to_numpy, outputs)
 
-    Multiclass: class probabilities ``(n, classes)`` (:func:`call_probs`); binary: the
+
+def _head_function(model, ctx, indices=None):
+    """``Built.from_members`` of a composition ``model`` of the members ``indices`` (default all):
+    :func:`member_head` run on their outputs; ``None`` when ``model`` is not such a composition."""
+    positions = list(range(len(ctx.models))) if indices is None else [int(i) for i in indices]
+    head = member_head(model, [ctx.models[i] for i in positions])
+    if head is None:
+        return None
+
+    def run(outputs, batch_size=4096):
+        inputs = [np.asarray(outputs[i]) for i in positions]
+        parts = [_numpy(head([a[start:start + batch_size] for a in inputs], training=False))
+                 for start in range(0, len(inputs[0]), batch_size)]
+        return keras.tree.map_structure(lambda *arrays: np.concatenate(arrays), *parts)
+    return run
+
+
+def task_predictions(outputs, model, task="multiclass", output_kind=None):
+    """``(prediction, std)`` (float64) in ``task``'s form from ``model``'s raw ``outputs``.
+
+    Multiclass: class probabilities ``(n, classes)`` (a softmax of logits); binary: the
     positive-class probability ``(n,)``; multilabel: each label's probability
     ``(n, labels)`` (a sigmoid applied to logits); regression: the values ``(n, units)``.
     ``std`` is the model's ``"std"`` output (a regression ensemble built with
@@ -142,22 +176,69 @@ def call_predictions(model, x, task="multiclass", output_kind=None, batch_size=2
 
     Example:
         >>> m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-        >>> call_predictions(m, np.zeros((2, 2), "float32"), "binary")[0].tolist()
+        >>> task_predictions(np.zeros((2, 1)), m, "binary")[0].tolist()
         [0.5, 0.5]
     """
     if task == "multiclass":
-        return call_probs(model, x, output_kind, batch_size), None
-    batches = [keras.tree.map_structure(keras.ops.convert_to_numpy, model(x[i:i + batch_size], training=False))
-               for i in range(0, len(x), batch_size)]
-    if isinstance(batches[0], dict):
-        outputs = {key: np.concatenate([b[key] for b in batches]).astype("float64") for key in batches[0]}
-        return outputs["prediction"], outputs.get("std")
-    outputs = np.concatenate(batches).astype("float64")
+        return metrics.as_probs(outputs, model, output_kind), None
+    if isinstance(outputs, dict):
+        return np.asarray(outputs["prediction"], "float64"), outputs.get("std")
+    outputs = np.asarray(outputs, dtype="float64")
     if task == "regression":
         return outputs, None
     if (output_kind or detect_output_kind(model)) == "logits":
         outputs = 1.0 / (1.0 + np.exp(-outputs))
     return (outputs.reshape(len(outputs)) if task == "binary" else outputs), None
+
+
+def call_probs(model, x, output_kind=None, batch_size=256):
+    """Probabilities (float64) of ``model`` on ``x`` (:func:`call_outputs`, softmax of logits).
+
+    Example:
+        >>> m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
+        >>> call_probs(m, np.zeros((3, 2), "float32")).tolist()
+        [[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]]
+    """
+    return metrics.as_probs(call_outputs(model, x, batch_size), model, output_kind)
+
+
+def call_predictions(model, x, task="multiclass", output_kind=None, batch_size=256):
+    """``(prediction, std)`` of ``model`` on ``x`` in ``task``'s form (:func:`task_predictions`).
+
+    Example:
+        >>> m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        >>> call_predictions(m, np.zeros((2, 2), "float32"), "binary")[0].tolist()
+        [0.5, 0.5]
+    """
+    return task_predictions(call_outputs(model, x, batch_size), model, task, output_kind)
+
+
+def member_head(model, members):
+    """A ``keras.Model`` from ``members``' outputs (as ``model`` calls them) to ``model``'s outputs.
+
+    An ensemble is a function of its members' outputs; with their outputs
+    computed once, every output-level composition is scored from them without
+    calling the members again. ``None`` when ``model`` does not call each member
+    exactly once or uses its input other than through them.
+
+    Example:
+        >>> ms = [keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)]) for _ in range(2)]
+        >>> from ensemblekit.compose import ensemble
+        >>> head = member_head(ensemble(ms, "mean"), ms)
+        >>> [tuple(t.shape) for t in head.inputs]
+        [(None, 3), (None, 3)]
+    """
+    nodes = [node for depth in getattr(model, "_nodes_by_depth", {}).values() for node in depth]
+    tensors = []
+    for member in members:
+        calls = [node for node in nodes if node.operation is member]
+        if len(calls) != 1 or len(calls[0].output_tensors) != 1:
+            return None
+        tensors.append(calls[0].output_tensors[0])
+    try:
+        return keras.Model(tensors, getattr(model, "_outputs_struct", model.outputs))
+    except (ValueError, TypeError):  # the graph reaches the input other than through the members
+        return None
 
 
 class Context:
@@ -200,9 +281,17 @@ class Context:
                  cost="params", metric=None, seed=0, output_kind=None, fit_data="validation split",
                  bn_data="fit", settings=None, model_prefix=None, skip_errors=(), task=None):
         self.members = MemberSet(members, output_kind, min_count=2, what="compositions", task=task)
-        self.members.require_single_output(TASKS)
-        self.x_fit = np.asarray(x_fit, dtype="float32")
-        self.y_fit = check_targets(y_fit, len(self.x_fit), self.members.output_shapes[0], self.task, param="y_fit")
+        self.members.require_single_output(TASKS, several_inputs=True)
+        if isinstance(x_fit, _data.Rows):
+            y_fit = x_fit.labels() if y_fit is None else y_fit
+        elif _data.is_dataset(x_fit):
+            raise TypeError("compositions.Context: x_fit must be arrays or an ensemblekit._data.Rows dataset, "
+                            f"got {_data.data_kind(x_fit) or type(x_fit).__name__}.")
+        else:
+            x_fit = _data.take(x_fit, slice(None))
+        self.x_fit = x_fit
+        self.y_fit = check_targets(y_fit, _data.row_count(x_fit), self.members.output_shapes[0], self.task,
+                                   param="y_fit")
         self.x_train, self.y_train = x_train, y_train
         metric = TASK_METRICS[self.task][0] if metric is None else check_metric(
             metric, self.task, TASK_METRICS[self.task])
@@ -254,17 +343,41 @@ class Context:
     def has_bn(self):
         return self._once("has_bn", lambda: any(has_batchnorm(m) for m in self.models))
 
-    def fit_probs(self):
-        """The members' predictions on ``x_fit``, members on axis 1 (computed once): probabilities
-        ``(n, K, classes)`` (multiclass), ``(n, K)`` (binary), ``(n, K, labels)`` (multilabel),
-        values ``(n, K, units)`` (regression)."""
-        return self._once("fit_probs", lambda: np.stack(
-            [call_predictions(m, self.x_fit, self.task, k)[0] for m, k in zip(self.models, self.output_kinds)],
-            axis=1))
+    @property
+    def fit_xy(self):
+        """``(x, y)`` of the fit data as the public functions take it (``y=None`` when ``x`` yields it)."""
+        return (self.x_fit, None) if _data.is_dataset(self.x_fit) else (self.x_fit, self.y_fit)
 
-    def set_fit_probs(self, probs):
-        """Use ``probs`` (``(n, K, classes)`` on ``x_fit``) instead of computing them."""
-        self._cache["fit_probs"] = np.asarray(probs)
+    def member_outputs(self, half="fit"):
+        """The members' raw outputs (one array per member) on the fit data, computed once, or on
+        the data given to :meth:`set_member_outputs` as ``half``."""
+        if half == "fit":
+            return self._once("outputs:fit", lambda: [call_outputs(m, self.x_fit) for m in self.models])
+        return self._cache[f"outputs:{half}"]
+
+    def set_member_outputs(self, outputs, half="fit"):
+        """Use ``outputs`` (the members' raw outputs, one per member) on the fit data, or on
+        another data set named ``half``, instead of calling the members."""
+        self._cache[f"outputs:{half}"] = list(outputs)
+
+    def member_predictions(self, half="fit"):
+        """The members' predictions in ``task_loss``'s form, members on axis 1: probabilities
+        ``(n, K, classes)`` (multiclass), ``(n, K)`` (binary), ``(n, K, labels)`` (multilabel),
+        values ``(n, K, units)`` (regression); from :meth:`member_outputs`."""
+        return self._once(f"predictions:{half}", lambda: np.stack(
+            [task_predictions(out, m, self.task, k)[0]
+             for out, m, k in zip(self.member_outputs(half), self.models, self.output_kinds)], axis=1))
+
+    def fit_probs(self):
+        """:meth:`member_predictions` on the fit data."""
+        return self.member_predictions("fit")
+
+    def predictions(self, built, half="fit"):
+        """``(prediction, std)`` of a built composition in ``task_loss``'s form on the fit data
+        (or ``half``), from the members' outputs where it is a function of them."""
+        if built.from_members is None and half == "fit":
+            return call_predictions(built.model, self.x_fit, self.task)
+        return task_predictions(built.outputs(self, half), built.model, self.task)
 
     def aligned(self):
         """``ek.align(members, reference=0, seed=seed)``, computed once; a :class:`Skip` if it fails."""
@@ -298,7 +411,7 @@ class Context:
         if self.has_bn:
             from ensemblekit.merge import reset_bn
 
-            reset_bn(model, self.x_fit if self.bn_data == "fit" else self.x_train)
+            reset_bn(model, self.x_fit if self.bn_data == "fit" else self.x_train, verbose=0)
         return model
 
     def built(self, name):
@@ -332,7 +445,8 @@ REQUIREMENTS = {
     "base": lambda ctx: None if ctx.base is not None else
     "needs base= (task vectors are differences from a base model)",
     "budget": _needs_budget,
-    "training_data": lambda ctx: None if ctx.x_train is not None and ctx.y_train is not None else
+    "training_data": lambda ctx: None if ctx.x_train is not None and (
+        ctx.y_train is not None or _data.is_dataset(ctx.x_train)) else
     "needs the members' training data (x_train, y_train) to train its new part",
     "training_inputs": lambda ctx: None if ctx.x_train is not None else
     "needs training inputs (x_train; labels optional) to train the student",
@@ -398,7 +512,7 @@ def _best_member(ctx):
     probs = ctx.fit_probs()
     k = int(np.argmin([loss(probs[:, i], ctx.y_fit) for i in range(len(ctx.models))]))
     fit = ctx.fit_data.replace(" ", "-")
-    return Built(ctx.models[k], f"{ctx.labels[k]}, best {fit} {metric}", [k])
+    return Built(ctx.models[k], f"{ctx.labels[k]}, best {fit} {metric}", [k], lambda outputs: outputs[k])
 
 
 def _task_method(ctx, method):
@@ -428,7 +542,7 @@ def _output_ensemble(method):
         used = _task_method(ctx, method)
         model = ensemble(ctx.models, used, output_kind=ctx.output_kinds, name=ctx.model_name(f"ensemble_{method}"),
                          task=ctx.task)
-        return Built(model, _ensemble_note(ctx, method), _all(ctx))
+        return Built(model, _ensemble_note(ctx, method), _all(ctx), _head_function(model, ctx))
     return build
 
 
@@ -442,16 +556,34 @@ def _calibrated(method):
             raise Skip("the ensemble could not be built") from None
         if ctx.task == "regression":
             return _calibrated_regression(ctx, method, source.used)
-        model = calibrate(source.model, ctx.x_fit, ctx.y_fit, name=ctx.model_name(f"calibrated_{method}"),
-                          task=ctx.task)
-        scaling = model.layers[-1]
+        model, scaling, from_members = _calibrated_model(ctx, source, f"calibrated_{method}")
         if ctx.task in ("binary", "multilabel"):
             shared = " shared by the labels" if ctx.task == "multilabel" else ""
             fitted = f"Platt scaling{shared} (slope {scaling.slope:.3g}, bias {scaling.bias:.3g})"
         else:
             fitted = f"temperature {float(scaling.temperature):.3g}"
-        return Built(model, f"ensemble, {fitted} fitted on the {ctx.fit_data}", source.used)
+        return Built(model, f"ensemble, {fitted} fitted on the {ctx.fit_data}", source.used, from_members)
     return build
+
+
+def _calibrated_model(ctx, source, name):
+    """``ek.calibrate(source.model, fit data)``, fitted on the source's outputs (from the members'
+    outputs when it is a function of them): ``(model, scaling layer, from_members)``."""
+    from ensemblekit._tasks import MemberStack
+    from ensemblekit.compose import calibrate
+    from ensemblekit.compose.weights import calibration_layer
+
+    if source.from_members is None:
+        model = calibrate(source.model, *ctx.fit_xy, name=ctx.model_name(name), task=ctx.task)
+        return model, model.layers[-1], None
+    kind = detect_output_kind(source.model)
+    canonical = MemberStack(ctx.task, [kind])([source.outputs(ctx)])
+    layer = calibration_layer(keras.ops.convert_to_numpy(canonical)[:, 0].astype("float64"), ctx.y_fit, ctx.task,
+                              kind)
+    inputs = ctx.members.shared_input()
+    model = keras.Model(inputs, layer(source.model(inputs)), name=ctx.model_name(name) or
+                        f"{source.model.name}_calibrated")
+    return model, layer, lambda outputs: _numpy(layer(source.from_members(outputs)))
 
 
 def _calibrated_regression(ctx, method, used):
@@ -460,10 +592,27 @@ def _calibrated_regression(ctx, method, used):
 
     spread = ensemble(ctx.models, _task_method(ctx, method), task="regression", uncertainty=True,
                       name=ctx.model_name(f"uncertain_{method}"))
-    model = calibrate(spread, ctx.x_fit, ctx.y_fit, name=ctx.model_name(f"calibrated_{method}"), task="regression")
-    scale = model.get_layer("std_scaling").scale
+    head = _head_function(spread, ctx)
+    if head is None:
+        model = calibrate(spread, *ctx.fit_xy, name=ctx.model_name(f"calibrated_{method}"), task="regression")
+        scale, from_members = model.get_layer("std_scaling").scale, None
+    else:
+        from ensemblekit.compose.weights import std_scaling_layer
+
+        layer = std_scaling_layer(head(ctx.member_outputs()), ctx.y_fit)
+        inputs = ctx.members.shared_input()
+        outputs = dict(spread(inputs))
+        outputs["std"] = layer(outputs["std"])
+        model = keras.Model(inputs, outputs, name=ctx.model_name(f"calibrated_{method}") or
+                            f"{spread.name}_calibrated")
+        scale = layer.scale
+
+        def from_members(member_outputs):
+            out = dict(head(member_outputs))
+            out["std"] = _numpy(layer(out["std"]))
+            return out
     return Built(model, f"mean of the values, members' std scaled by {scale:.3g} (variance scaling on the "
-                        f"{ctx.fit_data})", used)
+                        f"{ctx.fit_data})", used, from_members)
 
 
 def _subset_ensemble(ctx, weights, name):
@@ -472,10 +621,10 @@ def _subset_ensemble(ctx, weights, name):
 
     indices = [int(i) for i in np.flatnonzero(weights)]
     if len(indices) == 1:
-        return ctx.models[indices[0]], indices
+        return ctx.models[indices[0]], indices, lambda outputs, k=indices[0]: outputs[k]
     model = ensemble([ctx.models[i] for i in indices], "weighted", weights=[weights[i] for i in indices],
                      output_kind=[ctx.output_kinds[i] for i in indices], name=ctx.model_name(name), task=ctx.task)
-    return model, indices
+    return model, indices, _head_function(model, ctx, indices)
 
 
 def _weights_metric(ctx):
@@ -488,29 +637,30 @@ def _averaged(ctx):
 
 
 def _weighted(ctx):
-    from ensemblekit.compose import optimize_weights
+    from ensemblekit.compose.weights import fit_weights
 
     minimum = ctx.settings["min_weight"]
-    weights = optimize_weights(ctx.models, ctx.x_fit, ctx.y_fit, metric=_weights_metric(ctx), task=ctx.task)
+    weights = fit_weights(ctx.fit_probs(), ctx.y_fit, _weights_metric(ctx), ctx.task)
     # Members the optimiser all but switched off are dropped: they would cost without contributing.
     weights = np.where(weights < minimum, 0.0, weights)
     weights = weights / weights.sum()
-    model, indices = _subset_ensemble(ctx, weights, "weighted")
+    model, indices, from_members = _subset_ensemble(ctx, weights, "weighted")
     shown = ", ".join(f"{i}: {weights[i]:.3g}" for i in indices)
     dropped = f"; weights < {minimum:g} dropped" if len(indices) < len(weights) else ""
     return Built(model, f"mean of {_averaged(ctx)}, member weights {{{shown}}} fitted on the "
-                        f"{ctx.fit_data}{dropped}", indices)
+                        f"{ctx.fit_data}{dropped}", indices, from_members)
 
 
 def _greedy(ctx):
-    from ensemblekit.compose import select
+    from ensemblekit.compose.weights import greedy_selection
 
-    chosen = select(ctx.models, ctx.x_fit, ctx.y_fit, metric=_weights_metric(ctx), task=ctx.task)
+    _, loss = task_loss(_weights_metric(ctx), ctx.task)
+    chosen = greedy_selection(ctx.fit_probs(), ctx.y_fit, loss).chosen  # ek.select on the cached predictions
     counts = np.bincount(chosen, minlength=len(ctx.models))
-    model, indices = _subset_ensemble(ctx, counts, "greedy")
+    model, indices, from_members = _subset_ensemble(ctx, counts, "greedy")
     kept = ", ".join(f"{i}" + (f" x{counts[i]}" if counts[i] > 1 else "") for i in indices)
     return Built(model, f"members {kept} chosen greedily on the {ctx.fit_data} (mean of {_averaged(ctx)})",
-                 indices)
+                 indices, from_members)
 
 
 def _multiclass_only(ctx):
@@ -524,14 +674,15 @@ def _stack_logistic(ctx):
     from ensemblekit.compose import stack
 
     cv = ctx.settings["stack_cv"]
-    model = stack(ctx.models, ctx.x_fit, ctx.y_fit, meta="logistic", cv=cv, epochs=ctx.settings["stack_epochs"],
+    model = stack(ctx.models, *ctx.fit_xy, meta="logistic", cv=cv, epochs=ctx.settings["stack_epochs"],
                   output_kind=ctx.output_kinds, seed=ctx.seed, name=ctx.model_name("stack_logistic"), verbose=0)
     return Built(model, f"logistic meta-learner on the members' log-probabilities, cv={cv} on the "
                         f"{ctx.fit_data}")
 
 
 def _fit(ctx, model, epochs):
-    model.fit(ctx.x_train, ctx.y_train, epochs=epochs, batch_size=ctx.settings["batch_size"], verbose=0)
+    batch_size = None if _data.is_dataset(ctx.x_train) else ctx.settings["batch_size"]
+    model.fit(ctx.x_train, ctx.y_train, epochs=epochs, batch_size=batch_size, verbose=0)
     return model
 
 
@@ -578,9 +729,15 @@ def _distilled_student(ctx):
     targets = "targets" if ctx.task == "regression" else "soft targets"
     labels = f"labels and {targets}" if ctx.y_train is not None else f"{targets} only"
     return Built(student, f"member {best.used[0]}'s architecture and weights, distilled from ensemble_mean "
-                          f"({epochs} epochs on {len(ctx.x_train)} training inputs, {labels}"
+                          f"({epochs} epochs on {_training_rows(ctx)}, {labels}"
                           f"{'' if ctx.task == 'regression' else f', T={temperature:g}'}; "
                           f"training took {report.seconds:.1f} s)")
+
+
+def _training_rows(ctx):
+    if _data.is_dataset(ctx.x_train):
+        return "the training data"
+    return f"{_data.row_count(ctx.x_train)} training inputs"
 
 
 def _merged(ctx, name, models, method, **params):
@@ -618,21 +775,23 @@ def _packed(reduce):
 
 
 def _pruned_members(ctx):
-    from ensemblekit.prune import select_members
+    from ensemblekit.prune.members import selection_from_predictions
 
     count = len(ctx.models)
     if ctx.budget >= count:
         raise Skip(f"budget {ctx.budget:g} covers all {count} members")
-    try:
-        kept = select_members(ctx.models, ctx.x_fit, ctx.y_fit, budget=ctx.budget, cost=ctx.member_costs(),
-                              metric=_weights_metric(ctx), task=ctx.task)
+    try:  # ek.prune.select_members on the cached predictions
+        kept = selection_from_predictions(ctx.models, ctx.output_kinds, ctx.fit_probs(), ctx.y_fit, ctx.task,
+                                          ctx.budget, ctx.member_costs(), _weights_metric(ctx))
     except ValueError as error:
         raise Skip(str(error).splitlines()[0]) from None
     if len(kept.indices) > 1 and ctx.model_name("pruned_members") is not None:
         kept.model.name = ctx.model_name("pruned_members")
     weights = "/".join(f"{w:.2f}" for w in kept.weights)
+    from_members = (lambda outputs, k=kept.indices[0]: outputs[k]) if len(kept.indices) == 1 else \
+        _head_function(kept.model, ctx, kept.indices)
     return Built(kept.model, f"members {', '.join(map(str, kept.indices))} (weights {weights}) kept under "
-                             f"the budget, chosen on the {ctx.fit_data}", kept.indices)
+                             f"the budget, chosen on the {ctx.fit_data}", kept.indices, from_members)
 
 
 def _entries():

@@ -30,11 +30,15 @@ def register_cli(subparsers):
         "advise", help="merge or ensemble? score every option on held-out data and recommend one",
         description="Measure soups, aligned merges, TIES and output ensembles of the members "
                     "(multiclass, binary, multilabel or regression) on held-out data (half to fit, half to "
-                    "score; multilabel y_val is 0/1 of shape (n, labels)) "
+                    "score; multilabel y is 0/1 of shape (n, labels)) "
                     "and recommend one within a budget.")
     parser.add_argument("models", nargs="+", help="member .keras/.h5 files (at least 2)")
     parser.add_argument("--data", required=True,
-                        help="mnist1d or digits (their test split), or an .npz with x_val/y_val (or x/y)")
+                        help="mnist1d or digits (their test split), an .npz with x_val/y_val (or x/y), a folder "
+                             "of images in class subfolders (read by image_dataset_from_directory, never "
+                             "held in memory), or a saved tf.data dataset directory")
+    parser.add_argument("--image-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=None,
+                        help="image size for a folder of images (default: the members' input size)")
     parser.add_argument("--budget", type=float, default=None, help="single-member costs allowed (1.0 = one)")
     parser.add_argument("--cost", choices=COSTS, default="params")
     metrics = list(dict.fromkeys(m for names in TASK_METRICS.values() for m in names))
@@ -56,7 +60,7 @@ def _run_cli(args):
     from ensemblekit._io import load_members
 
     models = load_members(args.models, min_count=2, what="advise")
-    x, y = load_data_spec(args.data, model_input_shape(models[0]))
+    x, y = load_data_spec(args.data, model_input_shape(models[0]), datasets=True, image_size=args.image_size)
     advice = advise(models, x, y, budget=args.budget, cost=args.cost, metric=args.metric,
                     base=args.base, verbose=0 if args.quiet else 1, seed=args.seed, task=args.task)
     if args.quiet:

@@ -13,14 +13,14 @@ import json
 import keras
 import numpy as np
 
-from ensemblekit import compositions, metrics
+from ensemblekit import _data, compositions, metrics
 from ensemblekit._io import load_model
 from ensemblekit._validate import check_choice, check_targets
 from ensemblekit.advise.recommend import recommend
 from ensemblekit.advise.table import format_table
-from ensemblekit.compose._members import MemberSet, _shapes_compatible
+from ensemblekit.compose._members import MemberSet
 from ensemblekit.costs import COSTS, check_budget, latencies, macs
-from ensemblekit.merge.barrier import BARRIER_LOSSES, POINTS, loss_barrier
+from ensemblekit.merge.barrier import BARRIER_LOSSES, POINTS, measure_path, path_loss
 
 METRICS = ("nll", "accuracy")  # multiclass; TASK_METRICS has every task's
 # What advise ranks by, per task (first: the default): NLL for classifiers, RMSE for regressors;
@@ -141,22 +141,32 @@ def split_indices(n_samples, seed=0):
         (3, 3, True)
     """
     if n_samples < 4:
-        raise ValueError(f"x_val has {n_samples} samples; advise needs at least 4 (half to fit, half to score).")
+        raise ValueError(f"advise: x has {n_samples} samples; advise needs at least 4 (half to fit, half to "
+                         "score).")
     order = np.random.default_rng(seed).permutation(n_samples)
     half = n_samples // 2
     return np.sort(order[:half]), np.sort(order[half:])
 
 
-def advise(models, x_val, y_val, budget=None, cost="params", metric=None, base=None, verbose=1,
-           seed=0, x_train=None, y_train=None, task=None):
+def advise(models, x, y=None, budget=None, cost="params", metric=None, base=None, verbose=1,
+           seed=0, train_data=None, task=None, *, batch_size=None, steps=None):
     """Measure merging and ensembling options on held-out data and recommend one.
 
-    ``(x_val, y_val)`` is split (seeded, :func:`split_indices`) into a *fit*
-    half and a *score* half. Everything fitted — the best member's choice, the
+    The held-out data ``(x, y)`` is read once: every member predicts each sample
+    once, and those predictions serve every output-level candidate (ensembles,
+    weights, selection, calibration). It is then split by sample index (seeded,
+    :func:`split_indices`) into a *fit* half and a *score* half. Everything fitted — the best member's choice, the
     calibration (temperature, Platt or variance scaling), ensemble weights, greedy and budgeted selection,
     BatchNorm statistics of merged models — uses the fit half only; every
     reported metric and loss barrier is measured on the score half, so the
     candidates that learn from validation data are not flattered by it.
+
+    Merged models (and the barriers' points) must run on the inputs again. A
+    dataset's inputs are therefore written, in the order the one pass read them,
+    to a temporary HDF5 file (deleted afterwards) and the halves are read back
+    from it by index: a dataset that reshuffles on every iteration, or a one-shot
+    generator, is fine, and the images are never held in memory. In memory stay
+    the labels and the members' predictions (``n x K x classes``).
 
     Candidates (entries of ``ensemblekit.compositions``; skipped with a stated
     reason where they do not apply): ``best_member``; ``soup``
@@ -213,9 +223,13 @@ def advise(models, x_val, y_val, budget=None, cost="params", metric=None, base=N
         models: list of at least two members (``keras.Model`` or ``.keras``/``.h5`` paths)
             with one input and one ``(batch, units)`` output: multiclass, binary or
             multilabel classifiers, or regressors.
-        x_val, y_val: held-out data the members were not trained on (at least 4 samples;
-            labels as integers or one-hot; 0/1 for binary; 0/1 of shape ``(n, labels)``
-            for multilabel; values for regression).
+        x: held-out data the members were not trained on (at least 4 samples): anything
+            ``model.predict`` accepts (arrays, a dict/list of arrays for members with several
+            inputs, a ``tf.data.Dataset`` of ``(x, y)`` such as
+            ``keras.utils.image_dataset_from_directory`` gives, a ``keras.utils.PyDataset``,
+            a generator), read once.
+        y: its labels (integers or one-hot; 0/1 for binary; 0/1 of shape ``(n, labels)``
+            for multilabel; values for regression), or ``None`` when ``x`` yields them.
         budget: ``None`` (no limit) or how many single-member costs may be spent
             (``1.0`` = one member, the mean of the members' costs; the one meaning
             of budgets, ``ensemblekit.costs``).
@@ -229,11 +243,14 @@ def advise(models, x_val, y_val, budget=None, cost="params", metric=None, base=N
         base: the model the members were fine-tuned from (model or path); enables ``ties``.
         verbose: 1 shows a progress bar and prints the table; 0 is silent.
         seed: seed of the fit/score split (and of weight matching).
-        x_train, y_train: the members' training inputs (labels optional), for the
-            ``distilled_student`` candidate; without them it is skipped.
+        train_data: the members' training data for the ``distilled_student`` candidate
+            (without it, it is skipped): ``(x_train, y_train)``, ``(x_train,)`` (soft targets
+            only), or a re-iterable dataset (read once per epoch).
         task: the members' task as in ``ek.ensemble``: ``None``/``"auto"`` (detect),
             ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"regression"`` (a linear
             one-unit output needs it, and so do multilabel logits).
+        batch_size: rows per batch for arrays (default 256); datasets keep theirs.
+        steps: batches to read from ``x`` (required when it is endless).
 
     Returns:
         An :class:`Advice` (``recommendation``, ``reason``, ``rows``, ``barriers``,
@@ -263,7 +280,7 @@ def advise(models, x_val, y_val, budget=None, cost="params", metric=None, base=N
         check_choice(metric, sorted({m for names in TASK_METRICS.values() for m in names}), "metric")
     if verbose not in (0, 1):
         raise ValueError(f"verbose must be 0 or 1, got {verbose!r}.")
-    setup = _setup(models, x_val, y_val, base, budget, metric, seed, x_train, y_train, task)
+    setup = _setup(models, x, y, base, budget, metric, seed, train_data, task, batch_size, steps, verbose)
     ctx = setup.ctx
     metric = ctx.metric
     steps = (len(ctx.models) - 1) * (ctx.architecture_difference is None) + len(CANDIDATES) + (cost == "latency")
@@ -277,7 +294,7 @@ def advise(models, x_val, y_val, budget=None, cost="params", metric=None, base=N
     ctx.cost = _member_costs(setup, cost, timed)
     candidates.append(_candidate(setup, "pruned_subset"))
     if timed is not None and candidates[-1].model is not None:
-        timed.update(_time_models({"pruned_subset": candidates[-1].model}, setup.x_score))
+        timed.update(_time_models({"pruned_subset": candidates[-1].model}, setup.sample))
     progress.add(1)
     rows = [_row(setup, c, cost, budget, timed) for c in candidates]
     recommendation, reason = recommend(rows, metric, budget, cost, barriers)
@@ -294,25 +311,14 @@ def advise(models, x_val, y_val, budget=None, cost="params", metric=None, base=N
 @dataclasses.dataclass
 class _Setup:
     ctx: compositions.Context  # members, fit half, base, budget, metric: what candidates are built from
-    x_score: np.ndarray
+    x_score: object  # the score half: arrays, or a _data.Rows dataset over the stored inputs
     y_score: np.ndarray
     score_probs: np.ndarray  # (n_score, K, classes); binary (n_score, K); multilabel (n_score, K, labels);
     # regression (n_score, K, units)
     notes: list
     member_params: np.ndarray
     member_macs: np.ndarray
-
-
-def _check_x(x_val, members):
-    try:
-        x = np.asarray(x_val, dtype="float32")
-    except (TypeError, ValueError):
-        raise TypeError(f"x_val must be a numeric array, got {type(x_val).__name__}.") from None
-    if x.ndim < 2 or not _shapes_compatible(x.shape[1:], members.input_shape):
-        raise ValueError(
-            f"x_val has shape {x.shape} but {members.labels[0]} expects input shape "
-            f"{(None, *members.input_shape)}.")
-    return x
+    sample: object  # a batch of score-half inputs (latency timing)
 
 
 def _check_auroc(metric, y_score, task):
@@ -344,32 +350,66 @@ def _load_base(base):
     raise TypeError(f"base must be a keras.Model or a path to a .keras/.h5 file, got {type(base).__name__}.")
 
 
-def _setup(models, x_val, y_val, base, budget, metric, seed, x_train=None, y_train=None, task=None):
+def _setup(models, x, y, base, budget, metric, seed, train_data, task, batch_size, steps, verbose):
     members = MemberSet(models, min_count=2, what="advise", task=task)
-    members.require_single_output(TASKS)
+    members.require_single_output(TASKS, several_inputs=True)
     if metric is not None and metric not in TASK_METRICS[members.task]:
         options = ", ".join(map(repr, TASK_METRICS[members.task]))
         raise ValueError(f"metric {metric!r} does not apply to {members.task} members; expected one of {options}.")
     base = _load_base(base)
-    x = _check_x(x_val, members)
-    y = check_targets(y_val, len(x), members.output_shapes[0], members.task, param="y_val")
-    fit, score = split_indices(len(x), seed)
+    x_train, y_train = _train_data(train_data, members)
+    # One pass: every member on each batch as it arrives; a dataset's inputs kept on disk for the halves.
+    store = _data.InputStore() if _data.is_dataset(x) else None
+    data = _data.collect(members.models, x, y, batch_size=batch_size, steps=steps, function="advise",
+                         needs_labels=True, verbose=verbose, sink=None if store is None else store.append)
+    _data.refuse_sample_weight(data, "advise")
+    outputs = [_single(out) for out in data.outputs]
+    metrics.check_finite_members(members.models, data, outputs, "advise", "x", members.labels)
+    y = check_targets(data.y, data.rows, members.output_shapes[0], members.task, param="y")
+    fit, score = split_indices(data.rows, seed)
     _check_auroc(metric, y[score], members.task)
+    if store is None:
+        x_fit, x_score = _data.take(x, fit), _data.take(x, score)
+        sample = _data.take(x_score, slice(0, 256))
+    else:
+        rows = batch_size or _data.DEFAULT_BATCH_SIZE
+        x_fit, x_score = _data.Rows(store, fit, y, rows), _data.Rows(store, score, y, rows)
+        sample = x_score[0][0]
     ctx = compositions.Context(
-        members.models, x[fit], y[fit], base=base, budget=budget, metric=metric, seed=seed,
-        x_train=None if x_train is None else np.asarray(x_train, dtype="float32"),
-        y_train=None if y_train is None else check_targets(y_train, len(x_train), members.output_shapes[0],
-                                                           members.task, param="y_train"),
+        members.models, x_fit, y[fit], base=base, budget=budget, metric=metric, seed=seed,
+        x_train=x_train, y_train=y_train,
         output_kind=members.output_kinds, fit_data="fit half", bn_data="fit", model_prefix="advise_",
         skip_errors=(ValueError,), task=members.task)  # an unsupported layer, ...: a skipped row
+    ctx.set_member_outputs([out[fit] for out in outputs])
+    ctx.set_member_outputs([out[score] for out in outputs], "score")
     notes = [_multilabel_note(ctx)] if members.task == "multilabel" else []
     if ctx.architecture_difference:
         notes.append(f"weight-space merges skipped: {ctx.architecture_difference}")
-    score_probs = np.stack([compositions.call_predictions(m, x[score], members.task, kind)[0]
-                            for m, kind in zip(members.models, members.output_kinds)], axis=1)
-    return _Setup(ctx, x[score], y[score], score_probs, notes,
+    return _Setup(ctx, x_score, y[score], ctx.member_predictions("score"), notes,
                   np.array([m.count_params() for m in members.models], dtype="float64"),
-                  np.array([macs(m) for m in members.models], dtype="float64"))
+                  np.array([macs(m) for m in members.models], dtype="float64"), sample)
+
+
+def _single(outputs):
+    """A member's one output (a functional model may give it as a list of one)."""
+    return outputs[0] if isinstance(outputs, (list, tuple)) and len(outputs) == 1 else outputs
+
+
+def _train_data(train_data, members):
+    """``(x_train, y_train)`` from ``train_data``: ``(x, y)``, ``(x,)`` or a re-iterable dataset."""
+    if train_data is None:
+        return None, None
+    if _data.is_dataset(train_data):
+        _data.check_reiterable(train_data, "advise", "train_data")
+        return train_data, None
+    if not isinstance(train_data, tuple) or len(train_data) not in (1, 2):
+        raise TypeError(f"advise: train_data must be a tuple (x_train, y_train) or (x_train,), or a dataset; "
+                        f"got {type(train_data).__name__}.")
+    x_train, y_train = (*train_data, None)[:2]
+    rows = _data.row_count(_data.take(x_train, slice(None)))
+    if y_train is not None:
+        y_train = check_targets(y_train, rows, members.output_shapes[0], members.task, param="train_data y")
+    return x_train, y_train
 
 
 # --- loss barriers ------------------------------------------------------------------------------
@@ -385,16 +425,21 @@ def _barriers(setup, progress):
         aligned, align_reason = None, str(reason)
         setup.notes.append(align_reason)
     bn_data = ctx.x_fit if ctx.has_bn else None
+    y_score = None if _data.is_dataset(setup.x_score) else setup.y_score  # a dataset yields its labels
     path = f"path_{BARRIER_LOSSES[ctx.task]}"
     barriers = {}
+    # The endpoints are the members themselves (without BatchNorm reset): their losses come from
+    # the members' one pass; aligned members compute what the members compute.
+    outputs = ctx.member_outputs("score")
+    ends = [path_loss(out, setup.y_score, m, ctx.task, ctx.output_kinds[0]) for out, m in zip(outputs, ctx.models)]
     for k in range(1, len(ctx.models)):
-        plain = loss_barrier(ctx.models[0], ctx.models[k], setup.x_score, setup.y_score, PATH_T, bn_data,
-                             output_kind=ctx.output_kinds[0], task=ctx.task)
+        plain = measure_path(ctx.models[0], ctx.models[k], setup.x_score, y_score, PATH_T, bn_data, ctx.task,
+                             ctx.output_kinds[0], ends=(ends[0], ends[k]))
         entry = {"t": list(PATH_T), path: plain.path, "barrier": plain.barrier,
                  f"aligned_{path}": None, "aligned_barrier": None, "note": align_reason or ""}
         if aligned is not None:
-            matched = loss_barrier(aligned[0], aligned[k], setup.x_score, setup.y_score, PATH_T, bn_data,
-                                   output_kind=ctx.output_kinds[0], task=ctx.task)
+            matched = measure_path(aligned[0], aligned[k], setup.x_score, y_score, PATH_T, bn_data, ctx.task,
+                                   ctx.output_kinds[0], ends=(ends[0], ends[k]))
             entry.update({f"aligned_{path}": matched.path, "aligned_barrier": matched.barrier})
         barriers[f"0-{k}"] = entry
         progress.add(1)
@@ -421,8 +466,8 @@ def _candidate(setup, name):
         built = compositions.build(entry.name, setup.ctx)
     except compositions.Skip as reason:
         return _Candidate(name, entry.kind, note=f"skipped: {reason}")
-    if name == "best_member":
-        probs, std = setup.score_probs[:, built.used[0]], None
+    if built.from_members is not None:  # from the members' score-half outputs: no member runs again
+        probs, std = setup.ctx.predictions(built, "score")
     else:
         probs, std = compositions.call_predictions(built.model, setup.x_score, setup.ctx.task)
     return _Candidate(name, entry.kind, built.model, probs, std, built.used, built.note)
@@ -438,15 +483,15 @@ def _member_costs(setup, cost, timed):
     return np.array([timed[f"member {k}"] for k in range(len(setup.ctx.models))], dtype="float64")
 
 
-def _time_models(models, x_score):
+def _time_models(models, sample):
     """Milliseconds per batch of 256 of each model (``ensemblekit.costs.latencies``)."""
-    return {name: seconds * 1e3 for name, seconds in latencies(models, x_score).items()}
+    return {name: seconds * 1e3 for name, seconds in latencies(models, sample).items()}
 
 
 def _measure_latencies(setup, candidates, progress):
     models = {f"member {k}": m for k, m in enumerate(setup.ctx.models)}
     models.update({c.name: c.model for c in candidates if c.model is not None and c.name != "best_member"})
-    timed = _time_models(models, setup.x_score)
+    timed = _time_models(models, setup.sample)
     best = candidates[0]
     if best.model is not None:
         timed["best_member"] = timed[f"member {best.used[0]}"]

@@ -175,9 +175,10 @@ class MemberSet:
         """Raise unless the members have one input and one multiclass output (what ``what`` supports)."""
         self.require_single_output(("multiclass",))
 
-    def require_single_output(self, tasks):
-        """Raise unless the members have one input and one ``(batch, units)`` output of one of ``tasks``."""
-        if not self.single_io:
+    def require_single_output(self, tasks, several_inputs=False):
+        """Raise unless the members have one input (or, with ``several_inputs``, any inputs) and one
+        ``(batch, units)`` output of one of ``tasks``."""
+        if not (self.single_output if several_inputs else self.single_io):
             raise ValueError(
                 f"{self.what} supports members with one input and one output; {self.labels[0]} has "
                 f"inputs {self.input_names} and outputs {self.output_names} (use ek.ensemble for "

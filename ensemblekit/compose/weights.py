@@ -187,6 +187,11 @@ def optimize_weights(models, x, y=None, metric=None, task=None, *, batch_size=No
     """
     _, probs, y, task = validation_predictions(models, x, y, "optimize_weights", task=task,
                                                batch_size=batch_size, steps=steps)
+    return fit_weights(probs, y, metric, task)
+
+
+def fit_weights(probs, y, metric, task):
+    """:func:`optimize_weights` on the members' predictions ``(n, K, ...)`` in :func:`task_loss`'s form."""
     metric, loss = task_loss(metric, task)
 
     def objective(theta):
@@ -462,13 +467,23 @@ def calibrate(model, x, y=None, output_kind=None, name=None, task=None, per_labe
     stacked = stacked[:, 0]
     metrics.check_finite_members([model], data, [stacked], "calibrate", "x", members.labels)
     inputs = members.shared_input()
-    if members.task == "multiclass":
-        y = check_labels(data.y, stacked.shape[0], members.num_classes, param="y")
-        layer = TemperatureScaling(fit_temperature(stacked, y), kind=kind, name="temperature_scaling")
-    else:  # 0/1 targets of the output's shape, binary too (a (n, 1) column is fine)
-        y = check_targets(data.y, stacked.shape[0], stacked.shape[1:], "multilabel", param="y")
-        layer = PlattScaling(*_fit_platt_layer(stacked, y, per_label), kind=kind, name="platt_scaling")
+    layer = calibration_layer(stacked, data.y, members.task, kind, per_label)
     return keras.Model(inputs, layer(model(inputs)), name=name or f"{model.name}_calibrated")
+
+
+def calibration_layer(stacked, y, task, kind, per_label=False):
+    """The fitted calibration layer of :func:`calibrate` from one model's outputs in canonical form.
+
+    ``stacked`` is the model's log-probabilities (multiclass) or logits (binary,
+    multilabel) on the validation data, as ``ensemblekit._tasks.MemberStack``
+    gives them for one member; ``kind`` is what the model outputs.
+    """
+    if task == "multiclass":
+        y = check_labels(y, stacked.shape[0], stacked.shape[-1], param="y")
+        return TemperatureScaling(fit_temperature(stacked, y), kind=kind, name="temperature_scaling")
+    # 0/1 targets of the output's shape, binary too (a (n, 1) column is fine)
+    y = check_targets(y, stacked.shape[0], stacked.shape[1:], "multilabel", param="y")
+    return PlattScaling(*_fit_platt_layer(stacked, y, per_label), kind=kind, name="platt_scaling")
 
 
 def _scale_std(model, x, y, name, key="std", batch_size=None, steps=None):
@@ -477,10 +492,15 @@ def _scale_std(model, x, y, name, key="std", batch_size=None, steps=None):
     refuse_sample_weight(data, "calibrate")
     out = data.outputs[0]
     metrics.check_finite_members([model], data, [out], "calibrate", "x", [member_label(0, model)])
-    std = np.sqrt(np.maximum(out[key], 0.0)) if key == "variance" else out[key]
-    scale = fit_std_scale(out["prediction"].astype("float64"), std, data.y)
+    layer = std_scaling_layer(out, data.y, key)
     inputs = fresh_inputs(model)
     outputs = dict(model(inputs))
-    factor = scale ** 2 if key == "variance" else scale
-    outputs[key] = StdScaling(factor, name=f"{key}_scaling")(outputs[key])
+    outputs[key] = layer(outputs[key])
     return keras.Model(inputs, outputs, name=name or f"{model.name}_calibrated")
+
+
+def std_scaling_layer(outputs, y, key="std"):
+    """The fitted ``StdScaling`` of output ``key`` from a regression ensemble's ``outputs`` (a dict)."""
+    std = np.sqrt(np.maximum(outputs[key], 0.0)) if key == "variance" else outputs[key]
+    scale = fit_std_scale(np.asarray(outputs["prediction"], "float64"), std, y)
+    return StdScaling(scale ** 2 if key == "variance" else scale, name=f"{key}_scaling")

@@ -78,8 +78,13 @@ def _loss(model, x, y, task, kind, batch_size):
     regression: mean squared error of the values.
     """
     data = collect([model], x, y, batch_size=batch_size, function="loss_barrier", needs_labels=True)
-    outputs = np.asarray(data.outputs[0], dtype="float64")
-    y = check_targets(data.y, data.rows, model.output_shape[1:], task, param="y")
+    return path_loss(data.outputs[0], data.y, model, task, kind)
+
+
+def path_loss(outputs, y, model, task, kind):
+    """:func:`_loss` of ``model`` from its raw ``outputs`` on data labelled ``y``."""
+    outputs = np.asarray(outputs[0] if isinstance(outputs, (list, tuple)) else outputs, dtype="float64")
+    y = check_targets(y, len(outputs), model.output_shape[1:], task, param="y")
     if task == "multiclass":
         return metrics.nll(as_probs(outputs, model, kind), y)
     if task in ("binary", "multilabel"):
@@ -144,17 +149,27 @@ def loss_barrier(model_a, model_b, x, y=None, points=POINTS, reset_bn_data=None,
         >>> loss_barrier(r, r, x, x[:, 0], task="regression").barrier  # MSE along the path
         0.0
     """
-    from ensemblekit.merge.bn import reset_bn
-    from ensemblekit.merge.core import merge
-
     t_values = _check_points(points)
     check_reiterable(x, "loss_barrier")
     task = _barrier_task(model_a, task)
-    kind = output_kind or detect_output_kind(model_a)
+    return measure_path(model_a, model_b, x, y, t_values, reset_bn_data, task,
+                        output_kind or detect_output_kind(model_a), batch_size)
+
+
+def measure_path(model_a, model_b, x, y, t_values, reset_bn_data, task, kind, batch_size=None, ends=None):
+    """:func:`loss_barrier` with checked arguments. ``ends``: the endpoints' losses ``(L(a), L(b))``
+    when the caller knows them already (``ek.advise``, from the members' one pass); they are used
+    only where the endpoints are the models themselves (no BatchNorm reset)."""
+    from ensemblekit.merge.bn import reset_bn
+    from ensemblekit.merge.core import merge
+
     reset = reset_bn_data is not None and has_batchnorm(model_a)
     path = []
     for t in t_values:
         if not reset and t in (0.0, 1.0):
+            if ends is not None:
+                path.append(float(ends[0] if t == 0.0 else ends[1]))
+                continue
             model = model_a if t == 0.0 else model_b
         else:
             model = merge([model_a, model_b], "linear", weights=[1 - t, t], name="barrier_point")

@@ -128,21 +128,29 @@ def select_members(ensemble_or_models, x, y=None, budget=None, cost="params", me
         >>> kept.task, kept.metric, len(kept.indices)
         ('regression', 'mse', 1)
     """
-    from ensemblekit.compose.ensemble import ensemble
-
     models = _member_models(ensemble_or_models)
     given = check_budget(budget)
-    budget = len(models) / 2 if given is None else given
     member_set, predictions, y, task = validation_predictions(models, x, y, "select_members()", task=task)
+    return selection_from_predictions(member_set.models, member_set.output_kinds, predictions, y, task, given,
+                                      cost, metric, steps)
+
+
+def selection_from_predictions(models, output_kinds, predictions, y, task, budget, cost, metric, steps=None):
+    """:func:`select_members` on the members' validation predictions ``(n, K, ...)`` (``task_loss``'s
+    form), for callers that computed them once already (``ek.advise``)."""
+    from ensemblekit.compose.ensemble import ensemble
+
+    given = budget
+    budget = len(models) / 2 if given is None else given
     metric, loss = task_loss(metric, task)
     costs = model_costs(models, cost)
     _check_cheapest_fits(models, costs, budget, given, cost)
     selection = greedy_selection(predictions, y, loss, steps, costs=costs, limit=budget_limit(budget, costs))
     indices = [int(i) for i in np.flatnonzero(selection.counts)]
     weights = [float(selection.counts[i] / selection.counts.sum()) for i in indices]
-    kept = [member_set.models[i] for i in indices]
+    kept = [models[i] for i in indices]
     model = kept[0] if len(kept) == 1 else ensemble(
-        kept, "weighted", weights=weights, output_kind=[member_set.output_kinds[i] for i in indices], task=task)
+        kept, "weighted", weights=weights, output_kind=[output_kinds[i] for i in indices], task=task)
     sign = -1.0 if metric in HIGHER_IS_BETTER else 1.0  # greedy_selection minimises a loss
     return MemberSelection(
         indices=indices, weights=weights, cost=costs.tolist(),
@@ -150,4 +158,4 @@ def select_members(ensemble_or_models, x, y=None, budget=None, cost="params", me
         full_score=sign * float(loss(predictions.mean(axis=1), y)), model=model, task=task, metric=metric)
 
 
-__all__ = ["MemberSelection", "select_members"]
+__all__ = ["MemberSelection", "select_members", "selection_from_predictions"]

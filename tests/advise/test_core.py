@@ -51,7 +51,7 @@ def test_split_is_deterministic_disjoint_and_complete():
     assert len(fit) == 50 and len(score) == 51
     assert sorted([*fit, *score]) == list(range(101))
     assert not np.array_equal(split_indices(101, seed=4)[0], fit)
-    with pytest.raises(ValueError, match="x_val has 3 samples; advise needs at least 4"):
+    with pytest.raises(ValueError, match="advise: x has 3 samples; advise needs at least 4"):
         split_indices(3)
 
 
@@ -149,8 +149,8 @@ def test_bad_inputs_name_the_parameter(data, independent):
     cases = [
         (ValueError, "advise needs at least 2 members, got 1", dict(models=models[:1])),
         (TypeError, "models must be a list", dict(models=models[0])),
-        (ValueError, "y_val has 399 labels but x has 400 samples", dict(y_val=yv[:-1])),
-        (ValueError, r"x_val has shape \(400, 7\)", dict(x_val=xv[:, :7])),
+        (ValueError, "advise: y has 399 rows but x has 400", dict(y=yv[:-1])),
+        (ValueError, r"advise: x does not fit model .*shapes \(400, 7\)|advise: x does not fit model", dict(x=xv[:, :7])),
         (ValueError, "budget must be None or a positive number", dict(budget=0)),
         (ValueError, "budget must be None or a positive number", dict(budget=-1.0)),
         (ValueError, "budget must be None or a positive number", dict(budget=True)),
@@ -160,12 +160,12 @@ def test_bad_inputs_name_the_parameter(data, independent):
     ]
     for error, message, change in cases:
         with pytest.raises(error, match=message):
-            ek.advise(**{"models": models, "x_val": xv, "y_val": yv, "verbose": 0, **change})
+            ek.advise(**{"models": models, "x": xv, "y": yv, "verbose": 0, **change})
     regression = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)])
     with pytest.raises(ValueError, match="member 0 .* its task cannot be told"):
         ek.advise([regression, regression], xv, yv, verbose=0)
     sigmoid = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1, activation="sigmoid")])
-    with pytest.raises(ValueError, match=r"y_val holds labels in \[0, 2\] but the models have 2 classes"):
+    with pytest.raises(ValueError, match=r"y holds labels in \[0, 2\] but the models have 2 classes"):
         ek.advise([sigmoid, sigmoid], xv, yv, verbose=0)
 
 
@@ -235,7 +235,7 @@ def test_distilled_student_is_a_candidate_with_its_training_cost_stated(data, me
     (x, y), (x_val, y_val) = data
     without = {row["name"]: row for row in ek.advise(members, x_val, y_val, verbose=0).rows}
     assert without["distilled_student"]["note"].startswith("skipped: needs training inputs")
-    advice = ek.advise(members, x_val, y_val, budget=1.0, verbose=0, x_train=x, y_train=y)
+    advice = ek.advise(members, x_val, y_val, budget=1.0, verbose=0, train_data=(x, y))
     row = rows_by_name(advice)["distilled_student"]
     assert row["cost_ratio"] == 1.0 and row["within_budget"]
     assert "distilled from ensemble_mean" in row["note"] and "training took" in row["note"]

@@ -43,7 +43,7 @@ def multilabel():
     """Three MLPs with three logits each (task="multilabel" says what they are), advice at budget 2."""
     (xt, yt), (xv, yv) = _digits()
     members = [_logit_mlp(seed, xt, yt) for seed in range(3)]
-    advice = ek.advise(members, xv, yv, budget=2.0, task="multilabel", x_train=xt, y_train=yt, verbose=0)
+    advice = ek.advise(members, xv, yv, budget=2.0, task="multilabel", train_data=(xt, yt), verbose=0)
     return members, (xv, yv), advice
 
 
@@ -165,7 +165,7 @@ def test_metric_auroc_ranks_by_macro_auroc_and_wrong_metrics_are_errors(multilab
     with pytest.raises(ValueError, match=r"^metric 'auroc' needs both classes of every label in the score half; "
                                          r"label 2 is 0 in all 200 score-half samples"):
         ek.advise(members, xv, constant, metric="auroc", task="multilabel", verbose=0)
-    with pytest.raises(ValueError, match=r"y_val must hold 0/1 targets of shape \(400, 3\)"):
+    with pytest.raises(ValueError, match=r"y must hold 0/1 targets of shape \(400, 3\)"):
         ek.advise(members, xv, yv[:, :2], task="multilabel", verbose=0)
 
 

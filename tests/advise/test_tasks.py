@@ -175,7 +175,7 @@ def test_regression_metric_mae_and_wrong_metrics(regression):
 
 def test_regression_distilled_student_trains_on_the_ensemble_values(regression):
     members, (xt, yt), (xv, yv), _ = regression
-    advice = ek.advise(members[:2], xv, yv, budget=1.0, task="regression", x_train=xt, y_train=yt, verbose=0)
+    advice = ek.advise(members[:2], xv, yv, budget=1.0, task="regression", train_data=(xt, yt), verbose=0)
     row = rows_by_name(advice)["distilled_student"]
     assert row["cost_ratio"] == 1.0 and np.isfinite(row["rmse"]) and "T=" not in row["note"]
     assert "labels and targets" in row["note"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 import types
 
 import keras
@@ -160,12 +161,31 @@ def batches(x, y=None, sample_weight=None, *, batch_size=None, steps=None, funct
         raise ValueError(f"{function}: {argument}: {_first_line(error)}") from None
     adapter.on_epoch_begin()
     try:
-        for step, batch in enumerate(adapter.get_numpy_iterator()):
+        numpy_batches = _tf_numpy_batches(x) if kind == "tf.data.Dataset" else adapter.get_numpy_iterator()
+        for step, batch in enumerate(numpy_batches):
             if steps is not None and step >= steps:
                 break
             yield keras.utils.unpack_x_y_sample_weight(batch)
     finally:
         adapter.on_epoch_end()
+
+
+def _tf_numpy_batches(dataset):
+    """A ``tf.data.Dataset``'s batches as numpy; its iterator is deleted on a helper thread.
+
+    Deleting a tf.data iterator whose pipeline autotunes waits for the autotuning
+    thread: up to ~0.5 s on every pass (measured on a 40-batch image stream that
+    takes 0.7 s to predict). Keras' own ``predict`` keeps its iterator past the
+    call; we hand ours to a thread that drops it.
+    """
+    iterator = iter(dataset)
+    try:
+        for batch in iterator:
+            yield keras.tree.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, batch)
+    finally:
+        holder = [iterator]
+        del iterator
+        threading.Thread(target=holder.clear, name="ensemblekit-drop-iterator", daemon=True).start()
 
 
 def _as_arrays(x, y, sample_weight, function, argument):

@@ -82,6 +82,7 @@ SETTINGS = {
     "batch_size": 64,  # batch of the trained parts
     "distill_epochs": 10,  # epochs of the distilled student on the training inputs
     "distill_temperature": 3.0,
+    "tta_views": None,  # views of ek.tta (e.g. [None, Shift(1, axis=1), Shift(-1, axis=1)]); None: skipped
 }
 
 
@@ -448,6 +449,7 @@ REQUIREMENTS = {
     "training_data": lambda ctx: None if ctx.x_train is not None and (
         ctx.y_train is not None or _data.is_dataset(ctx.x_train)) else
     "needs the members' training data (x_train, y_train) to train its new part",
+    "tta_views": lambda ctx: None if ctx.settings["tta_views"] else "no test-time views given (setting tta_views)",
     "training_inputs": lambda ctx: None if ctx.x_train is not None else
     "needs training inputs (x_train; labels optional) to train the student",
 }
@@ -794,6 +796,28 @@ def _pruned_members(ctx):
                              f"the budget, chosen on the {ctx.fit_data}", kept.indices, from_members)
 
 
+def _view_name(view):
+    if view is None:
+        return "identity"
+    if hasattr(view, "offset"):
+        return f"shift {view.offset:+d}"
+    if hasattr(view, "fraction"):
+        return f"crop {view.fraction:g}"
+    return type(view).__name__.lower()
+
+
+def _tta(source_name):
+    def build(ctx):
+        from ensemblekit.compose import tta
+
+        source = ctx.built(source_name)
+        views = ctx.settings["tta_views"]
+        model = tta(source.model, views, "mean", name=ctx.model_name(f"tta_{source_name}"), task=ctx.task)
+        names = ", ".join(_view_name(view) for view in views)
+        return Built(model, f"{source_name} averaged over {len(views)} views ({names})")  # costs: its own
+    return build
+
+
 def _entries():
     def entry(name, kind, builder, requires=(), note=""):
         return Composition(name, kind, builder, tuple(requires), note)
@@ -807,6 +831,10 @@ def _entries():
                     note=f"ek.calibrate(ensemble_{method}): one temperature fitted on the fit data")
     yield entry("weighted", "ensemble", _weighted, note="ek.optimize_weights: member weights fitted on the fit data")
     yield entry("greedy", "ensemble", _greedy, note="ek.select: Caruana's greedy selection with replacement")
+    yield entry("tta_best_member", "ensemble", _tta("best_member"), ("tta_views",),
+                "ek.tta(best_member, views): the best member averaged over deterministic views of its input")
+    yield entry("tta_ensemble_mean", "ensemble", _tta("ensemble_mean"), ("tta_views",),
+                "ek.tta(ensemble_mean, views): the ensemble averaged over the views")
     for reduce in ("mean", "logit_mean"):
         yield entry(f"packed_{reduce}", "ensemble", _packed(reduce), ("one_architecture", "one_output_kind"),
                     f"ek.pack(members, {reduce!r}): ensemble_{reduce} as one wide model")

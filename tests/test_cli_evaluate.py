@@ -69,3 +69,22 @@ def test_folders_are_refused_where_a_command_needs_arrays(tmp_path):
 
     with pytest.raises(ValueError, match="is a folder; this command reads arrays"):
         load_data_spec(str(tmp_path))
+
+
+def test_advise_command_on_an_image_folder_equals_the_arrays(folder_and_arrays, model_path, tmp_path, capsys):
+    root, images, labels = folder_and_arrays
+    keras.utils.set_random_seed(1)
+    other = keras.models.clone_model(keras.saving.load_model(model_path))
+    other_path = tmp_path / "other.keras"
+    other.save(other_path)
+    out = tmp_path / "advice.json"
+    assert main(["advise", str(model_path), str(other_path), "--data", str(root), "-q", "--json", str(out)]) == 0
+    written = json.loads(out.read_text())
+    members = [keras.saving.load_model(p) for p in (model_path, other_path)]
+    expected = ek.advise(members, images, labels, verbose=0).to_dict()
+    assert (written["fit_size"], written["score_size"]) == (expected["fit_size"], expected["score_size"])
+    for got, want in zip(written["rows"], expected["rows"]):
+        assert got["name"] == want["name"]
+        assert (got["nll"] is None) == (want["nll"] is None), got["name"]
+        if want["nll"] is not None:
+            assert got["nll"] == pytest.approx(want["nll"], abs=1e-4), got["name"]

@@ -36,6 +36,7 @@ import numpy as np
 
 from ensemblekit import compositions, demo, metrics
 from ensemblekit._timing import batch_seconds
+from ensemblekit.compose.views import Shift
 from ensemblekit.bench.throughput import device_info, write_json_and_markdown
 
 MEMBER_SETS = {
@@ -75,7 +76,12 @@ COMPOSITIONS = {
     f"pruned channels({PRUNE_RATIO}) + ensemble mean": "pruned_channels",
     f"prune.select_members (budget {MEMBER_FRACTION})": "pruned_members",
     "calibrate(ensemble mean)": "calibrated_mean",
+    "TTA best member (shifts)": "tta_best_member",
+    "TTA ensemble mean (shifts)": "tta_ensemble_mean",
 }
+# Test-time views of every member set (mnist1d sequences, time on axis 1): the input and its
+# shifts by one and two steps each way (ek.tta's Shift pads with zeros).
+TTA_SHIFTS = (1, -1, 2, -2)
 Skip = compositions.Skip  # a composition that does not apply to a member set (the message says why)
 
 
@@ -159,7 +165,8 @@ def make_context(members, data, settings, seed):
         budget=MEMBER_FRACTION * len(members), seed=seed, fit_data="validation split", bn_data="train",
         settings={"best_member_metric": "accuracy", "stack_cv": settings["cv"],
                   "stack_epochs": settings["stack_epochs"], "fuse_epochs": settings["head_epochs"],
-                  "finetune_epochs": settings["finetune_epochs"], "prune_ratio": PRUNE_RATIO})
+                  "finetune_epochs": settings["finetune_epochs"], "prune_ratio": PRUNE_RATIO,
+                  "tta_views": [None, *(Shift(offset, axis=1) for offset in TTA_SHIFTS)]})
 
 
 # -- measuring -----------------------------------------------------------------------------------

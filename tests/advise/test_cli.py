@@ -24,6 +24,6 @@ def test_cli_writes_table_and_json(tmp_path, capsys, members, data):
     # Sequential members loaded from .keras files still get aligned (align sees fresh clones).
     assert next(r for r in written["rows"] if r["name"] == "aligned_soup")["nll"] is not None
     assert main(["advise", *map(str, paths), "--data", "nope.csv"]) == 2
-    assert "--data must be mnist1d, digits or an .npz file" in capsys.readouterr().err
+    assert "--data must be mnist1d, digits, an .npz file or a folder" in capsys.readouterr().err
     assert main(["advise", str(paths[0]), "--data", str(tmp_path / "val.npz")]) == 2
     assert "advise needs at least 2 members" in capsys.readouterr().err

@@ -120,8 +120,11 @@ def test_tiny_run_has_every_composition_and_packed_equals_the_ensemble(tiny_run)
                 "weighted (optimize_weights)", "stack (logistic)", "fuse (concat, new head)",
                 "select (Caruana)", "linear soup (merge)", "align + merge", "packed (ek.pack mean)",
                 "pruned channels(0.3) + ensemble mean", "prune.select_members (budget 0.5)",
-                "calibrate(ensemble mean)"}
+                "calibrate(ensemble mean)", "TTA best member (shifts)", "TTA ensemble mean (shifts)"}
     assert set(rows) == expected
+    for label in ("TTA best member (shifts)", "TTA ensemble mean (shifts)"):
+        assert 0.0 <= rows[label]["accuracy"] <= 1.0 and rows[label]["nll"] > 0, rows[label]
+        assert "averaged over 5 views (identity, shift +1, shift -1, shift +2, shift -2)" in rows[label]["note"]
     packed, mean = rows["packed (ek.pack mean)"], rows["ensemble mean"]
     assert packed["accuracy"] == mean["accuracy"]
     for metric in ("nll", "brier", "ece"):

@@ -65,3 +65,24 @@ def test_bad_views_get_one_clear_error(sequence_model):
         ek.tta(sequence_model, [None, "flip"])
     with pytest.raises(ValueError, match="CenterCrop: fraction must be in"):
         CenterCrop(1.5)
+
+
+def test_tta_of_a_packed_ensemble_equals_tta_of_the_ensemble_and_exports(sequence_model, tmp_path):
+    """``pack`` then ``tta``: the same function as ``tta`` of ``ek.ensemble``; its SavedModel export
+    is verified against the Keras model (``ek.export`` refuses an artifact that differs)."""
+    keras.utils.set_random_seed(2)
+    members = [sequence_model, keras.models.clone_model(sequence_model)]
+    views = [None, Shift(1, axis=1), Shift(-1, axis=1)]
+    over_pack = ek.tta(ek.pack(members, reduce="mean"), views)
+    over_ensemble = ek.tta(ek.ensemble(members, "mean"), views)
+    x = RNG.normal(size=(6, 12, 2)).astype("float32")
+    np.testing.assert_allclose(over_pack.predict(x, verbose=0), over_ensemble.predict(x, verbose=0), atol=1e-5)
+    if keras.backend.backend() != "tensorflow":
+        return
+    path = tmp_path / "tta_packed"
+    ek.export(over_pack, path)
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(path))  # held: its variables live as long as it does
+    served = loaded.serve(tf.constant(x))
+    np.testing.assert_allclose(np.asarray(served), over_pack.predict(x, verbose=0), atol=1e-5)

@@ -550,7 +550,6 @@ def _output_ensemble(method):
 
 def _calibrated(method):
     def build(ctx):
-        from ensemblekit.compose import calibrate
 
         try:
             source = ctx.built(f"ensemble_{method}")

@@ -36,8 +36,8 @@ import numpy as np
 
 from ensemblekit import compositions, demo, metrics
 from ensemblekit._timing import batch_seconds
-from ensemblekit.compose.views import Shift
 from ensemblekit.bench.throughput import device_info, write_json_and_markdown
+from ensemblekit.compose.views import Shift
 
 MEMBER_SETS = {
     "mnist1d_cnn": "mnist1d, K CNN members (ensemblekit demo's CNN), different seeds",

@@ -27,6 +27,7 @@ import numbers
 import keras
 import numpy as np
 
+from ensemblekit._data import batches, is_dataset
 from ensemblekit._graph import iter_layers, model_input_shape, special_layers, weight_refs
 from ensemblekit._timing import batch_seconds
 from ensemblekit._validate import check_choice
@@ -121,8 +122,9 @@ def latencies(models, x=None, batch_size=LATENCY_BATCH, repeats=5, target_s=0.02
 
     Args:
         models: ``{name: keras.Model}``, all taking the same input.
-        x: sample inputs, repeated or cut to ``batch_size`` rows (default: a
-            seeded normal batch of the first model's input shape).
+        x: sample inputs, repeated or cut to ``batch_size`` rows: an array, or a
+            dataset whose first batch is used (default: a seeded normal batch of the
+            first model's input shape).
         batch_size: rows per timed call.
 
     Returns:
@@ -137,6 +139,8 @@ def latencies(models, x=None, batch_size=LATENCY_BATCH, repeats=5, target_s=0.02
     if x is None:
         shape = model_input_shape(next(iter(models.values())))
         x = np.random.default_rng(0).normal(size=(batch_size, *shape)).astype("float32")
+    elif is_dataset(x):  # its first batch is the sample
+        x = next(batches(x, function="latencies"))[0]
     compiled = {name: compile_for_inference(model) for name, model in models.items()}
     return batch_seconds(compiled, x, batch_size, repeats=repeats, target_s=target_s)
 

@@ -360,3 +360,25 @@ def test_a_dataset_yielding_weights_weights_evaluate(members):
     _same(ek.evaluate(model, weighted), ek.evaluate(model, X, Y, sample_weight=W))
     unweighted = ek.evaluate(model, X, Y)
     assert ek.evaluate(model, X, Y, sample_weight=W)["nll"] != pytest.approx(unweighted["nll"], abs=1e-6)
+
+
+def test_cost_latency_and_prune_report_read_datasets():
+    from ensemblekit.costs import latencies
+    from ensemblekit.prune import report
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    x = np.random.default_rng(0).normal(size=(40, 4)).astype("float32")
+    y = np.arange(40) % 3
+
+    class Rows(keras.utils.PyDataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            return x[10 * index:10 * index + 10], y[10 * index:10 * index + 10]
+
+    assert latencies({"m": model}, Rows(), batch_size=8, repeats=1, target_s=0.001)["m"] > 0
+    summary = report(model, model, Rows(), batch_sizes=(1,), repeats=1)
+    assert summary["before"]["accuracy"] == pytest.approx(ek.evaluate(model, x, y)["accuracy"])
+    assert summary["accuracy_delta"] == 0.0

@@ -227,14 +227,14 @@ class GreedySelection:
     score: float
 
 
-def greedy_selection(probs, y, loss, steps=None, costs=None, limit=None):
+def greedy_selection(probs, y, loss, size=None, costs=None, limit=None):
     """Forward ensemble selection with replacement (Caruana et al., 2004), optionally under a cost limit.
 
     Caruana, Niculescu-Mizil, Crew & Ksikes, "Ensemble Selection from
     Libraries of Models", ICML 2004. Starting from the empty ensemble, each
     step adds the member (possibly one already chosen) whose addition gives the
     lowest ``loss`` of the averaged probabilities; ties go to the lower index.
-    After ``steps`` steps the prefix with the lowest loss is returned, so extra
+    After ``size`` steps the prefix with the lowest loss is returned, so extra
     steps never hurt. With ``costs`` and ``limit``, a member's cost is paid the
     first time it is chosen (repeats are free), and only members whose cost
     still fits ``limit`` are candidates.
@@ -245,7 +245,7 @@ def greedy_selection(probs, y, loss, steps=None, costs=None, limit=None):
         y: the targets ``loss`` takes (e.g. ``(n,)`` integer labels).
         loss: ``loss(predictions, y)`` of the averaged ``(n, ...)`` predictions,
             lower is better (e.g. ``task_loss("nll", task)[1]``).
-        steps: greedy steps (default ``2 * K``).
+        size: greedy steps (default ``2 * K``).
         costs: ``None`` or ``(K,)`` positive costs of the members.
         limit: ``None`` (no limit) or the most the chosen members may cost in
             total, in the unit of ``costs``.
@@ -265,7 +265,7 @@ def greedy_selection(probs, y, loss, steps=None, costs=None, limit=None):
         ([0, 1], 0.41)
     """
     count = probs.shape[1]
-    steps = _check_steps(2 * count if steps is None else steps, "steps")
+    steps = _check_steps(2 * count if size is None else size, "size")
     costs, limit = _check_costs(count, costs, limit)
     running, counts = np.zeros_like(probs[:, 0]), np.zeros(count, dtype="int64")
     chosen, scores, paid = [], [], 0.0

@@ -71,8 +71,8 @@ def _check_cheapest_fits(models, costs, budget, given, cost):
         f"{costs[cheapest]:g}{unit}: budget must be at least {costs[cheapest] / mean:.3g}.")
 
 
-def select_members(ensemble_or_models, x, y=None, budget=None, cost="params", metric=None, steps=None,
-                   task=None):
+def select_members(ensemble_or_models, x, y=None, budget=None, cost="params", metric=None, size=None,
+                   task=None, *, batch_size=None, steps=None):
     """Keep the ensemble members that best fit a cost budget (Caruana et al., 2004).
 
     Greedy forward selection with replacement on validation data
@@ -107,7 +107,7 @@ def select_members(ensemble_or_models, x, y=None, budget=None, cost="params", me
             scores them: the positive-class probability, per label and averaged
             over labels); for regression ``"mse"`` (default), ``"rmse"`` or ``"mae"``.
             An unknown one is a ``ValueError`` naming the metric and the task.
-        steps: greedy steps (default ``2 * K``).
+        size: greedy steps, as ``ek.select(size=)`` (default ``2 * K``).
         task: the members' task as in ``ek.ensemble``: ``None``/``"auto"``
             (detect), ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"regression"``.
 
@@ -130,12 +130,13 @@ def select_members(ensemble_or_models, x, y=None, budget=None, cost="params", me
     """
     models = _member_models(ensemble_or_models)
     given = check_budget(budget)
-    member_set, predictions, y, task = validation_predictions(models, x, y, "select_members()", task=task)
+    member_set, predictions, y, task = validation_predictions(models, x, y, "select_members()", task=task,
+                                                              batch_size=batch_size, steps=steps)
     return selection_from_predictions(member_set.models, member_set.output_kinds, predictions, y, task, given,
-                                      cost, metric, steps)
+                                      cost, metric, size)
 
 
-def selection_from_predictions(models, output_kinds, predictions, y, task, budget, cost, metric, steps=None):
+def selection_from_predictions(models, output_kinds, predictions, y, task, budget, cost, metric, size=None):
     """:func:`select_members` on the members' validation predictions ``(n, K, ...)`` (``task_loss``'s
     form), for callers that computed them once already (``ek.advise``)."""
     from ensemblekit.compose.ensemble import ensemble
@@ -145,7 +146,7 @@ def selection_from_predictions(models, output_kinds, predictions, y, task, budge
     metric, loss = task_loss(metric, task)
     costs = model_costs(models, cost)
     _check_cheapest_fits(models, costs, budget, given, cost)
-    selection = greedy_selection(predictions, y, loss, steps, costs=costs, limit=budget_limit(budget, costs))
+    selection = greedy_selection(predictions, y, loss, size, costs=costs, limit=budget_limit(budget, costs))
     indices = [int(i) for i in np.flatnonzero(selection.counts)]
     weights = [float(selection.counts[i] / selection.counts.sum()) for i in indices]
     kept = [models[i] for i in indices]

@@ -37,12 +37,13 @@ def zipped_size(model):
 
 def summarize(model, x=None, y=None):
     """The size and accuracy numbers of :func:`report` for one model (no latency)."""
+    from ensemblekit._data import is_dataset
     from ensemblekit.metrics import evaluate
 
     params, nonzeros = count_params(model)
     summary = {"params": params, "nonzeros": nonzeros, "sparsity": 1.0 - nonzeros / max(params, 1),
                "macs": macs(model), "zipped_bytes": zipped_size(model)}
-    if x is not None and y is not None:
+    if x is not None and (y is not None or is_dataset(x)):  # a dataset yields its labels
         summary["accuracy"] = evaluate(model, x, y)["accuracy"]
     return summary
 
@@ -62,8 +63,9 @@ def report(model_before, model_after, x=None, y=None, batch_sizes=(1, 256), repe
 
     Args:
         model_before, model_after: the two models.
-        x, y: optional evaluation data; with labels the accuracy of both and
-            ``"accuracy_delta"`` (after - before) are reported.
+        x, y: optional evaluation data (arrays with labels ``y``, or a dataset yielding
+            ``(x, y)``); the accuracy of both and ``"accuracy_delta"`` (after - before)
+            are reported.
         batch_sizes: batch sizes whose latency is measured.
         repeats: timed rounds per batch size (the median is kept).
 

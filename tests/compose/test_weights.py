@@ -55,7 +55,7 @@ def test_select_is_greedy_with_replacement_and_skips_bad_member(good_and_bad, to
 def test_select_is_greedy_selection_without_a_limit(good_and_bad, toy_data):
     x, y = toy_data
     probs = np.stack([metrics.predict_probs(m, x[120:]) for m in good_and_bad], axis=1)
-    selection = greedy_selection(probs, y[120:], metric_loss("nll"), steps=6)
+    selection = greedy_selection(probs, y[120:], metric_loss("nll"), size=6)
     assert ek.select(good_and_bad, x[120:], y[120:], size=6) == selection.chosen
     assert selection.counts.tolist() == np.bincount(selection.chosen, minlength=3).tolist()
     assert selection.score == pytest.approx(metrics.nll(probs[:, selection.chosen].mean(axis=1), y[120:]))
@@ -73,7 +73,7 @@ def test_greedy_selection_pays_each_member_once_and_respects_the_limit():
     nll = metric_loss("nll")
     assert np.flatnonzero(greedy_selection(probs, y, nll).counts).tolist() == [2]
     for limit in (2.0, 3.9):  # the best member (cost 4) never fits; both fair ones do (repeats are free)
-        cheap = greedy_selection(probs, y, nll, steps=8, costs=[1, 1, 4], limit=limit)
+        cheap = greedy_selection(probs, y, nll, size=8, costs=[1, 1, 4], limit=limit)
         assert 2 not in cheap.chosen and set(cheap.chosen) == {0, 1} and len(cheap.chosen) > 2
         assert cheap.score == pytest.approx(nll(probs[:, cheap.chosen].mean(axis=1), y))
     assert greedy_selection(probs, y, nll, costs=[1, 1, 4], limit=4.0).chosen[0] == 2
@@ -84,8 +84,8 @@ def test_greedy_selection_pays_each_member_once_and_respects_the_limit():
 def test_greedy_selection_errors():
     probs, y = _three_members()
     nll = metric_loss("nll")
-    with pytest.raises(ValueError, match="steps must be a positive integer, got 0"):
-        greedy_selection(probs, y, nll, steps=0)
+    with pytest.raises(ValueError, match="size must be a positive integer, got 0"):
+        greedy_selection(probs, y, nll, size=0)
     with pytest.raises(ValueError, match="limit needs costs"):
         greedy_selection(probs, y, nll, limit=1.0)
     with pytest.raises(ValueError, match=r"costs has shape \(2,\) but there are 3 members"):

@@ -100,7 +100,9 @@ def test_bad_budgets_and_costs_get_clear_errors(trained_members):
         select_members(models, xv, yv, cost="flops")
     with pytest.raises(ValueError, match="4 positive numbers"):
         select_members(models, xv, yv, cost=[1.0, 2.0])
-    with pytest.raises(ValueError, match="steps must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="size must be a positive integer, got 0"):
+        select_members(models, xv, yv, size=0)
+    with pytest.raises(ValueError, match="select_members\\(\\): steps must be a positive integer or None"):
         select_members(models, xv, yv, steps=0)
     with pytest.raises(ValueError, match="nested member models"):
         select_members(models[0], xv, yv)

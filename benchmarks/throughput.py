@@ -34,6 +34,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import functools  # noqa: E402
 import importlib.util  # noqa: E402
 import statistics  # noqa: E402
+import time  # noqa: E402
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -146,9 +147,116 @@ def precision_main(args):
     return 0
 
 
+# --real: compile_for_inference with default arguments against the naive graphs, on real architectures.
+REAL_ARCHITECTURES = ("mobilenetv2", "efficientnetb0", "resnet50", "convnexttiny")
+REAL_GOAL = 0.95  # default compile_for_inference >= this x the faster naive baseline, every cell
+
+
+def naive_model(models):
+    """What a user writes: ``keras.layers.Average`` of the members' softmax (``ek.ensemble(..., "mean")``)."""
+    inputs = keras.Input(models[0].input_shape[1:])
+    probs = [keras.layers.Softmax()(keras.tree.flatten(model(inputs))[0]) for model in models]
+    return keras.Model(inputs, keras.layers.Average()(probs))
+
+
+def _first_call(fn, x):
+    start = time.perf_counter()
+    out = fn(x)
+    return np.asarray(out), time.perf_counter() - start
+
+
+def real_cell(models, x, repeats):
+    """One (architecture, batch) cell: samples/s of every path, timed round-robin, and first-call seconds."""
+    import tensorflow as tf
+
+    import ensemblekit as ek
+
+    naive = naive_model(models)
+    graph = tf.function(lambda t: naive(t, training=False))
+    xla = tf.function(lambda t: naive(t, training=False), jit_compile=True)
+    calls = {"naive_graph": lambda t: graph(t).numpy(), "naive_xla": lambda t: xla(t).numpy(),
+             "ek_ensemble": compile_for_inference(ek.ensemble(models, "mean")),
+             "ek_pack": compile_for_inference(ek.pack(models, "mean"))}
+    first, outputs = {}, {}
+    for name, call in calls.items():
+        outputs[name], first[name] = _first_call(call, x)
+    for name, call in calls.items():  # the second call: where jit_compile="auto" tries XLA
+        _, second = _first_call(call, x)
+        first[name + "_second"] = second
+    difference = max(float(np.abs(out - outputs["naive_graph"]).max()) for out in outputs.values())
+    seconds = time_paths({name: functools.partial(call, x) for name, call in calls.items()},
+                         repeats=repeats, target_s=0.1)
+    choices = {name: f"{call.lowerings_.get(x.shape, '')} {'xla' if call.jit_compile_.get(x.shape) else 'graph'}"
+               .strip() for name, call in calls.items() if hasattr(call, "jit_compile_")}
+    return seconds, first, choices, difference
+
+
+def real_run(architectures=REAL_ARCHITECTURES, members=4, batches=(1, 32, 256), repeats=5):
+    rows = []
+    for index, (arch, batch) in enumerate((a, b) for a in architectures for b in batches):
+        models = [build_member(arch, seed) for seed in range(members)]
+        x = np.random.default_rng(index).normal(size=(batch, *WORKLOADS[arch])).astype("float32")
+        seconds, first, choices, difference = real_cell(models, x, repeats)
+        baseline = min(seconds["naive_graph"], seconds["naive_xla"])
+        row = dict(workload=arch, members=members, batch=batch, max_abs_diff=difference, choices=choices,
+                   samples_per_s={k: batch / v for k, v in seconds.items()},
+                   ratio={k: baseline / v for k, v in seconds.items()}, first_call_s=first)
+        low = [k for k in ("ek_ensemble", "ek_pack") if row["ratio"][k] < REAL_GOAL]
+        if low:  # re-measured once; both reported
+            again, *_ = real_cell(models, x, repeats)
+            base_again = min(again["naive_graph"], again["naive_xla"])
+            row["remeasured_ratio"] = {k: base_again / v for k, v in again.items()}
+        rows.append(row)
+        print(_real_line(row), flush=True)
+        keras.backend.clear_session()
+    return {"info": device_info(), "repeats": repeats, "results": rows}
+
+
+def _real_line(row):
+    r, f = row["ratio"], row["first_call_s"]
+    again = row.get("remeasured_ratio")
+    more = f" (re-measured: {again['ek_ensemble']:.2f}x / {again['ek_pack']:.2f}x)" if again else ""
+    return (f"| {row['workload']} | {row['batch']} | {row['samples_per_s']['naive_graph']:.0f} | "
+            f"{r['naive_graph']:.2f}x | {r['naive_xla']:.2f}x | {r['ek_ensemble']:.2f}x ({row['choices']['ek_ensemble']}) | "
+            f"{r['ek_pack']:.2f}x ({row['choices']['ek_pack']}){more} | "
+            f"{f['naive_graph']:.1f} / {f['naive_xla']:.1f} / {f['ek_ensemble']:.1f}+{f['ek_ensemble_second']:.1f} / "
+            f"{f['ek_pack']:.1f}+{f['ek_pack_second']:.1f} |")
+
+
+def real_markdown(result):
+    lines = ["# compile_for_inference (default arguments) vs the naive graphs, real architectures", "",
+             f"Device: {result['info'].get('device', '?')}; K={result['results'][0]['members']} members, "
+             "weights=None, 32x32x3 inputs, 10 classes; round-robin, median of "
+             f"{result['repeats']} blocks. Ratios are to the faster of the two naive baselines "
+             "(`keras.layers.Average` of the members' softmax in a plain `tf.function` / with XLA). "
+             "First calls (s): naive graph / naive XLA / ek.ensemble first+second call / ek.pack first+second "
+             "(jit_compile='auto' tries XLA on the second call of a shape).", "",
+             "| members | batch | naive graph samples/s | naive graph | naive XLA | "
+             "compile_for_inference(ek.ensemble) | compile_for_inference(ek.pack) | first calls (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [_real_line(row) for row in result["results"]]
+    cells = [(row, k) for row in result["results"] for k in ("ek_ensemble", "ek_pack")]
+    met = all(max(row["ratio"][k], row.get("remeasured_ratio", {}).get(k, 0)) >= REAL_GOAL for row, k in cells)
+    lines += ["", f"Every cell >= {REAL_GOAL}x the faster naive baseline (or on re-measure): "
+                  f"{'met' if met else 'NOT met'}."]
+    return "\n".join(lines) + "\n"
+
+
+def real_main(args):
+    result = real_run(architectures=args.workloads or REAL_ARCHITECTURES, batches=args.batches or (1, 32, 256),
+                      repeats=args.repeats or 5)
+    for path in write_json_and_markdown(result, real_markdown(result), args.out, "throughput_real"):
+        print(f"wrote {path}")
+    return 0
+
+
 if __name__ == "__main__":
     parser = add_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--precision", action="store_true",
                         help="time the packed model in float32 vs bfloat16 (and torch peers)")
+    parser.add_argument("--real", action="store_true",
+                        help="compile_for_inference (defaults) vs naive graphs on keras.applications members")
     arguments = parser.parse_args()
+    if arguments.real:
+        sys.exit(real_main(arguments))
     sys.exit(precision_main(arguments) if arguments.precision else main(arguments))

@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import threading
 import types
+import weakref
 
 import keras
 import numpy as np
@@ -284,9 +285,47 @@ def _non_finite_input_rows(batch):
     return bad
 
 
+# model -> (its variables' identities, compile_for_inference(model)): one compiled call per model,
+# made again when its variables are replaced (e.g. by model.quantize), never stale.
+_COMPILED = weakref.WeakKeyDictionary()
+
+
 def _runner(model):
-    """A callable running ``model`` on one numpy batch, through its compiled predict step."""
-    return lambda batch: model.predict_on_batch(batch)
+    """A callable running ``model`` on one numpy batch.
+
+    Models with one input run through ``ensemblekit.inference.compile_for_inference``
+    as a plain compiled graph (kept per model, one trace per input shape):
+    ``model.predict_on_batch`` pays Keras' per-call overhead on every batch. Keras'
+    own step runs models with several inputs and models placed on several devices
+    (a ``tf.distribute`` strategy with several replicas, a ``keras.distribution``),
+    so those batches are split over the devices as Keras splits them.
+    """
+    if not _compilable(model):
+        return model.predict_on_batch
+    signature = tuple(id(v) for v in model.variables)
+    cached = _COMPILED.get(model)
+    if cached is None or cached[0] != signature:
+        from ensemblekit.inference import compile_for_inference
+
+        cached = (signature, compile_for_inference(model, jit_compile=False, autotune=False))
+        _COMPILED[model] = cached
+    compiled = cached[1]
+
+    def run(batch):
+        if not hasattr(batch, "shape"):  # a structure of inputs: Keras' step adapts it
+            return model.predict_on_batch(batch)
+        return keras.tree.map_structure(keras.ops.convert_to_numpy, compiled.fn(batch))
+    return run
+
+
+def _compilable(model):
+    backend = keras.backend.backend()
+    if backend not in ("tensorflow", "jax") or len(getattr(model, "inputs", None) or ()) != 1:
+        return False
+    if backend == "jax":
+        return keras.distribution.distribution() is None
+    strategy = getattr(model, "distribute_strategy", None)
+    return strategy is None or strategy.num_replicas_in_sync == 1
 
 
 def collect(models, x, y=None, sample_weight=None, *, batch_size=None, steps=None, function="predict",
@@ -406,24 +445,6 @@ def predict(model, x, batch_size=None, steps=None, verbose=0):
         (3, 1)
     """
     return collect([model], x, batch_size=batch_size, steps=steps, verbose=verbose).outputs[0]
-
-
-def pad_to_batches(x, batch_size):
-    """``(x padded with zero rows to a multiple of batch_size, original row count)``.
-
-    ``x`` is an array, or a dict/list of arrays with the same number of rows.
-    """
-    if isinstance(x, dict) or (isinstance(x, (list, tuple)) and x and all(hasattr(a, "shape") for a in x)):
-        padded = keras.tree.map_structure(lambda a: pad_to_batches(a, batch_size)[0], x)
-        rows = {len(np.asarray(a)) for a in keras.tree.flatten(x)}
-        if len(rows) != 1:
-            raise ValueError(f"the inputs have different numbers of rows: {sorted(rows)}.")
-        return padded, rows.pop()
-    x = np.asarray(x)
-    padding = -len(x) % batch_size
-    if padding:
-        x = np.concatenate([x, np.zeros((padding, *x.shape[1:]), x.dtype)])
-    return x, len(x) - padding
 
 
 def row_count(x):

@@ -35,12 +35,12 @@ import contextlib
 import dataclasses
 import os
 import tempfile
+import time
 import warnings
 
 import keras
 import numpy as np
 
-from ensemblekit._data import pad_to_batches
 from ensemblekit._packed import output_layers, rebuild_members, unpack_record
 from ensemblekit._timing import time_paths
 
@@ -126,6 +126,9 @@ class InferenceFunction:
     ``jit_compile_`` maps each compiled input shape to whether its call runs
     as one XLA cluster (``True``; always on JAX) or a plain TF graph
     (``False``); with ``jit_compile="auto"`` that is what measured fastest.
+    ``compile_seconds_`` maps each input shape to the seconds its compilation
+    took: the first call's (plain graphs and the timing of the ways), then, with
+    ``"auto"``, the second call's (XLA tried against them).
 
     Example:
         >>> import keras
@@ -135,13 +138,14 @@ class InferenceFunction:
     """
 
     def __init__(self, model, fn, jit_compile, to_numpy=keras.ops.convert_to_numpy, lowerings=None,
-                 jit_choices=None):
+                 jit_choices=None, costs=None):
         self.model = model
         self.fn = fn
         self.jit_compile = jit_compile
         self._to_numpy = to_numpy
         self.lowerings_ = {} if lowerings is None else lowerings
         self.jit_compile_ = {} if jit_choices is None else jit_choices
+        self.compile_seconds_ = {} if costs is None else costs
 
     def __call__(self, x):
         return self._to_numpy(self.fn(x))
@@ -156,21 +160,21 @@ class InferenceFunction:
         return np.concatenate([self(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])[:rows]
 
 
-def compile_for_inference(model, jit_compile=True, autotune=True, dtype=None):
+def compile_for_inference(model, jit_compile="auto", autotune=True, dtype=None):
     """Return a callable that runs ``model`` (e.g. ``ek.ensemble``, ``ek.pack``) as one compiled call.
 
     Args:
         model: any built ``keras.Model`` with one input.
-        jit_compile: ``True``: compile with XLA (TensorFlow); ``False``: a
-            plain TF graph; ``"auto"``: for each new input shape compile both,
-            time them on that input and keep the faster (``f.jit_compile_``
-            records the choice). On CPU XLA is often slower than the plain
-            graph at batch >= 32 and for depthwise convolutions, faster at
-            small batches. For a packed model, ``"auto"`` times the ways of
-            ``autotune`` as plain graphs against the ``"grouped"`` lowering
-            with XLA, and compiles the other ways with XLA only if that one
-            wins (XLA compilations are the slow ones; see
-            :func:`_compile_fastest`). JAX always compiles.
+        jit_compile: ``"auto"`` (default): never slower than the plain graph —
+            the first call of each input shape runs a plain TF graph (for a
+            packed model, the fastest of its ways, the unpacked members among
+            them); the second call of that shape compiles XLA and keeps it only
+            where it measured faster (``f.jit_compile_`` records the choice,
+            ``f.compile_seconds_`` the cost). On CPU XLA is often slower than
+            the plain graph at batch >= 32 and for depthwise convolutions (12x
+            on MobileNetV2 / EfficientNetB0 ensembles at batch 32), faster at
+            small batches. ``True``: always XLA; ``False``: always a plain TF
+            graph. JAX always compiles with XLA.
         autotune: for a packed model (``ek.pack``), compile on the first input
             of each shape every way of running it -- both lowerings of its
             ``"auto"`` grouped layers (see :class:`LoweringPolicy`) and its
@@ -210,7 +214,7 @@ def compile_for_inference(model, jit_compile=True, autotune=True, dtype=None):
     if dtype is not None:
         model = with_compute_dtype(model, dtype)
     backend = keras.backend.backend()
-    lowerings, jit_choices = {}, {}
+    lowerings, jit_choices, costs = {}, {}, {}
     tuner = _Autotuner(model, DTYPE_POLICIES.get(dtype), lowerings) if autotune else None
     if tuner is not None and not tuner.tunes:
         tuner = None
@@ -218,15 +222,15 @@ def compile_for_inference(model, jit_compile=True, autotune=True, dtype=None):
         import tensorflow as tf
 
         jits = (True, False) if jit_compile == "auto" else (bool(jit_compile),)
-        fn = _shape_dispatch(_tf_compiler(), tf.convert_to_tensor, model, tuner, jits, jit_choices)
+        fn = _shape_dispatch(_tf_compiler(), tf.convert_to_tensor, model, tuner, jits, jit_choices, costs)
         return InferenceFunction(model, fn, jit_compile, to_numpy=_to_numpy, lowerings=lowerings,
-                                 jit_choices=jit_choices)
+                                 jit_choices=jit_choices, costs=costs)
     if backend == "jax":
         import jax.numpy as jnp
 
-        fn = _shape_dispatch(_jax_compiler(), jnp.asarray, model, tuner, (True,), jit_choices)
+        fn = _shape_dispatch(_jax_compiler(), jnp.asarray, model, tuner, (True,), jit_choices, costs)
         return InferenceFunction(model, fn, jit_compile, to_numpy=_to_numpy, lowerings=lowerings,
-                                 jit_choices=jit_choices)
+                                 jit_choices=jit_choices, costs=costs)
 
     def fn(x):
         return _float32(model(x, training=False))
@@ -267,63 +271,84 @@ class _Autotuner:
             self._ensemble = None  # no shape runs it: free its weights (rebuilt if a new shape needs it)
 
 
-def _shape_dispatch(compile_for_shape, convert, model, tuner=None, jits=(True,), jit_choices=None):
+def _shape_dispatch(compile_for_shape, convert, model, tuner=None, jits=(True,), jit_choices=None, costs=None):
     """``fn(x)``: one compiled call per input shape and dtype, made on first use.
 
     A ``tf.function`` matches its signature (and, for numpy input, checks for
     retracing) on every call; at small batches that Python overhead is most of
     the time per call. Here each input shape and dtype is compiled once by
     ``compile_for_shape(model, lowering, x, jit_compile)`` and later calls go
-    straight to it. With several ``jits`` (``(True, False)``: XLA or not) or a
-    ``tuner`` (:class:`_Autotuner`), the candidates are compiled, timed on the
-    first input and the fastest kept (see :func:`_compile_fastest`); the
-    choices are recorded in ``tuner.lowerings`` and ``jit_choices``.
+    straight to it. With a ``tuner`` (:class:`_Autotuner`) the ways are compiled,
+    timed on the first input and the fastest kept (:func:`_compile_fastest`).
+
+    With ``jits=(True, False)`` (``jit_compile="auto"``) XLA is tried lazily: the
+    first call of a shape compiles plain graphs only (as cheap as the naive
+    graph's first call, plus the timing of the ways), and the second call of that
+    shape compiles XLA and keeps it only if it measures faster
+    (:func:`_try_xla`), so XLA never makes a shape slower and its compile time
+    never lands on the first call. The choices are recorded in
+    ``tuner.lowerings`` and ``jit_choices``; the seconds each phase took in ``costs``.
     """
-    compiled = {}
+    compiled, pending = {}, {}
+    lazy_xla = len(jits) > 1
 
     def fn(x):
         x = convert(x)
         key = (tuple(x.shape), str(x.dtype))
         call = compiled.get(key)
-        if call is None:
-            call, jit, way = _compile_fastest(compile_for_shape, model, tuner, jits, x)
+        if call is None or key in pending:
+            start = time.perf_counter()
+            if call is None:
+                call, jit, way = _compile_fastest(compile_for_shape, model, tuner, (False,) if lazy_xla else jits, x)
+                if lazy_xla:
+                    pending[key] = way
+            else:
+                call, jit, way = _try_xla(compile_for_shape, model, tuner, x, call, pending.pop(key))
+            compiled[key] = call
             if tuner is not None:
                 tuner.record(key[0], way)
             if jit_choices is not None:
                 jit_choices[key[0]] = jit
-            compiled[key] = call
+            if costs is not None:
+                costs.setdefault(key[0], []).append(time.perf_counter() - start)
         return call(x)
 
     return fn
 
 
 def _compile_fastest(compile_for_shape, model, tuner, jits, x):
-    """``(call, jit_compile, way)``: the fastest compiled way of running ``model`` on ``x``.
+    """``(call, jit_compile, way)``: the fastest way of running ``model`` on ``x`` compiled with ``jits[0]``.
 
-    The ways are ``model`` itself or, with a ``tuner``, ``tuner.ways()``. With
-    one setting in ``jits`` each way is compiled under it and the fastest kept.
-    With ``(True, False)`` (``jit_compile="auto"``) XLA compilations, the
-    expensive ones, are capped: every way is compiled as a plain graph (cheap)
-    and only the first way (``"grouped"`` for a packed model) with XLA; only if
-    that XLA call is the fastest are the other ways compiled with XLA too and
-    timed against it. So a model XLA runs slowly (depthwise convolutions, large
-    batches on CPU) costs one XLA compilation per shape, and a packed model
-    at most 6 compilations (3 ways x XLA or not), 4 when the plain graph wins.
+    The ways are ``model`` itself or, with a ``tuner``, ``tuner.ways()`` (timed
+    round-robin when there are several).
     """
     ways = {None: (model, None)} if tuner is None else tuner.ways()
-    if len(jits) == 1:
-        jit = jits[0]
-        calls = {name: compile_for_shape(way, lowering, x, jit) for name, (way, lowering) in ways.items()}
-        choice = _fastest(calls, x) if len(calls) > 1 else next(iter(calls))
-        return calls[choice], jit, choice
+    jit = jits[0]
+    calls = {name: compile_for_shape(way, lowering, x, jit) for name, (way, lowering) in ways.items()}
+    choice = _fastest(calls, x) if len(calls) > 1 else next(iter(calls))
+    return calls[choice], jit, choice
+
+
+def _try_xla(compile_for_shape, model, tuner, x, current, way):
+    """``(call, jit_compile, way)``: XLA against the plain graph ``current`` (way ``way``) on ``x``.
+
+    XLA compilations are the expensive ones, so only the first way (``"grouped"``
+    for a packed model) is compiled with XLA and timed against ``current``; only
+    if it wins are the other ways compiled with XLA too and timed against it. A
+    model that XLA runs slowly (depthwise convolutions, large batches on CPU)
+    costs one XLA compilation per shape; one XLA cannot compile keeps ``current``.
+    """
+    ways = {None: (model, None)} if tuner is None else tuner.ways()
     default = next(iter(ways))
-    calls = {(name, False): compile_for_shape(way, lowering, x, False) for name, (way, lowering) in ways.items()}
-    calls[default, True] = compile_for_shape(*ways[default], x, True)
+    try:
+        xla = compile_for_shape(*ways[default], x, True)
+    except Exception:  # noqa: BLE001 - an op XLA cannot compile: the plain graph stays
+        return current, False, way
+    calls = {(way, False): current, (default, True): xla}
     name, jit = _fastest(calls, x)
     if jit and len(ways) > 1:
-        calls = {(default, True): calls[default, True],
-                 **{(other, True): compile_for_shape(way, lowering, x, True)
-                    for other, (way, lowering) in ways.items() if other != default}}
+        calls = {(default, True): xla, **{(other, True): compile_for_shape(w, lowering, x, True)
+                                          for other, (w, lowering) in ways.items() if other != default}}
         name, jit = _fastest(calls, x)
     return calls[name, jit], jit, name
 
@@ -435,6 +460,24 @@ def _unpack_record(model):
     if len(output_layers(model)) != 1 or len(model.inputs) != 1:
         return None
     return unpack_record(model)
+
+
+def pad_to_batches(x, batch_size):
+    """``(x padded with zero rows to a multiple of batch_size, original row count)``.
+
+    ``x`` is an array, or a dict/list of arrays with the same number of rows.
+    """
+    if isinstance(x, dict) or (isinstance(x, (list, tuple)) and x and all(hasattr(a, "shape") for a in x)):
+        padded = keras.tree.map_structure(lambda a: pad_to_batches(a, batch_size)[0], x)
+        rows = {len(np.asarray(a)) for a in keras.tree.flatten(x)}
+        if len(rows) != 1:
+            raise ValueError(f"the inputs have different numbers of rows: {sorted(rows)}.")
+        return padded, rows.pop()
+    x = np.asarray(x)
+    padding = -len(x) % batch_size
+    if padding:
+        x = np.concatenate([x, np.zeros((padding, *x.shape[1:]), x.dtype)])
+    return x, len(x) - padding
 
 
 def _direct_call(function):

@@ -575,7 +575,7 @@ def ood_detection(scores_in, scores_out):
 
 
 def _several_inputs(x):
-    """Whether ``x`` is a dict or list of arrays (several inputs), as ``_data.pad_to_batches`` reads it."""
+    """Whether ``x`` is a dict or list of arrays (several inputs), as ``inference.pad_to_batches`` reads it."""
     return isinstance(x, dict) or (isinstance(x, (list, tuple)) and bool(x) and all(hasattr(a, "shape") for a in x))
 
 

@@ -91,15 +91,15 @@ def test_jit_compile_auto_records_a_choice_per_shape_and_keeps_the_outputs():
 
 
 @pytest.mark.parametrize("xla_wins", [False, True])
-def test_jit_compile_auto_compiles_more_xla_ways_only_when_xla_wins(monkeypatch, xla_wins):
+def test_jit_compile_auto_tries_xla_on_the_second_call_and_more_xla_ways_only_when_xla_wins(monkeypatch, xla_wins):
     models = [make_mlp(seed) for seed in range(K)]
     timed, compiled = [], []
 
     def fastest(calls, x):
         timed.append(sorted(calls, key=str))
-        if all(isinstance(key, str) for key in calls):  # one setting (JAX): the ways by name
+        if all(isinstance(key, str) for key in calls):  # one setting: the ways by name
             return "ensemble" if xla_wins else "loop"
-        if len(timed) == 1:  # the plain ways against XLA "grouped"
+        if len(timed) == 2:  # the plain winner against XLA "grouped"
             return ("grouped", True) if xla_wins else ("loop", False)
         return ("ensemble", True)
 
@@ -114,23 +114,32 @@ def test_jit_compile_auto_compiles_more_xla_ways_only_when_xla_wins(monkeypatch,
     monkeypatch.setattr(inference, "_tf_compiler", recording_compiler)
     monkeypatch.setattr(inference, "_jax_compiler", recording_compiler)
     packed = pack(models, "mean")
-    f = compile_for_inference(packed, jit_compile="auto")
+    f = compile_for_inference(packed)  # jit_compile="auto" by default
     x = np.random.default_rng(7).normal(size=(4, 8)).astype("float32")
     np.testing.assert_allclose(f(x), packed.predict(x, verbose=0), atol=1e-5, rtol=0)
     if keras.backend.backend() != "tensorflow":
         assert timed == [["ensemble", "grouped", "loop"]] and f.jit_compile_ == {(4, 8): True}
         assert f.lowerings_ == {(4, 8): "ensemble" if xla_wins else "loop"}
         return
-    # Every way as a plain graph, the first ("grouped") also with XLA ...
-    plain = [("grouped", False), ("loop", False), (None, False), ("grouped", True)]
-    assert timed[0] == [("ensemble", False), ("grouped", False), ("grouped", True), ("loop", False)]
+    # The first call: every way as a plain graph, no XLA; the fake timing picks a plain winner.
+    winner = "ensemble" if xla_wins else "loop"
+    plain = [("grouped", False), ("loop", False), (None, False)]
+    assert compiled == plain and timed == [["ensemble", "grouped", "loop"]]
+    assert f.jit_compile_ == {(4, 8): False} and len(f.compile_seconds_[(4, 8)]) == 1
+    timed[0] = "first call"
+    # The second call: XLA "grouped" against that plain winner ...
+    np.testing.assert_allclose(f(x), packed.predict(x, verbose=0), atol=1e-5, rtol=0)
+    assert timed[1] == sorted([("grouped", True), (winner, False)], key=str)
     if xla_wins:  # ... and the other ways with XLA only once XLA won.
-        assert compiled == plain + [("loop", True), (None, True)]
-        assert timed[1:] == [[("ensemble", True), ("grouped", True), ("loop", True)]]
+        assert compiled == plain + [("grouped", True), ("loop", True), (None, True)]
+        assert timed[2:] == [[("ensemble", True), ("grouped", True), ("loop", True)]]
         assert f.lowerings_ == {(4, 8): "ensemble"} and f.jit_compile_ == {(4, 8): True}
     else:
-        assert compiled == plain and len(timed) == 1
+        assert compiled == plain + [("grouped", True)] and len(timed) == 2
         assert f.lowerings_ == {(4, 8): "loop"} and f.jit_compile_ == {(4, 8): False}
+    assert len(f.compile_seconds_[(4, 8)]) == 2
+    f(x)  # later calls compile nothing
+    assert len(f.compile_seconds_[(4, 8)]) == 2
 
 
 def test_jit_compile_is_validated():

@@ -66,12 +66,15 @@ WORKLOADS = {
     "cnn2d": (32, 32, 3),
     "mobilenetv2": (32, 32, 3),
     "efficientnetb0": (32, 32, 3),
+    "resnet50": (32, 32, 3),
+    "convnexttiny": (32, 32, 3),
 }
 DEFAULT_WORKLOADS = ("mlp", "cnn1d", "cnn2d")
 # keras.applications members (weights=None, 10 classes, logits): name -> constructor name.
-APPLICATIONS = {"mobilenetv2": "MobileNetV2", "efficientnetb0": "EfficientNetB0"}
+APPLICATIONS = {"mobilenetv2": "MobileNetV2", "efficientnetb0": "EfficientNetB0", "resnet50": "ResNet50",
+                "convnexttiny": "ConvNeXtTiny"}
 # Default member counts per workload (``members=None``).
-DEFAULT_MEMBERS = {"mobilenetv2": (4,), "efficientnetb0": (4,)}
+DEFAULT_MEMBERS = {name: (4,) for name in APPLICATIONS}
 # Paths timed for keras.applications members (the loops of K calls and both forced
 # lowerings take minutes to trace for a real architecture; they add nothing to the comparison).
 APPLICATION_PATHS = ("ensemble", "ensemble_xla", "pack", "pack_xla", "ensemble_auto", "pack_auto",

@@ -389,16 +389,26 @@ def _jax_compiler():
     return compile_for_shape
 
 
-def _fastest(calls, x, rounds=5, target_s=0.02):
+def _fastest(calls, x, rounds=5, target_s=0.02, slow_s=0.25):
     """The key of the fastest of ``calls`` on ``x`` (median of ``rounds`` round-robin runs).
 
     About ``rounds * len(calls) * target_s`` seconds (0.3 s for three ways), small
-    next to compiling them; shorter runs are noisy on a shared CPU.
+    next to compiling them; shorter runs are noisy on a shared CPU. When one call
+    already takes longer than ``slow_s`` (a real network at a large batch), one
+    timed call each decides: noise is small next to such a call, and five rounds
+    of it would cost more than the compilation itself.
     """
     if len(calls) == 1:
         return next(iter(calls))
+    first = {}
+    for name, call in calls.items():  # the warm-up, timed
+        start = time.perf_counter()
+        _to_numpy(call(x))
+        first[name] = time.perf_counter() - start
+    if max(first.values()) > slow_s:
+        rounds = 1
     seconds = time_paths({name: (lambda call=call: _to_numpy(call(x))) for name, call in calls.items()},
-                         repeats=rounds, target_s=target_s, warmup=1)
+                         repeats=rounds, target_s=target_s, warmup=0)
     return min(seconds, key=seconds.get)
 
 

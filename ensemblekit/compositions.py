@@ -246,12 +246,15 @@ class Context:
     """What compositions are built from: the members, the data they may learn from, the settings.
 
     Args:
-        members: at least two models (``keras.Model`` or paths) with one input and one
-            ``(batch, units)`` output: multiclass, binary or multilabel classifiers, or regressors.
+        members: at least two models (``keras.Model`` or paths) with one ``(batch, units)``
+            output (one input or several): multiclass, binary or multilabel classifiers, or regressors.
         x_fit, y_fit: held-out data that everything learned fits on (weights,
-            selection, stacking, calibration, which member is best).
+            selection, stacking, calibration, which member is best): arrays (a dict of
+            arrays for several inputs), or an ``ensemblekit._data.Rows`` dataset
+            (``y_fit=None`` takes its labels), as ``ek.advise`` passes a dataset's half.
         x_train, y_train: the members' training data, for compositions that
-            train a new part (fusion head, fine-tuning after channel pruning).
+            train a new part (fusion head, fine-tuning after channel pruning); a
+            re-iterable dataset of ``(x, y)`` as ``x_train`` with ``y_train=None``.
         base: the model the members were fine-tuned from (for TIES).
         budget: the most ``pruned_members`` may cost, in units of the members'
             mean cost (``1.0`` = one member, K = all; see :mod:`ensemblekit.costs`).

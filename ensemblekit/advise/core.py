@@ -221,7 +221,7 @@ def advise(models, x, y=None, budget=None, cost="params", metric=None, base=None
 
     Args:
         models: list of at least two members (``keras.Model`` or ``.keras``/``.h5`` paths)
-            with one input and one ``(batch, units)`` output: multiclass, binary or
+            with one ``(batch, units)`` output (and one input or several named ones): multiclass, binary or
             multilabel classifiers, or regressors.
         x: held-out data the members were not trained on (at least 4 samples): anything
             ``model.predict`` accepts (arrays, a dict/list of arrays for members with several

@@ -273,6 +273,26 @@ def load_members(models, min_count=2, what="an ensemble", safe_mode=True):
     return [load_member(m, i, safe_mode=safe_mode) for i, m in enumerate(models)]
 
 
+def write_text_atomic(path, text):
+    """Write ``text`` to a temporary file next to ``path``, then rename it onto ``path``.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> target = pathlib.Path(tempfile.mkdtemp()) / "a.txt"
+        >>> write_text_atomic(target, "hi"); target.read_text()
+        'hi'
+    """
+    path = Path(path)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def atomic_save(model, path, **save_kwargs):
     """Save ``model`` to ``path`` through a temporary file and a rename.
 

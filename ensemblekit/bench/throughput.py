@@ -52,6 +52,7 @@ import keras
 import numpy as np
 
 from ensemblekit import _graph
+from ensemblekit._io import write_text_atomic
 from ensemblekit._timing import time_paths
 from ensemblekit.compose import ensemble
 from ensemblekit.costs import macs
@@ -630,17 +631,9 @@ def write_json_and_markdown(result, markdown, out_dir, stem):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
-    _write_atomic(paths[0], json.dumps(result, indent=1))
-    _write_atomic(paths[1], markdown)
+    write_text_atomic(paths[0], json.dumps(result, indent=1))
+    write_text_atomic(paths[1], markdown)
     return paths
-
-
-def _write_atomic(path, text):
-    import os
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def add_arguments(parser):

@@ -28,7 +28,7 @@ import keras
 import numpy as np
 
 from ensemblekit._graph import model_input_shape
-from ensemblekit._io import load_model
+from ensemblekit._io import load_model, write_text_atomic
 from ensemblekit._validate import check_choice
 from ensemblekit.deploy.batching import (
     DEFAULT_MAX_BATCH,
@@ -127,18 +127,6 @@ _CONFIG_ENTRY = re.compile(r"config\s*\{\s*name:\s*'([^']*)'\s*base_path:\s*'([^
                            r"model_platform:\s*'([^']*)'\s*\}")
 
 
-def _write_atomic(path, text):
-    """Write ``text`` to a temporary file next to ``path``, then rename it onto ``path``."""
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def tfserving_layout(path):
     """``(version folder, model name, base folder)`` of a TensorFlow Serving export at ``path``.
 
@@ -192,8 +180,8 @@ def _write_tfserving_config(base, name, batching):
     if config_path.is_file():
         entries = {n: b for n, b, _ in _CONFIG_ENTRY.findall(config_path.read_text())}
     entries[name] = str(base / name)
-    _write_atomic(config_path, models_config_text(entries))
-    _write_atomic(base / BATCHING_PARAMETERS, batching)
+    write_text_atomic(config_path, models_config_text(entries))
+    write_text_atomic(base / BATCHING_PARAMETERS, batching)
     return config_path, base / BATCHING_PARAMETERS
 
 

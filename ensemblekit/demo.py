@@ -135,14 +135,18 @@ def train_members(x, y, count=5, epochs=15, seed=0, verbose=1):
     return members
 
 
-def compose_all(members, x_val, y_val, x_train, y_train, verbose=1, seed=0):
-    """The demo's compositions (:data:`COMPOSITIONS`) of ``members``: ``{label: keras.Model}``."""
+def compose_all(members, x, y, train_data, verbose=1, seed=0):
+    """The demo's compositions (:data:`COMPOSITIONS`) of ``members``: ``{label: keras.Model}``.
+
+    ``(x, y)`` is the held-out data everything learned fits on; ``train_data`` the
+    members' training data ``(x_train, y_train)``.
+    """
     import keras
 
     from ensemblekit import compositions
 
-    ctx = compositions.Context(members, x_val, y_val, x_train=x_train, y_train=y_train, seed=seed,
-                               settings=SETTINGS)
+    x_train, y_train = train_data
+    ctx = compositions.Context(members, x, y, x_train=x_train, y_train=y_train, seed=seed, settings=SETTINGS)
     progress = keras.utils.Progbar(len(COMPOSITIONS), unit_name="composition", verbose=verbose)
     composed = {}
     for label, _, result in compositions.build_each(COMPOSITIONS, ctx):
@@ -184,7 +188,7 @@ def run_demo(members=5, epochs=15, seed=0, verbose=1, json_path=None):
     x_val, y_val = x[-VALIDATION:], y[-VALIDATION:]
     with deterministic(seed):
         trained = train_members(x_train, y_train, count=members, epochs=epochs, seed=seed, verbose=verbose)
-        composed = compose_all(trained, x_val, y_val, x_train, y_train, verbose=verbose, seed=seed)
+        composed = compose_all(trained, x_val, y_val, (x_train, y_train), verbose=verbose, seed=seed)
         rows = [(f"member {m.name}", evaluate(m, x_test, y_test)) for m in trained]
         rows += [(label, evaluate(model, x_test, y_test)) for label, model in composed.items()]
     elapsed = time.perf_counter() - start
